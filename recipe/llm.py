@@ -1,0 +1,587 @@
+"""The LLM execution layer: config, a retrying and caching async client, usage accounting, bounded fan-out.
+
+Used by `recipe prepare-data` (rephrasing, teacher annotation, oracle validation) and `recipe evaluate`. Design
+points, each answering a weakness of Rasa Pro's tool (see known-weaknesses.md A.8, A.12, A.20):
+
+* Provider errors are retried with exponential backoff and jitter, honouring `Retry-After`; only after the last retry
+  does a call raise `LLMCallFailed`, which callers record before moving on (one error never drops other work).
+* Answers are cached on disk by the sha256 of everything that determines them, so reruns and resumed runs are free.
+* Calls run concurrently, bounded by a semaphore, all inside the one event loop of the run: an `LLMClient` refuses
+  to be used from a second loop, because the HTTP connections it pools belong to the first.
+
+    config = load_llm_config("rephrase.yml")
+    async with LLMClient(config, cache_dir=run_dir / "llm_cache", max_concurrency=16) as client:
+        result = await client.chat([{"role": "user", "content": prompt}])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import openai
+from tqdm import tqdm
+
+from recipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Provider = Literal["openai", "azure", "self-hosted"]
+PROVIDERS: tuple[str, ...] = ("openai", "azure", "self-hosted")
+
+# Environment variables searched for the key when the config names none (`api_key_env`), in order.
+DEFAULT_KEY_ENV_VARS: dict[str, tuple[str, ...]] = {
+    "openai": ("OPENAI_API_KEY",),
+    "azure": ("AZURE_API_KEY", "AZURE_OPENAI_API_KEY"),
+    "self-hosted": ("SELF_HOSTED_API_KEY",),
+}
+SELF_HOSTED_DUMMY_KEY = "EMPTY"  # vLLM and friends accept any key unless started with --api-key
+
+# USD per 1M tokens (input, output): OpenAI list prices when this was written. An estimate only; check your invoice.
+PRICES_PER_MILLION_TOKENS: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5": (1.25, 10.00),
+}
+
+RETRYABLE_STATUS_CODES = frozenset({408, 409, 429})  # plus every 5xx
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Where and how to call a model. The API key never lives here: it comes from an environment variable."""
+
+    provider: Provider = "openai"
+    model: str = "gpt-4o-mini"
+    api_base: str | None = None
+    api_version: str | None = None
+    timeout: float = 60.0
+    temperature: float = 0.0
+    max_completion_tokens: int | None = None
+    api_key_env: str | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str) -> LLMConfig:
+        """Validate a config mapping (e.g. the `llm:` block of a YAML file); errors are one-line `ConfigError`s."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: llm config must be a mapping, got {type(data).__name__}")
+        values = dict(data)
+        if "api_key" in values:
+            raise ConfigError(f"{source}: 'api_key' is not accepted in a config file; put the key in an environment "
+                              f"variable (OPENAI_API_KEY, AZURE_API_KEY, SELF_HOSTED_API_KEY) or name one with "
+                              f"'api_key_env'")
+        if "model_name" in values:
+            if "model" in values:
+                raise ConfigError(f"{source}: give either 'model' or 'model_name', not both")
+            values["model"] = values.pop("model_name")
+        allowed = [field.name for field in dataclasses.fields(cls)]
+        for key in values:
+            if key not in allowed:
+                raise ConfigError(f"{source}: unknown llm config key {key!r} (allowed: {', '.join(allowed)}, "
+                                  f"model_name)")
+        config = cls(**{key: _checked_value(key, value, source) for key, value in values.items()})
+        config._check_provider_needs(source)
+        return config
+
+    def _check_provider_needs(self, source: str) -> None:
+        if self.provider == "azure":
+            for key in ("api_base", "api_version"):
+                if getattr(self, key) is None:
+                    raise ConfigError(f"{source}: provider 'azure' needs {key!r}")
+        if self.provider == "self-hosted" and self.api_base is None:
+            raise ConfigError(f"{source}: provider 'self-hosted' needs 'api_base' (e.g. http://localhost:8000/v1)")
+
+    def api_key(self, environ: Mapping[str, str] | None = None) -> str:
+        """The key from the environment; a `ConfigError` when a provider that needs one has none."""
+        environ = os.environ if environ is None else environ
+        names = (self.api_key_env,) if self.api_key_env else DEFAULT_KEY_ENV_VARS[self.provider]
+        for name in names:
+            if environ.get(name):
+                return environ[name]
+        if self.provider == "self-hosted" and not self.api_key_env:
+            return SELF_HOSTED_DUMMY_KEY
+        raise ConfigError(f"no API key for provider {self.provider!r}: set {' or '.join(names)}")
+
+
+def _checked_value(key: str, value: Any, source: str) -> Any:
+    """Check one config value's type and range; returns it normalised (ints become floats where floats are meant)."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: llm config key {key!r} must be {expected}, got {value!r}")
+
+    def is_number(candidate: object) -> bool:
+        return isinstance(candidate, (int, float)) and not isinstance(candidate, bool)
+
+    if key == "provider":
+        if value not in PROVIDERS:
+            raise fail(f"one of {', '.join(PROVIDERS)}")
+        return value
+    if key == "model":
+        if not isinstance(value, str) or not value.strip():
+            raise fail("a non-empty string")
+        return value
+    if key in ("api_base", "api_version", "api_key_env"):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise fail("a non-empty string")
+        return value
+    if key == "timeout":
+        if not is_number(value) or value <= 0:
+            raise fail("a positive number of seconds")
+        return float(value)
+    if key == "temperature":
+        if not is_number(value) or not 0 <= value <= 2:
+            raise fail("a number between 0 and 2")
+        return float(value)
+    if key == "max_completion_tokens":
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise fail("a positive integer")
+        return value
+    raise AssertionError(f"unchecked config key {key}")
+
+
+def load_llm_config(path: str | Path) -> LLMConfig:
+    """Read an LLM config from YAML: the keys at top level, or under `llm:` (siblings belong to the caller)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    path = Path(path)
+    try:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read: {error}") from None
+    except YAMLError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid YAML"
+        raise ConfigError(f"{path}: invalid YAML: {first_line}") from None
+    if data is None:
+        data = {}
+    if isinstance(data, Mapping) and "llm" in data:
+        data = data["llm"]
+    return LLMConfig.from_mapping(data, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results, errors, usage
+
+
+@dataclass(frozen=True)
+class LLMResult:
+    text: str
+    finish_reason: str | None  # "length" means truncated: the caller decides what to do with it
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    latency_s: float  # time spent in this `chat` call (retries and waits included); tiny for a cache hit
+
+
+class LLMCallFailed(Exception):
+    """A call that did not succeed: retries exhausted, or an error that retrying cannot fix (400/401/403/404)."""
+
+    def __init__(self, last_error: str, *, attempts: int, status_code: int | None = None):
+        self.last_error = last_error
+        self.attempts = attempts
+        self.status_code = status_code
+        super().__init__(f"LLM call failed after {attempts} attempt(s): {last_error}")
+
+    @property
+    def fails_every_call(self) -> bool:
+        """Bad key, no permission or unknown model/route: every other call will fail the same way, so stop early."""
+        return self.status_code in (401, 403, 404)
+
+
+@dataclass
+class LLMUsage:
+    requests: int = 0  # `chat` calls
+    cache_hits: int = 0
+    api_calls: int = 0  # HTTP requests sent, retries included
+    retries: int = 0
+    failures: int = 0  # `chat` calls that raised LLMCallFailed
+    truncated: int = 0  # answers with finish_reason "length"
+    prompt_tokens: int = 0  # tokens of answers fetched in this run (cache hits cost nothing)
+    completion_tokens: int = 0
+
+
+def price_per_million_tokens(config: LLMConfig) -> tuple[float, float] | None:
+    """(input, output) USD per 1M tokens for OpenAI models, by the longest matching name; None when unknown."""
+    if config.provider == "self-hosted":
+        return None
+    matches = [name for name in PRICES_PER_MILLION_TOKENS if config.model == name or config.model.startswith(name + "-")]
+    return PRICES_PER_MILLION_TOKENS[max(matches, key=len)] if matches else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cache
+
+
+class ResponseCache:
+    """Answers on disk, one JSON file per request key: `<dir>/<first 2 hex>/<key>.json`, written atomically."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def path_for(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The stored answer, or None when absent or unreadable (a corrupted entry is a miss and gets rewritten)."""
+        path = self.path_for(key)
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            answer = entry["answer"]
+            if not (isinstance(answer["text"], str) and isinstance(answer["prompt_tokens"], int)
+                    and isinstance(answer["completion_tokens"], int)):
+                raise TypeError("bad field types")
+            return answer
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("ignoring unreadable LLM cache entry %s: %s", path, error)
+            return None
+
+    def put(self, key: str, request: Mapping[str, Any], answer: Mapping[str, Any]) -> None:
+        path = self.path_for(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Readers see either no file or a complete one: write a temp file next to it, then rename over.
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                json.dump({"key": key, "request": request, "answer": answer}, file, ensure_ascii=False)
+            os.replace(temp_name, path)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+
+
+def request_key(request: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything that determines an answer."""
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Client
+
+
+class _MalformedAnswer(Exception):
+    """The server answered 200 with something that is not a usable completion."""
+
+
+@dataclass(frozen=True)
+class _Answer:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LLMClient:
+    """Calls one model with bounded concurrency, retries, an on-disk cache and usage accounting.
+
+    Create it, use it and close it inside one event loop (one `asyncio.run` per run). Backoff before retry n
+    (0-based) is `min(backoff_cap_s, backoff_base_s * 2**n)` plus up to `backoff_base_s` of jitter, unless the server
+    says how long to wait (`Retry-After`, `retry-after-ms`; capped at `max_retry_after_s`).
+    """
+
+    def __init__(
+        self,
+        config: LLMConfig,
+        *,
+        cache_dir: str | Path | None,
+        max_concurrency: int = 8,
+        max_retries: int = 6,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 30.0,
+        max_retry_after_s: float = 60.0,
+        seed: int | None = None,
+        environ: Mapping[str, str] | None = None,
+    ):
+        if max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if max_retries < 0:
+            raise ConfigError(f"max_retries must be 0 or more, got {max_retries}")
+        self.config = config
+        self.cache = ResponseCache(Path(cache_dir)) if cache_dir is not None else None
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.max_retry_after_s = max_retry_after_s
+        self.usage = LLMUsage()
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._jitter = random.Random(seed)
+        self._response_format_supported = True  # set to False the first time the endpoint rejects JSON mode
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sdk = _make_sdk_client(config, config.api_key(environ))
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._sdk.close()
+
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        sample_index: int = 0,
+        response_format: dict[str, Any] | None = None,
+        temperature: float | None = None,
+        max_completion_tokens: int | None = None,
+        use_completions_endpoint: bool = False,
+    ) -> LLMResult:
+        """One answer for `messages`, from the cache or the model; raises `LLMCallFailed` when it cannot get one.
+
+        `sample_index` makes several samples of the same prompt distinct cache entries. With
+        `use_completions_endpoint` the single message's content is sent as the raw prompt to `/completions`.
+        """
+        self._check_event_loop()
+        started = time.monotonic()
+        self.usage.requests += 1
+        request = self._request_description(messages, sample_index=sample_index, response_format=response_format,
+                                            temperature=temperature, max_completion_tokens=max_completion_tokens,
+                                            use_completions_endpoint=use_completions_endpoint)
+        key = request_key(request)
+        stored = self.cache.get(key) if self.cache is not None else None
+        if stored is not None:
+            self.usage.cache_hits += 1
+            return LLMResult(text=stored["text"], finish_reason=stored.get("finish_reason"),
+                             prompt_tokens=stored["prompt_tokens"], completion_tokens=stored["completion_tokens"],
+                             cached=True, latency_s=time.monotonic() - started)
+        try:
+            answer = await self._call_with_retries(request)
+        except LLMCallFailed:
+            self.usage.failures += 1
+            raise
+        self.usage.prompt_tokens += answer.prompt_tokens
+        self.usage.completion_tokens += answer.completion_tokens
+        self.usage.truncated += answer.finish_reason == "length"
+        if self.cache is not None:
+            try:
+                self.cache.put(key, request, dataclasses.asdict(answer))
+            except OSError as error:  # a full or read-only disk must not lose an answer we already paid for
+                log.warning("could not write LLM cache entry %s: %s", key, error)
+        return LLMResult(text=answer.text, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
+                         completion_tokens=answer.completion_tokens, cached=False,
+                         latency_s=time.monotonic() - started)
+
+    def _check_event_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("an LLMClient is bound to the event loop it was first used in; create one client per "
+                               "asyncio.run")
+
+    def _request_description(self, messages: list[dict[str, Any]], *, sample_index: int,
+                             response_format: dict[str, Any] | None, temperature: float | None,
+                             max_completion_tokens: int | None, use_completions_endpoint: bool) -> dict[str, Any]:
+        """Everything that determines the answer: the cache key material, and what `_send_once` sends."""
+        if use_completions_endpoint and len(messages) != 1:
+            raise ValueError("use_completions_endpoint needs exactly one message (its content is the raw prompt)")
+        return {
+            "provider": self.config.provider,
+            "api_base": self.config.api_base,
+            "api_version": self.config.api_version,
+            "model": self.config.model,
+            "endpoint": "completions" if use_completions_endpoint else "chat",
+            "temperature": self.config.temperature if temperature is None else temperature,
+            "max_completion_tokens": max_completion_tokens or self.config.max_completion_tokens,
+            "response_format": response_format,
+            "messages": messages,
+            "sample_index": sample_index,
+        }
+
+    async def _call_with_retries(self, request: dict[str, Any]) -> _Answer:
+        attempts = 0
+        retries_left = self.max_retries
+        while True:
+            attempts += 1
+            send_response_format = self._response_format_supported and request["response_format"] is not None
+            try:
+                async with self._semaphore:
+                    self.usage.api_calls += 1
+                    return await self._send_once(request, send_response_format=send_response_format)
+            except openai.BadRequestError as error:
+                if send_response_format and _mentions_json_mode(error):
+                    # The endpoint has no JSON mode: ask again without it, and never send it again from this client.
+                    log.warning("endpoint rejected response_format; retrying without it: %s", _describe(error))
+                    self._response_format_supported = False
+                    self.usage.retries += 1
+                    continue
+                raise LLMCallFailed(_describe(error), attempts=attempts, status_code=error.status_code) from error
+            except (openai.OpenAIError, json.JSONDecodeError, _MalformedAnswer) as error:
+                status_code = getattr(error, "status_code", None)
+                if not _is_retryable(error) or retries_left == 0:
+                    raise LLMCallFailed(_describe(error), attempts=attempts, status_code=status_code) from error
+                delay = self._retry_delay(error, retry_number=self.max_retries - retries_left)
+                log.info("LLM call failed (%s); retry in %.2fs", _describe(error), delay)
+                retries_left -= 1
+                self.usage.retries += 1
+                await asyncio.sleep(delay)
+
+    def _retry_delay(self, error: Exception, *, retry_number: int) -> float:
+        response = getattr(error, "response", None)
+        server_says = _retry_after_seconds(response.headers) if response is not None else None
+        if server_says is not None:
+            return min(server_says, self.max_retry_after_s)
+        backoff = min(self.backoff_cap_s, self.backoff_base_s * 2**retry_number)
+        return backoff + self._jitter.uniform(0, self.backoff_base_s)
+
+    async def _send_once(self, request: dict[str, Any], *, send_response_format: bool) -> _Answer:
+        common: dict[str, Any] = {"model": request["model"], "temperature": request["temperature"]}
+        if request["endpoint"] == "completions":
+            if request["max_completion_tokens"] is not None:
+                common["max_tokens"] = request["max_completion_tokens"]
+            response = await self._sdk.completions.create(prompt=request["messages"][0]["content"], **common)
+        else:
+            if request["max_completion_tokens"] is not None:
+                common["max_completion_tokens"] = request["max_completion_tokens"]
+            if send_response_format:
+                common["response_format"] = request["response_format"]
+            response = await self._sdk.chat.completions.create(messages=request["messages"], **common)
+        return _answer_from(response, completions_endpoint=request["endpoint"] == "completions")
+
+    def estimated_cost_usd(self) -> float:
+        """Cost of the tokens fetched by this client; 0.0 when the price is unknown (self-hosted, unlisted model)."""
+        prices = price_per_million_tokens(self.config)
+        if prices is None:
+            return 0.0
+        input_price, output_price = prices
+        return (self.usage.prompt_tokens * input_price + self.usage.completion_tokens * output_price) / 1_000_000
+
+    def usage_summary(self) -> dict[str, Any]:
+        """Plain types only, ready for a YAML run summary."""
+        prices = price_per_million_tokens(self.config)
+        return {
+            "provider": self.config.provider,
+            "model": self.config.model,
+            **dataclasses.asdict(self.usage),
+            "estimated_cost_usd": round(self.estimated_cost_usd(), 6),
+            "price_per_million_tokens": ({"input": prices[0], "output": prices[1]} if prices is not None
+                                         else "unknown"),
+        }
+
+
+def _make_sdk_client(config: LLMConfig, api_key: str) -> openai.AsyncOpenAI:
+    # max_retries=0: our own loop retries, with our backoff, accounting and cache.
+    if config.provider == "azure":
+        return openai.AsyncAzureOpenAI(azure_endpoint=config.api_base, api_version=config.api_version,
+                                       api_key=api_key, timeout=config.timeout, max_retries=0)
+    return openai.AsyncOpenAI(base_url=config.api_base, api_key=api_key, timeout=config.timeout, max_retries=0)
+
+
+def _answer_from(response: Any, *, completions_endpoint: bool) -> _Answer:
+    choices = getattr(response, "choices", None)
+    if not choices:
+        raise _MalformedAnswer(f"no choices in answer: {str(response)[:200]}")
+    choice = choices[0]
+    text = choice.text if completions_endpoint else choice.message.content
+    usage = getattr(response, "usage", None)
+    return _Answer(
+        text=text or "",
+        finish_reason=choice.finish_reason,
+        prompt_tokens=getattr(usage, "prompt_tokens", None) or 0,
+        completion_tokens=getattr(usage, "completion_tokens", None) or 0,
+    )
+
+
+def _is_retryable(error: Exception) -> bool:
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code in RETRYABLE_STATUS_CODES or error.status_code >= 500
+    # Timeouts and dropped connections (APITimeoutError is an APIConnectionError), and broken bodies.
+    return isinstance(error, (openai.APIConnectionError, openai.APIResponseValidationError, json.JSONDecodeError,
+                              _MalformedAnswer))
+
+
+def _mentions_json_mode(error: openai.BadRequestError) -> bool:
+    text = f"{error} {error.body}".lower()
+    return "response_format" in text or "json" in text
+
+
+def _retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms`, then `Retry-After` (seconds or an HTTP date)."""
+    try:
+        if (milliseconds := headers.get("retry-after-ms")) is not None:
+            return max(0.0, float(milliseconds) / 1000)
+        if (value := headers.get("retry-after")) is not None:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (ValueError, TypeError):
+        pass  # an unparseable header: fall back to our own backoff
+    return None
+
+
+def _describe(error: Exception) -> str:
+    """One line naming the error kind and what the server said."""
+    status = getattr(error, "status_code", None)
+    prefix = f"HTTP {status}" if status is not None else type(error).__name__
+    message = " ".join(str(error).split())
+    return f"{prefix}: {message[:500]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fan-out
+
+T = TypeVar("T")
+
+
+async def run_bounded(
+    calls: Sequence[Callable[[], Awaitable[T]] | Awaitable[T]],
+    *,
+    progress_desc: str,
+    max_in_flight: int | None = None,
+    show_progress: bool = True,
+) -> list[T | Exception]:
+    """Run all calls concurrently with a progress bar; the result list holds each call's value or its exception.
+
+    A failing call never cancels the others. Pass factories (`lambda: client.chat(...)`) rather than coroutines for
+    large batches, so coroutines are created only when started. The LLMClient's semaphore already bounds HTTP
+    concurrency; `max_in_flight` additionally bounds how many calls are started at once (e.g. for memory).
+    """
+    results: list[T | Exception] = [RuntimeError("not run")] * len(calls)
+    limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+    with tqdm(total=len(calls), desc=progress_desc, unit="call", disable=not show_progress) as progress:
+
+        async def run_one(index: int, call: Callable[[], Awaitable[T]] | Awaitable[T]) -> None:
+            try:
+                if limit is not None:
+                    async with limit:
+                        results[index] = await _awaitable(call)
+                else:
+                    results[index] = await _awaitable(call)
+            except Exception as error:  # recorded per item; CancelledError (a BaseException) still propagates
+                results[index] = error
+            progress.update(1)
+
+        await asyncio.gather(*(run_one(index, call) for index, call in enumerate(calls)))
+    return results
+
+
+def _awaitable(call: Callable[[], Awaitable[T]] | Awaitable[T]) -> Awaitable[T]:
+    return call() if callable(call) else call
