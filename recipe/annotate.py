@@ -1,0 +1,221 @@
+"""Annotation: the commands behind every user turn of a test case.
+
+Three sources, in order of trust:
+  1. commands written in the test (`commands:`), used as they are;
+  2. `--annotator assertions`: commands derived from what the test asserts (flows started, slots set, patterns,
+     expected responses), found by replaying candidate command sets through the tracker and keeping the one that
+     reproduces the test's expectations; fully offline;
+  3. `--annotator llm`: a teacher LLM given the rendered prompt (see `recipe.prepare`), checked against the test's
+     assertions where it has any.
+A turn whose commands cannot be determined is reported with its reason and left out of the training rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from recipe.commands import (
+    CancelFlow,
+    ChitChat,
+    Clarify,
+    Command,
+    HumanHandoff,
+    Knowledge,
+    RepeatLastBotMessages,
+    SetSlot,
+    SkipQuestion,
+    StartFlow,
+)
+from recipe.conversation import Turn, _resolve_bot_step, assertion_problems
+from recipe.project import Project
+from recipe.tracker import DialogueTracker, is_button_payload, startable_flows
+from recipe.types import NO_VALUE, BotStep, SlotCheckStep, TestCase, UserStep
+
+PATTERN_COMMANDS: dict[str, Command] = {
+    "pattern_chitchat": ChitChat(),
+    "pattern_search": Knowledge(),
+    "pattern_human_handoff": HumanHandoff(),
+    "pattern_skip_question": SkipQuestion(),
+    "pattern_repeat_bot_messages": RepeatLastBotMessages(),
+    "pattern_cancel_flow": CancelFlow(),
+}
+_NUMBER_WORDS = {
+    "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
+}  # fmt: skip
+
+
+@dataclass
+class TurnAnnotation:
+    number: int
+    commands: list[Command] | None  # None: could not be determined (see reason)
+    source: str  # "test" | "assertions" | "llm" | "payload"
+    reason: str | None = None
+
+
+@dataclass
+class TestAnnotation:
+    test_case: TestCase
+    turns: list[TurnAnnotation] = field(default_factory=list)
+
+    __test__ = False
+
+    def commands_for(self, number: int, step: UserStep) -> list[Command] | None:
+        return self.turns[number - 1].commands
+
+
+def _slot_value_from_text(slot_type: str, text: str) -> str | None:
+    """A name-only slot check: recover a number from the user's words (the only value type we can read safely)."""
+    if slot_type != "float":
+        return None
+    match = re.search(r"-?\d+(?:[.,]\d+)?", text)
+    if match:
+        return match.group(0).replace(",", ".")
+    for word, number in _NUMBER_WORDS.items():
+        if re.search(rf"\b{word}\b", text, re.IGNORECASE):
+            return str(number)
+    return None
+
+
+def _expected_slots(step: UserStep, checks: list[SlotCheckStep]) -> list[tuple[str, Any]]:
+    expected: list[tuple[str, Any]] = []
+    for assertion in step.assertions:
+        if assertion.kind == "slot_was_set":
+            for entry in assertion.data if isinstance(assertion.data, list) else [assertion.data]:
+                expected.append((str(entry.get("name")), entry.get("value", NO_VALUE)))
+    for check in checks:
+        if check.was_set:
+            expected.extend(check.slots)
+    return expected
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _explicit_commands(step: UserStep) -> list[Command]:
+    """Commands the assertions name directly: flows and patterns started, clarification, cancellation."""
+    commands: list[Command] = []
+    clarify: list[str] = []
+    for assertion in step.assertions:
+        data = assertion.data
+        if assertion.kind == "flow_started":
+            flows = [data] if isinstance(data, str) else data.get("flow_ids", []) if isinstance(data, dict) else data
+            for flow_id in flows:
+                if flow_id in PATTERN_COMMANDS:
+                    commands.append(PATTERN_COMMANDS[flow_id])
+                elif not str(flow_id).startswith("pattern_"):
+                    commands.append(StartFlow(str(flow_id)))
+        elif assertion.kind == "flow_cancelled":
+            commands.append(CancelFlow())
+        elif assertion.kind == "pattern_clarification_contains":
+            clarify = list(data.get("flow_ids", []) if isinstance(data, dict) else data)
+    if clarify:
+        commands.append(Clarify(tuple(clarify)))
+    unique: list[Command] = []
+    for command in commands:
+        if command not in unique:
+            unique.append(command)
+    return unique
+
+
+def _simulate(tracker: DialogueTracker, text: str, commands: list[Command], step: UserStep, number: int,
+              following: list, project: Project) -> tuple[int, DialogueTracker]:  # fmt: skip
+    """Replay one turn on a copy of the tracker; the score is how many expectations it misses."""
+    trial = copy.deepcopy(tracker)
+    state = trial.state()
+    events = trial.user_turn(text, commands)
+    turn = Turn(
+        number=number, step_index=0, step=step, text=text, state=state, commands=commands, is_payload=False,
+        events=events, bot_messages=events.bot_messages,
+        slot_checks=[s for s in following if isinstance(s, SlotCheckStep)], slots_after=dict(trial.slots),
+    )  # fmt: skip
+    misses = len(assertion_problems(turn))
+    said = [m.utter for m in events.bot_messages]
+    texts = [m.text for m in events.bot_messages]
+    for expected in following:
+        if isinstance(expected, BotStep):
+            misses += (expected.utter not in said) if expected.utter else (expected.text not in texts)
+    return misses, trial
+
+
+def annotate_from_assertions(project: Project, test_case: TestCase) -> TestAnnotation:
+    """Derive every turn's commands from the test's own expectations, replaying as we go."""
+    fixture_slots = [(n, v) for n, v in test_case.fixture_slots if n != "mocked_datetime"]
+    tracker = DialogueTracker(project, test_case.stubs, fixture_slots)
+    annotation = TestAnnotation(test_case)
+    steps = test_case.steps
+    number = 0
+    for index, step in enumerate(steps):
+        if not isinstance(step, UserStep):
+            continue
+        number += 1
+        following = []
+        for later in steps[index + 1:]:
+            if isinstance(later, UserStep):
+                break
+            following.append(later)
+        if step.commands is not None:
+            result = TurnAnnotation(number, list(step.commands), "test")
+        elif is_button_payload(step.text):
+            result = TurnAnnotation(number, [], "payload")
+        else:
+            result = _derive_turn(project, tracker, step, number, following)
+        tracker.user_turn(step.text, result.commands or [])
+        bot_steps = [s for s in following if isinstance(s, BotStep)]
+        if bot_steps:
+            tracker.replace_bot_messages([_resolve_bot_step(project, s, tracker.slots) for s in bot_steps])
+        annotation.turns.append(result)
+    return annotation
+
+
+def _derive_turn(project: Project, tracker: DialogueTracker, step: UserStep, number: int,
+                 following: list) -> TurnAnnotation:  # fmt: skip
+    slot_commands: list[Command] = []
+    unknown_values: list[str] = []
+    for name, value in _expected_slots(step, [s for s in following if isinstance(s, SlotCheckStep)]):
+        slot = project.slot(name)
+        if slot is None or not slot.llm_fillable:
+            continue  # set by an action or a set_slots step, not by the command generator
+        if value is NO_VALUE or value is None:
+            recovered = _slot_value_from_text(slot.type, step.text)
+            if recovered is None:
+                unknown_values.append(name)
+                continue
+            value = recovered
+        command = SetSlot(name, _value_text(value))
+        if command not in slot_commands:
+            slot_commands.append(command)
+    explicit = _explicit_commands(step)
+    # A flow the test says was started may have been started by a link or call, not by a command.
+    candidates = [explicit] + [[c for c in explicit if c != started] for started in explicit
+                               if isinstance(started, StartFlow)]  # fmt: skip
+    if not explicit:
+        # Nothing named: which flow or pattern (if any) explains the responses the test expects?
+        candidates += [[StartFlow(f.id)] for f in startable_flows(project, tracker.slots)]
+        candidates += [[command] for command in PATTERN_COMMANDS.values()]
+    best: tuple[int, list[Command]] | None = None
+    for extra in candidates:
+        commands = extra + slot_commands
+        misses, _ = _simulate(tracker, step.text, commands, step, number, following, project)
+        if best is None or misses < best[0]:
+            best = (misses, commands)
+        if misses == 0:
+            break
+    assert best is not None
+    misses, commands = best
+    if unknown_values:
+        return TurnAnnotation(number, None, "assertions",
+                              f"the test names slot(s) {', '.join(unknown_values)} without a value")  # fmt: skip
+    if misses:
+        return TurnAnnotation(number, None, "assertions",
+                              f"no command set reproduces the test's expectations ({misses} missed)")  # fmt: skip
+    if not commands:
+        return TurnAnnotation(number, None, "assertions", "the test's expectations imply no command")
+    return TurnAnnotation(number, commands, "assertions")

@@ -1,0 +1,388 @@
+"""The command language: one typed model for every command, printed and parsed in every dialect.
+
+Dialects (see rasa-formats.md §5.1):
+  v1     `StartFlow(book_hotel)`, `SetSlot(city, Lisbon)`           (SingleStepLLMCommandGenerator)
+  v2     `start flow book_hotel`, `set slot city Lisbon`             (CompactLLMCommandGenerator)
+  v3     as v2, but knowledge is `search and reply`                  (SearchReadyLLMCommandGenerator)
+  short  `start book_hotel`, `set city Lisbon`, `chat`, `search`     (seen in dialogue-understanding tests)
+
+The syntax is always passed in explicitly; nothing here keeps state. Unlike the runtime parser we keep slot values
+exactly (`C++` stays `C++`), reject trailing junk, and read one command per line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar, Iterable
+
+
+class Syntax(StrEnum):
+    V1 = "v1"
+    V2 = "v2"
+    V3 = "v3"
+    SHORT = "short"
+
+
+ALL_SYNTAXES: tuple[Syntax, ...] = (Syntax.V1, Syntax.V2, Syntax.V3, Syntax.SHORT)
+
+# Values the runtime reads as "no value" (= reset the slot).
+_NONE_VALUES = {"none", "null", "undefined", "[missing]", "[missing information]", ""}
+
+
+@dataclass(frozen=True)
+class Command:
+    """Base of all commands. `kind` is the command's name in JSON form (`{"command": kind, ...}`)."""
+
+    kind: ClassVar[str] = ""
+
+    def as_dict(self) -> dict:
+        return {"command": self.kind}
+
+
+@dataclass(frozen=True)
+class StartFlow(Command):
+    flow: str
+    kind: ClassVar[str] = "start flow"
+
+    def as_dict(self) -> dict:
+        return {"command": self.kind, "flow": self.flow}
+
+
+@dataclass(frozen=True)
+class SetSlot(Command):
+    slot: str
+    value: str | None  # None resets the slot; values stay strings, typed when applied
+    kind: ClassVar[str] = "set slot"
+
+    def as_dict(self) -> dict:
+        return {"command": self.kind, "name": self.slot, "value": self.value, "extractor": "LLM"}
+
+
+@dataclass(frozen=True)
+class CancelFlow(Command):
+    kind: ClassVar[str] = "cancel flow"
+
+
+@dataclass(frozen=True)
+class Clarify(Command):
+    options: tuple[str, ...]  # kept sorted, as the runtime sorts them
+    kind: ClassVar[str] = "clarify"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", tuple(sorted(dict.fromkeys(self.options))))
+
+    def as_dict(self) -> dict:
+        return {"command": self.kind, "options": list(self.options)}
+
+
+@dataclass(frozen=True)
+class ChitChat(Command):
+    kind: ClassVar[str] = "chitchat"
+
+
+@dataclass(frozen=True)
+class Knowledge(Command):
+    kind: ClassVar[str] = "knowledge"
+
+
+@dataclass(frozen=True)
+class SkipQuestion(Command):
+    kind: ClassVar[str] = "skip question"
+
+
+@dataclass(frozen=True)
+class RepeatLastBotMessages(Command):
+    kind: ClassVar[str] = "repeat"
+
+
+@dataclass(frozen=True)
+class HumanHandoff(Command):
+    kind: ClassVar[str] = "human handoff"
+
+
+@dataclass(frozen=True)
+class CannotHandle(Command):
+    kind: ClassVar[str] = "cannot handle"
+
+
+@dataclass(frozen=True)
+class ContinueAgent(Command):
+    kind: ClassVar[str] = "continue agent"
+
+
+@dataclass(frozen=True)
+class RestartAgent(Command):
+    agent: str
+    kind: ClassVar[str] = "restart agent"
+
+    def as_dict(self) -> dict:
+        return {"command": self.kind, "agent_id": self.agent}
+
+
+COMMAND_KINDS: tuple[str, ...] = (
+    StartFlow.kind,
+    SetSlot.kind,
+    CancelFlow.kind,
+    Clarify.kind,
+    ChitChat.kind,
+    Knowledge.kind,
+    SkipQuestion.kind,
+    RepeatLastBotMessages.kind,
+    HumanHandoff.kind,
+    CannotHandle.kind,
+    ContinueAgent.kind,
+    RestartAgent.kind,
+)
+
+# The kinds a bot builder's tests are expected to cover (agent commands are optional extras).
+CORE_COMMAND_KINDS: tuple[str, ...] = COMMAND_KINDS[:10]
+
+
+class CommandParseError(ValueError):
+    """A line that is not a command in the expected syntax. The message says what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------- printing
+
+# Commands without arguments, per dialect. Missing entries fall back to v2 (the short dialect has no word for them).
+_BARE_WORDS: dict[Syntax, dict[type[Command], str]] = {
+    Syntax.V1: {
+        CancelFlow: "CancelFlow()",
+        ChitChat: "ChitChat()",
+        Knowledge: "SearchAndReply()",
+        SkipQuestion: "SkipQuestion()",
+        RepeatLastBotMessages: "RepeatLastBotMessages()",
+        HumanHandoff: "HumanHandoff()",
+        CannotHandle: "CannotHandle()",
+        ContinueAgent: "ContinueAgent()",
+    },
+    Syntax.V2: {
+        CancelFlow: "cancel flow",
+        ChitChat: "offtopic reply",
+        Knowledge: "provide info",
+        SkipQuestion: "skip question",
+        RepeatLastBotMessages: "repeat message",
+        HumanHandoff: "hand over",
+        CannotHandle: "cannot handle",
+        ContinueAgent: "continue agent",
+    },
+    Syntax.SHORT: {CancelFlow: "cancel", ChitChat: "chat", Knowledge: "search", SkipQuestion: "skip"},
+}
+_BARE_WORDS[Syntax.V3] = {**_BARE_WORDS[Syntax.V2], Knowledge: "search and reply"}
+
+
+def _value_text(value: str | None) -> str:
+    return "None" if value is None else value
+
+
+def format_command(command: Command, syntax: Syntax) -> str:
+    """The canonical one-line form of `command` in `syntax`."""
+    match command:
+        case StartFlow(flow=flow):
+            return {Syntax.V1: f"StartFlow({flow})", Syntax.SHORT: f"start {flow}"}.get(syntax, f"start flow {flow}")
+        case SetSlot(slot=slot, value=value):
+            text = _value_text(value)
+            if syntax is Syntax.V1:
+                return f"SetSlot({slot}, {text})"
+            return f"set {slot} {text}" if syntax is Syntax.SHORT else f"set slot {slot} {text}"
+        case Clarify(options=options):
+            if syntax is Syntax.V1:
+                return f"Clarify({', '.join(options)})"
+            prefix = "clarify" if syntax is Syntax.SHORT else "disambiguate flows"
+            return " ".join([prefix, *options])
+        case RestartAgent(agent=agent):
+            return f"RestartAgent({agent})" if syntax is Syntax.V1 else f"restart agent {agent}"
+    words = _BARE_WORDS[syntax].get(type(command)) or _BARE_WORDS[Syntax.V2][type(command)]
+    return words
+
+
+def format_commands(commands: Iterable[Command], syntax: Syntax) -> str:
+    """Commands one per line, no trailing newline: the completion a model is trained to produce."""
+    return "\n".join(format_command(command, syntax) for command in commands)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+_FLOW_ID = r"[A-Za-z0-9_-]+"
+_SLOT_NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
+_QUOTES = "'\"`"
+
+# What LLMs put around a command: bullets, numbering, markdown, quotes, backticks.
+_LEADING_JUNK = re.compile(r"^(?:\s|[-*•>#+]|\d+[.)]|\(\d+\)|[" + _QUOTES + "])+")
+_TRAILING_JUNK = re.compile(r"[\s" + _QUOTES + r"]+$")
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in _QUOTES:
+        return text[1:-1].strip()
+    return text
+
+
+def _slot_value(text: str) -> str | None:
+    value = _unquote(text)
+    return None if value.lower() in _NONE_VALUES else value
+
+
+def _identifier(text: str, pattern: str, what: str, line: str) -> str:
+    name = _unquote(text)
+    if not re.fullmatch(pattern, name):
+        raise CommandParseError(f"`{line}`: {what} `{name}` is not a valid identifier")
+    return name
+
+
+def _options(text: str, line: str) -> tuple[str, ...]:
+    names = [name for name in re.split(r"[,\s]+", text.strip()) if name]
+    return tuple(_identifier(name, _FLOW_ID, "flow", line) for name in names)
+
+
+def _parse_v1(line: str) -> Command | None:
+    match = re.fullmatch(r"([A-Za-z]+)\s*\((.*)\)", line)
+    if not match:
+        return None
+    name, inner = match.group(1), match.group(2).strip()
+    if name == "StartFlow":
+        return StartFlow(_identifier(inner, _FLOW_ID, "flow", line))
+    if name == "SetSlot":
+        slot, comma, value = inner.partition(",")
+        if not comma:
+            raise CommandParseError(f"`{line}`: expected SetSlot(slot_name, value)")
+        return SetSlot(_identifier(slot, _SLOT_NAME, "slot", line), _slot_value(value))
+    if name == "Clarify":
+        return Clarify(_options(inner, line))
+    if name == "RestartAgent":
+        return RestartAgent(_identifier(inner, _FLOW_ID, "agent", line))
+    bare = {text[:-2]: cls for cls, text in _BARE_WORDS[Syntax.V1].items()}
+    if name in bare:
+        if inner:
+            raise CommandParseError(f"`{line}`: {name}() takes no arguments")
+        return bare[name]()
+    return None
+
+
+def _parse_words(line: str, syntax: Syntax) -> Command | None:
+    """v2, v3 and the short dialect: keyword phrases (case-sensitive, as at runtime) with arguments."""
+    words = line.split()
+    text = " ".join(words)  # extra spaces are harmless
+    if syntax is Syntax.SHORT:
+        start, set_, clarify = ("start",), ("set",), ("clarify",)
+    else:
+        start, set_, clarify = ("start", "flow"), ("set", "slot"), ("disambiguate", "flows")
+
+    def has_prefix(prefix: tuple[str, ...]) -> bool:
+        return tuple(words[: len(prefix)]) == prefix
+
+    if has_prefix(start):
+        rest = words[len(start):]
+        if len(rest) != 1:
+            raise CommandParseError(f"`{line}`: expected `{' '.join(start)} <flow_id>`")
+        return StartFlow(_identifier(rest[0], _FLOW_ID, "flow", line))
+    if has_prefix(set_):
+        rest = words[len(set_):]
+        if not rest:
+            raise CommandParseError(f"`{line}`: expected `{' '.join(set_)} <slot_name> <value>`")
+        # The value is everything after the slot name, spaces included (`set slot city New York`).
+        value = text.split(" ", len(set_) + 1)[len(set_) + 1] if len(rest) > 1 else ""
+        return SetSlot(_identifier(rest[0], _SLOT_NAME, "slot", line), _slot_value(value))
+    if has_prefix(clarify):
+        return Clarify(_options(" ".join(words[len(clarify):]), line))
+    if has_prefix(("restart", "agent")) and len(words) == 3:
+        return RestartAgent(_identifier(words[2], _FLOW_ID, "agent", line))
+    bare = {phrase: cls for cls, phrase in _BARE_WORDS[syntax].items()}
+    return bare[text]() if text in bare else None
+
+
+def _clean_line(line: str) -> str:
+    line = _LEADING_JUNK.sub("", line.strip())
+    return _TRAILING_JUNK.sub("", line)
+
+
+def parse_command(line: str, syntaxes: Iterable[Syntax] = ALL_SYNTAXES) -> Command:
+    """Parse one command line in any of `syntaxes`; raise CommandParseError saying what was expected."""
+    cleaned = _clean_line(line)
+    if not cleaned:
+        raise CommandParseError("empty command")
+    allowed = tuple(syntaxes)
+    for syntax in allowed:
+        command = _parse_v1(cleaned) if syntax is Syntax.V1 else _parse_words(cleaned, syntax)
+        if command is not None:
+            return command
+    examples = ", ".join(f"`{format_command(StartFlow('flow_id'), s)}`" for s in allowed)
+    names = "/".join(s.value for s in allowed)
+    raise CommandParseError(f"`{line.strip()}` is not a command in {names} syntax (expected e.g. {examples})")
+
+
+def detect_syntax(line: str) -> Syntax | None:
+    """Which dialect a single command line is written in (None if it parses in none)."""
+    for syntax in (Syntax.V1, Syntax.V3, Syntax.V2, Syntax.SHORT):
+        try:
+            command = parse_command(line, (syntax,))
+        except CommandParseError:
+            continue
+        # `provide info` is v2; `search and reply` is v3; everything else written the v2 way is v2.
+        if syntax is Syntax.V3 and not isinstance(command, Knowledge):
+            return Syntax.V2
+        return syntax
+    return None
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """What a model's answer parsed into: the commands, and the lines that were not commands."""
+
+    commands: tuple[Command, ...]
+    unparsed_lines: tuple[str, ...]
+
+    @property
+    def fully_parsed(self) -> bool:
+        return not self.unparsed_lines
+
+
+def parse_model_output(text: str, syntax: Syntax) -> ParsedOutput:
+    """Parse an LLM's answer line by line in one syntax. Blank lines and code fences are ignored."""
+    commands: list[Command] = []
+    unparsed: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("```"):
+            continue
+        try:
+            commands.append(parse_command(line, _compatible(syntax)))
+        except CommandParseError:
+            unparsed.append(line)
+    return ParsedOutput(tuple(commands), tuple(unparsed))
+
+
+def _compatible(syntax: Syntax) -> tuple[Syntax, ...]:
+    # v3 parses every v2 phrase too (the runtime parser does), and v2 accepts v3's `search and reply`.
+    if syntax in (Syntax.V2, Syntax.V3):
+        return (syntax, Syntax.V3 if syntax is Syntax.V2 else Syntax.V2)
+    return (syntax,)
+
+
+# ---------------------------------------------------------------------------------------------- comparing
+
+
+def _normal_value(value: str | None) -> str | None:
+    return None if value is None else " ".join(value.split()).casefold()
+
+
+def command_key(command: Command) -> tuple:
+    """What makes two commands equal (rasa-formats §5.4): flow id, option list, slot name and case-folded value."""
+    match command:
+        case StartFlow(flow=flow):
+            return (command.kind, flow)
+        case SetSlot(slot=slot, value=value):
+            return (command.kind, slot, _normal_value(value))
+        case Clarify(options=options):
+            return (command.kind, options)
+        case RestartAgent(agent=agent):
+            return (command.kind, agent)
+    return (command.kind,)
+
+
+def same_commands(expected: Iterable[Command], predicted: Iterable[Command]) -> bool:
+    """Multiset equality ignoring order (`[A, A]` differs from `[A, B]`)."""
+    return sorted(map(command_key, expected), key=repr) == sorted(map(command_key, predicted), key=repr)

@@ -1,0 +1,183 @@
+"""Replaying a test case turn by turn, and checking the result against what the test itself asserts.
+
+`replay_test_case` is the one place where a test conversation meets the tracker: fixtures and stubs are applied,
+every turn (button payloads included) changes the state, and for each user turn we keep the state *before* it,
+which is what that turn's prompt is rendered from. The bot messages the test lists after a user turn are the
+transcript's authority (they are what the assistant said); the tracker's own simulation fills in where the test is
+silent, and any disagreement between the two is reported as a warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from recipe.commands import Command
+from recipe.project import Project
+from recipe.tracker import DEFAULT_RESPONSES, BotMessage, DialogueState, DialogueTracker, TurnEvents, is_button_payload
+from recipe.types import NO_VALUE, BotStep, SlotCheckStep, TestCase, UserStep
+
+
+@dataclass
+class Turn:
+    number: int  # 1-based position among the test's user turns
+    step_index: int  # index in test_case.steps
+    step: UserStep
+    text: str  # what the user said (a paraphrase when replaying a stitched conversation)
+    state: DialogueState  # before this turn: what the prompt is rendered from
+    commands: list[Command]
+    is_payload: bool
+    events: TurnEvents
+    bot_messages: list[BotMessage]
+    slot_checks: list[SlotCheckStep] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    slots_after: dict[str, Any] = field(default_factory=dict)
+
+
+CommandSource = Callable[[int, UserStep], list[Command] | None]
+
+
+def _resolve_bot_step(project: Project, step: BotStep, slots: dict[str, Any]) -> BotMessage:
+    if step.text is not None:
+        return BotMessage(step.text)
+    variations = project.domain.responses.get(step.utter or "")
+    if variations:
+        variation = variations[0]
+        text = variation.text
+        if text is not None:
+            text = DialogueTracker._fill(text, slots)
+        return BotMessage(text, variation.buttons, step.utter)
+    return BotMessage(DEFAULT_RESPONSES.get(step.utter or ""), (), step.utter)
+
+
+def replay_test_case(
+    project: Project,
+    test_case: TestCase,
+    commands_for: CommandSource | None = None,
+    texts: dict[int, str] | None = None,
+) -> list[Turn]:
+    """Replay every step; `commands_for(turn_number, step)` overrides the test's commands, `texts` the wording."""
+    fixture_slots = [(name, value) for name, value in test_case.fixture_slots if name != "mocked_datetime"]
+    tracker = DialogueTracker(project, test_case.stubs, fixture_slots)
+    turns: list[Turn] = []
+    steps = test_case.steps
+    number = 0
+    for index, step in enumerate(steps):
+        if isinstance(step, UserStep):
+            number += 1
+            text = (texts or {}).get(number, step.text)
+            commands = commands_for(number, step) if commands_for else None
+            if commands is None:
+                commands = step.commands or []
+            state = tracker.state()
+            payload = is_button_payload(text)
+            events = tracker.user_turn(text, [] if payload else list(commands))
+            following = []
+            for later in steps[index + 1:]:
+                if isinstance(later, UserStep):
+                    break
+                following.append(later)
+            bot_steps = [s for s in following if isinstance(s, BotStep)]
+            warnings = list(events.warnings)
+            simulated = [m.utter for m in events.bot_messages if m.utter]
+            for bot_step in bot_steps:
+                if bot_step.utter and bot_step.utter not in simulated and bot_step.utter in project.domain.responses:
+                    warnings.append(
+                        f"{bot_step.location}: the test expects `{bot_step.utter}` after turn {number}; "
+                        f"the flows would say {simulated or 'nothing'}"
+                    )
+            if bot_steps:
+                messages = [_resolve_bot_step(project, s, tracker.slots) for s in bot_steps]
+                tracker.replace_bot_messages(messages)
+            else:
+                messages = list(events.bot_messages)
+            turns.append(
+                Turn(
+                    number=number,
+                    step_index=index,
+                    step=step,
+                    text=text,
+                    state=state,
+                    commands=list(commands),
+                    is_payload=payload,
+                    events=events,
+                    bot_messages=messages,
+                    slot_checks=[s for s in following if isinstance(s, SlotCheckStep)],
+                    warnings=warnings,
+                    slots_after=dict(tracker.slots),
+                )
+            )
+    return turns
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _same_value(actual: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or isinstance(actual, bool):
+        return str(actual).lower() == str(expected).lower()
+    try:
+        return float(actual) == float(expected)
+    except (TypeError, ValueError):
+        return str(actual).casefold() == str(expected).casefold()
+
+
+def _flow_ids(data: Any) -> tuple[str, list[str]]:
+    if isinstance(data, str):
+        return "all", [data]
+    if isinstance(data, list):
+        return "all", [str(x) for x in data]
+    return str(data.get("operator", "any")), [str(x) for x in data.get("flow_ids") or []]
+
+
+def assertion_problems(turn: Turn) -> list[str]:
+    """Where the tracker's picture of this turn contradicts the test's assertions and slot checks."""
+    problems: list[str] = []
+    events = turn.events
+    set_values = dict(events.slots_set)
+    for assertion in turn.step.assertions:
+        where, kind, data = assertion.location, assertion.kind, assertion.data
+        if kind == "flow_started":
+            operator, flows = _flow_ids(data)
+            hit = [f for f in flows if f in events.flows_started]
+            if (operator == "all" and len(hit) != len(flows)) or (operator != "all" and not hit):
+                problems.append(f"{where}: flow_started {flows}, tracker started {events.flows_started}")
+        elif kind in ("flow_completed", "flow_cancelled"):
+            flow_id = data.get("flow_id") if isinstance(data, dict) else data
+            happened = events.flows_completed if kind == "flow_completed" else events.flows_cancelled
+            if flow_id not in [f for f, _ in happened]:
+                problems.append(f"{where}: {kind} {flow_id}, tracker saw {happened}")
+        elif kind == "slot_was_set":
+            for entry in data if isinstance(data, list) else [data]:
+                name = entry.get("name")
+                if name not in set_values:
+                    problems.append(f"{where}: slot_was_set {name}, tracker set {list(set_values)}")
+                elif "value" in entry and not _same_value(set_values[name], entry["value"]):
+                    problems.append(f"{where}: slot {name} = {entry['value']!r}, tracker has {set_values[name]!r}")
+        elif kind == "slot_was_not_set":
+            for entry in data if isinstance(data, list) else [data]:
+                name = entry.get("name")
+                if name in set_values and ("value" not in entry or _same_value(set_values[name], entry["value"])):
+                    problems.append(f"{where}: slot_was_not_set {name}, but the tracker set it")
+        elif kind == "pattern_clarification_contains":
+            _, flows = _flow_ids(data)
+            if sorted(flows) != sorted(events.clarification_options):
+                problems.append(f"{where}: clarification {flows}, tracker offered {events.clarification_options}")
+        elif kind == "action_executed":
+            if data not in events.actions:
+                problems.append(f"{where}: action_executed {data}, tracker ran {events.actions}")
+        elif kind == "bot_uttered" and isinstance(data, dict) and data.get("utter_name"):
+            if data["utter_name"] not in [m.utter for m in events.bot_messages]:
+                problems.append(f"{where}: bot_uttered {data['utter_name']}, tracker said "
+                                f"{[m.utter for m in events.bot_messages]}")  # fmt: skip
+    for check in turn.slot_checks:
+        # Like the runtime's checks: did a slot event of this turn set it (a later reset does not undo that)?
+        for name, value in check.slots:
+            actual = set_values.get(name)
+            happened = name in set_values and (value is NO_VALUE or _same_value(actual, value))
+            if check.was_set and not happened:
+                problems.append(f"{check.location}: slot_was_set {name}={value if value is not NO_VALUE else ''}, "
+                                f"tracker set {actual!r}")  # fmt: skip
+            if not check.was_set and happened:
+                problems.append(f"{check.location}: slot_was_not_set {name}, tracker set it to {actual!r}")
+    return problems

@@ -1,0 +1,287 @@
+"""Finetuning rows: reading, conversion to one prompt/completion form, tokenization with the label mask, lengths.
+
+Both row formats of prepare-data (rasa-formats.md §7) become an `Example` (prompt messages, completion text):
+instruction rows `{"prompt", "completion"}` turn into one user message, as Rasa Pro sends the prompt to chat
+completions (known-weaknesses A.25); conversational rows `{"messages": [..., assistant]}` keep their messages.
+
+We tokenize here, not in TRL, for three reasons: the loss must cover exactly the completion plus the end-of-turn token
+(TRL's conversational path also trains whatever the chat template prints after that token, e.g. ChatML's newline,
+which the model never generates); the exact length of every row is needed to size `max_length` and to name a row
+that would be cut (TRL truncates and drops silently); and `generate_completions` must encode prompts the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from recipe.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+TRAIN_FILE = "train.jsonl"
+VAL_FILE = "val.jsonl"
+DATASET_INFO_FILE = "dataset_info.json"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row: the messages before the answer, the answer (DSL lines), and where the row came from."""
+
+    prompt: tuple[dict[str, str], ...]
+    completion: str
+    path: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of a whole row and which of them the loss covers (1 = completion or end-of-turn token)."""
+
+    input_ids: list[int]
+    completion_mask: list[int]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.completion_mask.index(1)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How rows become token ids: through the tokenizer's chat template ("chat") or as raw strings ("raw").
+
+    `end_token` is the token that closes the answer and stops generation (`<|eot_id|>` for Llama 3, `<|im_end|>`
+    for ChatML, the eos token for raw strings).
+    """
+
+    kind: str
+    end_token: str
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    train: Path
+    val: Path | None
+    dataset_info: Path | None
+
+
+def resolve_data_files(data: str, val_data: str | None) -> DataFiles:
+    """`data` is the ft_splits folder (train.jsonl, optional val.jsonl and dataset_info.json) or a train file."""
+    data_path = Path(data)
+    if data_path.is_dir():
+        train = data_path / TRAIN_FILE
+        if not train.is_file():
+            raise ConfigError(f"{data_path}: no {TRAIN_FILE} in this folder (expected prepare-data's ft_splits)")
+        val = Path(val_data) if val_data else data_path / VAL_FILE
+        info_dir = data_path
+    elif data_path.is_file():
+        train = data_path
+        val = Path(val_data) if val_data else None
+        info_dir = data_path.parent
+    else:
+        raise ConfigError(f"{data_path}: training data not found")
+    if val_data and not val.is_file():
+        raise ConfigError(f"{val}: validation file not found")
+    info = info_dir / DATASET_INFO_FILE
+    return DataFiles(train=train, val=val if val and val.is_file() else None, dataset_info=info if info.is_file() else None)
+
+
+def read_dataset_info(path: Path | None) -> dict[str, Any] | None:
+    """prepare-data's provenance (template hash, command syntax, ...); None for user-provided data without it."""
+    if path is None:
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(path, error.lineno, f"invalid JSON: {error.msg}") from error
+    if not isinstance(info, dict):
+        raise InputError(path, 1, "expected a JSON object")
+    return info
+
+
+def read_examples(path: Path) -> list[Example]:
+    """Read a JSONL file of instruction or conversational rows; any malformed row is an error at `path:line`."""
+    examples = []
+    with path.open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise InputError(path, number, f"invalid JSON: {error.msg}") from error
+            examples.append(example_from_row(row, str(path), number))
+    if not examples:
+        raise InputError(path, None, "no rows")
+    return examples
+
+
+def example_from_row(row: Any, path: str, line: int) -> Example:
+    """Convert one row of either format; the answer must be non-empty text."""
+
+    def fail(message: str) -> InputError:
+        return InputError(path, line, message)
+
+    if not isinstance(row, dict):
+        raise fail("expected a JSON object")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or len(messages) < 2:
+            raise fail('"messages" must list the prompt message(s) and the assistant answer')
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
+                message.get("content"), str
+            ):
+                raise fail('every message needs a string "role" and "content"')
+        if messages[-1]["role"] != "assistant":
+            raise fail('the last message must be the assistant\'s answer (role "assistant")')
+        prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
+        completion = messages[-1]["content"]
+    elif "prompt" in row and "completion" in row:
+        if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
+            raise fail('"prompt" and "completion" must be strings')
+        prompt = ({"role": "user", "content": row["prompt"]},)
+        completion = row["completion"]
+    else:
+        raise fail('expected {"prompt", "completion"} or {"messages": [...]}')
+    if not completion.strip():
+        raise fail("empty completion: nothing to learn")
+    return Example(prompt=prompt, completion=completion, path=path, line=line)
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    added = {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return added | set(tokenizer.all_special_ids)
+
+
+def choose_prompt_format(tokenizer: PreTrainedTokenizerBase, requested: str, probe: Example) -> PromptFormat:
+    """The tokenizer's chat template when it has one (what Rasa Pro's chat-completions call gets), else raw strings."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested == "chat" and not has_template:
+        raise ConfigError("prompt_format: chat, but the tokenizer has no chat template; use auto or raw")
+    if requested == "raw" or not has_template:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no eos token, so the model could not learn to stop")
+        return PromptFormat(kind="raw", end_token=tokenizer.eos_token)
+    # Render one row to learn which special token the template puts right after the answer.
+    prompt_ids = encode_prompt(tokenizer, probe.prompt, "chat")
+    full_ids = _render_chat(tokenizer, [*probe.prompt, {"role": "assistant", "content": probe.completion}])
+    answer_ids = full_ids[_common_prefix(prompt_ids, full_ids):]
+    specials = special_token_ids(tokenizer)
+    end_ids = [token_id for token_id in answer_ids if token_id in specials]
+    if not end_ids:
+        raise ConfigError(
+            "the chat template does not close the assistant turn with a special token, so the model could not "
+            "learn to stop; set prompt_format: raw"
+        )
+    return PromptFormat(kind="chat", end_token=tokenizer.convert_ids_to_tokens(end_ids[0]))
+
+
+def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    return list(encoded["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: tuple[dict[str, str], ...] | list, kind: str) -> list[int]:
+    """Token ids the model sees before it answers: in training, in `generate_completions`, and when served."""
+    if kind == "chat":
+        return _render_chat(tokenizer, list(prompt), add_generation_prompt=True)
+    if len(prompt) != 1:
+        raise ConfigError("raw prompts must be a single message; multi-message rows need a chat template")
+    return list(tokenizer(prompt[0]["content"])["input_ids"])
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, prompt_format: PromptFormat) -> Encoded:
+    """Prompt ids, then the answer ids up to and including the end-of-turn token; the mask marks the answer."""
+    prompt_ids = encode_prompt(tokenizer, example.prompt, prompt_format.kind)
+    end_id = tokenizer.convert_tokens_to_ids(prompt_format.end_token)
+    if prompt_format.kind == "chat":
+        full_ids = _render_chat(tokenizer, [*example.prompt, {"role": "assistant", "content": example.completion}])
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise InputError(
+                example.path, example.line,
+                "the chat template renders this prompt differently with and without the answer, so training "
+                "would not match serving; set prompt_format: raw",
+            )
+        answer_ids = full_ids[len(prompt_ids):]
+        if end_id not in answer_ids:
+            raise InputError(example.path, example.line, f"the chat template did not end the answer with {prompt_format.end_token}")
+        # Whatever the template prints after the end token (ChatML's newline) is never generated: leave it out.
+        answer_ids = answer_ids[: answer_ids.index(end_id) + 1]
+    else:
+        # Encode the answer on its own, as the model will produce it after the prompt, then the eos token.
+        answer_ids = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"]) + [end_id]
+    return Encoded(input_ids=prompt_ids + answer_ids, completion_mask=[0] * len(prompt_ids) + [1] * len(answer_ids))
+
+
+def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: list[Example], prompt_format: PromptFormat) -> list[Encoded]:
+    return [encode_example(tokenizer, example, prompt_format) for example in examples]
+
+
+def resolve_max_length(requested: int | None, examples: list[Example], encoded: list[Encoded]) -> int:
+    """The longest row when not set; when set, a row that would be cut is an error naming it (TRL would cut it)."""
+    longest = max(len(row.input_ids) for row in encoded)
+    if requested is None:
+        return longest
+    too_long = [(example, row) for example, row in zip(examples, encoded) if len(row.input_ids) > requested]
+    if too_long:
+        example, row = too_long[0]
+        others = f" ({len(too_long) - 1} more rows are too long; the longest has {longest})" if len(too_long) > 1 else ""
+        raise InputError(
+            example.path, example.line,
+            f"row is {len(row.input_ids)} tokens ({row.prompt_length} prompt + "
+            f"{len(row.input_ids) - row.prompt_length} completion), longer than max_length {requested}; raise "
+            f"--max-length or leave it unset to use the longest row{others}",
+        )
+    return requested
+
+
+def to_dataset(encoded: list[Encoded]) -> Dataset:
+    """A tokenized dataset TRL takes as is: it builds labels from `completion_mask` (with completion_only_loss)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {"input_ids": [row.input_ids for row in encoded], "completion_mask": [row.completion_mask for row in encoded]}
+    )
+
+
+def token_stats(encoded: list[Encoded]) -> dict[str, Any]:
+    prompt = [row.prompt_length for row in encoded]
+    answer = [len(row.input_ids) - row.prompt_length for row in encoded]
+    return {
+        "rows": len(encoded),
+        "prompt_tokens": {"min": min(prompt), "median": statistics.median(prompt), "max": max(prompt)},
+        "completion_tokens": {"min": min(answer), "median": statistics.median(answer), "max": max(answer)},
+        "total_tokens": sum(prompt) + sum(answer),
+    }
+
+
+def command_counts(examples: list[Example]) -> dict[str, int]:
+    """Commands per type across completions, keyed by the first two words (`start flow`, `set slot`, ...)."""
+    counts: Counter[str] = Counter()
+    for example in examples:
+        for line in example.completion.splitlines():
+            words = line.split()
+            if words:
+                counts[" ".join(words[:2]) if "(" not in words[0] else words[0].split("(")[0]] += 1
+    return dict(counts.most_common())
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

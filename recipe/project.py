@@ -1,0 +1,240 @@
+"""Finding and reading an assistant project laid out the way Rasa Pro projects are.
+
+Flows: every YAML file with a top-level `flows:` key under `flows/` or `data/` (nested folders included).
+Domain: `domain.yml`, a `domain/` tree, or a `domain.yml` beside the flows. Config: `config.yml`, whose command
+generator decides the default command syntax and whose `prompt_template` the default template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recipe.commands import Clarify, Command, SetSlot, StartFlow, Syntax
+from recipe.conditions import ConditionError, parse_condition
+from recipe.domain import BUILTIN_SLOTS, read_domain
+from recipe.errors import InputError
+from recipe.flows import read_flows_file
+from recipe.types import Domain, Flow, Slot, relative
+from recipe.yamlio import line_of, load_yaml
+
+GENERATOR_SYNTAX = {
+    "SingleStepLLMCommandGenerator": Syntax.V1,
+    "LLMCommandGenerator": Syntax.V1,
+    "CompactLLMCommandGenerator": Syntax.V2,
+    "SearchReadyLLMCommandGenerator": Syntax.V3,
+}
+
+# Conversation patterns every CALM assistant has; a project may override them in its flows.
+BUILTIN_PATTERNS = (
+    "pattern_cancel_flow", "pattern_cannot_handle", "pattern_chitchat", "pattern_clarification",
+    "pattern_code_change", "pattern_collect_information", "pattern_completed", "pattern_continue_interrupted",
+    "pattern_correction", "pattern_human_handoff", "pattern_internal_error", "pattern_repeat_bot_messages",
+    "pattern_restart", "pattern_search", "pattern_session_start", "pattern_skip_question", "pattern_user_silence",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    """What `config.yml` says about the command generator."""
+
+    generator: str | None = None
+    syntax: Syntax | None = None
+    prompt_template: Path | None = None
+    include_date_time: bool | None = None
+    path: str | None = None
+
+
+@dataclass
+class Project:
+    root: Path
+    flows: dict[str, Flow]  # file order; user flows and the project's own pattern overrides
+    domain: Domain
+    config: AssistantConfig = field(default_factory=AssistantConfig)
+    flow_files: list[str] = field(default_factory=list)
+
+    @property
+    def user_flows(self) -> list[Flow]:
+        return [flow for flow in self.flows.values() if not flow.is_pattern]
+
+    def slot(self, name: str) -> Slot | None:
+        return self.domain.slots.get(name) or BUILTIN_SLOTS.get(name)
+
+    def is_known_flow(self, flow_id: str) -> bool:
+        return flow_id in self.flows or flow_id in BUILTIN_PATTERNS
+
+
+def _yaml_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix in (".yml", ".yaml") and p.is_file())
+
+
+def _find_domain_files(root: Path, flow_files: list[Path]) -> list[Path]:
+    for candidate in (root / "domain.yml", root / "domain.yaml"):
+        if candidate.is_file():
+            return [candidate]
+    if (root / "domain").is_dir():
+        return _yaml_files(root / "domain")
+    beside: list[Path] = []
+    for folder in sorted({path.parent for path in flow_files}):
+        for name in ("domain.yml", "domain.yaml"):
+            if (folder / name).is_file():
+                beside.append(folder / name)
+        if (folder / "domain").is_dir():
+            beside.extend(_yaml_files(folder / "domain"))
+    return beside
+
+
+def read_config(root: Path) -> AssistantConfig:
+    path = root / "config.yml"
+    if not path.is_file():
+        return AssistantConfig()
+    shown = relative(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        return AssistantConfig(path=shown)
+    for component in data.get("pipeline") or []:
+        if not isinstance(component, dict):
+            continue
+        name = str(component.get("name", ""))
+        if name not in GENERATOR_SYNTAX:
+            continue
+        template = component.get("prompt_template")
+        include = component.get("include_date_time")
+        template_path = None
+        if template:
+            template_path = (root / str(template)).resolve()
+            if not template_path.is_file():
+                raise InputError(shown, line_of(component, "prompt_template"), f"prompt template `{template}` not found")
+        return AssistantConfig(
+            generator=name,
+            syntax=GENERATOR_SYNTAX[name],
+            prompt_template=template_path,
+            include_date_time=None if include is None else bool(include),
+            path=shown,
+        )
+    return AssistantConfig(path=shown)
+
+
+def load_project(
+    root: Path | str = ".",
+    flows: list[Path] | None = None,
+    domain: list[Path] | None = None,
+) -> Project:
+    """Read the assistant at `root`; `flows`/`domain` (files or folders) replace discovery when given."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(str(root), None, "project folder not found; expected a folder with flows and a domain")
+    flow_roots = flows if flows else [root / "flows", root / "data"]
+    candidates = [file for base in flow_roots if base.exists() for file in _yaml_files(base)]
+    for base in flows or []:
+        if not base.exists():
+            raise InputError(str(base), None, "flows path not found")
+
+    loaded: dict[str, Flow] = {}
+    flow_files: list[Path] = []
+    for path in candidates:
+        data = load_yaml(path)
+        if not isinstance(data, dict) or "flows" not in data:
+            continue
+        flow_files.append(path)
+        for flow in read_flows_file(path, data, relative(path)):
+            if flow.id in loaded:
+                raise InputError(
+                    flow.location.path, flow.location.line,
+                    f"flow `{flow.id}` is already defined at {loaded[flow.id].location}; flow ids must be unique",
+                )  # fmt: skip
+            loaded[flow.id] = flow
+    if not loaded:
+        where = ", ".join(str(p) for p in flow_roots)
+        raise InputError(where, None, "no flows found; expected YAML files with a top-level `flows:` key")
+
+    domain_files = []
+    for path in domain or []:
+        if not path.exists():
+            raise InputError(str(path), None, "domain path not found")
+        domain_files.extend(_yaml_files(path))
+    if not domain:
+        domain_files = _find_domain_files(root, flow_files)
+    if not domain_files:
+        raise InputError(
+            str(root), None, "no domain found; expected domain.yml, a domain/ folder, a domain.yml beside the flows, "
+            "or --domain PATH",
+        )  # fmt: skip
+    project = Project(
+        root=root,
+        flows=loaded,
+        domain=read_domain(domain_files, {p: relative(p) for p in domain_files}),
+        config=read_config(root),
+        flow_files=[relative(p) for p in flow_files],
+    )
+    check_project(project)
+    return project
+
+
+def check_project(project: Project) -> None:
+    """Cross-file checks: collected slots exist, link/call targets exist, conditions parse."""
+    for flow in project.flows.values():
+        conditions: list[tuple[str, Any]] = [(flow.guard, flow.location)] if flow.guard else []
+        for step in flow.steps.values():
+            where = step.location
+            if step.collect and project.slot(step.collect) is None:
+                raise InputError(where.path, where.line, f"flow `{flow.id}` collects `{step.collect}`, "
+                                 "which is not a slot in the domain")  # fmt: skip
+            for slot, _ in step.set_slots:
+                if project.slot(slot) is None:
+                    raise InputError(where.path, where.line, f"flow `{flow.id}` sets unknown slot `{slot}`")
+            target = step.link or step.call
+            if target and not project.is_known_flow(target):
+                raise InputError(where.path, where.line, f"flow `{flow.id}` {step.kind}s unknown flow `{target}`")
+            conditions += [(branch.condition, where) for branch in step.next if branch.condition]
+            conditions += [(condition, where) for condition, _ in step.rejections]
+        for condition, where in conditions:
+            try:
+                parse_condition(condition)
+            except ConditionError as error:
+                raise InputError(where.path, where.line, f"flow `{flow.id}`: {error}") from None
+
+
+def canonical_slot_value(slot: Slot, value: str) -> str | None:
+    """The value as the domain spells it, or None when the slot's type cannot hold it."""
+    if slot.type == "categorical":
+        for allowed in slot.values:
+            if allowed.casefold() == value.strip().casefold():
+                return allowed
+        return None
+    if slot.type == "bool":
+        lowered = value.strip().lower()
+        return {"true": "True", "false": "False"}.get(lowered)
+    if slot.type == "float":
+        try:
+            float(value)
+        except ValueError:
+            return None
+    return value
+
+
+def command_problem(command: Command, project: Project) -> str | None:
+    """Why `command` cannot be right for this assistant (None when it can)."""
+    match command:
+        case StartFlow(flow=flow):
+            if flow not in project.flows or project.flows[flow].is_pattern:
+                known = ", ".join(f.id for f in project.user_flows)
+                return f"unknown flow `{flow}`; expected one of: {known}"
+        case SetSlot(slot=name, value=value):
+            slot = project.slot(name)
+            if slot is None:
+                return f"unknown slot `{name}`; expected a slot of the domain"
+            if value is not None and canonical_slot_value(slot, value) is None:
+                if slot.type == "categorical":
+                    return f"`{value}` is not a value of categorical slot `{name}`; expected one of: " + ", ".join(
+                        slot.values
+                    )
+                return f"`{value}` is not a valid {slot.type} value for slot `{name}`"
+        case Clarify(options=options):
+            unknown = [flow for flow in options if flow not in project.flows or project.flows[flow].is_pattern]
+            if unknown:
+                return f"clarify names unknown flow `{unknown[0]}`"
+    return None

@@ -1,0 +1,362 @@
+"""Reading test files: E2E tests (classic steps or assertions) and dialogue-understanding tests (`commands:`).
+
+A test spec is a file, a folder (nested), or `file.yml::test case name`. Fixtures come from the file and from
+`conftest.yml` files in its folder and the folders above it (nearest wins); stubs apply per file, with
+`<test case>::<action>` overriding for one test. Commands are read in whatever dialect each line is written in and
+checked against the assistant: an unknown flow or slot is a `path:line` error.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from recipe.commands import Command, CommandParseError, Syntax, detect_syntax, parse_command
+from recipe.errors import InputError
+from recipe.project import Project, command_problem
+from recipe.types import (
+    NO_VALUE,
+    Assertion,
+    BotStep,
+    Location,
+    SlotCheckStep,
+    Stub,
+    TestCase,
+    TestFile,
+    TestStep,
+    UserStep,
+    relative,
+)
+from recipe.yamlio import line_of, load_yaml, plain
+
+log = logging.getLogger("recipe")
+
+ASSERTION_KINDS = {
+    "flow_started", "flow_completed", "flow_cancelled", "pattern_clarification_contains", "slot_was_set",
+    "slot_was_not_set", "action_executed", "bot_uttered", "bot_did_not_utter", "generative_response_is_relevant",
+    "generative_response_is_grounded",
+}  # fmt: skip
+_USER_STEP_KEYS = {"user", "commands", "assertions", "metadata", "assertion_order_enabled"}
+
+
+def split_spec(spec: str) -> tuple[Path, str | None]:
+    """`path::test name` -> (path, name); a plain path -> (path, None)."""
+    path, separator, name = spec.partition("::")
+    return Path(path), (name if separator else None)
+
+
+def _test_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix in (".yml", ".yaml") and p.name not in ("conftest.yml",
+                                                                                                   "conftest.yaml"))
+
+
+def load_tests(specs: list[str], project: Project) -> list[TestFile]:
+    """Read every test file named by `specs`; a folder without tests or an unknown test name is an error."""
+    files: list[TestFile] = []
+    for spec in specs:
+        path, wanted = split_spec(spec)
+        if not path.exists():
+            raise InputError(str(path), None, "test path not found; expected a test file or folder")
+        found_in_spec = 0
+        for file_path in _test_files(path):
+            data = load_yaml(file_path)
+            if not isinstance(data, dict) or "test_cases" not in data:
+                if path.is_file():
+                    raise InputError(relative(file_path), 1, "not a test file; expected a top-level `test_cases:`")
+                continue
+            test_file = _read_test_file(file_path, data, project, wanted)
+            files.append(test_file)
+            found_in_spec += len(test_file.test_cases)
+        if found_in_spec == 0:
+            raise InputError(str(path), None, "no test cases found; expected YAML files with a top-level `test_cases:`")
+    return files
+
+
+def all_test_cases(files: list[TestFile]) -> list[TestCase]:
+    return [case for test_file in files for case in test_file.test_cases]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures, stubs
+
+
+def _read_named_list(node: Any, key: str, path: str) -> dict[str, Any]:
+    """`fixtures:`/`metadata:` are lists of single-key mappings: [{name: value}, ...]."""
+    entries = node.get(key) if isinstance(node, dict) else None
+    if entries is None:
+        return {}
+    if not isinstance(entries, list):
+        raise InputError(path, line_of(node, key), f"`{key}` must be a list of {{name: ...}} entries")
+    named: dict[str, Any] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise InputError(path, line_of(entries, index), f"each `{key}` entry must be a single {{name: ...}}")
+        ((name, value),) = entry.items()
+        named[str(name)] = (value, line_of(entries, index))
+    return named
+
+
+def _fixture_slots(value: Any, path: str, line: int | None, name: str) -> list[tuple[str, Any]]:
+    if not isinstance(value, list):
+        raise InputError(path, line, f"fixture `{name}` must be a list of {{slot: value}}")
+    slots = []
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise InputError(path, line, f"fixture `{name}`: each entry must be {{slot: value}}")
+        slots.extend((str(slot), plain(slot_value)) for slot, slot_value in entry.items())
+    return slots
+
+
+def _conftest_fixtures(test_path: Path, project: Project) -> dict[str, tuple[list[tuple[str, Any]], str]]:
+    """Fixtures from conftest files, farthest folder first so that the nearest wins."""
+    folders = []
+    folder = test_path.resolve().parent
+    root = project.root.resolve()
+    while True:
+        folders.append(folder)
+        if folder == root or folder.parent == folder or root not in folder.parents:
+            break
+        folder = folder.parent
+    fixtures: dict[str, tuple[list[tuple[str, Any]], str]] = {}
+    for folder in reversed(folders):
+        for name in ("conftest.yml", "conftest.yaml"):
+            conftest = folder / name
+            if conftest.is_file():
+                shown = relative(conftest)
+                data = load_yaml(conftest)
+                for fixture, (value, line) in _read_named_list(data, "fixtures", shown).items():
+                    fixtures[fixture] = (_fixture_slots(value, shown, line, fixture), shown)
+    return fixtures
+
+
+def _read_stubs(data: Any, path: str) -> dict[str, Stub]:
+    node = data.get("stub_custom_actions")
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise InputError(path, line_of(data, "stub_custom_actions"), "`stub_custom_actions` must be a mapping")
+    stubs = {}
+    for action, body in node.items():
+        line = line_of(node, action)
+        if not isinstance(body, dict):
+            raise InputError(path, line, f"stub `{action}` must be a mapping with `events` and/or `responses`")
+        events = []
+        for event in body.get("events") or []:
+            if not isinstance(event, dict) or event.get("event") != "slot" or "name" not in event:
+                # Only slot events change what the command generator sees; others are kept out with a note.
+                log.debug("%s:%s: stub event %r ignored (only slot events change the dialogue state)", path, line,
+                          event)  # fmt: skip
+                continue
+            events.append((str(event["name"]), plain(event.get("value"))))
+        responses = tuple(
+            str(response.get("text")) for response in body.get("responses") or [] if isinstance(response, dict)
+            and response.get("text")
+        )  # fmt: skip
+        stubs[str(action)] = Stub(events=tuple(events), responses=responses)
+    return stubs
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def _read_commands(node: Any, step: Any, path: str, project: Project) -> tuple[list[Command], Syntax | None]:
+    if not isinstance(node, list):
+        raise InputError(path, line_of(step, "commands"), "`commands` must be a list of command lines")
+    commands: list[Command] = []
+    syntaxes = set()
+    for index, item in enumerate(node):
+        line = line_of(node, index) or line_of(step, "commands")
+        text = str(item) if not isinstance(item, dict) else None
+        if text is None:
+            raise InputError(path, line, "each command must be one line of text, e.g. `start flow book_hotel`")
+        try:
+            command = parse_command(text)
+        except CommandParseError as error:
+            raise InputError(path, line, f"{error}") from None
+        problem = command_problem(command, project)
+        if problem:
+            raise InputError(path, line, f"command `{text}`: {problem}")
+        commands.append(command)
+        syntax = detect_syntax(text)
+        if syntax is not None:
+            syntaxes.add(syntax)
+    return commands, (syntaxes.pop() if len(syntaxes) == 1 else None)
+
+
+def _check_assertion(kind: str, data: Any, path: str, line: int | None, project: Project) -> None:
+    flow_ids: list[str] = []
+    if kind in ("flow_started", "pattern_clarification_contains"):
+        if isinstance(data, str):
+            flow_ids = [data]
+        elif isinstance(data, list):
+            flow_ids = [str(item) for item in data]
+        elif isinstance(data, dict):
+            flow_ids = [str(item) for item in data.get("flow_ids") or []]
+    elif kind in ("flow_completed", "flow_cancelled"):
+        flow_ids = [str(data.get("flow_id"))] if isinstance(data, dict) else [str(data)]
+    for flow_id in flow_ids:
+        if not project.is_known_flow(flow_id):
+            raise InputError(path, line, f"assertion `{kind}` names unknown flow `{flow_id}`")
+    if kind in ("slot_was_set", "slot_was_not_set"):
+        entries = data if isinstance(data, list) else [data]
+        for entry in entries:
+            name = entry.get("name") if isinstance(entry, dict) else entry
+            if project.slot(str(name)) is None:
+                raise InputError(path, line, f"assertion `{kind}` names unknown slot `{name}`")
+
+
+def _read_assertions(node: Any, path: str, project: Project) -> list[Assertion]:
+    if not isinstance(node, list):
+        raise InputError(path, None, "`assertions` must be a list")
+    assertions = []
+    for index, item in enumerate(node):
+        line = line_of(node, index)
+        if not isinstance(item, dict) or len(item) != 1:
+            raise InputError(path, line, "each assertion must be a single {kind: ...} mapping")
+        ((kind, data),) = item.items()
+        if kind not in ASSERTION_KINDS:
+            log.warning("%s:%s: unknown assertion `%s` ignored", path, line, kind)
+            continue
+        _check_assertion(str(kind), data, path, line, project)
+        assertions.append(Assertion(kind=str(kind), data=plain(data), location=Location(path, line)))
+    return assertions
+
+
+def _slot_checks(node: Any, was_set: bool, path: str, line: int | None, project: Project) -> SlotCheckStep:
+    entries = node if isinstance(node, list) else [node]
+    slots: list[tuple[str, Any]] = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            slots.extend((str(name), plain(value)) for name, value in entry.items())
+        else:
+            slots.append((str(entry), NO_VALUE))
+    for name, _ in slots:
+        if project.slot(name) is None:
+            kind = "slot_was_set" if was_set else "slot_was_not_set"
+            raise InputError(path, line, f"`{kind}` names unknown slot `{name}`")
+    return SlotCheckStep(location=Location(path, line), was_set=was_set, slots=slots)
+
+
+def _read_step(step: Any, steps: Any, index: int, path: str, project: Project) -> TestStep:
+    line = line_of(steps, index)
+    if not isinstance(step, dict):
+        raise InputError(path, line, "a test step must be a mapping like `- user: ...`")
+    if "user" in step:
+        unknown = [key for key in step if key not in _USER_STEP_KEYS]
+        if unknown:
+            raise InputError(path, line, f"user step has unknown key `{unknown[0]}`; expected one of "
+                             + ", ".join(sorted(_USER_STEP_KEYS)))  # fmt: skip
+        text = step["user"]
+        if text is None or (isinstance(text, str) and not text.strip()):
+            raise InputError(path, line, "user step has no text; expected `user: <message>`")
+        user = UserStep(text=str(text), location=Location(path, line), metadata=step.get("metadata"))
+        if "commands" in step:
+            user.commands, user.syntax = _read_commands(step["commands"], step, path, project)
+        if "assertions" in step:
+            user.assertions = _read_assertions(step["assertions"], path, project)
+        return user
+    if "bot" in step:
+        return BotStep(location=Location(path, line), text=str(step["bot"]))
+    if "utter" in step:
+        return BotStep(location=Location(path, line), utter=str(step["utter"]))
+    if "slot_was_set" in step:
+        return _slot_checks(step["slot_was_set"], True, path, line, project)
+    if "slot_was_not_set" in step:
+        return _slot_checks(step["slot_was_not_set"], False, path, line, project)
+    found = ", ".join(str(key) for key in step) or "nothing"
+    raise InputError(path, line, f"unknown test step `{found}`; expected one of user, bot, utter, slot_was_set, "
+                     "slot_was_not_set")  # fmt: skip
+
+
+def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | None = None) -> TestFile:
+    """Read one test file; with `wanted`, only that test case (an unknown name is an error)."""
+    path = relative(file_path)
+    cases_node = data.get("test_cases")
+    if not isinstance(cases_node, list):
+        raise InputError(path, line_of(data, "test_cases"), "`test_cases` must be a list of test cases")
+    fixtures = _conftest_fixtures(file_path, project)
+    for name, (value, line) in _read_named_list(data, "fixtures", path).items():
+        fixtures[name] = (_fixture_slots(value, path, line, name), path)
+    metadata = {name: plain(value) for name, (value, _) in _read_named_list(data, "metadata", path).items()}
+    stubs = _read_stubs(data, path)
+    test_cases: list[TestCase] = []
+    names: set[str] = set()
+    for index, node in enumerate(cases_node):
+        line = line_of(cases_node, index)
+        if not isinstance(node, dict) or not node.get("test_case"):
+            raise InputError(path, line, "each test case needs a `test_case: <name>`")
+        name = str(node["test_case"])
+        if name in names:
+            raise InputError(path, line, f"duplicate test case name `{name}` in this file")
+        names.add(name)
+        if wanted is not None and name != wanted:
+            continue
+        steps_node = node.get("steps")
+        if not isinstance(steps_node, list) or not steps_node:
+            raise InputError(path, line, f"test case `{name}` needs a non-empty `steps` list")
+        fixture_slots: list[tuple[str, Any]] = []
+        for fixture in node.get("fixtures") or []:
+            if str(fixture) not in fixtures:
+                raise InputError(path, line_of(node, "fixtures"), f"unknown fixture `{fixture}`; define it under "
+                                 "`fixtures:` in this file or a conftest.yml")  # fmt: skip
+            fixture_slots.extend(fixtures[str(fixture)][0])
+        for slot, _ in fixture_slots:
+            if slot != "mocked_datetime" and project.slot(slot) is None:
+                raise InputError(path, line_of(node, "fixtures"), f"fixture sets unknown slot `{slot}`")
+        meta_name = node.get("metadata")
+        if meta_name is not None and str(meta_name) not in metadata:
+            raise InputError(path, line_of(node, "metadata"), f"unknown metadata `{meta_name}`")
+        case_stubs = {action: stub for action, stub in stubs.items() if "::" not in action}
+        for key, stub in stubs.items():
+            case_name, separator, action = key.partition("::")
+            if separator and case_name == name:
+                case_stubs[action] = stub
+        test_cases.append(
+            TestCase(
+                name=name,
+                file=path,
+                location=Location(path, line),
+                steps=[_read_step(step, steps_node, i, path, project) for i, step in enumerate(steps_node)],
+                fixture_slots=fixture_slots,
+                metadata=metadata.get(str(meta_name), {}) if meta_name is not None else {},
+                stubs=case_stubs,
+            )
+        )
+    if wanted is not None and not test_cases:
+        listed = ", ".join(f"`{name}`" for name in sorted(names))
+        raise InputError(path, None, f"no test case named `{wanted}`; the file has {listed}")
+    return TestFile(path=path, test_cases=test_cases, raw=plain(data))
+
+
+# ---------------------------------------------------------------------------------------------- annotated files
+
+
+def load_annotated_conversations(path: Path, project: Project) -> list[dict[str, Any]]:
+    """Read the §4.5 `conversations:` YAML; commands parsed and checked like in test files."""
+    shown = relative(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
+        raise InputError(shown, 1, "expected a top-level `conversations:` list")
+    conversations = []
+    for index, node in enumerate(data["conversations"]):
+        line = line_of(data["conversations"], index)
+        if not isinstance(node, dict) or "original_test_case" not in node or "steps" not in node:
+            raise InputError(shown, line, "each conversation needs `original_test_case` and `steps`")
+        steps = []
+        for step_index, step in enumerate(node["steps"] or []):
+            step_line = line_of(node["steps"], step_index)
+            if not isinstance(step, dict):
+                raise InputError(shown, step_line, "each step must be a mapping")
+            entry: dict[str, Any] = {key: plain(value) for key, value in step.items()}
+            if "llm_commands" in step:
+                entry["llm_commands"], _ = _read_commands(step["llm_commands"], step, shown, project)
+            passing = step.get("passing_rephrasings")
+            failing = step.get("failing_rephrasings", step.get("failed_rephrasings"))
+            entry["passing_rephrasings"] = [str(text) for text in passing or []]
+            entry["failing_rephrasings"] = [str(text) for text in failing or []]
+            entry.pop("failed_rephrasings", None)
+            steps.append(entry)
+        conversations.append({"original_test_case": str(node["original_test_case"]), "steps": steps})
+    return conversations

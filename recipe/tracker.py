@@ -1,0 +1,499 @@
+"""A dialogue state tracker that replays a test conversation the way a CALM flow engine would.
+
+After each user turn it applies the turn's commands, then advances the flows on the dialogue stack until the bot
+waits for the user (a collect step asks its question) or nothing is left to run. Before every user turn we therefore
+know what the command generator's prompt needs: the stack, the slot being asked, every slot value and what the bot
+said.
+
+Conversation patterns (cancel, correction, clarification, chitchat, knowledge, skip, handoff, repeat, completion,
+continuing an interrupted flow) are flows too: the project's own `pattern_*` flows when it defines them, else our
+defaults below. Where the engine would do something the tracker cannot know (a custom action without a stub), it
+records a warning and carries on with the slots unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from recipe.commands import (
+    CancelFlow,
+    CannotHandle,
+    ChitChat,
+    Clarify,
+    Command,
+    HumanHandoff,
+    Knowledge,
+    RepeatLastBotMessages,
+    SetSlot,
+    SkipQuestion,
+    StartFlow,
+)
+from recipe.conditions import evaluate
+from recipe.project import Project, canonical_slot_value
+from recipe.types import END, Button, Flow, Slot, Step, Stub
+
+# Our wording for the built-in responses; a project overrides any of them by defining the response in its domain.
+DEFAULT_RESPONSES: dict[str, str] = {
+    "utter_flow_cancelled_rasa": "Okay, I have stopped that.",
+    "utter_can_do_something_else": "Is there anything else I can help you with?",
+    "utter_flow_continue_interrupted": "Let's get back to what we were doing.",
+    "utter_corrected_previous_input": "Got it, I have updated that.",
+    "utter_clarification_options_rasa": "Which of these did you mean: {clarification_options}?",
+    "utter_skip_question_answer": "I need this piece of information to carry on, so let's complete this step.",
+    "utter_human_handoff_not_available": "I can't connect you to a person right now. Can I help with anything else?",
+    "utter_ask_rephrase": "Sorry, I didn't get that. Could you say it another way?",
+    "utter_internal_error_rasa": "Sorry, something went wrong. Please try again.",
+}
+
+# Actions whose result is generated text at runtime: the transcript shows the test's `bot:` text, if any.
+GENERATED_ACTIONS = {"action_trigger_chitchat", "action_trigger_search", "utter_free_chitchat_response"}
+
+
+@dataclass(frozen=True)
+class BotMessage:
+    text: str | None  # None: generated at runtime and not known here
+    buttons: tuple[Button, ...] = ()
+    utter: str | None = None
+
+
+@dataclass(frozen=True)
+class TranscriptLine:
+    speaker: str  # "USER" or "AI"
+    text: str | None
+    buttons: tuple[Button, ...] = ()
+
+
+@dataclass
+class Frame:
+    flow_id: str
+    kind: str  # "user" (started by a command), "called" (by a call step), "pattern"
+    step_id: str
+    step_done: bool = False  # has the step at step_id finished? (then resume at its next)
+    asked: set[str] = field(default_factory=set)  # collect steps whose question was asked in this frame
+    visited: list[str] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)  # pattern context, e.g. clarification options
+
+
+@dataclass
+class TurnEvents:
+    """What happened during one user turn, in the vocabulary of E2E assertions."""
+
+    flows_started: list[str] = field(default_factory=list)
+    flows_completed: list[tuple[str, str]] = field(default_factory=list)  # (flow id, last step id)
+    flows_cancelled: list[tuple[str, str]] = field(default_factory=list)
+    slots_set: list[tuple[str, Any]] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    bot_messages: list[BotMessage] = field(default_factory=list)
+    clarification_options: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FrameView:
+    flow_id: str
+    kind: str
+    step_id: str
+
+
+@dataclass(frozen=True)
+class DialogueState:
+    """An immutable picture of the conversation before a user turn: what the prompt is rendered from."""
+
+    slots: dict[str, Any]
+    stack: tuple[FrameView, ...]
+    transcript: tuple[TranscriptLine, ...]
+
+    def slot_value(self, name: str) -> Any:
+        return self.slots.get(name)
+
+
+_PATTERN_FLOWS_YAML = {
+    # pattern id -> steps (kind, argument); run when the pattern is triggered unless the project overrides it.
+    "pattern_cancel_flow": [("action", "action_cancel_flow"), ("action", "utter_flow_cancelled_rasa")],
+    "pattern_completed": [("action", "utter_can_do_something_else")],
+    "pattern_continue_interrupted": [("action", "utter_flow_continue_interrupted")],
+    "pattern_correction": [("action", "action_correct_flow_slot"), ("action", "utter_corrected_previous_input")],
+    "pattern_clarification": [("action", "action_clarify_flows"), ("action", "utter_clarification_options_rasa")],
+    "pattern_chitchat": [("action", "action_trigger_chitchat")],
+    "pattern_search": [("action", "action_trigger_search")],
+    "pattern_skip_question": [("action", "utter_skip_question_answer")],
+    "pattern_human_handoff": [("action", "utter_human_handoff_not_available")],
+    "pattern_repeat_bot_messages": [("action", "action_repeat_bot_messages")],
+    "pattern_cannot_handle": [("action", "utter_ask_rephrase")],
+    "pattern_internal_error": [("action", "utter_internal_error_rasa")],
+}
+
+
+def _default_pattern(pattern_id: str) -> Flow:
+    from recipe.types import Branch, Location
+
+    steps: dict[str, Step] = {}
+    spec = _PATTERN_FLOWS_YAML[pattern_id]
+    ids = [f"{pattern_id}_{index}_{kind}_{arg}" for index, (kind, arg) in enumerate(spec)]
+    for index, (kind, arg) in enumerate(spec):
+        following = ids[index + 1] if index + 1 < len(ids) else END
+        steps[ids[index]] = Step(
+            id=ids[index], kind=kind, next=[Branch(None, following)], location=Location("<built-in>"), action=arg
+        )
+    return Flow(
+        id=pattern_id, description="", name=None, guard=None, always_include_in_prompt=False, persisted_slots=[],
+        run_pattern_completed=False, nlu_triggers=[], steps=steps, first_step=ids[0], location=Location("<built-in>"),
+    )  # fmt: skip
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SET_SLOTS_PAYLOAD = re.compile(r"^/SetSlots\((.*)\)\s*$")
+MAX_STEPS_PER_TURN = 500  # a flow that loops without asking anything is a bug in the flows; stop and say so
+
+
+def parse_set_slots_payload(text: str) -> list[tuple[str, str]] | None:
+    """`/SetSlots(a=x, b=y)` -> [("a", "x"), ("b", "y")]; None when the text is not such a payload."""
+    match = _SET_SLOTS_PAYLOAD.match(text.strip())
+    if not match:
+        return None
+    pairs = []
+    for part in match.group(1).split(","):
+        name, equals, value = part.partition("=")
+        if equals:
+            pairs.append((name.strip(), value.strip().strip("'\"")))
+    return pairs
+
+
+def is_button_payload(text: str) -> bool:
+    """A payload turn (`/SetSlots(...)`, `/intent`) never reaches the command generator."""
+    stripped = text.strip()
+    return stripped.startswith("/") and re.fullmatch(r"/[A-Za-z_][\w-]*(\(.*\)|\{.*\})?", stripped) is not None
+
+
+class DialogueTracker:
+    """Replays one conversation; `state()` gives the picture before the next user turn."""
+
+    def __init__(self, project: Project, stubs: dict[str, Stub] | None = None,
+                 fixture_slots: list[tuple[str, Any]] | None = None):  # fmt: skip
+        self.project = project
+        self.stubs = stubs or {}
+        self.slots: dict[str, Any] = {
+            name: slot.initial_value for name, slot in project.domain.slots.items() if slot.initial_value is not None
+        }
+        self.stack: list[Frame] = []
+        self.transcript: list[TranscriptLine] = []
+        self.events = TurnEvents()
+        for name, value in fixture_slots or []:
+            self.slots[name] = self._typed(name, value)
+
+    # ------------------------------------------------------------------------------------------ views
+
+    def state(self) -> DialogueState:
+        return DialogueState(
+            slots=copy.deepcopy(self.slots),
+            stack=tuple(FrameView(f.flow_id, f.kind, f.step_id) for f in self.stack),
+            transcript=tuple(self.transcript),
+        )
+
+    def flow(self, flow_id: str) -> Flow:
+        if flow_id in self.project.flows:
+            return self.project.flows[flow_id]
+        return _default_pattern(flow_id)
+
+    def has_pattern(self, flow_id: str) -> bool:
+        return flow_id in self.project.flows or flow_id in _PATTERN_FLOWS_YAML
+
+    # ------------------------------------------------------------------------------------------ a user turn
+
+    def user_turn(self, text: str, commands: list[Command]) -> TurnEvents:
+        """The user says `text`; the command generator (or a payload) gives `commands`; the flows run."""
+        self.events = TurnEvents()
+        self.transcript.append(TranscriptLine("USER", text))
+        payload = parse_set_slots_payload(text)
+        if payload is not None:
+            commands = [SetSlot(name, value) for name, value in payload]
+        elif is_button_payload(text):
+            commands = self._intent_commands(text.strip()[1:].split("(")[0].split("{")[0])
+        self._apply_commands(commands)
+        self._advance()
+        return self.events
+
+    def replace_bot_messages(self, messages: list[BotMessage]) -> None:
+        """Make the transcript show `messages` as the bot's answer to the last user turn (the test is authority)."""
+        while self.transcript and self.transcript[-1].speaker == "AI":
+            self.transcript.pop()
+        self.transcript.extend(TranscriptLine("AI", m.text, m.buttons) for m in messages)
+
+    def _intent_commands(self, intent: str) -> list[Command]:
+        return [StartFlow(flow.id) for flow in self.project.user_flows if intent in flow.nlu_triggers][:1]
+
+    def _apply_commands(self, commands: list[Command]) -> None:
+        # Order as a flow engine applies them: cancel, then slots (corrections), then new flows, then patterns.
+        if any(isinstance(c, CancelFlow) for c in commands):
+            self._cancel_top_flow()
+        corrections = []
+        for command in commands:
+            if isinstance(command, SetSlot):
+                if self._is_correction(command):
+                    corrections.append(command)
+                else:
+                    self._set_slot(command.slot, command.value)
+        if corrections:
+            self._correct(corrections)
+        for command in commands:
+            match command:
+                case StartFlow(flow=flow_id):
+                    self._start_user_flow(flow_id)
+                case Clarify(options=options):
+                    valid = [o for o in options if o in self.project.flows and not self.project.flows[o].is_pattern]
+                    if len(valid) == 1:
+                        self._start_user_flow(valid[0])
+                    elif valid:
+                        self._push_pattern("pattern_clarification", options=valid)
+                case ChitChat():
+                    self._push_pattern("pattern_chitchat")
+                case Knowledge():
+                    self._push_pattern("pattern_search")
+                case SkipQuestion():
+                    self._push_pattern("pattern_skip_question")
+                case HumanHandoff():
+                    self._push_pattern("pattern_human_handoff")
+                case RepeatLastBotMessages():
+                    self._push_pattern("pattern_repeat_bot_messages")
+                case CannotHandle():
+                    self._push_pattern("pattern_cannot_handle")
+        if not commands and not self.stack:
+            self._push_pattern("pattern_cannot_handle")
+
+    # ------------------------------------------------------------------------------------------ slots
+
+    def _typed(self, name: str, value: Any) -> Any:
+        """Coerce a command's string value to the slot's type, as the runtime does when it applies the command."""
+        slot: Slot | None = self.project.slot(name)
+        if value is None or slot is None or not isinstance(value, str):
+            return value
+        canonical = canonical_slot_value(slot, value)
+        if slot.type == "bool" and canonical is not None:
+            return canonical == "True"
+        if slot.type == "float" and canonical is not None:
+            return float(value)
+        return canonical if canonical is not None else value
+
+    def _set_slot(self, name: str, value: Any) -> None:
+        typed = self._typed(name, value)
+        self.slots[name] = typed
+        self.events.slots_set.append((name, typed))
+
+    def _is_correction(self, command: SetSlot) -> bool:
+        """Setting a slot that already holds another value, collected by a flow on the stack."""
+        current = self.slots.get(command.slot)
+        if current is None or command.value is None:
+            return False
+        if str(current).casefold() == str(self._typed(command.slot, command.value)).casefold():
+            return False
+        return any(self._collect_step_of(frame, command.slot) for frame in self.stack if frame.kind != "pattern")
+
+    def _collect_step_of(self, frame: Frame, slot: str) -> Step | None:
+        for step in self.flow(frame.flow_id).steps.values():
+            if step.collect == slot and step.id in frame.visited and step.id != frame.step_id:
+                return step
+        return None
+
+    def _correct(self, corrections: list[SetSlot]) -> None:
+        for command in corrections:
+            self._set_slot(command.slot, command.value)
+        # Rewind every affected flow to the earliest corrected collect step, so later steps run again.
+        for frame in self.stack:
+            if frame.kind == "pattern":
+                continue
+            steps = [self._collect_step_of(frame, c.slot) for c in corrections]
+            steps = [s for s in steps if s is not None]
+            if steps:
+                earliest = min(steps, key=lambda s: frame.visited.index(s.id))
+                frame.visited = frame.visited[: frame.visited.index(earliest.id)]
+                frame.step_id, frame.step_done = earliest.id, False
+        self._push_pattern("pattern_correction")
+
+    # ------------------------------------------------------------------------------------------ stack
+
+    def _start_user_flow(self, flow_id: str) -> None:
+        if any(frame.flow_id == flow_id for frame in self.stack):
+            return  # already active: the engine drops the command
+        flow = self.flow(flow_id)
+        self.stack.append(Frame(flow_id, "user", flow.first_step))
+        self.events.flows_started.append(flow_id)
+
+    def _push_pattern(self, pattern_id: str, **context: Any) -> None:
+        flow = self.flow(pattern_id)
+        self.stack.append(Frame(pattern_id, "pattern", flow.first_step, context=context))
+        self.events.flows_started.append(pattern_id)
+
+    def _cancel_top_flow(self) -> None:
+        for index in range(len(self.stack) - 1, -1, -1):
+            if self.stack[index].kind == "user":
+                cancelled = self.stack[index:]
+                del self.stack[index:]
+                for frame in cancelled:
+                    if frame.kind != "pattern":
+                        self.events.flows_cancelled.append((frame.flow_id, frame.step_id))
+                        self._reset_flow_slots(frame.flow_id)
+                self._push_pattern("pattern_cancel_flow", canceled_flow=cancelled[0].flow_id)
+                return
+
+    def _reset_flow_slots(self, flow_id: str) -> None:
+        flow = self.flow(flow_id)
+        for step in flow.collect_steps():
+            if step.reset_after_flow_ends and step.collect not in flow.persisted_slots:
+                self.slots.pop(step.collect, None)
+
+    # ------------------------------------------------------------------------------------------ running flows
+
+    def _advance(self) -> None:
+        for _ in range(MAX_STEPS_PER_TURN):
+            if not self.stack:
+                return
+            frame = self.stack[-1]
+            if frame.step_done:
+                self._move_on(frame)
+                continue
+            if self._run_step(frame, self.flow(frame.flow_id).steps[frame.step_id]):
+                return  # the bot waits for the user
+        self.events.warnings.append(f"flows ran {MAX_STEPS_PER_TURN} steps without waiting for the user; stopped")
+
+    def _move_on(self, frame: Frame) -> None:
+        step = self.flow(frame.flow_id).steps[frame.step_id]
+        target = next(b.target for b in step.next if b.condition is None or evaluate(b.condition, self.slots))
+        if target != END:
+            frame.step_id, frame.step_done = target, False
+            return
+        self.stack.pop()
+        self.events.flows_completed.append((frame.flow_id, frame.step_id))
+        if frame.kind != "pattern":
+            self._reset_flow_slots(frame.flow_id)
+        if frame.kind == "called" and self.stack:
+            self.stack[-1].step_done = True  # the caller's `call` step is finished
+            return
+        if frame.kind == "user":
+            below = [f for f in self.stack if f.kind == "user"]
+            if below:
+                self._push_pattern("pattern_continue_interrupted", previous_flow=below[-1].flow_id)
+            elif not self.stack and self.flow(frame.flow_id).run_pattern_completed:
+                self._push_pattern("pattern_completed", previous_flow=frame.flow_id)
+
+    def _run_step(self, frame: Frame, step: Step) -> bool:
+        """Run one step; True when the bot now waits for the user."""
+        if step.id not in frame.visited:
+            frame.visited.append(step.id)
+        if step.kind == "collect":
+            return self._run_collect(frame, step)
+        if step.kind == "action":
+            self._run_action(frame, step.action or "")
+        elif step.kind == "set_slots":
+            for name, value in step.set_slots:
+                self._set_slot(name, value)
+        elif step.kind == "link":
+            self.stack.pop()
+            self.events.flows_completed.append((frame.flow_id, step.id))
+            self._reset_flow_slots(frame.flow_id)
+            target = self.flow(step.link or "")
+            self.stack.append(Frame(target.id, frame.kind if frame.kind != "called" else "user", target.first_step))
+            self.events.flows_started.append(target.id)
+            return False
+        elif step.kind == "call":
+            frame.step_done = False
+            target = self.flow(step.call or "")
+            self.stack.append(Frame(target.id, "called", target.first_step))
+            self.events.flows_started.append(target.id)
+            return False
+        frame.step_done = True
+        return False
+
+    def _run_collect(self, frame: Frame, step: Step) -> bool:
+        slot = step.collect or ""
+        if step.ask_before_filling and step.id not in frame.asked:
+            self.slots.pop(slot, None)  # ask again even when already filled
+        elif self.slots.get(slot) is not None:
+            for condition, utter in step.rejections:
+                if evaluate(condition, self.slots):
+                    self._say(utter)
+                    self.slots.pop(slot, None)
+                    break
+            else:
+                frame.step_done = True
+                return False
+        frame.asked.add(step.id)
+        question = step.utter or f"utter_ask_{slot}"
+        if question in self.project.domain.responses or step.utter:
+            self._say(question)
+        else:
+            self._run_action(frame, f"action_ask_{slot}")
+        return True
+
+    def _run_action(self, frame: Frame, action: str) -> None:
+        self.events.actions.append(action)
+        if action in self.stubs:
+            stub = self.stubs[action]
+            for name, value in stub.events:
+                self._set_slot(name, value)
+            self._emit(*(BotMessage(text) for text in stub.responses))
+        elif action.startswith("utter_"):
+            self._say(action, frame)
+        elif action == "action_clarify_flows":
+            self.events.clarification_options.extend(frame.context.get("options", []))
+        elif action == "action_repeat_bot_messages":
+            self._emit(*self._last_bot_messages())
+        elif action in GENERATED_ACTIONS:
+            self._emit(BotMessage(None, utter=action))
+        elif action in ("action_cancel_flow", "action_correct_flow_slot", "action_listen"):
+            pass  # their effect was applied with the command
+        else:
+            self.events.warnings.append(
+                f"custom action `{action}` has no stub in the test; its slot updates are unknown, slots unchanged"
+            )
+
+    def _last_bot_messages(self) -> list[BotMessage]:
+        lines = self.transcript[:-1]  # before the current user message
+        messages: list[BotMessage] = []
+        for line in reversed(lines):
+            if line.speaker != "AI":
+                break
+            messages.insert(0, BotMessage(line.text, line.buttons))
+        return messages
+
+    def _say(self, utter: str, frame: Frame | None = None) -> None:
+        variations = self.project.domain.responses.get(utter)
+        context = self._response_context(frame)
+        if variations:
+            variation = variations[0]  # the first variation: deterministic, as tests expect
+            text = None if variation.text is None else self._fill(variation.text, context)
+            self._emit(BotMessage(text, variation.buttons, utter))
+        elif utter in DEFAULT_RESPONSES:
+            self._emit(BotMessage(self._fill(DEFAULT_RESPONSES[utter], context), (), utter))
+        else:
+            self.events.warnings.append(f"response `{utter}` is not in the domain")
+            self._emit(BotMessage(None, (), utter))
+
+    def _response_context(self, frame: Frame | None) -> dict[str, Any]:
+        context: dict[str, Any] = {name: value for name, value in self.slots.items()}
+        if frame is not None:
+            options = frame.context.get("options")
+            if options:
+                names = [self.flow(o).name or o for o in options]
+                context["clarification_options"] = ", ".join(names[:-1]) + " or " + names[-1]
+            for key in ("canceled_flow", "previous_flow"):
+                if key in frame.context:
+                    flow = self.flow(frame.context[key])
+                    context[key] = flow.name or flow.id
+        return context
+
+    @staticmethod
+    def _fill(text: str, context: dict[str, Any]) -> str:
+        return _PLACEHOLDER.sub(lambda m: str(context[m.group(1)]) if m.group(1) in context else m.group(0), text)
+
+    def _emit(self, *messages: BotMessage) -> None:
+        for message in messages:
+            self.events.bot_messages.append(message)
+            self.transcript.append(TranscriptLine("AI", message.text, message.buttons))
+
+
+def startable_flows(project: Project, slots: dict[str, Any]) -> list[Flow]:
+    """User flows whose guard passes (a guard of `False` means reachable only through link/call)."""
+    return [flow for flow in project.user_flows if flow.guard is None or evaluate(flow.guard, slots)]
