@@ -181,3 +181,9 @@ def assertion_problems(turn: Turn) -> list[str]:
             if not check.was_set and happened:
                 problems.append(f"{check.location}: slot_was_not_set {name}, tracker set it to {actual!r}")
     return problems
+
+
+def mocked_datetime(test_case: TestCase) -> Any:
+    """The `mocked_datetime` fixture slot of a test case, if it sets one."""
+    values = [value for name, value in test_case.fixture_slots if name == "mocked_datetime"]
+    return values[-1] if values else None

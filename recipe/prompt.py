@@ -226,3 +226,19 @@ def conversation_datetime(conversation_id: str, seed: int, mocked: Any = None) -
     rng = random.Random(digest)
     start = datetime(2025, 1, 1, tzinfo=timezone.utc)
     return start + timedelta(days=rng.randrange(3 * 365), seconds=rng.randrange(8 * 3600, 22 * 3600))
+
+
+@dataclass(frozen=True)
+class DatetimePolicy:
+    """Which date and time a conversation's prompts show. Never the wall clock."""
+
+    include: bool = True
+    fixed: datetime | None = None
+    seed: int = 42
+
+    def for_conversation(self, conversation_id: str, mocked: Any = None) -> datetime | None:
+        if not self.include:
+            return None
+        if mocked is not None or self.fixed is None:
+            return conversation_datetime(conversation_id, self.seed, mocked)
+        return self.fixed

@@ -1,23 +1,27 @@
 """The `recipe` command line: parses arguments and calls the library. Nothing else lives here.
 
-Each subcommand lives in a module with `register(subparsers)`, which adds its parser and sets `run` (a function
-from the parsed namespace to an exit code). Modules are imported lazily by `run`, never at `--help` time, so the
-core CLI never imports torch.
+Each subcommand is a module of this package with `register(subparsers)`, which adds its parser and sets `run` (a
+function from the parsed namespace to an exit code). A subcommand imports its library lazily inside `run`, so
+`recipe --help` never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
 from recipe import __version__
 from recipe.errors import EXIT_INPUT_ERROR, RecipeError
 
-# subcommand -> module providing register(subparsers)
-SUBCOMMANDS = {
-    "coverage": "recipe.cli.coverage",
-}
+# The order subcommands are listed in `--help` (the order users run them in); any other module comes after.
+ORDER = ["coverage", "render_prompt", "prepare_data", "finetune", "evaluate", "serve", "rasa_config"]
+
+
+def _subcommand_modules() -> list[str]:
+    found = [info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")]
+    return sorted(found, key=lambda name: (ORDER.index(name) if name in ORDER else len(ORDER), name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"recipe {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in SUBCOMMANDS.values():
-        importlib.import_module(module_name).register(subparsers)
+    for name in _subcommand_modules():
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
     return parser
 
 
