@@ -309,7 +309,7 @@ def parse_command(line: str, syntaxes: Iterable[Syntax] = ALL_SYNTAXES) -> Comma
         command = _parse_v1(cleaned) if syntax is Syntax.V1 else _parse_words(cleaned, syntax)
         if command is not None:
             return command
-    examples = ", ".join(f"`{format_command(StartFlow('flow_id'), s)}`" for s in allowed)
+    examples = ", ".join(dict.fromkeys(f"`{format_command(StartFlow('flow_id'), s)}`" for s in allowed))
     names = "/".join(s.value for s in allowed)
     raise CommandParseError(f"`{line.strip()}` is not a command in {names} syntax (expected e.g. {examples})")
 

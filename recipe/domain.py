@@ -63,11 +63,11 @@ def _read_slot(name: str, body: Any, path: str, line: int | None) -> Slot:
     )
 
 
-def _read_variation(item: Any, path: str, name: str) -> ResponseVariation:
+def _read_variation(item: Any, path: str, name: str, line: int | None) -> ResponseVariation:
     if isinstance(item, str):  # tolerate the shorthand `- Some text`
         return ResponseVariation(text=item)
     if not isinstance(item, dict):
-        raise InputError(path, None, f"response `{name}`: each variation must be a mapping with `text`")
+        raise InputError(path, line, f"response `{name}`: each variation must be a mapping with `text`")
     buttons = []
     for button in item.get("buttons") or []:
         if not isinstance(button, dict) or "title" not in button:
@@ -89,6 +89,11 @@ def read_domain(paths: list[Path], shown: dict[Path, str]) -> Domain:
             continue
         if not isinstance(data, dict):
             raise InputError(shown_path, 1, "a domain file must be a mapping (slots, responses, actions, ...)")
+        for key in ("slots", "responses"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise InputError(shown_path, line_of(data, key), f"`{key}` must be a mapping of name to definition")
+        if data.get("actions") is not None and not isinstance(data["actions"], list):
+            raise InputError(shown_path, line_of(data, "actions"), "`actions` must be a list of action names")
         for name, body in (data.get("slots") or {}).items():
             if name in slots:
                 log.warning("%s: slot `%s` is defined again; the later definition wins", shown_path, name)
@@ -98,7 +103,10 @@ def read_domain(paths: list[Path], shown: dict[Path, str]) -> Domain:
                 raise InputError(
                     shown_path, line_of(data["responses"], name), f"response `{name}` must be a list of variations"
                 )
-            responses[str(name)] = [_read_variation(item, shown_path, str(name)) for item in variations]
+            responses[str(name)] = [
+                _read_variation(item, shown_path, str(name), line_of(variations, index))
+                for index, item in enumerate(variations)
+            ]
         for action in data.get("actions") or []:
             actions.add(str(next(iter(action))) if isinstance(action, dict) else str(action))
     return Domain(slots=slots, responses=responses, actions=actions, files=[shown.get(p, str(p)) for p in paths])

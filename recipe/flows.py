@@ -34,6 +34,7 @@ class _FlowReader:
         self.flow_id = flow_id
         self.path = path
         self.steps: dict[str, Step] = {}
+        self.next_lines: dict[str, int | None] = {}  # step id -> line of its `next:`, for unknown-target errors
         self.index = 0
 
     def error(self, node: Any, message: str, key: Any = None) -> InputError:
@@ -59,6 +60,7 @@ class _FlowReader:
             elif next_node is None:
                 step.next = [Branch(None, following)]
             else:
+                self.next_lines[step.id] = line_of(item, "next")
                 step.next = self.read_next(next_node, item)
         return ids
 
@@ -92,7 +94,8 @@ class _FlowReader:
             step.utter = item.get("utter")
             for rejection in item.get("rejections") or []:
                 if not isinstance(rejection, dict) or "if" not in rejection or "utter" not in rejection:
-                    raise self.error(rejection, "a rejection needs `if` and `utter`")
+                    raise InputError(self.path, line_of(rejection) or line_of(item, "rejections"),
+                                     f"flow `{self.flow_id}`: a rejection needs `if` and `utter`")  # fmt: skip
                 step.rejections.append((_condition_text(rejection["if"]), str(rejection["utter"])))
         elif kind == "set_slots":
             if not isinstance(value, list):
@@ -163,8 +166,9 @@ def read_flows_file(path: Path, data: Any, shown_path: str) -> list[Flow]:
             for branch in step.next:
                 if branch.target != END and branch.target not in reader.steps:
                     raise InputError(
-                        shown_path, step.location.line,
-                        f"flow `{flow_id}`: `next` points to unknown step `{branch.target}`",
+                        shown_path, reader.next_lines.get(step.id) or step.location.line,
+                        f"flow `{flow_id}`: `next` points to unknown step `{branch.target}`; expected a step id "
+                        "of this flow or END",
                     )  # fmt: skip
         guard = body.get("if")
         triggers = []

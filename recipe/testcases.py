@@ -185,7 +185,22 @@ def _read_commands(node: Any, step: Any, path: str, project: Project) -> tuple[l
     return commands, (syntaxes.pop() if len(syntaxes) == 1 else None)
 
 
+_FLOW_LIST_SHAPE = "{operator: any|all, flow_ids: [...]}"
+
+
 def _check_assertion(kind: str, data: Any, path: str, line: int | None, project: Project) -> None:
+    if kind in ("flow_started", "pattern_clarification_contains") and not (
+        isinstance(data, (str, list)) or (isinstance(data, dict) and isinstance(data.get("flow_ids"), list))
+    ):
+        raise InputError(path, line, f"assertion `{kind}` must be {_FLOW_LIST_SHAPE}")
+    if kind in ("flow_completed", "flow_cancelled") and not (
+        isinstance(data, str) or (isinstance(data, dict) and data.get("flow_id"))
+    ):
+        raise InputError(path, line, f"assertion `{kind}` must be {{flow_id: ..., flow_step_id: optional}}")
+    if kind in ("slot_was_set", "slot_was_not_set") and not (
+        isinstance(data, list) and data and all(isinstance(entry, dict) and "name" in entry for entry in data)
+    ):
+        raise InputError(path, line, f"assertion `{kind}` must be a list of {{name: slot, value: optional}}")
     flow_ids: list[str] = []
     if kind in ("flow_started", "pattern_clarification_contains"):
         if isinstance(data, str):
@@ -207,9 +222,9 @@ def _check_assertion(kind: str, data: Any, path: str, line: int | None, project:
                 raise InputError(path, line, f"assertion `{kind}` names unknown slot `{name}`")
 
 
-def _read_assertions(node: Any, path: str, project: Project) -> list[Assertion]:
+def _read_assertions(node: Any, path: str, line: int | None, project: Project) -> list[Assertion]:
     if not isinstance(node, list):
-        raise InputError(path, None, "`assertions` must be a list")
+        raise InputError(path, line, "`assertions` must be a list of {assertion: ...} entries")
     assertions = []
     for index, item in enumerate(node):
         line = line_of(node, index)
@@ -251,12 +266,18 @@ def _read_step(step: Any, steps: Any, index: int, path: str, project: Project) -
         text = step["user"]
         if text is None or (isinstance(text, str) and not text.strip()):
             raise InputError(path, line, "user step has no text; expected `user: <message>`")
+        if isinstance(text, (dict, list)):
+            raise InputError(path, line, "user step text is a list or mapping; expected `user: <message>` (quote "
+                             "text that contains `: ` or starts with `[` or `{`)")  # fmt: skip
         user = UserStep(text=str(text), location=Location(path, line), metadata=step.get("metadata"))
         if "commands" in step:
             user.commands, user.syntax = _read_commands(step["commands"], step, path, project)
         if "assertions" in step:
-            user.assertions = _read_assertions(step["assertions"], path, project)
+            user.assertions = _read_assertions(step["assertions"], path, line_of(step, "assertions") or line, project)
         return user
+    for key, what in (("bot", "the bot's text"), ("utter", "a response name")):
+        if key in step and (step[key] is None or isinstance(step[key], (dict, list))):
+            raise InputError(path, line, f"`{key}` step needs {what}; expected `{key}: <{what}>`")
     if "bot" in step:
         return BotStep(location=Location(path, line), text=str(step["bot"]))
     if "utter" in step:
@@ -297,6 +318,8 @@ def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | 
         if not isinstance(steps_node, list) or not steps_node:
             raise InputError(path, line, f"test case `{name}` needs a non-empty `steps` list")
         fixture_slots: list[tuple[str, Any]] = []
+        if node.get("fixtures") is not None and not isinstance(node["fixtures"], list):
+            raise InputError(path, line_of(node, "fixtures"), "`fixtures` must be a list of fixture names")
         for fixture in node.get("fixtures") or []:
             if str(fixture) not in fixtures:
                 raise InputError(path, line_of(node, "fixtures"), f"unknown fixture `{fixture}`; define it under "
@@ -326,7 +349,7 @@ def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | 
         )
     if wanted is not None and not test_cases:
         listed = ", ".join(f"`{name}`" for name in sorted(names))
-        raise InputError(path, None, f"no test case named `{wanted}`; the file has {listed}")
+        raise InputError(path, line_of(data, "test_cases"), f"no test case named `{wanted}`; the file has {listed}")
     return TestFile(path=path, test_cases=test_cases, raw=plain(data))
 
 

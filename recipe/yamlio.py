@@ -9,15 +9,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from recipe.errors import InputError
+from recipe.types import relative
 
 
 def _reader() -> YAML:
@@ -26,23 +29,58 @@ def _reader() -> YAML:
     return yaml
 
 
+# Constructs that must be closed: when one is not, the parser notices lines later (or at the end of the file), so
+# the line where it was opened is the one to show.
+_UNCLOSED = {
+    "while parsing a flow sequence": "a `[` list opened here is not closed",
+    "while parsing a flow mapping": "a `{` mapping opened here is not closed",
+    "while scanning a quoted scalar": "a quoted string opened here is not closed",
+}
+# The parser's token names, in words a user recognises.
+_TOKEN_WORDS = {
+    "<block end>": "the end of the indented block",
+    "'<block sequence start>'": "a list item `-` (check the indentation)",
+    "'<block mapping start>'": "a new mapping (check the indentation)",
+    "'?'": "a mapping key (check the indentation)",
+    "found character '\\t' that cannot start any token": "found a tab; indent YAML with spaces",
+    "mapping values are not allowed here": "a `: ` inside a value starts a mapping here (quote the value)",
+    "found unexpected end of stream": "reached the end of the file",
+    "'<stream end>'": "the end of the file",
+}
+
+
+def _yaml_problem(error: MarkedYAMLError) -> tuple[int | None, str]:
+    """(line, message) of a YAML syntax error, pointing where the user has to look."""
+    problem = error.problem or error.context or "syntax error"
+    for token, words in _TOKEN_WORDS.items():
+        problem = problem.replace(token, words)
+    problem_line = error.problem_mark.line + 1 if error.problem_mark is not None else None
+    context_line = error.context_mark.line + 1 if error.context_mark is not None else None
+    if isinstance(error, DuplicateKeyError):
+        key = re.search(r'duplicate key "(.*?)" with value', problem)
+        return problem_line, f"duplicate key `{key.group(1) if key else '?'}` (a key may appear once per mapping)"
+    if error.context in _UNCLOSED and context_line is not None:
+        where = "" if "end of the file" in problem else f" at line {problem_line}"
+        return context_line, f"{_UNCLOSED[error.context]} ({problem}{where})"
+    return problem_line or context_line, problem
+
+
 def load_yaml(path: Path) -> Any:
     """Parse a YAML file; a syntax error becomes `path:line: invalid YAML: ...`."""
+    shown = relative(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(path, None, "file not found") from None
+        raise InputError(shown, None, "file not found") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(path, None, f"cannot read file: {error}") from None
+        raise InputError(shown, None, f"cannot read file: {error}") from None
     try:
         return _reader().load(text)
     except MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line = mark.line + 1 if mark is not None else None
-        problem = error.problem or error.context or "syntax error"
-        raise InputError(path, line, f"invalid YAML: {problem}; expected well-formed YAML") from None
+        line, problem = _yaml_problem(error)
+        raise InputError(shown, line, f"invalid YAML: {problem}; expected well-formed YAML") from None
     except YAMLError as error:
-        raise InputError(path, None, f"invalid YAML: {error}") from None
+        raise InputError(shown, None, f"invalid YAML: {' '.join(str(error).split())}") from None
 
 
 def line_of(node: Any, key: Any = None) -> int | None:
