@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from recipe.commands import (
@@ -28,9 +29,13 @@ from recipe.commands import (
     SetSlot,
     SkipQuestion,
     StartFlow,
+    Syntax,
+    parse_model_output,
 )
 from recipe.conversation import Turn, _resolve_bot_step, assertion_problems
-from recipe.project import Project
+from recipe.llm import LLMCallFailed, LLMClient
+from recipe.project import Project, command_problem
+from recipe.prompt import PromptRenderer, prompt_variables
 from recipe.tracker import DialogueTracker, is_button_payload, startable_flows
 from recipe.types import NO_VALUE, BotStep, SlotCheckStep, TestCase, UserStep
 
@@ -219,3 +224,79 @@ def _derive_turn(project: Project, tracker: DialogueTracker, step: UserStep, num
     if not commands:
         return TurnAnnotation(number, None, "assertions", "the test's expectations imply no command")
     return TurnAnnotation(number, commands, "assertions")
+
+
+# ---------------------------------------------------------------------------------------------- teacher LLM
+
+
+async def annotate_with_teacher(
+    project: Project,
+    test_case: TestCase,
+    client: LLMClient,
+    renderer: PromptRenderer,
+    syntax: Syntax,
+    when: datetime | None,
+) -> TestAnnotation:
+    """Ask the teacher for the commands of every turn the test gives none for, turn by turn (each prompt needs the
+    state the previous turns left). Where the test asserts something, the teacher's commands must reproduce it, or
+    the turn is reported and left out; the replay then goes on with the commands derived from the assertions."""
+    fixture_slots = [(n, v) for n, v in test_case.fixture_slots if n != "mocked_datetime"]
+    tracker = DialogueTracker(project, test_case.stubs, fixture_slots)
+    annotation = TestAnnotation(test_case)
+    steps = test_case.steps
+    number = 0
+    for index, step in enumerate(steps):
+        if not isinstance(step, UserStep):
+            continue
+        number += 1
+        following = []
+        for later in steps[index + 1:]:
+            if isinstance(later, UserStep):
+                break
+            following.append(later)
+        replay_commands: list[Command] = []
+        if step.commands is not None:
+            result = TurnAnnotation(number, list(step.commands), "test")
+        elif is_button_payload(step.text):
+            result = TurnAnnotation(number, [], "payload")
+        else:
+            prompt = renderer.render(prompt_variables(project, tracker.state(), step.text, when))
+            try:
+                answer = await client.chat([{"role": "user", "content": prompt}])
+            except LLMCallFailed as error:
+                if error.fails_every_call:
+                    raise
+                answer = None
+                result = TurnAnnotation(number, None, "llm", f"teacher call failed: {error.last_error}")
+            if answer is not None:
+                result = _judge_teacher_answer(project, tracker, step, number, following, answer.text, syntax)
+            if result.commands is None:
+                derived = _derive_turn(project, tracker, step, number, following)
+                replay_commands = derived.commands or []
+        tracker.user_turn(step.text, result.commands if result.commands is not None else replay_commands)
+        bot_steps = [s for s in following if isinstance(s, BotStep)]
+        if bot_steps:
+            tracker.replace_bot_messages([_resolve_bot_step(project, s, tracker.slots) for s in bot_steps])
+        annotation.turns.append(result)
+    return annotation
+
+
+def _judge_teacher_answer(project: Project, tracker: DialogueTracker, step: UserStep, number: int, following: list,
+                          text: str, syntax: Syntax) -> TurnAnnotation:  # fmt: skip
+    """Accept the teacher's answer only if it parses, fits the assistant and reproduces the test's assertions."""
+    parsed = parse_model_output(text, syntax)
+    if parsed.unparsed_lines:
+        return TurnAnnotation(number, None, "llm", f"teacher answer not parseable: {parsed.unparsed_lines[0]!r}")
+    commands = list(parsed.commands)
+    for command in commands:
+        problem = command_problem(command, project)
+        if problem:
+            return TurnAnnotation(number, None, "llm", f"teacher command {command.as_dict()}: {problem}")
+    has_expectations = step.assertions or any(isinstance(s, SlotCheckStep) for s in following)
+    if has_expectations:
+        misses, _ = _simulate(tracker, step.text, commands, step, number,
+                              [s for s in following if not isinstance(s, BotStep)], project)  # fmt: skip
+        if misses:
+            return TurnAnnotation(number, None, "llm",
+                                  f"teacher commands disagree with the test's assertions ({misses} missed)")  # fmt: skip
+    return TurnAnnotation(number, commands, "llm")

@@ -1,0 +1,150 @@
+"""`recipe prepare-data`: annotate, rephrase, validate, stitch and split the tests into finetuning data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from recipe.cli._common import (
+    add_project_arguments,
+    add_prompt_arguments,
+    load_project_from_args,
+    parse_datetime_flag,
+    setup_logging,
+)
+from recipe.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare-data",
+        help="turn dialogue tests into train/val finetuning data",
+        description="Annotate every user turn with its commands, write N paraphrases of each, keep those an oracle "
+        "(or, offline, a lexical check) confirms, stitch new conversations from them, render every prompt exactly "
+        "as the runtime would, and split by test case into train/val. LLM calls run concurrently, are retried, and "
+        "are cached under OUT/cache, so an interrupted run resumes for free. Without an LLM configured (no "
+        "--rephrase-config/--teacher-config and no OPENAI_API_KEY) or with --offline, everything runs offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("tests", nargs="*", default=["e2e_tests/"], metavar="TESTS",
+                        help="test files or folders, or FILE::TEST CASE NAME")  # fmt: skip
+    parser.add_argument("-o", "--out", type=Path, default=Path("output"), help="output folder")
+    parser.add_argument("--num-rephrases", type=int, default=10, help="paraphrases per user message (0 skips)")
+    parser.add_argument("--rephrase-config", type=Path, metavar="FILE",
+                        help="YAML with `llm` (provider, model, api_base, ... or model_group) and optionally "
+                             "`prompt_template` for the rephraser (default model: gpt-4o-mini)")  # fmt: skip
+    parser.add_argument("--teacher-config", type=Path, metavar="FILE",
+                        help="YAML LLM config of the teacher that annotates turns without commands "
+                             "(default: openai gpt-4o)")  # fmt: skip
+    parser.add_argument("--oracle-config", type=Path, metavar="FILE",
+                        help="YAML LLM config of the oracle that validates paraphrases (default: the teacher's)")
+    parser.add_argument("--annotator", choices=["auto", "test", "assertions", "llm"], default="auto",
+                        help="where commands come from for turns the test gives none for: auto (teacher when an "
+                             "LLM is configured, else assertions), test (only written commands), assertions "
+                             "(derived offline from the test's assertions), llm (teacher)")  # fmt: skip
+    parser.add_argument("--validation", choices=["strict", "loose"], default="strict",
+                        help="oracle comparison: strict compares slot values too (normalised), loose slot names only")
+    parser.add_argument("--train-frac", type=float, default=0.8, help="share of test cases in train, in (0, 1]")
+    parser.add_argument("--output-format", choices=["instruction", "conversational"], default="instruction",
+                        help="rows as prompt/completion, or as user/assistant messages")
+    parser.add_argument("--max-concurrency", type=int, default=16, help="LLM calls in flight per role")
+    parser.add_argument("--offline", action="store_true",
+                        help="no LLM at all: assertion annotator, rule-based paraphrases, lexical check")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_project_arguments(parser)
+    add_prompt_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not 0 < args.train_frac <= 1:
+        raise ConfigError(f"--train-frac {args.train_frac}: expected a number in (0, 1]")
+    if not 0 <= args.num_rephrases <= 100:
+        raise ConfigError(f"--num-rephrases {args.num_rephrases}: expected 0 to 100")
+    if args.max_concurrency < 1:
+        raise ConfigError(f"--max-concurrency {args.max_concurrency}: expected at least 1")
+    for flag in ("rephrase_config", "teacher_config", "oracle_config", "prompt_template"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"--{flag.replace('_', '-')} {path}: file not found")
+
+
+def run(args: argparse.Namespace) -> int:
+    from recipe.llm import load_llm_config
+    from recipe.prepare import (
+        DEFAULT_REPHRASE_MODEL,
+        DEFAULT_TEACHER_MODEL,
+        PrepareConfig,
+        load_rephrase_config,
+        prepare_data,
+        resolve_llm_mapping,
+        summary_lines,
+    )
+    from recipe.prompt import PROMPTS_DIR, DatetimePolicy, choose_syntax, choose_template, load_template
+
+    setup_logging()
+    _check_args(args)
+    project = load_project_from_args(args)
+    syntax = choose_syntax(project, args.command_syntax)
+    template = choose_template(project, syntax, args.prompt_template)
+
+    # Decide which LLMs run, and check their settings and keys now: before any paid call.
+    configured = any([args.rephrase_config, args.teacher_config, args.oracle_config, os.environ.get("OPENAI_API_KEY")])
+    offline = args.offline or not configured or args.annotator == "assertions" and args.num_rephrases == 0
+    rephrase_llm = teacher_llm = oracle_llm = None
+    rephrase_template = load_template(PROMPTS_DIR / "rephrase.jinja2")
+    if not offline:
+        if args.rephrase_config:
+            rephrase_llm, custom = load_rephrase_config(args.rephrase_config, project.root)
+            rephrase_template = custom or rephrase_template
+        else:
+            rephrase_llm = DEFAULT_REPHRASE_MODEL
+        teacher_llm = (resolve_llm_mapping(_llm_mapping(args.teacher_config), str(args.teacher_config), project.root,
+                                           DEFAULT_TEACHER_MODEL) if args.teacher_config else DEFAULT_TEACHER_MODEL)
+        oracle_llm = load_llm_config(args.oracle_config) if args.oracle_config else teacher_llm
+        if args.annotator in ("test", "assertions"):
+            teacher_llm = None
+        for llm in (rephrase_llm if args.num_rephrases else None, teacher_llm, oracle_llm if args.num_rephrases else None):
+            if llm is not None:
+                llm.api_key()  # raises a one-line ConfigError naming the missing variable
+    elif args.annotator == "llm":
+        raise ConfigError("--annotator llm needs an LLM: give --teacher-config or set OPENAI_API_KEY, without --offline")
+
+    include_datetime = not args.no_datetime and project.config.include_date_time is not False
+    config = PrepareConfig(
+        tests=args.tests,
+        out=args.out,
+        syntax=syntax,
+        template=template,
+        datetime_policy=DatetimePolicy(include_datetime, parse_datetime_flag(args.datetime), args.seed),
+        num_rephrases=args.num_rephrases,
+        train_frac=args.train_frac,
+        output_format=args.output_format,
+        seed=args.seed,
+        annotator=args.annotator,
+        validation=args.validation,
+        offline=offline,
+        max_concurrency=args.max_concurrency,
+        rephrase_llm=rephrase_llm,
+        rephrase_template=rephrase_template if rephrase_llm else None,
+        teacher_llm=teacher_llm,
+        oracle_llm=oracle_llm,
+        show_progress=not args.no_progress,
+        parameters={key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
+                    if key not in ("run", "command")} | {
+            "flows": [str(p) for p in args.flows or []], "domain": [str(p) for p in args.domain or []],
+            "project": str(args.project), "offline": offline},
+    )  # fmt: skip
+    result = prepare_data(project, config)
+    for line in summary_lines(result.summary):
+        print(line)
+    print(f"train/val files: {result.out / '4_train_test_split' / 'ft_splits'}")
+    return 0
+
+
+def _llm_mapping(path: Path) -> dict:
+    from recipe.yamlio import load_yaml, plain
+
+    data = plain(load_yaml(path)) or {}
+    return data.get("llm", data) if isinstance(data, dict) else {}

@@ -1,0 +1,585 @@
+"""`recipe prepare-data`: tests in, train/val files out. The recipe reads as its stages:
+
+    annotate ─ rephrase ─ validate ─ stitch      (per test case, concurrently, in one event loop)
+    deduplicate ─ split ─ write                  (over all test cases)
+
+Every LLM call goes through one cached, retrying, bounded client per role, so a re-run or a run resumed after a
+crash pays for nothing twice. Each test case's records are written atomically as soon as it is done; a failed call
+is recorded and never drops other work or the original rows.
+
+Output layout (compatible with Rasa Pro's tool; see rasa-formats.md §7):
+    <out>/1_command_annotations/<test file path>/<test case>.yaml
+    <out>/2_rephrasings/<test file path>/<test case>.yaml
+    <out>/3_llm_finetune_data/llm_ft_data.jsonl
+    <out>/4_train_test_split/ft_splits/{train,val}.jsonl  (+ dataset_info.json)
+    <out>/4_train_test_split/e2e_tests/{train,validation}/<input tree>/<file>.yml
+    <out>/params.yaml, <out>/result_summary.yaml, <out>/cache/ (LLM answers; kept between runs)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from recipe import __version__
+from recipe.annotate import TestAnnotation, annotate_from_assertions, annotate_with_teacher
+from recipe.commands import Command, SetSlot, Syntax, format_command, format_commands
+from recipe.conversation import mocked_datetime, replay_test_case
+from recipe.llm import LLMClient, LLMConfig
+from recipe.project import Project
+from recipe.prompt import (
+    DatetimePolicy,
+    PromptRenderer,
+    PromptTemplate,
+    load_template,
+    prompt_variables,
+    transcript_text,
+)
+from recipe.rephrase import MessageToRephrase, RephraseOutcome, rephrase_conversation, rule_based_rephrasings
+from recipe.split import Split, coverage_features, split_test_cases
+from recipe.stitch import Row, conversation_rows, deduplicate
+from recipe.testcases import all_test_cases, load_tests
+from recipe.types import BotStep, TestCase, TestFile, UserStep
+from recipe.validate import LEXICAL, STRICT, Verdict, validate_lexically, validate_with_oracle
+from recipe.yamlio import dump_yaml, write_atomic, write_json, write_jsonl, write_yaml
+
+STAGE_DIRS = ("1_command_annotations", "2_rephrasings", "3_llm_finetune_data", "4_train_test_split")
+DEFAULT_REPHRASE_MODEL = LLMConfig(provider="openai", model="gpt-4o-mini", temperature=1.0)
+DEFAULT_TEACHER_MODEL = LLMConfig(provider="openai", model="gpt-4o", temperature=0.0)
+_LOSSY_AT_RUNTIME = re.compile(r"\W$")  # v2/v3 runtime parsers strip trailing non-word characters from values
+
+
+@dataclass
+class PrepareConfig:
+    """Everything one run needs, validated by the CLI before any paid call."""
+
+    tests: list[str]
+    out: Path
+    syntax: Syntax
+    template: PromptTemplate
+    datetime_policy: DatetimePolicy
+    num_rephrases: int = 10
+    train_frac: float = 0.8
+    output_format: str = "instruction"  # or "conversational"
+    seed: int = 42
+    annotator: str = "auto"  # auto | test | assertions | llm
+    validation: str = STRICT  # strict | loose (with an oracle); offline runs use the lexical check
+    offline: bool = False
+    max_concurrency: int = 16
+    rephrase_llm: LLMConfig | None = None
+    rephrase_template: PromptTemplate | None = None
+    teacher_llm: LLMConfig | None = None
+    oracle_llm: LLMConfig | None = None
+    show_progress: bool = True
+    parameters: dict[str, Any] = field(default_factory=dict)  # the CLI options as given, for params.yaml
+
+
+@dataclass
+class TestCaseResult:
+    test_case: TestCase
+    annotation: TestAnnotation
+    verdicts: dict[int, list[Verdict]]  # turn -> every validated paraphrase
+    rows: list[Row]
+    rephrase: RephraseOutcome | None
+    messages: list[MessageToRephrase]
+    errors: list[str]
+    tracker_warnings: Counter
+
+    __test__ = False
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    summary: dict[str, Any]
+    train_rows: int
+    val_rows: int
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """One bar per stage with counts and ETA; totals grow as the work becomes known."""
+
+    def __init__(self, enabled: bool):
+        names = ("annotate", "rephrase", "validate", "stitch")
+        self.bars = {name: tqdm(total=0, desc=f"{name:<9}", unit="", position=i, leave=True, disable=not enabled,
+                                file=sys.stderr, dynamic_ncols=True) for i, name in enumerate(names)}  # fmt: skip
+
+    def add(self, stage: str, count: int = 1) -> None:
+        bar = self.bars[stage]
+        bar.total += count
+        bar.refresh()
+
+    def done(self, stage: str, count: int = 1) -> None:
+        self.bars[stage].update(count)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- one test case
+
+
+@dataclass
+class _Clients:
+    rephraser: LLMClient | None
+    teacher: LLMClient | None
+    oracle: LLMClient | None
+
+
+def _completion(commands: tuple[Command, ...] | list[Command], syntax: Syntax) -> str:
+    return format_commands(commands, syntax)
+
+
+async def _annotate(project: Project, config: PrepareConfig, renderer: PromptRenderer, clients: _Clients,
+                    test_case: TestCase, when: datetime | None) -> TestAnnotation:  # fmt: skip
+    needs_annotation = any(step.commands is None for step in test_case.user_steps)
+    if clients.teacher is not None and needs_annotation and config.annotator in ("auto", "llm"):
+        return await annotate_with_teacher(project, test_case, clients.teacher, renderer, config.syntax, when)
+    if config.annotator == "test":
+        annotation = annotate_from_assertions(project, test_case)
+        for turn, step in zip(annotation.turns, test_case.user_steps):
+            if step.commands is None and turn.source != "payload":
+                turn.commands, turn.reason = None, "the test gives no commands (--annotator test)"
+        return annotation
+    return annotate_from_assertions(project, test_case)
+
+
+def _messages_to_rephrase(test_case: TestCase, annotation: TestAnnotation) -> list[MessageToRephrase]:
+    messages = []
+    for turn, step in zip(annotation.turns, test_case.user_steps):
+        if turn.commands and turn.source != "payload":
+            messages.append(MessageToRephrase(len(messages) + 1, turn.number, step.text))
+    return messages
+
+
+async def prepare_test_case(project: Project, config: PrepareConfig, renderer: PromptRenderer,
+                            rephrase_renderer: PromptRenderer | None, clients: _Clients, test_case: TestCase,
+                            progress: _Progress) -> TestCaseResult:  # fmt: skip
+    """Annotate, rephrase, validate and stitch one test case."""
+    when = config.datetime_policy.for_conversation(test_case.id, mocked_datetime(test_case))
+    errors: list[str] = []
+    annotation = await _annotate(project, config, renderer, clients, test_case, when)
+    progress.done("annotate")
+    turns = replay_test_case(project, test_case, annotation.commands_for)
+    warnings = Counter(w for turn in turns for w in turn.warnings)
+    messages = _messages_to_rephrase(test_case, annotation) if config.num_rephrases > 0 else []
+
+    # Rephrase: one call per conversation, or rules offline.
+    outcome: RephraseOutcome | None = None
+    candidates: dict[int, list[str]] = {}
+    if messages:
+        if clients.rephraser is not None and rephrase_renderer is not None:
+            transcript = transcript_text(turns[-1].state.transcript, turns[-1].text) if turns else ""
+            outcome = await rephrase_conversation(clients.rephraser, rephrase_renderer, test_case.name, transcript,
+                                                  messages, config.num_rephrases)  # fmt: skip
+            errors.extend(outcome.errors)
+            candidates = outcome.candidates
+        else:
+            candidates = {m.turn: rule_based_rephrasings(m.text, config.num_rephrases, config.seed) for m in messages}
+    progress.done("rephrase")
+
+    # Validate every candidate against the original turn's commands.
+    by_number = {turn.number: turn for turn in turns}
+    verdicts: dict[int, list[Verdict]] = {}
+    jobs = []
+    for number, texts in candidates.items():
+        turn = by_number[number]
+        expected = list(annotation.turns[number - 1].commands or [])
+        for text in texts:
+            if clients.oracle is not None:
+                prompt = renderer.render(prompt_variables(project, turn.state, text, when))
+                jobs.append((number, validate_with_oracle(clients.oracle, prompt, text, expected, config.syntax,
+                                                          config.validation)))  # fmt: skip
+            else:
+                jobs.append((number, _ready(validate_lexically(turn.step.text, text, expected))))
+    progress.add("validate", len(jobs))
+
+    async def judged(number: int, job) -> tuple[int, Verdict]:
+        verdict = await job
+        progress.done("validate")
+        return number, verdict
+
+    for number, verdict in await asyncio.gather(*(judged(n, j) for n, j in jobs)):
+        verdicts.setdefault(number, []).append(verdict)
+    passing = {n: [v for v in vs if v.passed] for n, vs in verdicts.items()}
+
+    rows = conversation_rows(project, renderer, test_case, annotation, passing, when)
+    progress.done("stitch")
+    return TestCaseResult(test_case, annotation, verdicts, rows, outcome, messages, errors, warnings)
+
+
+async def _ready(value: Verdict) -> Verdict:
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^\w.-]+", "_", text, flags=re.UNICODE).strip("_")
+    return slug[:80] or "test_case"
+
+
+def _record_path(base: Path, test_case: TestCase) -> Path:
+    """One file per test case, under the test file's own path: nothing clobbers anything."""
+    file_part = Path(test_case.file).with_suffix("")
+    safe_parts = [part for part in file_part.parts if part not in ("/", "..", ".")]
+    digest = hashlib.sha1(test_case.id.encode()).hexdigest()[:6]
+    return base.joinpath(*safe_parts) / f"{_slug(test_case.name)}-{digest}.yaml"
+
+
+def annotated_conversation(result: TestCaseResult, syntax: Syntax, with_rephrasings: bool) -> dict[str, Any]:
+    """The §4.5 record of one test case."""
+    steps: list[dict[str, Any]] = []
+    turns = iter(result.annotation.turns)
+    for step in result.test_case.steps:
+        if isinstance(step, UserStep):
+            turn = next(turns)
+            entry: dict[str, Any] = {"user": step.text}
+            if turn.commands is not None:
+                entry["llm_commands"] = [format_command(c, syntax) for c in turn.commands]
+                entry["commands_source"] = turn.source
+            else:
+                entry["skipped_reason"] = turn.reason
+            if with_rephrasings:
+                verdicts = result.verdicts.get(turn.number, [])
+                passing = [v.text for v in verdicts if v.passed]
+                failing = [v.text for v in verdicts if not v.passed]
+                if passing:
+                    entry["passing_rephrasings"] = passing
+                if failing:
+                    entry["failing_rephrasings"] = failing
+                    entry["failing_reasons"] = [v.reason for v in verdicts if not v.passed]
+            steps.append(entry)
+        elif isinstance(step, BotStep):
+            steps.append({"utter": step.utter} if step.utter else {"bot": step.text})
+    return {"conversations": [{"original_test_case": result.test_case.id, "steps": steps}]}
+
+
+def write_test_case_records(out: Path, result: TestCaseResult, syntax: Syntax) -> None:
+    write_yaml(_record_path(out / STAGE_DIRS[0], result.test_case), annotated_conversation(result, syntax, False))
+    write_yaml(_record_path(out / STAGE_DIRS[1], result.test_case), annotated_conversation(result, syntax, True))
+
+
+def ft_data_row(row: Row, syntax: Syntax) -> dict[str, Any]:
+    return {
+        "prompt": row.prompt,
+        "output": _completion(row.commands, syntax),
+        "original_test_name": row.test_id,
+        "original_user_utterance": row.original_text,
+        "rephrased_user_utterance": row.rephrased_text,
+        "turn": row.turn,
+        "variant": row.variant,
+    }
+
+
+def split_row(row: Row, syntax: Syntax, output_format: str) -> dict[str, Any]:
+    completion = _completion(row.commands, syntax)
+    if output_format == "conversational":
+        return {"messages": [{"role": "user", "content": row.prompt}, {"role": "assistant", "content": completion}]}
+    return {"prompt": row.prompt, "completion": completion}
+
+
+def _tests_root(files: list[TestFile]) -> Path:
+    parents = [str(Path(f.path).resolve().parent) for f in files]
+    return Path(os.path.commonpath(parents)) if parents else Path(".")
+
+
+def write_split_suites(out: Path, files: list[TestFile], split: Split) -> dict[str, int]:
+    """The split test suites, written like the inputs: each file keeps its tests' fixtures, all metadata and stubs."""
+    root = _tests_root(files)
+    sides = {"train": set(split.train), "validation": set(split.validation)}
+    written = {"train": 0, "validation": 0}
+    for side, chosen in sides.items():
+        side_root = out / STAGE_DIRS[3] / "e2e_tests" / side
+        for test_file in files:
+            cases = [case for case in test_file.test_cases if case.id in chosen]
+            if not cases:
+                continue
+            names = {case.name for case in cases}
+            raw = dict(test_file.raw)
+            raw["test_cases"] = [case for case in raw.get("test_cases", []) if str(case.get("test_case")) in names]
+            used = {str(f) for case in raw["test_cases"] for f in case.get("fixtures") or []}
+            if "fixtures" in raw:
+                raw["fixtures"] = [entry for entry in raw["fixtures"] if next(iter(entry)) in used]
+                if not raw["fixtures"]:
+                    del raw["fixtures"]
+            relative = Path(test_file.path).resolve().relative_to(root)
+            write_atomic(side_root / relative, dump_yaml(raw))
+            written[side] += len(cases)
+        # conftest files carry shared fixtures: the split suites need them to run.
+        for conftest in sorted(root.rglob("conftest.y*ml")):
+            target = side_root / conftest.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(conftest, target)
+    return written
+
+
+def _file_hashes(paths: list[str]) -> dict[str, str]:
+    return {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in sorted(set(paths))
+            if Path(path).is_file()}  # fmt: skip
+
+
+def _params(project: Project, config: PrepareConfig, files: list[TestFile]) -> dict[str, Any]:
+    def describe(llm: LLMConfig | None) -> dict[str, Any] | None:
+        return None if llm is None else {k: v for k, v in vars(llm).items() if v is not None}
+
+    return {
+        "parameters": config.parameters,
+        "provenance": {
+            "recipe_version": __version__,
+            "command_syntax": config.syntax.value,
+            "prompt_template": config.template.path,
+            "prompt_template_sha256": config.template.sha256,
+            "datetime": "off" if not config.datetime_policy.include else (
+                config.datetime_policy.fixed.isoformat() if config.datetime_policy.fixed else
+                f"derived per conversation from seed {config.datetime_policy.seed} (mocked_datetime fixtures win)"),
+            "rephraser": describe(config.rephrase_llm) or ("rules (offline)" if config.num_rephrases else "none"),
+            "teacher": describe(config.teacher_llm) or "assertions (offline)",
+            "oracle": describe(config.oracle_llm) or ("lexical check (offline)" if config.num_rephrases else "none"),
+            "validation": config.validation if config.oracle_llm else LEXICAL,
+            "seed": config.seed,
+            "input_sha256": _file_hashes([f.path for f in files] + project.flow_files + project.domain.files),
+        },
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _clear_stage_outputs(out: Path) -> None:
+    # A run's outputs describe that run only (stale files never mix in); the LLM cache is kept.
+    for name in STAGE_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("params.yaml", "result_summary.yaml"):
+        (out / name).unlink(missing_ok=True)
+
+
+async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[TestCase]) -> tuple[
+        list[TestCaseResult], dict[str, Any]]:  # fmt: skip
+    cache = config.out / "cache" / "llm"
+
+    def client(llm: LLMConfig | None) -> LLMClient | None:
+        if llm is None or config.offline:
+            return None
+        return LLMClient(llm, cache_dir=cache, max_concurrency=config.max_concurrency, seed=config.seed)
+
+    rephrase_needed = config.num_rephrases > 0
+    clients = _Clients(
+        rephraser=client(config.rephrase_llm) if rephrase_needed else None,
+        teacher=client(config.teacher_llm) if config.annotator in ("auto", "llm") else None,
+        oracle=client(config.oracle_llm) if rephrase_needed else None,
+    )
+    renderer = PromptRenderer(config.template)
+    rephrase_renderer = PromptRenderer(config.rephrase_template) if config.rephrase_template else None
+    progress = _Progress(config.show_progress)
+    for stage in ("annotate", "rephrase", "stitch"):
+        progress.add(stage, len(cases))
+
+    async def one(case: TestCase) -> TestCaseResult:
+        result = await prepare_test_case(project, config, renderer, rephrase_renderer, clients, case, progress)
+        write_test_case_records(config.out, result, config.syntax)
+        return result
+
+    try:
+        results = await asyncio.gather(*(one(case) for case in cases))
+    finally:
+        progress.close()
+        usage = {}
+        for role, llm_client in vars(clients).items():
+            if llm_client is not None:
+                usage[role] = llm_client.usage_summary()
+                await llm_client.aclose()
+    return list(results), usage
+
+
+def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
+    """Run every stage and write the outputs; see the module docstring for the layout."""
+    files = load_tests(config.tests, project)
+    cases = all_test_cases(files)
+    config.out.mkdir(parents=True, exist_ok=True)
+    _clear_stage_outputs(config.out)
+    write_yaml(config.out / "params.yaml", _params(project, config, files))
+
+    results, usage = asyncio.run(_run_test_cases(project, config, cases))
+
+    # Rows in input order: originals of a test case before its synthetic conversations.
+    all_rows = [row for result in results for row in result.rows]
+    rows, duplicates = deduplicate(all_rows, lambda row: _completion(row.commands, config.syntax))
+    write_jsonl(config.out / STAGE_DIRS[2] / "llm_ft_data.jsonl", [ft_data_row(r, config.syntax) for r in rows])
+
+    features = {}
+    for result in results:
+        commands = [c for turn in result.annotation.turns for c in (turn.commands or [])]
+        if any(row.test_id == result.test_case.id for row in rows):
+            features[result.test_case.id] = coverage_features(commands)
+    split = split_test_cases(features, config.train_frac, config.seed)
+    train_ids = set(split.train)
+    train_rows = [row for row in rows if row.test_id in train_ids]
+    train_prompts = {row.prompt for row in train_rows}
+    val_candidates = [row for row in rows if row.test_id not in train_ids]
+    val_rows = [row for row in val_candidates if row.prompt not in train_prompts]
+    splits_dir = config.out / STAGE_DIRS[3] / "ft_splits"
+    write_jsonl(splits_dir / "train.jsonl", [split_row(r, config.syntax, config.output_format) for r in train_rows])
+    write_jsonl(splits_dir / "val.jsonl", [split_row(r, config.syntax, config.output_format) for r in val_rows])
+    write_json(splits_dir / "dataset_info.json", {
+        "prompt_template": config.template.path,
+        "prompt_template_sha256": config.template.sha256,
+        "prompt_template_text": config.template.text,
+        "command_syntax": config.syntax.value,
+        "output_format": config.output_format,
+        "include_date_time": config.datetime_policy.include,
+        "num_train_rows": len(train_rows),
+        "num_val_rows": len(val_rows),
+        "seed": config.seed,
+        "recipe_version": __version__,
+    })  # fmt: skip
+    suites = write_split_suites(config.out, [f for f in files if f.test_cases], split)
+
+    summary = _summary(results, rows, duplicates, split, train_rows, val_rows, len(val_candidates) - len(val_rows),
+                       suites, usage, config)  # fmt: skip
+    write_yaml(config.out / "result_summary.yaml", summary)
+    return PrepareResult(out=config.out, summary=summary, train_rows=len(train_rows), val_rows=len(val_rows))
+
+
+def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, split: Split, train_rows: list[Row],
+             val_rows: list[Row], leaked: int, suites: dict[str, int], usage: dict[str, Any],
+             config: PrepareConfig) -> dict[str, Any]:  # fmt: skip
+    verdicts = [v for r in results for vs in r.verdicts.values() for v in vs]
+    annotated = [r for r in results if any(t.commands for t in r.annotation.turns)]
+    skipped = [
+        {"test": r.test_case.id, "turn": t.number, "reason": t.reason}
+        for r in results for t in r.annotation.turns if t.commands is None
+    ]  # fmt: skip
+    per_command = Counter(c.kind for row in rows for c in row.commands)
+    lossy = sorted({
+        f"{row.test_id} turn {row.turn}: {c.slot}={c.value!r}" for row in rows for c in row.commands
+        if isinstance(c, SetSlot) and c.value and config.syntax is not Syntax.V1 and _LOSSY_AT_RUNTIME.search(c.value)
+    })  # fmt: skip
+    warnings = Counter()
+    for result in results:
+        warnings.update(result.tracker_warnings)
+    requested = sum(r.rephrase.requested if r.rephrase else len(r.messages) * config.num_rephrases for r in results)
+    received = sum(len(vs) for r in results for vs in r.verdicts.values())
+    per_test = {
+        r.test_case.id: {
+            "annotated_turns": sum(1 for t in r.annotation.turns if t.commands),
+            "skipped_turns": sum(1 for t in r.annotation.turns if t.commands is None),
+            "rephrasings_passing": sum(v.passed for vs in r.verdicts.values() for v in vs),
+            "rephrasings_failing": sum(not v.passed for vs in r.verdicts.values() for v in vs),
+            "rows": sum(1 for row in rows if row.test_id == r.test_case.id),
+            "split": "train" if r.test_case.id in split.train else (
+                "validation" if r.test_case.id in split.validation else "none (no rows)"),
+            **({"errors": r.errors} if r.errors else {}),
+        }
+        for r in results
+    }  # fmt: skip
+    return {
+        "num_input_e2e_tests": len(results),
+        "num_annotated_conversations": len(annotated),
+        "num_user_messages_across_conversations": sum(len(r.test_case.user_steps) for r in annotated),
+        "num_user_messages_to_rephrase_across_conversations": sum(len(r.messages) for r in results),
+        "num_passing_rephrased_user_messages": sum(v.passed for v in verdicts),
+        "num_failing_rephrased_user_messages": sum(not v.passed for v in verdicts),
+        "num_ft_data_points": len(rows),
+        "num_train_data_points": len(train_rows),
+        "num_val_data_points": len(val_rows),
+        "recipe": {
+            "rephrasings": {
+                "requested": requested,
+                "received": received,
+                "passing": sum(v.passed for v in verdicts),
+                "failing": sum(not v.passed for v in verdicts),
+                "check": config.validation if config.oracle_llm and not config.offline else LEXICAL,
+            },
+            "rows": {
+                "before_dedup": len(rows) + duplicates,
+                "duplicates_dropped": duplicates,
+                "validation_rows_dropped_as_in_train": leaked,
+                "per_command_type": dict(sorted(per_command.items())),
+            },
+            "split": {
+                "train_test_cases": len(split.train),
+                "validation_test_cases": len(split.validation),
+                "covering_test_cases": split.cover,
+                "validation_lacks": split.validation_lacks,
+                "train_suites_test_cases": suites["train"],
+                "validation_suites_test_cases": suites["validation"],
+            },
+            "skipped_turns": skipped,
+            "values_the_runtime_would_alter": lossy,
+            "tracker_warnings": dict(warnings.most_common()),
+            "errors": [f"{r.test_case.id}: {e}" for r in results for e in r.errors],
+            "llm_usage": usage,
+            "estimated_cost_usd": round(sum(u.get("estimated_cost_usd", 0) or 0 for u in usage.values()), 4),
+            "per_test_case": per_test,
+        },
+    }
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """A short human summary for the terminal."""
+    extra = summary["recipe"]
+    return [
+        f"test cases: {summary['num_input_e2e_tests']} ({summary['num_annotated_conversations']} annotated)",
+        f"rephrasings: {extra['rephrasings']['passing']} passing, {extra['rephrasings']['failing']} failing "
+        f"({extra['rephrasings']['check']} check)",
+        f"rows: {summary['num_ft_data_points']} ({extra['rows']['duplicates_dropped']} duplicates dropped)",
+        f"split: {summary['num_train_data_points']} train rows / {summary['num_val_data_points']} val rows "
+        f"({extra['split']['train_test_cases']} / {extra['split']['validation_test_cases']} test cases)",
+        f"skipped turns: {len(extra['skipped_turns'])}; LLM errors: {len(extra['errors'])}; "
+        f"estimated cost: ${extra['estimated_cost_usd']}",
+    ]
+
+
+def load_rephrase_config(path: Path, project_root: Path) -> tuple[LLMConfig, PromptTemplate | None]:
+    """`--rephrase-config`: keys `prompt_template` and `llm` (inline model, or `model_group` from endpoints.yml)."""
+    from recipe.errors import ConfigError
+    from recipe.yamlio import load_yaml, plain
+
+    data = plain(load_yaml(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with `llm` and optionally `prompt_template`")
+    unknown = set(data) - {"llm", "prompt_template"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key `{sorted(unknown)[0]}`; expected `llm` and `prompt_template`")
+    template = None
+    if data.get("prompt_template"):
+        template_path = Path(data["prompt_template"])
+        if not template_path.is_absolute():
+            template_path = (path.parent / template_path) if (path.parent / template_path).exists() else template_path
+        template = load_template(template_path)
+    llm = resolve_llm_mapping(data.get("llm") or {}, str(path), project_root, DEFAULT_REPHRASE_MODEL)
+    return llm, template
+
+
+def resolve_llm_mapping(data: dict[str, Any], source: str, project_root: Path, default: LLMConfig) -> LLMConfig:
+    """An inline model config, or `model_group: <id>` resolved from the project's endpoints.yml."""
+    from recipe.errors import ConfigError
+    from recipe.yamlio import load_yaml, plain
+
+    if "model_group" in data:
+        endpoints = project_root / "endpoints.yml"
+        groups = (plain(load_yaml(endpoints)) or {}).get("model_groups", []) if endpoints.is_file() else []
+        group = next((g for g in groups if g.get("id") == data["model_group"]), None)
+        if not group or not group.get("models"):
+            raise ConfigError(f"{source}: model_group `{data['model_group']}` not found in {endpoints}")
+        data = {k: v for k, v in group["models"][0].items() if k in LLMConfig.__dataclass_fields__ or k in (
+            "model_name",)}  # fmt: skip
+    merged = {k: v for k, v in vars(default).items() if v is not None} | dict(data)
+    return LLMConfig.from_mapping(merged, source=source)

@@ -1,0 +1,220 @@
+"""Rephrasing: N paraphrases of every annotated user message of a conversation.
+
+With an LLM: one call per conversation that lists exactly the messages to paraphrase (with ids; the rest of the
+transcript is marked as context), asking for JSON. What comes back is read tolerantly: JSON where the endpoint gave
+JSON, numbered text blocks otherwise, message by message, so one bad block never loses the others. Messages that come
+back short get one follow-up call. Copies of the original and duplicates are dropped.
+
+Offline: honest variants written by rule that keep every slot value verbatim, including voice-channel variants
+(lower case, no punctuation, fillers, spoken numbers) for assistants used over the phone.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from recipe.llm import LLMCallFailed, LLMClient
+from recipe.prompt import PromptRenderer
+from recipe.textnorm import normalize_text, number_to_words
+
+USER_PREFIX = "USER"
+
+
+@dataclass(frozen=True)
+class MessageToRephrase:
+    id: int  # 1-based position in the list sent to the LLM
+    turn: int  # the user turn it belongs to
+    text: str
+
+
+@dataclass
+class RephraseOutcome:
+    candidates: dict[int, list[str]]  # turn -> paraphrases (cleaned, at most N)
+    requested: int
+    calls: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def clean_candidates(original: str, candidates: list[str], limit: int) -> list[str]:
+    """Drop empties, copies of the original and duplicates (after normalisation); keep at most `limit`."""
+    seen = {normalize_text(original)}
+    kept = []
+    for candidate in candidates:
+        text = " ".join(str(candidate).split()).strip().strip('"').strip()
+        key = normalize_text(text)
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        kept.append(text)
+        if len(kept) == limit:
+            break
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------- parsing answers
+
+_NUMBERED = re.compile(r"^\s*(?:\d+\s*[.)]|[-*•])\s+(.*\S)\s*$")  # `1. x`, `2) x`, `- x`; not `3.5 kg`
+_JSON_BLOCK = re.compile(r"\{.*\}", re.DOTALL)
+
+
+def _from_json(text: str, messages: list[MessageToRephrase]) -> dict[int, list[str]] | None:
+    match = _JSON_BLOCK.search(text)
+    if not match:
+        return None
+    try:
+        data = json.loads(match.group(0))
+    except json.JSONDecodeError:
+        return None
+    entries = data.get("rephrasings") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    by_id = {m.id: m for m in messages}
+    found: dict[int, list[str]] = {}
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        texts = entry.get("texts") or entry.get("rephrasings") or []
+        identifier = entry.get("id")
+        message = by_id.get(identifier) if isinstance(identifier, int) else None
+        if message is None and position < len(messages):  # no usable id: fall back to the position
+            message = messages[position]
+        if message is not None and isinstance(texts, list):
+            found.setdefault(message.turn, []).extend(str(t) for t in texts if isinstance(t, (str, int, float)))
+    return found
+
+
+def _from_numbered_text(text: str, messages: list[MessageToRephrase]) -> dict[int, list[str]]:
+    """Blocks of `USER: <original>` (or `<id>. <original>`) followed by numbered paraphrases."""
+    blocks: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.upper().startswith(f"{USER_PREFIX}:"):
+            blocks.append((stripped[len(USER_PREFIX) + 1:].strip(), []))
+            continue
+        numbered = _NUMBERED.match(line)
+        if numbered and blocks:
+            blocks[-1][1].append(numbered.group(1))
+    found: dict[int, list[str]] = {}
+    unused = list(messages)
+    for index, (echo, lines) in enumerate(blocks):
+        # Match the echoed original by normalised text, else by position among the messages not yet matched.
+        match = next((m for m in unused if normalize_text(m.text) == normalize_text(echo)), None)
+        if match is None and index < len(messages) and messages[index] in unused:
+            match = messages[index]
+        if match is None:
+            continue
+        unused.remove(match)
+        found.setdefault(match.turn, []).extend(lines)
+    return found
+
+
+def parse_rephrasings(text: str, messages: list[MessageToRephrase]) -> dict[int, list[str]]:
+    """Paraphrases per turn from an LLM answer in JSON or numbered-text form; unreadable parts are skipped."""
+    parsed = _from_json(text, messages)
+    if parsed:
+        return parsed
+    return _from_numbered_text(text, messages)
+
+
+# ---------------------------------------------------------------------------------------------- LLM rephrasing
+
+
+def rephrase_prompt(renderer: PromptRenderer, test_case_name: str, transcript: str,
+                    messages: list[MessageToRephrase], count: int) -> str:  # fmt: skip
+    return renderer.render(
+        {
+            "test_case_name": test_case_name,
+            "transcript": transcript,
+            "number_of_rephrasings": count,
+            "number_of_user_messages": len(messages),
+            "user_prefix": USER_PREFIX,
+            "user_messages": [{"id": m.id, "text": m.text} for m in messages],
+        }
+    )
+
+
+JSON_RESPONSE_FORMAT: dict[str, Any] = {"type": "json_object"}
+
+
+async def rephrase_conversation(
+    client: LLMClient,
+    renderer: PromptRenderer,
+    test_case_name: str,
+    transcript: str,
+    messages: list[MessageToRephrase],
+    count: int,
+) -> RephraseOutcome:
+    """One call for the whole conversation, then one follow-up for the messages that came back short."""
+    outcome = RephraseOutcome(candidates={m.turn: [] for m in messages}, requested=count * len(messages))
+    pending = list(messages)
+    for attempt in range(2):
+        if not pending:
+            break
+        wanted = count if attempt == 0 else max(count - min(len(outcome.candidates[m.turn]) for m in pending), 1)
+        ids = [MessageToRephrase(i + 1, m.turn, m.text) for i, m in enumerate(pending)]
+        prompt = rephrase_prompt(renderer, test_case_name, transcript, ids, wanted)
+        outcome.calls += 1
+        try:
+            result = await client.chat([{"role": "user", "content": prompt}], sample_index=attempt,
+                                       response_format=JSON_RESPONSE_FORMAT)  # fmt: skip
+        except LLMCallFailed as error:
+            outcome.errors.append(f"rephrase call failed after {error.attempts} attempts: {error.last_error}")
+            if error.fails_every_call:
+                raise
+            break
+        parsed = parse_rephrasings(result.text, ids)
+        for message in pending:
+            merged = outcome.candidates[message.turn] + parsed.get(message.turn, [])
+            outcome.candidates[message.turn] = clean_candidates(message.text, merged, count)
+        pending = [m for m in pending if len(outcome.candidates[m.turn]) < count]
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------- offline rules
+
+_PREFIXES = ["Hi, ", "Hello, ", "Hey, ", "Okay, ", "Right, ", "So, "]
+_SUFFIXES = [", please", " please", ", thanks", ", thank you"]
+_FILLERS = ["uh ", "um ", "well ", "hmm ", "so uh "]
+_SWAPS = [
+    (r"\bI would like\b", "I'd like"), (r"\bI'd like\b", "I want"), (r"\bI want\b", "I'd like"),
+    (r"\bI need\b", "I'd like"), (r"\bI am\b", "I'm"), (r"\bI'm\b", "I am"), (r"\bdo not\b", "don't"),
+    (r"\bdon't\b", "do not"), (r"\bcan you\b", "could you"), (r"\bcould you\b", "can you"),
+    (r"\byes\b", "yeah"), (r"\bno\b", "nope"), (r"\bthanks\b", "thank you"),
+]  # fmt: skip
+
+
+def _voice(text: str) -> str:
+    """What a speech-to-text channel delivers: lower case, no sentence punctuation."""
+    spoken = re.sub(r"[.,!?;:](?=\s|$)", "", text.lower())
+    return " ".join(spoken.split())
+
+
+def _spoken_numbers(text: str) -> str:
+    return re.sub(r"(?<![\w.-])(\d{1,3})(?![\w.-])", lambda m: number_to_words(int(m.group(1))), text)
+
+
+def rule_based_rephrasings(text: str, count: int, seed: int) -> list[str]:
+    """Up to `count` variants of `text` by rule; values are never changed except numbers spoken as words."""
+    rng = random.Random(f"{seed}:{text}")
+    base = text.strip()
+    bare = base.rstrip(".!?")
+    end = base[len(bare):][:1]  # keep a question a question: "..., please?"
+    options: list[str] = []
+    for pattern, replacement in _SWAPS:
+        swapped = re.sub(pattern, replacement, base, count=1, flags=re.IGNORECASE)
+        if swapped != base:
+            options.append(swapped)
+    options.append(rng.choice(_PREFIXES) + base[:1].lower() + base[1:])
+    options.append(bare + rng.choice(_SUFFIXES) + ("?" if end == "?" else ""))
+    options.append(_voice(base))
+    options.append(rng.choice(_FILLERS) + _voice(base))
+    options.append(_voice(_spoken_numbers(base)))
+    options.append(rng.choice(_PREFIXES) + _voice(bare) + rng.choice(_SUFFIXES))
+    rng.shuffle(options)
+    return clean_candidates(base, options, count)

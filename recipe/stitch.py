@@ -1,0 +1,89 @@
+"""Stitching: new conversations from the passing paraphrases, and the prompt/completion rows of every conversation.
+
+Synthetic conversation i takes, for every user turn, its i-th passing paraphrase (cycling when a turn has fewer) or
+the original words when it has none; M = the most passing paraphrases any turn has. Every synthetic conversation is
+replayed through the tracker, so each prompt's history and state match its own wording. A button-payload turn
+updates the state but yields no row (it never reaches the command generator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
+from recipe.annotate import TestAnnotation
+from recipe.commands import Command
+from recipe.conversation import replay_test_case
+from recipe.project import Project
+from recipe.prompt import PromptRenderer, prompt_variables
+from recipe.types import TestCase
+from recipe.validate import Verdict
+
+
+@dataclass(frozen=True)
+class Row:
+    test_id: str
+    turn: int
+    variant: int  # 0: the original conversation; i > 0: synthetic conversation i
+    prompt: str
+    commands: tuple[Command, ...]
+    original_text: str
+    rephrased_text: str | None
+
+
+def conversation_rows(
+    project: Project,
+    renderer: PromptRenderer,
+    test_case: TestCase,
+    annotation: TestAnnotation,
+    passing: dict[int, list[Verdict]],
+    when: datetime | None,
+) -> list[Row]:
+    """Rows of the original conversation, then of each synthetic one.
+
+    All variants share the conversation's date, so a turn whose prompt no paraphrase changed is an exact duplicate
+    of the original row and deduplication removes it.
+    """
+    variants = max((len(verdicts) for verdicts in passing.values()), default=0)
+    rows: list[Row] = []
+    for variant in range(variants + 1):
+        chosen = {turn: verdicts[(variant - 1) % len(verdicts)] for turn, verdicts in passing.items() if verdicts}
+        if variant == 0:
+            chosen = {}
+
+        def commands_for(number: int, _step, chosen=chosen) -> list[Command] | None:
+            if number in chosen and chosen[number].label is not None:
+                return list(chosen[number].label)
+            return annotation.commands_for(number, _step)
+
+        texts = {turn: verdict.text for turn, verdict in chosen.items()}
+        for turn in replay_test_case(project, test_case, commands_for, texts):
+            label = commands_for(turn.number, turn.step)
+            if turn.is_payload or not label:
+                continue
+            prompt = renderer.render(prompt_variables(project, turn.state, turn.text, when))
+            rows.append(
+                Row(
+                    test_id=test_case.id,
+                    turn=turn.number,
+                    variant=variant,
+                    prompt=prompt,
+                    commands=tuple(label),
+                    original_text=turn.step.text,
+                    rephrased_text=turn.text if turn.number in chosen else None,
+                )
+            )
+    return rows
+
+
+def deduplicate(rows: list[Row], completion_of: Callable[[Row], str]) -> tuple[list[Row], int]:
+    """Keep the first row of every (prompt, completion) pair; return the rows and how many were dropped."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for row in rows:
+        key = (row.prompt, completion_of(row))
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept, len(rows) - len(kept)
