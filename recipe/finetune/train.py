@@ -1,0 +1,335 @@
+"""The finetuning recipe, top to bottom: read rows, tokenize, load and check the model, train with a val eval each
+epoch, save the adapter (and the merged model), write the logs, curves and card, upload.
+
+Module level imports stay free of torch/transformers: Unsloth, when chosen, must be imported before them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from recipe import __version__
+from recipe.errors import ConfigError
+from recipe.finetune import data, model, report, upload
+from recipe.finetune.config import FinetuneConfig
+
+if TYPE_CHECKING:
+    from trl import SFTTrainer
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "recipe_training_info.json"
+CHECKPOINTS = "checkpoints"
+MERGED = "merged"
+# Keys of prepare-data's dataset_info.json; null in our info file when the data came without it.
+DATASET_INFO_KEYS = ("prompt_template", "prompt_template_sha256", "prompt_template_text", "command_syntax",
+                     "output_format", "num_train_rows", "num_val_rows", "seed", "recipe_version")
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth")
+
+
+@dataclass
+class FinetuneResult:
+    """Where the trained model is and how the run went."""
+
+    output_dir: str  # as given: a local folder, gs://... or s3://...
+    local_dir: Path  # the files on this machine
+    merged_dir: Path | None
+    train_loss: float | None
+    eval_loss: float | None
+    duration_s: float
+    info: dict[str, Any]
+
+
+@dataclass
+class PreparedRun:
+    """Everything up to the first training step, kept together so tests and the bench can inspect it."""
+
+    config: FinetuneConfig  # with the model as an absolute path when it is a local folder
+    local_dir: Path
+    files: data.DataFiles
+    dataset_info: dict[str, Any] | None
+    train_examples: list[data.Example]
+    val_examples: list[data.Example]
+    train_rows: list[data.Encoded]
+    val_rows: list[data.Encoded]
+    prompt_format: data.PromptFormat
+    max_length: int
+    backend: str
+    precision: str
+    base: model.BaseModel
+    tokenizer: Any
+    trainer: SFTTrainer | None
+    speed: Any  # throughput.ThroughputCallback (that module imports transformers, so it is imported late)
+
+    def release_model(self) -> None:
+        """Drop the trained model and trainer to free (GPU) memory, e.g. before merging."""
+        self.trainer = None
+        self.base = dataclasses.replace(self.base, model=None)
+        model.release_memory()
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Train a LoRA adapter on prepare-data's rows as `config` says; see finetune/README.md."""
+    started = time.monotonic()
+    run = prepare(config)
+    trainer = run.trainer
+    trainer.train(resume_from_checkpoint=last_checkpoint(run.local_dir) if config.resume else None)
+    trainer.save_model(str(run.local_dir))  # adapter + tokenizer; collective under FSDP, so every process calls it
+    if not trainer.is_world_process_zero():
+        return FinetuneResult(config.output_dir, run.local_dir, None, None, None, time.monotonic() - started, {})
+    (run.local_dir / "training_args.bin").unlink(missing_ok=True)  # pickled arguments: not portable, not needed
+    log_history = trainer.state.log_history
+    from recipe.finetune.throughput import padding_share
+
+    padding = padding_share(trainer)
+    final_losses = final_loss_values(log_history)
+    del trainer
+    run.release_model()
+    merged_dir = None
+    if config.merge:
+        merged_dir = run.local_dir / MERGED
+        model.merge_adapter(run.config.model, run.local_dir, merged_dir, model.torch_dtype(run.precision), run.tokenizer)
+    info = training_info(run, final_losses, padding, merged=merged_dir is not None, duration_s=time.monotonic() - started)
+    write_outputs(run.local_dir, info, log_history)
+    if upload.is_remote(config.output_dir):
+        upload.upload_directory(run.local_dir, config.output_dir, exclude=(CHECKPOINTS,))
+    return FinetuneResult(config.output_dir, run.local_dir, merged_dir, final_losses["train"], final_losses["val"],
+                          info["training"]["duration_s"], info)
+
+
+def prepare(config: FinetuneConfig) -> PreparedRun:
+    """Validate, read and tokenize the data, load and check the model, add LoRA and build the trainer."""
+    config.validate()
+    local_dir = prepare_output_dir(config)
+    files = fetch_data_files(config)
+    train_examples = data.read_examples(files.train)
+    val_examples = data.read_examples(files.val) if files.val else []
+    if not val_examples:
+        log.warning("no val.jsonl next to the training data: training without a val evaluation")
+    dataset_info = data.read_dataset_info(files.dataset_info)
+
+    backend = model.resolve_backend(config.backend)
+    if backend == "unsloth":
+        model.import_unsloth()  # before anything imports transformers, trl or peft
+    config = dataclasses.replace(config, model=absolute_model_id(config.model))
+    tokenizer = model.load_tokenizer(config.model)
+    prompt_format = data.choose_prompt_format(tokenizer, config.prompt_format, train_examples[0])
+    train_rows = data.encode_examples(tokenizer, train_examples, prompt_format)
+    val_rows = data.encode_examples(tokenizer, val_examples, prompt_format)
+    # Before the (slow) model load: a row that would be cut stops the run here.
+    max_length = data.resolve_max_length(config.max_length, train_examples + val_examples, train_rows + val_rows)
+
+    precision = model.resolve_precision(config.precision)
+    from transformers import set_seed
+
+    set_seed(config.seed)  # LoRA initialisation and dropout
+    base = model.load_base_model(config, backend, model.torch_dtype(precision), max_length)
+    if base.tokenizer is not None:
+        tokenizer = base.tokenizer  # Unsloth's (it may set a pad token); same vocabulary as the rows were encoded with
+    peft_model = model.add_lora(base, config, backend, max_length)
+    from recipe.finetune import throughput
+
+    speed = throughput.ThroughputCallback()
+    trainer = build_trainer(config, peft_model, tokenizer, train_rows, val_rows, max_length, precision,
+                            local_dir / CHECKPOINTS, [speed])
+    if len(trainer.train_dataset) != len(train_rows):
+        raise RuntimeError(f"the trainer kept {len(trainer.train_dataset)} of {len(train_rows)} training rows")
+    return PreparedRun(config, local_dir, files, dataset_info, train_examples, val_examples, train_rows, val_rows,
+                       prompt_format, max_length, backend, precision, base, tokenizer, trainer, speed)
+
+
+def sft_config(config: FinetuneConfig, max_length: int, precision: str, checkpoints_dir: Path, has_val: bool) -> Any:
+    """TRL's arguments: ours, plus the settings that keep TRL's defaults from hurting (known-weaknesses B.2)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(checkpoints_dir),
+        num_train_epochs=config.num_train_epochs,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the steps (warmup_ratio was removed)
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim=config.optim,
+        seed=config.seed,
+        data_seed=config.seed,
+        max_length=max_length,  # every row fits (checked); TRL's default 1024 would cut Rasa prompts
+        packing=False,
+        completion_only_loss=True,  # labels from our completion_mask: the answer and its end token only
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        bf16=precision == "bf16",  # set both explicitly: SFTConfig defaults to bf16, which autocasts on CPU
+        fp16=precision == "fp16",
+        use_cpu=not model.cuda_available(),
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        eval_strategy="epoch" if has_val else "no",
+        save_strategy="epoch" if config.save_checkpoints else "no",
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        ddp_find_unused_parameters=False,  # frozen base weights are not unused parameters
+    )
+
+
+def build_trainer(config: FinetuneConfig, peft_model: Any, tokenizer: Any, train_rows: list[data.Encoded],
+                  val_rows: list[data.Encoded], max_length: int, precision: str, checkpoints_dir: Path,
+                  callbacks: list[Any]) -> SFTTrainer:
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=peft_model,
+        args=sft_config(config, max_length, precision, checkpoints_dir, has_val=bool(val_rows)),
+        train_dataset=data.to_dataset(train_rows),
+        eval_dataset=data.to_dataset(val_rows) if val_rows else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def absolute_model_id(model_id: str) -> str:
+    """A local folder becomes absolute: PEFT records it verbatim as the adapter's base model."""
+    path = Path(model_id).expanduser()
+    return str(path.resolve()) if path.exists() else model_id
+
+
+def prepare_output_dir(config: FinetuneConfig) -> Path:
+    """The local folder to train in; a fresh one unless resuming, and a writable remote target checked up front."""
+    if upload.is_remote(config.output_dir):
+        upload.check_writable(config.output_dir)
+        local_dir = upload.local_staging_dir(config.output_dir, "outputs")
+    elif "://" in config.output_dir:
+        raise ConfigError(f"{config.output_dir}: only local folders, gs:// and s3:// are supported")
+    else:
+        local_dir = Path(config.output_dir).expanduser()
+    if config.resume:
+        if last_checkpoint(local_dir) is None:
+            raise ConfigError(f"{local_dir}: --resume, but there is no checkpoint in {local_dir / CHECKPOINTS}")
+    elif local_dir.exists() and any(local_dir.iterdir()):
+        raise ConfigError(f"{local_dir}: output folder is not empty; choose a new one, or --resume a run there")
+    local_dir.mkdir(parents=True, exist_ok=True)
+    return local_dir
+
+
+def last_checkpoint(local_dir: Path) -> str | None:
+    checkpoints = local_dir / CHECKPOINTS
+    if not checkpoints.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoints))
+
+
+def fetch_data_files(config: FinetuneConfig) -> data.DataFiles:
+    """Local data as is; a gs:// or s3:// ft_splits folder is downloaded first."""
+    if config.val_data and upload.is_remote(config.val_data):
+        raise ConfigError(f"{config.val_data}: give a remote ft_splits folder as --data instead of remote files")
+    if not upload.is_remote(config.data):
+        return data.resolve_data_files(config.data, config.val_data)
+    local = upload.download_directory(
+        config.data, upload.local_staging_dir(config.data, "data"), (data.TRAIN_FILE, data.VAL_FILE, data.DATASET_INFO_FILE)
+    )
+    return data.resolve_data_files(str(local), config.val_data)
+
+
+def final_loss_values(log_history: list[dict[str, Any]]) -> dict[str, float | None]:
+    table = report.log_table(log_history)
+    train = [row["train_loss"] for row in table if row["train_loss"] is not None]
+    val = [row["eval_loss"] for row in table if row["eval_loss"] is not None]
+    return {"train": train[-1] if train else None, "val": val[-1] if val else None}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "recipe": __version__}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    facts: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu_cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "processes": model.world_size(),
+    }
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        facts |= {"gpu": properties.name, "gpu_count": torch.cuda.device_count(),
+                  "gpu_memory_gib": round(properties.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+    else:
+        facts["gpu"] = "none"
+    return facts
+
+
+def training_info(run: PreparedRun, final_losses: dict[str, float | None], padding: float, merged: bool,
+                  duration_s: float) -> dict[str, Any]:
+    """prepare-data's dataset_info.json (its keys at the top, null when unknown) extended with the training facts."""
+    source = run.dataset_info or {}
+    info: dict[str, Any] = {key: source.get(key) for key in DATASET_INFO_KEYS} | source
+    chat_template = getattr(run.tokenizer, "chat_template", None) if run.prompt_format.kind == "chat" else None
+    info["output_dir"] = run.config.output_dir
+    info["training"] = {
+        "base_model": run.config.model,
+        "backend": run.backend,
+        "quantization": run.base.quantization,
+        "quantization_check": run.base.check.describe(),
+        "precision": run.precision,
+        "prompt_format": run.prompt_format.kind,
+        "chat_template_sha256": data.sha256_text(chat_template) if chat_template else None,
+        "end_token": run.prompt_format.end_token,
+        "max_length": run.max_length,
+        "hyperparameters": run.config.to_dict(),
+        "data": {
+            "train_file": str(run.files.train),
+            "val_file": str(run.files.val) if run.files.val else None,
+            "dataset_info_file": str(run.files.dataset_info) if run.files.dataset_info else None,
+            "train": data.token_stats(run.train_rows),
+            "val": data.token_stats(run.val_rows) if run.val_rows else None,
+            "commands": data.command_counts(run.train_examples),
+        },
+        "throughput": {"tokens_per_second": run.speed.tokens_per_second, "train_tokens": run.speed.tokens,
+                       "train_seconds": run.speed.train_seconds, "padding_share": padding},
+        "final_losses": final_losses,
+        "merged": merged,
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "duration_s": duration_s,
+        "command": " ".join(sys.argv),
+    }
+    return info
+
+
+def write_outputs(local_dir: Path, info: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
+    (local_dir / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    report.write_logs(log_history, local_dir)
+    report.plot_losses(log_history, local_dir / report.LOSS_PNG, title=f"{Path(info['training']['base_model']).name} + LoRA")
+    (local_dir / report.MODEL_CARD).write_text(report.model_card(info), encoding="utf-8")
+
+
+def read_training_info(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / INFO_FILE
+    if not path.is_file():
+        raise ConfigError(f"{model_dir}: not a `recipe finetune` output folder (no {INFO_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))
+

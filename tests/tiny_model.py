@@ -1,0 +1,100 @@
+"""A tiny, offline, deterministic causal LM that exercises the real finetuning and serving code paths on CPU.
+
+API (stable; used by the finetune, serve and evaluate tests and by bench/):
+
+    build_tiny_model(dir: Path, *, with_chat_template: bool = True) -> Path
+
+It writes a Hugging Face model folder into `dir` (created if missing) and returns `dir`: a byte-level BPE tokenizer
+(vocabulary 512, specials `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|pad|>`; eos = `<|im_end|>`,
+pad = `<|pad|>`, no BOS) with the ChatML chat template carrying `{% generation %}` markers (saved as
+`chat_template.jinja`), and a 2-layer Llama of ~100k parameters. Pass the folder wherever a hub id goes
+(`--model`, `FinetuneConfig.model`). Same files on every call; no network; ~0.2 s.
+
+`with_chat_template=False` leaves the template out, for the raw prompt/completion path.
+See known-weaknesses B.3 for why the sizes are what they are (notably `initializer_range=0.2`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+# ChatML; the assistant's content and its end token sit inside {% generation %} so assistant-only masks work.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}{%- if message['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}\n"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}\n"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+VOCAB_SIZE = 512
+
+
+def _training_lines() -> list[str]:
+    """A few hundred lines in the vocabulary of command-generator prompts, so common words become single tokens."""
+    words = (
+        "start flow set slot cancel flow disambiguate flows offtopic reply provide info skip question repeat message "
+        "hand over cannot handle book_hotel rent_car book_flight check_booking hotel_city car_pickup_city "
+        "flight_destination departure_date number_of_guests USER AI Your action list available flows current state "
+        "conversation description slots name value undefined allowed_values true false Lisbon Paris Berlin Madrid "
+        "Rome Tokyo I would like to book a hotel room in for two nights please the and a car at airport tomorrow"
+    ).split()
+    return [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(300)]
+
+
+def _build_tokenizer(with_chat_template: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_training_lines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token=None
+    )
+    if with_chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(dir: Path, *, with_chat_template: bool = True) -> Path:
+    """Write the tiny tokenizer and Llama into `dir` and return `dir` (see the module docstring)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(with_chat_template)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        # Large init: with the default 0.02 the frozen tied head gives near-uniform logits and LoRA cannot overfit.
+        initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    # Seed locally so the weights are the same on every call without touching the caller's RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(dir)
+    tokenizer.save_pretrained(dir)
+    return dir
