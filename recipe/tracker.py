@@ -64,6 +64,7 @@ class TranscriptLine:
     speaker: str  # "USER" or "AI"
     text: str | None
     buttons: tuple[Button, ...] = ()
+    utter: str | None = None  # the response name of a bot line, when known (kept when the bot repeats itself)
 
 
 @dataclass
@@ -179,6 +180,7 @@ class DialogueTracker:
             name: slot.initial_value for name, slot in project.domain.slots.items() if slot.initial_value is not None
         }
         self.stack: list[Frame] = []
+        self._startable: set[str] = set()
         self.transcript: list[TranscriptLine] = []
         self.events = TurnEvents()
         for name, value in fixture_slots or []:
@@ -220,13 +222,15 @@ class DialogueTracker:
         """Make the transcript show `messages` as the bot's answer to the last user turn (the test is authority)."""
         while self.transcript and self.transcript[-1].speaker == "AI":
             self.transcript.pop()
-        self.transcript.extend(TranscriptLine("AI", m.text, m.buttons) for m in messages)
+        self.transcript.extend(TranscriptLine("AI", m.text, m.buttons, m.utter) for m in messages)
 
     def _intent_commands(self, intent: str) -> list[Command]:
         return [StartFlow(flow.id) for flow in self.project.user_flows if intent in flow.nlu_triggers][:1]
 
     def _apply_commands(self, commands: list[Command]) -> None:
         # Order as a flow engine applies them: cancel, then slots (corrections), then new flows, then patterns.
+        # A flow whose guard fails on the slots before this turn cannot be started (the runtime drops the command).
+        self._startable = {flow.id for flow in startable_flows(self.project, self.slots)}
         if any(isinstance(c, CancelFlow) for c in commands):
             self._cancel_top_flow()
         corrections = []
@@ -317,6 +321,12 @@ class DialogueTracker:
     def _start_user_flow(self, flow_id: str) -> None:
         if any(frame.flow_id == flow_id for frame in self.stack):
             return  # already active: the engine drops the command
+        if flow_id not in self._startable:
+            guard = self.flow(flow_id).guard
+            self.events.warnings.append(
+                f"flow `{flow_id}` cannot be started now (its guard `if: {guard}` is false); the command is dropped"
+            )
+            return
         flow = self.flow(flow_id)
         self.stack.append(Frame(flow_id, "user", flow.first_step))
         self.events.flows_started.append(flow_id)
@@ -418,6 +428,7 @@ class DialogueTracker:
                     break
             else:
                 frame.step_done = True
+                frame.asked.discard(step.id)  # reaching this step again (a loop, a correction) asks again
                 return False
         frame.asked.add(step.id)
         question = step.utter or f"utter_ask_{slot}"
@@ -439,7 +450,10 @@ class DialogueTracker:
         elif action == "action_clarify_flows":
             self.events.clarification_options.extend(frame.context.get("options", []))
         elif action == "action_repeat_bot_messages":
-            self._emit(*self._last_bot_messages())
+            repeated = self._last_bot_messages()
+            if repeated and self._waiting_in_collect(frame):
+                repeated = repeated[:-1]  # the last one is the question, which the collect step asks again anyway
+            self._emit(*repeated)
         elif action in GENERATED_ACTIONS:
             self._emit(BotMessage(None, utter=action))
         elif action in ("action_cancel_flow", "action_correct_flow_slot", "action_listen"):
@@ -450,13 +464,25 @@ class DialogueTracker:
             )
 
     def _last_bot_messages(self) -> list[BotMessage]:
+        """The bot's last run of messages before the repeat request (user messages without a reply are passed)."""
         lines = self.transcript[:-1]  # before the current user message
         messages: list[BotMessage] = []
         for line in reversed(lines):
-            if line.speaker != "AI":
+            if line.speaker == "AI":
+                messages.insert(0, BotMessage(line.text, line.buttons, line.utter))
+            elif messages:
                 break
-            messages.insert(0, BotMessage(line.text, line.buttons))
         return messages
+
+    def _waiting_in_collect(self, pattern_frame: Frame) -> bool:
+        """Is the frame below this pattern waiting for the answer to a collect step's question?"""
+        index = next((i for i, f in enumerate(self.stack) if f is pattern_frame), len(self.stack))
+        below = [f for f in self.stack[:index] if f.kind != "pattern"]
+        if not below:
+            return False
+        frame = below[-1]
+        step = self.flow(frame.flow_id).steps.get(frame.step_id)
+        return step is not None and step.kind == "collect" and not frame.step_done and step.id in frame.asked
 
     def _say(self, utter: str, frame: Frame | None = None) -> None:
         variations = self.project.domain.responses.get(utter)
@@ -491,7 +517,7 @@ class DialogueTracker:
     def _emit(self, *messages: BotMessage) -> None:
         for message in messages:
             self.events.bot_messages.append(message)
-            self.transcript.append(TranscriptLine("AI", message.text, message.buttons))
+            self.transcript.append(TranscriptLine("AI", message.text, message.buttons, message.utter))
 
 
 def startable_flows(project: Project, slots: dict[str, Any]) -> list[Flow]:
