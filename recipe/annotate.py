@@ -32,7 +32,7 @@ from recipe.commands import (
     Syntax,
     parse_model_output,
 )
-from recipe.conversation import Turn, _resolve_bot_step, assertion_problems
+from recipe.conversation import Turn, assertion_problems, listed_bot_messages
 from recipe.llm import LLMCallFailed, LLMClient
 from recipe.project import Project, command_problem
 from recipe.prompt import PromptRenderer, prompt_variables
@@ -172,10 +172,11 @@ def annotate_from_assertions(project: Project, test_case: TestCase) -> TestAnnot
             result = TurnAnnotation(number, [], "payload")
         else:
             result = _derive_turn(project, tracker, step, number, following)
-        tracker.user_turn(step.text, result.commands or [])
+        events = tracker.user_turn(step.text, result.commands or [])
         bot_steps = [s for s in following if isinstance(s, BotStep)]
-        if bot_steps:
-            tracker.replace_bot_messages([_resolve_bot_step(project, s, tracker.slots) for s in bot_steps])
+        listed = listed_bot_messages(project, step, bot_steps, events.bot_messages, tracker.slots)
+        if listed is not None:
+            tracker.replace_bot_messages(listed)
         annotation.turns.append(result)
     return annotation
 
@@ -197,7 +198,9 @@ def _derive_turn(project: Project, tracker: DialogueTracker, step: UserStep, num
         command = SetSlot(name, _value_text(value))
         if command not in slot_commands:
             slot_commands.append(command)
-    explicit = _explicit_commands(step)
+    # A flow whose guard fails (`if: False` included) can only have been started by a link or call step.
+    startable = {flow.id for flow in startable_flows(project, tracker.slots)}
+    explicit = [c for c in _explicit_commands(step) if not isinstance(c, StartFlow) or c.flow in startable]
     # A flow the test says was started may have been started by a link or call, not by a command.
     candidates = [explicit] + [[c for c in explicit if c != started] for started in explicit
                                if isinstance(started, StartFlow)]  # fmt: skip
@@ -273,10 +276,11 @@ async def annotate_with_teacher(
             if result.commands is None:
                 derived = _derive_turn(project, tracker, step, number, following)
                 replay_commands = derived.commands or []
-        tracker.user_turn(step.text, result.commands if result.commands is not None else replay_commands)
+        events = tracker.user_turn(step.text, result.commands if result.commands is not None else replay_commands)
         bot_steps = [s for s in following if isinstance(s, BotStep)]
-        if bot_steps:
-            tracker.replace_bot_messages([_resolve_bot_step(project, s, tracker.slots) for s in bot_steps])
+        listed = listed_bot_messages(project, step, bot_steps, events.bot_messages, tracker.slots)
+        if listed is not None:
+            tracker.replace_bot_messages(listed)
         annotation.turns.append(result)
     return annotation
 

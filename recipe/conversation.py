@@ -50,6 +50,23 @@ def _resolve_bot_step(project: Project, step: BotStep, slots: dict[str, Any]) ->
     return BotMessage(DEFAULT_RESPONSES.get(step.utter or ""), (), step.utter)
 
 
+def listed_bot_messages(project: Project, step: UserStep, bot_steps: list[BotStep], simulated: list[BotMessage],
+                        slots: dict[str, Any]) -> list[BotMessage] | None:  # fmt: skip
+    """The bot messages the transcript shows after a user turn when the test's list decides them; None: simulated.
+
+    A DU test lists every bot message (rasa-formats.md §4.4), so its list is the authority. An E2E test may leave
+    messages out (§4.2: extra bot messages are allowed): when each listed message is among the simulated ones, in
+    order, the simulation is the fuller record of what the assistant said; otherwise the test's list wins.
+    """
+    if not bot_steps:
+        return None
+    if step.commands is None:
+        remaining = iter(simulated)
+        if all(any((m.utter == s.utter) if s.utter else (m.text == s.text) for m in remaining) for s in bot_steps):
+            return None
+    return [_resolve_bot_step(project, s, slots) for s in bot_steps]
+
+
 def replay_test_case(
     project: Project,
     test_case: TestCase,
@@ -86,11 +103,10 @@ def replay_test_case(
                         f"{bot_step.location}: the test expects `{bot_step.utter}` after turn {number}; "
                         f"the flows would say {simulated or 'nothing'}"
                     )
-            if bot_steps:
-                messages = [_resolve_bot_step(project, s, tracker.slots) for s in bot_steps]
-                tracker.replace_bot_messages(messages)
-            else:
-                messages = list(events.bot_messages)
+            listed = listed_bot_messages(project, step, bot_steps, events.bot_messages, tracker.slots)
+            if listed is not None:
+                tracker.replace_bot_messages(listed)
+            messages = listed if listed is not None else list(events.bot_messages)
             turns.append(
                 Turn(
                     number=number,
