@@ -108,17 +108,36 @@ def _allowed_values(slot: Slot) -> str | None:
     return None
 
 
-def _collect_steps(project: Project, flow: Flow, seen: set[str] | None = None) -> list[Step]:
-    """Collect steps of a flow and of the flows it reaches through `call`, in step order."""
-    seen = seen if seen is not None else set()
-    seen.add(flow.id)
+def _steps_in_text_order(flow: Flow) -> list[Step]:
+    """A flow's steps as the runtime lists them: each step, then the steps nested under its `next`, then the step
+    after it (depth first), which is the order they are written in; steps read without a line keep their order."""
+    indexed = list(enumerate(flow.steps.values()))
+    indexed.sort(key=lambda item: (item[1].location.line is None, item[1].location.line or 0, item[0]))
+    return [step for _, step in indexed]
+
+
+def _collect_steps_uncached(project: Project, flow: Flow, calling: tuple[str, ...] = ()) -> list[Step]:
     steps: list[Step] = []
-    for step in flow.steps.values():
+    for step in _steps_in_text_order(flow):
         if step.kind == "collect":
             steps.append(step)
-        elif step.kind == "call" and step.call in project.flows and step.call not in seen:
-            steps.extend(_collect_steps(project, project.flows[step.call], seen))
+        elif step.kind == "call" and step.call in project.flows and step.call not in calling + (flow.id,):
+            # the called flow's collect steps, where it is called (every time it is called)
+            steps.extend(_collect_steps_uncached(project, project.flows[step.call], calling + (flow.id,)))
     return steps
+
+
+_COLLECT_STEPS_CACHE: dict[tuple[int, int], tuple[Project, Flow, list[Step]]] = {}
+
+
+def _collect_steps(project: Project, flow: Flow) -> list[Step]:
+    """Collect steps of a flow and of the flows it reaches through `call`, in step order (computed once per flow)."""
+    key = (id(project), id(flow))
+    cached = _COLLECT_STEPS_CACHE.get(key)
+    if cached is None or cached[0] is not project or cached[1] is not flow:
+        cached = (project, flow, _collect_steps_uncached(project, flow))
+        _COLLECT_STEPS_CACHE[key] = cached
+    return cached[2]
 
 
 def _extractable(project: Project, step: Step, slots: dict[str, Any], asked_slot: str | None = None) -> bool:
@@ -135,7 +154,7 @@ def transcript_text(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], us
     """The last 20 lines of the conversation, then the new user message after a newline."""
     rendered = []
     for line in lines:
-        text = " ".join((line.text or "").splitlines()) if line.text else ""
+        text = _one_line(line.text) if line.text else ""
         if line.speaker == "AI":
             if not text and not line.buttons:
                 continue  # a bot message with neither text nor buttons is not shown
@@ -148,7 +167,7 @@ def transcript_text(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], us
 
 
 def _one_line(text: str) -> str:
-    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    return text.replace("\n", " ")  # as the runtime does: each newline becomes a space, nothing else changes
 
 
 def prompt_variables(
