@@ -148,8 +148,12 @@ def load_project(
                 )  # fmt: skip
             loaded[flow.id] = flow
     if not loaded:
-        where = ", ".join(str(p) for p in flow_roots)
-        raise InputError(where, None, "no flows found; expected YAML files with a top-level `flows:` key")
+        # One path before the colon, like every other error: the --flows path, else the project folder.
+        searched = " or ".join(str(p) for p in flow_roots)
+        raise InputError(
+            str(flows[0] if flows and len(flows) == 1 else root), None,
+            f"no flows found in {searched}; expected YAML files with a top-level `flows:` key",
+        )  # fmt: skip
 
     domain_files = []
     for path in domain or []:
