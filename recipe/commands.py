@@ -211,7 +211,6 @@ _QUOTES = "'\"`"
 
 # What LLMs put around a command: bullets, numbering, markdown, quotes, backticks.
 _LEADING_JUNK = re.compile(r"^(?:\s|[-*•>#+]|\d+[.)]|\(\d+\)|[" + _QUOTES + "])+")
-_TRAILING_JUNK = re.compile(r"[\s" + _QUOTES + r"]+$")
 
 
 def _unquote(text: str) -> str:
@@ -296,7 +295,11 @@ def _parse_words(line: str, syntax: Syntax) -> Command | None:
 
 def _clean_line(line: str) -> str:
     line = _LEADING_JUNK.sub("", line.strip())
-    return _TRAILING_JUNK.sub("", line)
+    # A trailing quote is wrapping (or stray) only while it has no partner in the line; a balanced one closes a
+    # quoted value (`set slot city "New York"`) and must stay for the value to be unquoted whole.
+    while line and line[-1] in _QUOTES and line.count(line[-1]) % 2 == 1:
+        line = line[:-1].rstrip()
+    return line
 
 
 def parse_command(line: str, syntaxes: Iterable[Syntax] = ALL_SYNTAXES) -> Command:
