@@ -2,14 +2,13 @@
 8-bit loading and its fallback, config precedence, and the errors users get before any training starts.
 
 One overfitting run is shared by the module (4 distinct rows x 6, 6 epochs): it must reproduce each training row's
-completion exactly and stop.
+completion exactly and stop. Offline: conftest.py sets HF_HUB_OFFLINE and friends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,15 +16,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from finetune_rows import example_rows
+from tiny_model import build_tiny_model
 
-os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-
-from finetune_rows import example_rows  # noqa: E402
-from tiny_model import build_tiny_model  # noqa: E402
-
-from recipe.cli import build_parser, main  # noqa: E402
-from recipe.errors import ConfigError, InputError, RecipeError  # noqa: E402
-from recipe.finetune.config import FinetuneConfig  # noqa: E402
+from recipe.cli import build_parser, main
+from recipe.errors import ConfigError, InputError, RecipeError
+from recipe.finetune.config import FinetuneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 OVERFIT_ROWS = (0, 12, 17, 29)  # four rows whose completions differ from the first token on
