@@ -82,6 +82,7 @@ class PrepareConfig:
     teacher_llm: LLMConfig | None = None
     oracle_llm: LLMConfig | None = None
     show_progress: bool = True
+    backoff_base_s: float = 1.0  # first retry wait; tests shorten it
     parameters: dict[str, Any] = field(default_factory=dict)  # the CLI options as given, for params.yaml
 
 
@@ -377,7 +378,8 @@ async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[T
     def client(llm: LLMConfig | None) -> LLMClient | None:
         if llm is None or config.offline:
             return None
-        return LLMClient(llm, cache_dir=cache, max_concurrency=config.max_concurrency, seed=config.seed)
+        return LLMClient(llm, cache_dir=cache, max_concurrency=config.max_concurrency, seed=config.seed,
+                         backoff_base_s=config.backoff_base_s, backoff_cap_s=max(30 * config.backoff_base_s, 0.5))
 
     rephrase_needed = config.num_rephrases > 0
     clients = _Clients(
