@@ -49,6 +49,11 @@ class _FlowReader:
             step, next_node = self.read_step(item, items, position)
             ids.append(step.id)
             raw_next.append((step, next_node, item))
+            if next_node is not None and step.kind != "link":
+                # Branch steps are read (and numbered) right after their step, depth first, as the engine numbers
+                # them: `a` with a branch `b`, then `c` gives a=0, b=1, c=2.
+                self.next_lines[step.id] = line_of(item, "next")
+                step.next = self.read_next(next_node, item)
         for position, (step, next_node, item) in enumerate(raw_next):
             following = ids[position + 1] if position + 1 < len(ids) else END
             if step.kind == "link":
@@ -59,9 +64,6 @@ class _FlowReader:
                 step.next = [Branch(None, END)]
             elif next_node is None:
                 step.next = [Branch(None, following)]
-            else:
-                self.next_lines[step.id] = line_of(item, "next")
-                step.next = self.read_next(next_node, item)
         return ids
 
     def read_step(self, item: Any, parent: Any, position: int) -> tuple[Step, Any]:
