@@ -292,6 +292,10 @@ def command_table(report: CoverageReport) -> list[str]:
     return _aligned(rows)
 
 
+def _plural(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{name} ×{count}" for name, count in counts.items())
 
@@ -303,7 +307,7 @@ def dialect_line(report: CoverageReport) -> str:
         for dialect, number in counts.items():
             lines[dialect] += number
             files[dialect] += 1
-    parts = [f"{dialect} {lines[dialect]} lines in {files[dialect]} file{'s' * (files[dialect] != 1)}"
+    parts = [f"{dialect} {_plural(lines[dialect], 'line')} in {_plural(files[dialect], 'file')}"
              for dialect in sorted(lines, key=lambda d: -lines[d])]  # fmt: skip
     return f"command dialects: {', '.join(parts) or 'no commands written'}"
 
@@ -321,7 +325,8 @@ def summary_lines(report: CoverageReport) -> list[str]:
     turns = report.turns_without_commands
     derivable = sum(turn.status == DERIVABLE for turn in turns)
     lines = [
-        f"{report.test_cases} test cases in {len(report.test_files)} files, {report.user_turns} user turns; "
+        f"{_plural(report.test_cases, 'test case')} in {_plural(len(report.test_files), 'file')}, "
+        f"{_plural(report.user_turns, 'user turn')}; "
         f"commands shown in {report.syntax.value} ({report.syntax_source})",
         "",
         *command_table(report),
@@ -371,7 +376,8 @@ def coverage_markdown(report: CoverageReport) -> str:
     lines = [
         "# Test coverage",
         "",
-        f"{report.test_cases} test cases in {len(report.test_files)} files, {report.user_turns} user turns. "
+        f"{_plural(report.test_cases, 'test case')} in {_plural(len(report.test_files), 'file')}, "
+        f"{_plural(report.user_turns, 'user turn')}. "
         f"Commands are shown in the {report.syntax.value} syntax ({report.syntax_source}).",
         "",
         "## Command types",
