@@ -332,7 +332,8 @@ def summary_lines(report: CoverageReport) -> list[str]:
         *command_table(report),
         "",
         f"turns without commands in the test: {len(turns)} ({derivable} derivable from assertions, "
-        f"{len(report.turns_not_derivable)} not derivable); button-payload turns: {len(report.payload_turns)}",
+        f"{len(report.turns_not_derivable)} not derivable, {len(turns) - derivable - len(report.turns_not_derivable)}"
+        f" with `commands: []`); button-payload turns: {len(report.payload_turns)}",
         "gaps:",
         f"  command types never used: {', '.join(report.unused_command_types) or 'none'}",
         f"  user flows never started by a command: {', '.join(report.flows_never_started) or 'none'}",
