@@ -30,6 +30,7 @@ WARNING_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("custom actions without a stub", re.compile(r"custom action `([^`]+)` has no stub")),
     ("responses not in the domain", re.compile(r"response `([^`]+)` is not in the domain")),
     ("expected responses the flows would not say", re.compile(r"the test expects `([^`]+)` after turn")),
+    ("start flow while the flow's guard is false", re.compile(r"flow `([^`]+)` cannot be started now")),
 )
 OTHER_WARNINGS = "other"
 MAX_TURNS_LISTED = 10  # in the terminal; coverage.md lists them all
@@ -324,6 +325,7 @@ def summary_lines(report: CoverageReport) -> list[str]:
     """The terminal summary: the command table, then the gaps, one line each."""
     turns = report.turns_without_commands
     derivable = sum(turn.status == DERIVABLE for turn in turns)
+    empty = sum(turn.status == EMPTY_IN_TEST for turn in turns)
     lines = [
         f"{_plural(report.test_cases, 'test case')} in {_plural(len(report.test_files), 'file')}, "
         f"{_plural(report.user_turns, 'user turn')}; "
@@ -332,8 +334,8 @@ def summary_lines(report: CoverageReport) -> list[str]:
         *command_table(report),
         "",
         f"turns without commands in the test: {len(turns)} ({derivable} derivable from assertions, "
-        f"{len(report.turns_not_derivable)} not derivable, {len(turns) - derivable - len(report.turns_not_derivable)}"
-        f" with `commands: []`); button-payload turns: {len(report.payload_turns)}",
+        f"{len(report.turns_not_derivable)} not derivable" + (f", {empty} with `commands: []`" if empty else "")
+        + f"); button-payload turns: {len(report.payload_turns)}",
         "gaps:",
         f"  command types never used: {', '.join(report.unused_command_types) or 'none'}",
         f"  user flows never started by a command: {', '.join(report.flows_never_started) or 'none'}",

@@ -196,6 +196,11 @@ def write_project(root: Path) -> None:
                 description: The user asks where their order is.
                 steps:
                   - action: utter_order_status
+              reorder:
+                description: Order the same as last time.
+                if: slots.has_orders
+                steps:
+                  - action: utter_order_done
               add_note:
                 description: Reached from other flows only.
                 if: False
@@ -207,6 +212,7 @@ def write_project(root: Path) -> None:
               pizza_size: {type: categorical, values: [small, large], mappings: [{type: from_llm}]}
               address: {type: text, mappings: [{type: from_llm}]}
               note: {type: text, mappings: [{type: from_llm}]}
+              has_orders: {type: bool, mappings: [{type: controlled}]}
             responses:
               utter_ask_pizza_size: [{text: Which size?, buttons: [{title: Large, payload: "/SetSlots(pizza_size=large)"}]}]
               utter_ask_address: [{text: Where to?}]
@@ -228,6 +234,10 @@ def write_project(root: Path) -> None:
                           - name: address
                   - user: thanks
                     commands: []
+              - test_case: reorder without earlier orders
+                steps:
+                  - user: same as last time
+                    commands: [start flow reorder]
             """,
     }  # fmt: skip
     for name, text in files.items():
@@ -251,3 +261,6 @@ def test_gaps_are_listed(tmp_path, monkeypatch):
     assert "  user flows never started by a command: check_order" in lines
     assert "  collected slots never set by a command: pizza_size, address, note" in lines
     assert any(line.startswith("  e2e_tests/orders.yml:9: turn 3 has no commands") for line in lines)
+    # The test labels a start the runtime would drop: summarised per flow, not per turn.
+    assert report.tracker_warnings["start flow while the flow's guard is false"] == {"reorder": 1}
+    assert "tracker warnings, start flow while the flow's guard is false: reorder ×1" in lines
