@@ -27,7 +27,7 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 DEFAULT_TEMPLATES = {
     Syntax.V1: "command_prompt_v1.jinja2",
     Syntax.V2: "command_prompt_v2.jinja2",
-    Syntax.V3: "command_prompt_v2.jinja2",
+    Syntax.V3: "command_prompt_v3.jinja2",  # as v2, but knowledge is `search and reply` in this dialect
 }
 TRANSCRIPT_LINES = 20
 

@@ -425,6 +425,23 @@ def test_mocked_datetime_fixed_datetime_and_no_datetime(capsys):
     assert "Today is Thursday, 05 March 2026, 14:05.\n" in v1
 
 
+@pytest.mark.parametrize(("syntax", "knowledge"), [("v1", "SearchAndReply()"), ("v2", "provide info"),
+                                                   ("v3", "search and reply")])
+def test_our_templates_offer_every_command_in_the_syntax_the_labels_use(capsys, syntax, knowledge):
+    from recipe.commands import (CancelFlow, ChitChat, Clarify, HumanHandoff, Knowledge, RepeatLastBotMessages,
+                                 SetSlot, SkipQuestion, StartFlow, Syntax, format_command)
+
+    prompt = _render_cli(capsys, *CASES["inside_flow"], "--command-syntax", syntax, "--no-datetime")
+    assert knowledge in prompt
+    # each command kind the bundled tests teach, in the words its completion is written in
+    for command in (CancelFlow(), ChitChat(), Knowledge(), SkipQuestion(), RepeatLastBotMessages(), HumanHandoff()):
+        assert format_command(command, Syntax(syntax)) in prompt, command
+    for command in (StartFlow("x"), SetSlot("x", "y"), Clarify(("a", "b"))):
+        text = format_command(command, Syntax(syntax))  # StartFlow(x) / start flow x, disambiguate flows a b, ...
+        keyword = text.split("(")[0] if syntax == "v1" else " ".join(text.split()[:2])
+        assert keyword in prompt, keyword
+
+
 def test_a_users_own_template_is_used_as_is(capsys, tmp_path):
     template = tmp_path / "mine.jinja2"
     template.write_text(textwrap.dedent("""\
