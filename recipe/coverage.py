@@ -15,9 +15,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipe.annotate import annotate_from_assertions
-from recipe.commands import COMMAND_KINDS, CORE_COMMAND_KINDS, Command, SetSlot, StartFlow, Syntax, detect_syntax
-from recipe.commands import format_command
+from recipe.annotate import TestAnnotation, annotate_from_assertions
+from recipe.commands import (
+    COMMAND_KINDS,
+    CORE_COMMAND_KINDS,
+    Command,
+    SetSlot,
+    StartFlow,
+    Syntax,
+    detect_syntax,
+    format_command,
+)
 from recipe.conversation import replay_test_case
 from recipe.project import Project
 from recipe.prompt import choose_syntax
@@ -137,10 +145,6 @@ class CoverageReport:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def _label(command: Command, syntax: Syntax) -> str:
-    return format_command(command, syntax)
-
-
 def _collected_slots(project: Project) -> dict[str, list[str]]:
     """Slot -> the user flows that collect it, in flow order."""
     slots: dict[str, list[str]] = {}
@@ -154,6 +158,11 @@ def _collected_slots(project: Project) -> dict[str, list[str]]:
 
 def _startable_by_command(flow: Flow) -> bool:
     return flow.guard is None or flow.guard.strip().lower() != "false"
+
+
+def _llm_fillable(project: Project, name: str) -> bool:
+    slot = project.slot(name)
+    return slot is not None and slot.llm_fillable
 
 
 def _dialects(test_file: TestFile, names: set[str]) -> dict[str, int]:
@@ -226,14 +235,14 @@ def _tally_test_case(project: Project, test_case: TestCase, syntax: Syntax, tall
             _group_warning(warning, tally.warnings)
 
 
-def _without_commands(test_case: TestCase, number: int, step: UserStep, annotation: Any, syntax: Syntax,
+def _without_commands(test_case: TestCase, number: int, step: UserStep, annotation: TestAnnotation, syntax: Syntax,
                       tally: _Tally) -> TurnWithoutCommands:  # fmt: skip
     derived = annotation.turns[number - 1]
     where = str(step.location)
     if derived.commands is None:
         return TurnWithoutCommands(test_case.id, number, step.text, where, NOT_DERIVABLE, reason=derived.reason)
     tally.count_commands(derived.commands, tally.derived)
-    labels = tuple(_label(command, syntax) for command in derived.commands)
+    labels = tuple(format_command(command, syntax) for command in derived.commands)
     return TurnWithoutCommands(test_case.id, number, step.text, where, DERIVABLE, labels)
 
 
@@ -245,8 +254,8 @@ def coverage_report(project: Project, test_files: list[TestFile]) -> CoverageRep
     cases = [case for test_file in test_files for case in test_file.test_cases]
     for test_case in cases:
         _tally_test_case(project, test_case, syntax, tally)
+    # Every core kind, zeros included; agent commands only when the tests use them.
     kinds = [kind for kind in COMMAND_KINDS if kind in CORE_COMMAND_KINDS or tally.written[kind] + tally.derived[kind]]
-    collected = _collected_slots(project)
     return CoverageReport(
         syntax=syntax,
         syntax_source=source,
@@ -261,9 +270,9 @@ def coverage_report(project: Project, test_files: list[TestFile]) -> CoverageRep
         ],
         slots=[
             SlotCoverage(name, tuple(flows), tally.slot_sets[name], tally.payload_sets[name],
-                         bool(project.slot(name) and project.slot(name).llm_fillable))  # type: ignore[union-attr]
-            for name, flows in collected.items()
-        ],  # fmt: skip
+                         _llm_fillable(project, name))
+            for name, flows in _collected_slots(project).items()
+        ],
         turns_without_commands=tally.without_commands,
         payload_turns=tally.payloads,
         dialects={
@@ -426,8 +435,10 @@ def coverage_markdown(report: CoverageReport) -> str:
         "",
         "These never reach the command generator and give no training rows.",
         "",
-        *_md_table(["where", "test case", "turn", "payload"],
-                   [[t.location, _case_name(t.test_case), t.turn, f"`{t.text}`"] for t in report.payload_turns]),  # fmt: skip
+        *_md_table(
+            ["where", "test case", "turn", "payload"],
+            [[t.location, _case_name(t.test_case), t.turn, f"`{t.text}`"] for t in report.payload_turns],
+        ),
         "",
         "## Command dialects per file",
         "",

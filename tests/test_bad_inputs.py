@@ -43,14 +43,15 @@ CASES = [
     Case("unknown_flow_in_command", "e2e_tests/orders.yml", ("unknown flow `order_pasta`",
                                                              "expected one of: order_pizza, check_order")),  # fmt: skip
     Case("unknown_slot_in_command", "e2e_tests/orders.yml", ("unknown slot `street`", "expected a slot of the domain")),
-    Case("categorical_value_outside", "e2e_tests/orders.yml", ("`huge` is not a value of categorical slot "
-                                                               "`pizza_size`", "expected one of: small, medium, large")),
+    Case("categorical_value_outside", "e2e_tests/orders.yml",
+         ("`huge` is not a value of categorical slot `pizza_size`", "expected one of: small, medium, large")),
     Case("bool_value_invalid", "e2e_tests/orders.yml", ("`maybe` is not a valid bool value for slot `extra_cheese`",)),
     Case("next_unknown_step", "flows/flows.yml", ("`next` points to unknown step `confirm_order`",
                                                   "expected a step id of this flow or END")),  # fmt: skip
     Case("collect_slot_not_in_domain", "flows/flows.yml", ("collects `phone_number`", "not a slot in the domain")),
     Case("missing_domain", "", ("no domain found", "expected domain.yml, a domain/ folder")),
-    Case("empty_test_folder", "e2e_tests", ("no test cases found", "expected YAML files with a top-level `test_cases:`")),
+    Case("empty_test_folder", "e2e_tests",
+         ("no test cases found", "expected YAML files with a top-level `test_cases:`")),
     Case("unknown_fixture", "e2e_tests/orders.yml", ("unknown fixture `hungry_customer`", "conftest.yml")),
     Case("unknown_test_name", "e2e_tests/orders.yml", ("no test case named `order a small pizza`",
                                                        "the file has `order a large pizza`"),

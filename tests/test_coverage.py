@@ -214,7 +214,9 @@ def write_project(root: Path) -> None:
               note: {type: text, mappings: [{type: from_llm}]}
               has_orders: {type: bool, mappings: [{type: controlled}]}
             responses:
-              utter_ask_pizza_size: [{text: Which size?, buttons: [{title: Large, payload: "/SetSlots(pizza_size=large)"}]}]
+              utter_ask_pizza_size:
+                - text: Which size?
+                  buttons: [{title: Large, payload: "/SetSlots(pizza_size=large)"}]
               utter_ask_address: [{text: Where to?}]
               utter_order_done: [{text: Done.}]
               utter_order_status: [{text: Soon.}]
