@@ -71,8 +71,11 @@ def choose_syntax(project: Project, explicit: str | None = None) -> Syntax:
     return project.config.syntax or Syntax.V2
 
 
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # = json.dumps(value, ensure_ascii=False), built once
+
+
 def _to_json_escaped_string(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    return _JSON_ENCODER.encode(value)
 
 
 def jinja_environment() -> jinja2.Environment:
