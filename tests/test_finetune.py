@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from importlib import metadata
@@ -277,6 +278,27 @@ def test_label_mask_covers_exactly_the_completion_and_end_token(row_format, rows
     assert (batch["labels"][padding] == -100).all()
     batch_decoded = [tokenizer.decode([t for t in row.tolist() if t != -100]) for row in batch["labels"]]
     assert set(batch_decoded) <= set(expected)
+
+
+def test_distributed_data_parallel_run_on_two_cpu_processes(tiny, rows, cpu_config, tmp_path):
+    """The hf backend under a multi-process launcher (torchrun, which `accelerate launch` drives on GPUs): the rows
+    are split between the processes and only the main process writes the outputs."""
+    data_file = write_jsonl(tmp_path / "train.jsonl", rows[:8])
+    out = tmp_path / "ddp"
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "recipe", "finetune", "--config", str(cpu_config), "--data", str(data_file), "--model", str(tiny),
+               "-o", str(out), "--epochs", "1", "--batch-size", "2"]
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("finetuned ") == 1, "only the main process reports"
+    training = training_info(out)["training"]
+    assert training["hardware"]["processes"] == 2
+    log = json.loads((out / "training_log.json").read_text())
+    assert max(entry["step"] for entry in log) == 8 // (2 * 2)  # 8 rows, 2 processes x batch 2
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------------------------- quantization

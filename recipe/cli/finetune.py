@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     from recipe.finetune import finetune
 
     result = finetune(config)
+    if not result.main_process:
+        return 0  # under accelerate launch / torchrun, the main process reports
     print(f"finetuned {result.info.get('training', {}).get('base_model', config.model)} in {result.duration_s:.0f} s: "
           f"train loss {_loss(result.train_loss)}, val loss {_loss(result.eval_loss)}")
     remote = result.output_dir != str(result.local_dir) and "://" in result.output_dir

@@ -48,6 +48,7 @@ class FinetuneResult:
     eval_loss: float | None
     duration_s: float
     info: dict[str, Any]
+    main_process: bool = True  # False on the other processes of a distributed run, which write nothing
 
 
 @dataclass
@@ -86,7 +87,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     trainer.train(resume_from_checkpoint=last_checkpoint(run.local_dir) if config.resume else None)
     trainer.save_model(str(run.local_dir))  # adapter + tokenizer; collective under FSDP, so every process calls it
     if not trainer.is_world_process_zero():
-        return FinetuneResult(config.output_dir, run.local_dir, None, None, None, time.monotonic() - started, {})
+        return FinetuneResult(config.output_dir, run.local_dir, None, None, None, time.monotonic() - started, {},
+                              main_process=False)
     (run.local_dir / "training_args.bin").unlink(missing_ok=True)  # pickled arguments: not portable, not needed
     log_history = trainer.state.log_history
     from recipe.finetune.throughput import padding_share
