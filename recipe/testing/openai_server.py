@@ -302,6 +302,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like real endpoints
+    # Headers and body go out in two writes; without TCP_NODELAY, Nagle plus the client's delayed ACK add ~40 ms
+    # to every answer, which would swamp the latencies the benchmarks measure.
+    disable_nagle_algorithm = True
     server: _HTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
