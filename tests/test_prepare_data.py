@@ -262,3 +262,36 @@ def test_a_killed_run_resumes_without_paying_twice_and_writes_the_same_files(tmp
         summary["recipe"].pop("llm_usage")
         summary["recipe"].pop("estimated_cost_usd")
     assert summaries[0] == summaries[1]
+
+
+def test_loose_validation_labels_a_paraphrase_with_the_oracles_commands(tmp_path, example_project):
+    responder = ScriptedAssistantLLM(example_project, SPECS[:1])
+    with ScriptedOpenAIServer(responder) as server:
+        result = prepare_data(example_project, llm_config(example_project, tmp_path, server, tests=SPECS[:1],
+                                                          validation="loose"))  # fmt: skip
+    assert result.summary["recipe"]["rephrasings"]["failing"] == 0  # names agree, values are not compared
+    rows = read_jsonl(tmp_path / "out/3_llm_finetune_data/llm_ft_data.jsonl")
+    changed = [row for row in rows if (row["rephrased_user_utterance"] or "").startswith("Actually ")
+               and "set slot" in row["output"]]  # fmt: skip
+    # The paraphrase that says another value is trained on the value it says, never on the original one.
+    assert changed and all(CHANGED_VALUE in row["output"] for row in changed)
+
+
+def test_rephrase_config_may_name_a_model_group_of_endpoints_yml(tmp_path, example_project):
+    from recipe.prepare import load_rephrase_config
+
+    project_dir = tmp_path / "assistant"
+    project_dir.mkdir()
+    (project_dir / "endpoints.yml").write_text(
+        "model_groups:\n  - id: rephraser\n    models:\n      - provider: self-hosted\n        model: my-llm\n"
+        "        api_base: http://127.0.0.1:9/v1\n        timeout: 7\n"
+    )
+    config = tmp_path / "rephrase.yml"
+    config.write_text("llm:\n  model_group: rephraser\nprompt_template: custom.jinja2\n")
+    (tmp_path / "custom.jinja2").write_text("Rephrase {{ user_messages | length }} messages")
+    llm, template = load_rephrase_config(config, project_dir)
+    assert (llm.provider, llm.model, llm.api_base, llm.timeout) == ("self-hosted", "my-llm", "http://127.0.0.1:9/v1", 7)
+    assert template is not None and template.text.startswith("Rephrase")
+    config.write_text("llm:\n  model_group: missing\n")
+    with pytest.raises(Exception, match="model_group `missing` not found"):
+        load_rephrase_config(config, project_dir)
