@@ -56,15 +56,26 @@ def listed_bot_messages(project: Project, step: UserStep, bot_steps: list[BotSte
 
     A DU test lists every bot message (rasa-formats.md §4.4), so its list is the authority. An E2E test may leave
     messages out (§4.2: extra bot messages are allowed): when each listed message is among the simulated ones, in
-    order, the simulation is the fuller record of what the assistant said; otherwise the test's list wins.
+    order, the simulation is the fuller record of what the assistant said; otherwise the test's list wins. A listed
+    message that the simulation also said is taken from the simulation, whose text was filled with the slot values
+    of the moment it was said (a flow's slots may be reset by the end of the turn).
     """
     if not bot_steps:
         return None
-    if step.commands is None:
-        remaining = iter(simulated)
-        if all(any((m.utter == s.utter) if s.utter else (m.text == s.text) for m in remaining) for s in bot_steps):
-            return None
-    return [_resolve_bot_step(project, s, slots) for s in bot_steps]
+    matched: list[BotMessage | None] = []
+    position = 0
+    for bot_step in bot_steps:
+        for index in range(position, len(simulated)):
+            said = simulated[index]
+            if (said.utter == bot_step.utter) if bot_step.utter else (said.text == bot_step.text):
+                matched.append(said)
+                position = index + 1
+                break
+        else:
+            matched.append(None)
+    if step.commands is None and None not in matched:
+        return None
+    return [said or _resolve_bot_step(project, s, slots) for s, said in zip(bot_steps, matched)]
 
 
 def replay_test_case(

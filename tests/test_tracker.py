@@ -284,6 +284,30 @@ def test_stubs_per_file_and_per_test_case_override(tmp_path):
     assert ok_turn.warnings == [] and not_ok_turn.warnings == []
 
 
+def test_listed_responses_keep_the_slot_values_of_the_moment_they_were_said(tmp_path):
+    # utter_done says "Done with {a}." as the flow's last step; by the end of the turn the flow has ended and `a`
+    # is reset, yet the transcript shows the text as it was said.
+    project = make_project(tmp_path, TWO_SLOTS)
+    tests = tmp_path / "e2e_tests"
+    tests.mkdir()
+    (tests / "du.yml").write_text(textwrap.dedent("""
+        test_cases:
+          - test_case: done
+            steps:
+              - user: a is Lisbon, b is Porto
+                commands: [start flow f, set slot a Lisbon, set slot b Porto]
+              - utter: utter_done
+              - utter: utter_can_do_something_else
+              - user: thanks
+                commands: [offtopic reply]
+    """), encoding="utf-8")
+    (case,) = all_test_cases(load_tests([str(tests)], project))
+    first, second = replay_test_case(project, case)
+    assert "a" not in first.slots_after
+    assert [line.text for line in second.state.transcript[1:]] == [
+        "Done with Lisbon.", DEFAULT_RESPONSES["utter_can_do_something_else"]]
+
+
 def test_set_slots_step_sets_and_unsets(tmp_path):
     project = make_project(tmp_path, """
         flows:
