@@ -308,6 +308,30 @@ def test_listed_responses_keep_the_slot_values_of_the_moment_they_were_said(tmp_
         "Done with Lisbon.", DEFAULT_RESPONSES["utter_can_do_something_else"]]
 
 
+def test_e2e_tests_may_list_only_some_bot_messages(tmp_path):
+    # Classic E2E steps need not list every bot message (extra ones are allowed): the transcript keeps what the
+    # assistant said. A listing the simulation contradicts is taken as written.
+    project = make_project(tmp_path, TWO_SLOTS)
+    tests = tmp_path / "e2e_tests"
+    tests.mkdir()
+    (tests / "e2e.yml").write_text(textwrap.dedent("""
+        test_cases:
+          - test_case: partial
+            steps:
+              - user: a is Lisbon, b is Porto
+              - bot: Done with Lisbon.
+              - user: thanks
+              - utter: utter_info
+              - user: bye
+    """), encoding="utf-8")
+    (case,) = all_test_cases(load_tests([str(tests)], project))
+    commands = {1: [StartFlow("f"), SetSlot("a", "Lisbon"), SetSlot("b", "Porto")], 2: [ChitChat()], 3: [ChitChat()]}
+    turns = replay_test_case(project, case, lambda number, step: commands[number])
+    assert [line.text for line in turns[1].state.transcript[1:]] == [
+        "Done with Lisbon.", DEFAULT_RESPONSES["utter_can_do_something_else"]]
+    assert turns[2].state.transcript[-1].text == "Info."  # not what the simulation said (a generated reply)
+
+
 def test_set_slots_step_sets_and_unsets(tmp_path):
     project = make_project(tmp_path, """
         flows:
