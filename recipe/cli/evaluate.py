@@ -1,0 +1,152 @@
+"""`recipe evaluate`: models over turns with known commands; report.md, report.json and plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from recipe.cli._common import (
+    add_project_arguments,
+    add_prompt_arguments,
+    load_project_from_args,
+    parse_datetime_flag,
+    setup_logging,
+)
+from recipe.errors import ConfigError
+
+EXIT_BELOW_THRESHOLD = 1
+
+
+class _ModelAction(argparse.Action):
+    """Collect models in command-line order; --label, --base-model, --endpoint-model and --api-key-env apply to the
+    model named just before them."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:  # type: ignore[no-untyped-def]
+        from recipe.evaluate import ModelSpec
+
+        models = list(getattr(namespace, "models", None) or [])
+        if self.dest == "model":
+            models.append(ModelSpec(model=value))
+        elif self.dest == "endpoint":
+            models.append(ModelSpec(endpoint=value))
+        else:
+            if not models:
+                parser.error(f"{option_string} must follow the --model or --endpoint it belongs to")
+            last = models[-1]
+            if self.dest in ("base_model", "endpoint_model") and (last.model is None) == (self.dest == "base_model"):
+                kind = "--model" if self.dest == "base_model" else "--endpoint"
+                parser.error(f"{option_string} must follow a {kind}")
+            if getattr(last, self.dest) is not None:
+                parser.error(f"{option_string} given twice for the same model")
+            models[-1] = replace(last, **{self.dest: value})
+        namespace.models = models
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score models on test turns or val.jsonl: per-command F1, accuracy, validity, latency",
+        description="Run one or more models (local folders, or OpenAI-compatible endpoints) over test cases with "
+        "commands (e.g. prepare-data's validation suites, or any dialogue-understanding test folder) or over "
+        "val.jsonl rows, and write report.md, report.json and plots to --out. Models are shown side by side.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="TESTS_OR_JSONL",
+                        help="test files or folders, FILE::TEST CASE, or val.jsonl split files")
+    models = parser.add_argument_group("models (repeatable; the options after a model apply to it)")
+    models.add_argument("--model", dest="model", action=_ModelAction, metavar="DIR",
+                        help="a recipe finetune folder, adapter folder, model folder or hub id")
+    models.add_argument("--base-model", dest="base_model", action=_ModelAction, metavar="PATH_OR_ID",
+                        help="base model of the preceding adapter --model (default: from its adapter_config.json)")
+    models.add_argument("--endpoint", dest="endpoint", action=_ModelAction, metavar="URL",
+                        help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    models.add_argument("--endpoint-model", dest="endpoint_model", action=_ModelAction, metavar="NAME",
+                        help="the model name to call at the preceding --endpoint")
+    models.add_argument("--api-key-env", dest="api_key_env", action=_ModelAction, metavar="VAR",
+                        help="environment variable holding the preceding endpoint's key")
+    models.add_argument("--label", dest="label", action=_ModelAction, help="name of the preceding model in the report")
+    parser.add_argument("-o", "--out", type=Path, default=Path("evaluation"), metavar="DIR",
+                        help="report folder (default: evaluation)")
+    parser.add_argument("--fail-under", metavar="ACCURACY",
+                        help="exit 1 when a model's turn accuracy is below this (0.8 or 80%%), for CI")
+    parser.add_argument("--constrained", action="store_true",
+                        help="constrain answers to the assistant's command grammar (local: logits processor; "
+                             "endpoints: vLLM structured_outputs)")  # fmt: skip
+    parser.add_argument("--include-derived", action="store_true",
+                        help="also score turns whose commands are derived from the test's assertions")
+    parser.add_argument("--max-tokens", type=int, default=64, help="answer token bound (default: 64)")
+    parser.add_argument("--use-completions", action="store_true",
+                        help="send raw prompts to the endpoints' /completions (models trained on raw prompts)")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="endpoint calls in flight per model (default: 1, which keeps latencies honest)")
+    parser.add_argument("--worst", type=int, default=10, help="worst turns listed per model (default: 10)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_project_arguments(parser)
+    add_prompt_arguments(parser)
+    parser.set_defaults(run=run, models=[])
+
+
+def parse_threshold(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise ConfigError(f"--fail-under {text}: expected an accuracy like 0.8 or 80%") from None
+    if not 0 <= value <= 1:
+        raise ConfigError(f"--fail-under {text}: expected an accuracy between 0 and 1 (or 0% and 100%)")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from recipe.evaluate import build_generator, evaluate_model, load_cases, passes, write_report
+    from recipe.prompt import DatetimePolicy
+
+    setup_logging()
+    threshold = parse_threshold(args.fail_under)
+    if not args.models:
+        raise ConfigError("no model to evaluate: give --model DIR and/or --endpoint URL --endpoint-model NAME")
+    if args.concurrency < 1 or args.max_tokens < 1 or args.worst < 0:
+        raise ConfigError("--concurrency and --max-tokens must be at least 1, --worst at least 0")
+    project = load_project_from_args(args)
+    # Build every generator first: a missing model or bad endpoint fails before any model runs.
+    generators = [build_generator(spec, project, template_path=args.prompt_template, syntax=args.command_syntax,
+                                  constrained=args.constrained, max_tokens=args.max_tokens,
+                                  use_completions=args.use_completions) for spec in args.models]  # fmt: skip
+    labels = [spec.name for spec in args.models]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"two models share a label ({', '.join(labels)}); name them with --label")
+    info = next((g.backend.training_info for g in generators if getattr(g.backend, "training_info", None)), None) or {}
+    include = not args.no_datetime and info.get("include_date_time", project.config.include_date_time) is not False
+    policy = DatetimePolicy(include=include, fixed=parse_datetime_flag(args.datetime), seed=args.seed)
+    cases = load_cases(project, args.inputs, policy, generators[0].syntax, args.include_derived)
+    if not cases:
+        raise ConfigError(f"{', '.join(args.inputs)}: no turns with commands to score (DU tests give `commands:`; "
+                          "use --include-derived for turns whose commands follow from assertions)")  # fmt: skip
+    results = []
+    for spec, generator in zip(args.models, generators):
+        with tqdm(total=len(cases), desc=spec.name, unit="turn", disable=args.no_progress, file=sys.stderr) as bar:
+            concurrency = args.concurrency if spec.endpoint else 1
+            results.append(evaluate_model(spec, generator, cases, concurrency=concurrency, worst=args.worst,
+                                          progress=lambda: bar.update(1)))  # fmt: skip
+    written = write_report(args.out, results, args.inputs, cases)
+    for result in results:
+        metrics = result.metrics
+        print(f"{result.label}: turn accuracy {_pct(metrics['turn_accuracy'])} ({metrics['correct_turns']}/"
+              f"{metrics['turns']}), test cases {_pct(metrics['test_case_accuracy'])}, unparseable "
+              f"{_pct(metrics['unparseable_rate'])}, invalid commands {_pct(metrics['invalid_command_rate'])}, "
+              f"p50 {metrics['latency']['p50_s'] or 0:.3f} s")  # fmt: skip
+    print(f"report: {written[0]}")
+    if threshold is not None:
+        failing = [r.label for r in results if not passes(r.metrics, threshold)]
+        if failing:
+            print(f"below --fail-under {threshold:.0%}: {', '.join(failing)}", file=sys.stderr)
+            return EXIT_BELOW_THRESHOLD
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"

@@ -1,0 +1,606 @@
+"""`recipe evaluate`: run one or more models over turns with known commands and report how well they do.
+
+Cases come from test cases with commands (each user turn's prompt rendered from the replayed dialogue state, as the
+runtime would) or from `val.jsonl` rows (prompt and expected completion as written). Every model answers every case
+through `recipe.runtime.CommandGenerator` (render, call, parse, validate); a turn is correct when its kept commands
+equal the expected ones as a multiset (`same_commands`: flows by id, slots by name and normalised value, clarify by
+options), and a test case when all its scored turns are.
+
+The report has what dialogue-understanding tests show (per command type TP/FP/FN, precision, recall, F1; accuracy
+per turn and per test case) and what they lack: unparseable answers, invalid commands (with hallucinated flows),
+accuracy per flow, slot-name-only matches, latency (p50, p95, tokens per second) and the worst turns with their
+prompt, expected and predicted commands. Several models are shown side by side (e.g. the teacher and the student).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from recipe.commands import (
+    Command,
+    SetSlot,
+    StartFlow,
+    Syntax,
+    command_key,
+    detect_syntax,
+    format_commands,
+    parse_model_output,
+)
+from recipe.errors import ConfigError, InputError
+from recipe.project import Project
+from recipe.prompt import DatetimePolicy
+from recipe.runtime import (
+    DEFAULT_MAX_TOKENS,
+    Backend,
+    BackendError,
+    CommandGenerator,
+    LocalModelBackend,
+    OpenAIBackend,
+    Prediction,
+)
+from recipe.tracker import DialogueState
+from recipe.yamlio import write_atomic, write_json
+
+log = logging.getLogger(__name__)
+
+NO_FLOW = "(no flow)"
+NAME_ONLY = "set slot (name only)"
+REPORT_MD, REPORT_JSON = "report.md", "report.json"
+F1_PNG, LATENCY_PNG = "f1_per_command.png", "latency.png"
+
+
+# ---------------------------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scored user turn (or val row): what the model sees and what it should answer."""
+
+    id: str  # "<test file>::<test case>#<turn>" or "<val file>:<line>"
+    test_case: str | None
+    user_message: str
+    expected: tuple[Command, ...]
+    flow: str  # the flow the turn belongs to: the one it starts, else the one in progress
+    source: str  # "test" (written commands), "assertions" (derived from the test's assertions) or "val"
+    state: DialogueState | None = None
+    when: datetime | None = None
+    prompt: str | None = None  # fixed (val rows); None: rendered per model from state, message and date
+
+
+def _flow_of(expected: Sequence[Command], state: DialogueState | None, project: Project | None) -> str:
+    started = [c.flow for c in expected if isinstance(c, StartFlow)]
+    if started:
+        return started[0]
+    if state is not None and project is not None:
+        for frame in reversed(state.stack):  # as the prompt's current flow: not a called flow, not a pattern
+            flow = project.flows.get(frame.flow_id)
+            if flow is not None and not flow.is_pattern and frame.kind != "called":
+                return flow.id
+    return NO_FLOW
+
+
+def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
+                     include_derived: bool = False) -> list[Case]:  # fmt: skip
+    """Each non-payload user turn with commands written in the test (and, with `include_derived`, those derived from
+    its assertions), with the state before it from replaying the whole test case."""
+    from recipe.annotate import annotate_from_assertions
+    from recipe.conversation import mocked_datetime, replay_test_case
+    from recipe.testcases import all_test_cases, load_tests
+
+    wanted = {"test", "assertions"} if include_derived else {"test"}
+    cases: list[Case] = []
+    for test_case in all_test_cases(load_tests(specs, project)):
+        annotation = annotate_from_assertions(project, test_case)
+        when = policy.for_conversation(test_case.id, mocked_datetime(test_case))
+        for turn in replay_test_case(project, test_case, annotation.commands_for):
+            label = annotation.turns[turn.number - 1]
+            if turn.is_payload or label.commands is None or label.source not in wanted:
+                continue
+            expected = tuple(label.commands)
+            cases.append(Case(
+                id=f"{test_case.id}#{turn.number}", test_case=test_case.id, user_message=turn.text,
+                expected=expected, flow=_flow_of(expected, turn.state, project), source=label.source,
+                state=turn.state, when=when,
+            ))  # fmt: skip
+    return cases
+
+
+def cases_from_jsonl(path: Path, syntax: Syntax) -> list[Case]:
+    """Rows of a split file: `{"prompt", "completion"}` or `{"messages": [user, assistant]}`."""
+    cases: list[Case] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise InputError(str(path), None, f"cannot read ({error.strerror})") from None
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(str(path), number, f"not valid JSON ({error.msg})") from None
+        prompt, completion = _prompt_and_completion(row)
+        if prompt is None or completion is None:
+            raise InputError(str(path), number, 'expected {"prompt", "completion"} or {"messages": [user, assistant]}')
+        first_line = next((line for line in completion.splitlines() if line.strip()), "")
+        parsed = parse_model_output(completion, detect_syntax(first_line) or syntax)
+        if not parsed.fully_parsed:
+            raise InputError(str(path), number, f"completion line `{parsed.unparsed_lines[0]}` is not a command in "
+                             f"{syntax.value} syntax")  # fmt: skip
+        expected = parsed.commands
+        test_case = row.get("original_test_name") if isinstance(row, dict) else None
+        cases.append(Case(id=f"{path.name}:{number}", test_case=test_case, user_message=_latest_message(prompt),
+                          expected=expected, flow=_flow_of(expected, None, None), source="val", prompt=prompt))  # fmt: skip
+    return cases
+
+
+def _prompt_and_completion(row: Any) -> tuple[str | None, str | None]:
+    if not isinstance(row, dict):
+        return None, None
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return row["prompt"], row["completion"]
+    messages = row.get("messages")
+    if isinstance(messages, list) and len(messages) == 2 and all(isinstance(m, dict) for m in messages):
+        user, assistant = messages
+        if user.get("role") == "user" and assistant.get("role") == "assistant":
+            return user.get("content"), assistant.get("content")
+    return None, None
+
+
+def _latest_message(prompt: str) -> str:
+    # Our templates quote the latest message in triple quotes; otherwise show the prompt's last line.
+    if '"""' in prompt:
+        parts = prompt.split('"""')
+        if len(parts) >= 3:
+            return parts[-2]
+    return prompt.strip().splitlines()[-1] if prompt.strip() else ""
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class Outcome:
+    case: Case
+    prediction: Prediction | None  # None: the call failed (see error)
+    error: str | None = None
+
+    @property
+    def predicted(self) -> tuple[Command, ...]:
+        return self.prediction.commands if self.prediction is not None else ()
+
+    @property
+    def correct(self) -> bool:
+        return self.prediction is not None and _multiset(self.case.expected) == _multiset(self.predicted)
+
+
+def _multiset(commands: Sequence[Command], key: Callable[[Command], tuple] = command_key) -> Counter:
+    return Counter(key(command) for command in commands)
+
+
+def predict_case(generator: CommandGenerator, case: Case) -> Outcome:
+    try:
+        if case.prompt is not None:
+            return Outcome(case, generator.predict_prompt(case.prompt, case.state))
+        assert case.state is not None
+        return Outcome(case, generator.predict(case.state, case.user_message, current_datetime=case.when))
+    except BackendError as error:
+        if error.fatal:
+            raise
+        return Outcome(case, None, str(error))
+
+
+def run_model(generator: CommandGenerator, cases: Sequence[Case], *, concurrency: int = 1,
+              progress: Callable[[], None] | None = None) -> list[Outcome]:  # fmt: skip
+    """Every case through the generator, in order; up to `concurrency` calls at once (endpoints only gain)."""
+
+    def one(case: Case) -> Outcome:
+        outcome = predict_case(generator, case)
+        if progress is not None:
+            progress()
+        return outcome
+
+    if concurrency <= 1:
+        return [one(case) for case in cases]
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(one, cases))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def command_counts(outcomes: Sequence[Outcome]) -> dict[str, dict[str, Any]]:
+    """TP/FP/FN per command kind, matching predicted and expected commands by `command_key` per turn (multisets),
+    plus set slot matched by slot name only. Kinds that occur on neither side are left out."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+
+    def add(label: str, expected: Counter, predicted: Counter) -> None:
+        true_positives = sum((expected & predicted).values())
+        counts[label]["tp"] += true_positives
+        counts[label]["fp"] += sum(predicted.values()) - true_positives
+        counts[label]["fn"] += sum(expected.values()) - true_positives
+
+    for outcome in outcomes:
+        kinds = {c.kind for c in outcome.case.expected} | {c.kind for c in outcome.predicted}
+        for kind in kinds:
+            add(kind, _multiset([c for c in outcome.case.expected if c.kind == kind]),
+                _multiset([c for c in outcome.predicted if c.kind == kind]))  # fmt: skip
+        if SetSlot.kind in kinds:
+            expected_names = _multiset([c for c in outcome.case.expected if isinstance(c, SetSlot)], _slot_name)
+            add(NAME_ONLY, expected_names, _multiset([c for c in outcome.predicted if isinstance(c, SetSlot)], _slot_name))
+    table = {}
+    for label in sorted(counts, key=lambda k: (k == NAME_ONLY, k)):
+        tp, fp, fn = counts[label]["tp"], counts[label]["fp"], counts[label]["fn"]
+        table[label] = {
+            "tp": tp, "fp": fp, "fn": fn, "support": tp + fn,
+            "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        }  # fmt: skip
+    return table
+
+
+def _slot_name(command: Command) -> tuple:
+    assert isinstance(command, SetSlot)
+    return (command.kind, command.slot)
+
+
+def model_metrics(outcomes: Sequence[Outcome], worst: int = 10, syntax: Syntax = Syntax.V2) -> dict[str, Any]:
+    """Everything the report shows for one model, as plain JSON data."""
+    answered = [o for o in outcomes if o.prediction is not None]
+    predictions = [o.prediction for o in answered if o.prediction is not None]
+    by_test: dict[str, list[bool]] = defaultdict(list)
+    by_flow: dict[str, list[bool]] = defaultdict(list)
+    for outcome in outcomes:
+        if outcome.case.test_case is not None:
+            by_test[outcome.case.test_case].append(outcome.correct)
+        by_flow[outcome.case.flow].append(outcome.correct)
+    emitted = sum(len(p.commands) + len(p.invalid) for p in predictions)
+    invalid = [d for p in predictions for d in p.invalid]
+    latencies = [p.latency_s for p in predictions]
+    generated = sum(p.completion_tokens for p in predictions)
+    correct = sum(o.correct for o in outcomes)
+    return {
+        "turns": len(outcomes),
+        "correct_turns": correct,
+        "turn_accuracy": _ratio(correct, len(outcomes)),
+        "test_cases": len(by_test),
+        "correct_test_cases": sum(all(results) for results in by_test.values()),
+        "test_case_accuracy": _ratio(sum(all(results) for results in by_test.values()), len(by_test)),
+        "errors": len(outcomes) - len(answered),
+        "unparseable_turns": sum(not p.parseable for p in predictions),
+        "unparseable_rate": _ratio(sum(not p.parseable for p in predictions), len(predictions)),
+        "truncated_turns": sum(p.finish_reason == "length" for p in predictions),
+        "emitted_commands": emitted,
+        "invalid_commands": len(invalid),
+        "invalid_command_rate": _ratio(len(invalid), emitted),
+        "turns_with_invalid_commands": sum(bool(p.invalid) for p in predictions),
+        "hallucinated_flows": sum(_names_unknown_flow(d.reason) for d in invalid),
+        "per_command": command_counts(outcomes),
+        "per_flow": {flow: {"turns": len(results), "correct": sum(results), "accuracy": _ratio(sum(results), len(results))}
+                     for flow, results in sorted(by_flow.items())},  # fmt: skip
+        "latency": {
+            "p50_s": percentile(latencies, 0.5),
+            "p95_s": percentile(latencies, 0.95),
+            "mean_s": _ratio(sum(latencies), len(latencies)),
+            "overhead_p50_ms": _ms(percentile([p.overhead_s for p in predictions], 0.5)),
+            "prompt_tokens": sum(p.prompt_tokens for p in predictions),
+            "completion_tokens": generated,
+            "tokens_per_second": _ratio(generated, sum(latencies)),
+            "per_turn_s": latencies,
+        },
+        "worst_turns": [_turn_record(o, syntax) for o in worst_outcomes(outcomes, worst)],
+    }
+
+
+def _names_unknown_flow(reason: str) -> bool:
+    return reason.startswith("unknown flow") or reason.startswith("clarify option")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def worst_outcomes(outcomes: Sequence[Outcome], count: int) -> list[Outcome]:
+    """Wrong turns, most wrong commands first (failed calls count as missing everything), then the slowest."""
+
+    def wrongness(outcome: Outcome) -> tuple[float, float]:
+        expected, predicted = _multiset(outcome.case.expected), _multiset(outcome.predicted)
+        missed = sum((expected - predicted).values()) + sum((predicted - expected).values())
+        dropped = len(outcome.prediction.dropped) if outcome.prediction else 1
+        return (missed + dropped, outcome.prediction.latency_s if outcome.prediction else 0.0)
+
+    wrong = [o for o in outcomes if not o.correct]
+    return sorted(wrong, key=wrongness, reverse=True)[:count]
+
+
+def _turn_record(outcome: Outcome, syntax: Syntax) -> dict[str, Any]:
+    prediction = outcome.prediction
+    return {
+        "id": outcome.case.id,
+        "flow": outcome.case.flow,
+        "user_message": outcome.case.user_message,
+        "expected": format_commands(outcome.case.expected, syntax),
+        "predicted": format_commands(outcome.predicted, syntax),
+        "raw_answer": prediction.raw_text if prediction else None,
+        "dropped": [{"item": d.item if d.unparsed else format_commands([d.item], syntax), "reason": d.reason}
+                    for d in (prediction.dropped if prediction else ())],  # fmt: skip
+        "error": outcome.error,
+        "latency_s": prediction.latency_s if prediction else None,
+        "prompt": prediction.prompt if prediction else outcome.case.prompt,
+    }
+
+
+def passes(metrics: dict[str, Any], threshold: float, metric: str = "turn_accuracy") -> bool:
+    value = metrics.get(metric)
+    return value is not None and value >= threshold
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: a local folder (or hub id), or an OpenAI-compatible endpoint and the model name there."""
+
+    model: str | None = None
+    base_model: str | None = None
+    endpoint: str | None = None
+    endpoint_model: str | None = None
+    label: str | None = None
+    api_key_env: str | None = None
+
+    @property
+    def description(self) -> str:
+        return self.model if self.model is not None else f"{self.endpoint_model} at {self.endpoint}"
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        return Path(self.model).name if self.model is not None else str(self.endpoint_model)
+
+
+def _api_key(spec: ModelSpec) -> str | None:
+    if spec.api_key_env:
+        key = os.environ.get(spec.api_key_env)
+        if not key:
+            raise ConfigError(f"--api-key-env {spec.api_key_env}: the variable is not set")
+        return key
+    return os.environ.get("OPENAI_API_KEY") if "api.openai.com" in (spec.endpoint or "") else None
+
+
+def build_generator(spec: ModelSpec, project: Project, *, template_path: Path | None = None, syntax: str | None = None,
+                    constrained: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS,
+                    use_completions: bool = False) -> CommandGenerator:  # fmt: skip
+    """The runtime generator for one model spec, with the template and syntax it was trained with."""
+    backend: Backend
+    if spec.model is not None:
+        backend = LocalModelBackend(spec.model, base_model=spec.base_model, max_new_tokens=max_tokens, name=spec.name)
+    elif spec.endpoint is not None and spec.endpoint_model is not None:
+        backend = OpenAIBackend(spec.endpoint, spec.endpoint_model, api_key=_api_key(spec), max_tokens=max_tokens,
+                                use_completions=use_completions, name=spec.name)  # fmt: skip
+    else:
+        raise ConfigError("each --endpoint needs its --endpoint-model NAME")
+    return CommandGenerator.for_model(project, backend, template_path=template_path, syntax=syntax,
+                                      constrained=constrained)  # fmt: skip
+
+
+def load_cases(project: Project, inputs: Sequence[str], policy: DatetimePolicy, syntax: Syntax,
+               include_derived: bool = False) -> list[Case]:  # fmt: skip
+    """`.jsonl` inputs are split rows; anything else is a test file, folder or `file::test case`."""
+    rows = [spec for spec in inputs if spec.endswith(".jsonl")]
+    tests = [spec for spec in inputs if not spec.endswith(".jsonl")]
+    cases = [case for spec in rows for case in cases_from_jsonl(Path(spec), syntax)]
+    if tests:
+        cases += cases_from_tests(project, tests, policy, include_derived)
+    return cases
+
+
+def evaluate_model(spec: ModelSpec, generator: CommandGenerator, cases: Sequence[Case], *, concurrency: int = 1,
+                   worst: int = 10, progress: Callable[[], None] | None = None) -> ModelResult:  # fmt: skip
+    outcomes = run_model(generator, cases, concurrency=concurrency, progress=progress)
+    setup = generator.setup
+    return ModelResult(
+        label=spec.name, description=spec.description, template=setup.template.path,
+        template_sha256=setup.template.sha256, syntax=setup.syntax.value, constrained=generator.grammar is not None,
+        warnings=setup.warnings, metrics=model_metrics(outcomes, worst, setup.syntax),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    label: str
+    description: str  # model folder or endpoint + name
+    template: str
+    template_sha256: str
+    syntax: str
+    constrained: bool
+    warnings: tuple[str, ...]
+    metrics: dict[str, Any]
+
+
+def write_report(out: Path, results: Sequence[ModelResult], inputs: Sequence[str], cases: Sequence[Case]) -> list[Path]:
+    """report.md, report.json and the plots in `out`; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "inputs": list(inputs),
+        "cases": len(cases),
+        "case_sources": dict(Counter(case.source for case in cases)),
+        "models": [{key: value for key, value in vars(result).items()} for result in results],
+    }
+    write_json(out / REPORT_JSON, data)
+    written = [out / REPORT_JSON]
+    written += plot_f1(out / F1_PNG, results)
+    written += plot_latency(out / LATENCY_PNG, results)
+    write_atomic(out / REPORT_MD, report_markdown(results, inputs, cases, [p.name for p in written if p.suffix == ".png"]))
+    return [out / REPORT_MD, *written]
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_rows(results: Sequence[ModelResult]) -> list[list[str]]:
+    def row(name: str, cell: Callable[[dict[str, Any]], str]) -> list[str]:
+        return [name, *(cell(r.metrics) for r in results)]
+
+    return [
+        row("turn accuracy", lambda m: f"{_percent(m['turn_accuracy'])} ({m['correct_turns']}/{m['turns']})"),
+        row("test case accuracy", lambda m: f"{_percent(m['test_case_accuracy'])} "
+                                            f"({m['correct_test_cases']}/{m['test_cases']})"),  # fmt: skip
+        row("unparseable answers", lambda m: f"{_percent(m['unparseable_rate'])} ({m['unparseable_turns']})"),
+        row("invalid commands", lambda m: f"{_percent(m['invalid_command_rate'])} "
+                                          f"({m['invalid_commands']}/{m['emitted_commands']})"),  # fmt: skip
+        row("hallucinated flows", lambda m: str(m["hallucinated_flows"])),
+        row("truncated answers", lambda m: str(m["truncated_turns"])),
+        row("failed calls", lambda m: str(m["errors"])),
+        row("latency p50 / p95", lambda m: f"{_number(m['latency']['p50_s'])} s / {_number(m['latency']['p95_s'])} s"),
+        row("tokens per second", lambda m: _number(m["latency"]["tokens_per_second"], 1)),
+        row("overhead p50 (render, parse, validate)", lambda m: f"{_number(m['latency']['overhead_p50_ms'], 2)} ms"),
+    ]
+
+
+def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases: Sequence[Case],
+                    plots: Sequence[str]) -> str:  # fmt: skip
+    labels = [r.label for r in results]
+    parts = [f"# Command generator evaluation\n\n{len(cases)} turns from {', '.join(inputs)}.\n\n"]
+    parts.append(_table(["model", "what", "template (sha256)", "syntax", "constrained"],
+                        [[r.label, r.description, f"{r.template} ({r.template_sha256[:12]})", r.syntax,
+                          "yes" if r.constrained else "no"] for r in results]))  # fmt: skip
+    for result in results:
+        parts += [f"\n**Warning ({result.label}):** {warning}\n" for warning in result.warnings]
+    parts.append("\n## Summary\n\n" + _table(["metric", *labels], _summary_rows(results)))
+    parts.append("\n## Per command type\n\nMatched per turn as multisets; `set slot (name only)` ignores values.\n\n")
+    kinds = sorted({k for r in results for k in r.metrics["per_command"]}, key=lambda k: (k == NAME_ONLY, k))
+    header = ["command", *(f"{label} {column}" for label in labels for column in ("TP/FP/FN", "P", "R", "F1"))]
+    rows = []
+    for kind in kinds:
+        row = [kind]
+        for result in results:
+            c = result.metrics["per_command"].get(kind)
+            row += [f"{c['tp']}/{c['fp']}/{c['fn']}", _number(c["precision"], 2), _number(c["recall"], 2),
+                    _number(c["f1"], 2)] if c else ["—"] * 4  # fmt: skip
+        rows.append(row)
+    parts.append(_table(header, rows))
+    flows = sorted({f for r in results for f in r.metrics["per_flow"]})
+    parts.append("\n## Per flow\n\nA turn belongs to the flow it starts, else to the flow in progress.\n\n")
+    parts.append(_table(["flow", *labels], [[flow, *(_flow_cell(r.metrics["per_flow"].get(flow)) for r in results)]
+                                            for flow in flows]))  # fmt: skip
+    parts += [f"\n![{name}]({name})\n" for name in plots]
+    for result in results:
+        parts.append(f"\n## Worst turns: {result.label}\n")
+        if not result.metrics["worst_turns"]:
+            parts.append("\nEvery turn is correct.\n")
+        for turn in result.metrics["worst_turns"]:
+            parts.append(_worst_turn_markdown(turn))
+    return "".join(parts)
+
+
+def _flow_cell(entry: dict[str, Any] | None) -> str:
+    return "—" if entry is None else f"{_percent(entry['accuracy'])} ({entry['correct']}/{entry['turns']})"
+
+
+def _worst_turn_markdown(turn: dict[str, Any]) -> str:
+    dropped = "".join(f"\n  - `{d['item']}`: {d['reason']}" for d in turn["dropped"])
+    lines = [
+        f"\n### {turn['id']}\n",
+        f"- user: {turn['user_message']!r}",
+        f"- expected: `{turn['expected'] or '(nothing)'}`".replace("\n", "; "),
+        f"- predicted: `{turn['predicted'] or '(nothing)'}`".replace("\n", "; "),
+        f"- raw answer: {json.dumps(turn['raw_answer'], ensure_ascii=False)}",
+    ]
+    if dropped:
+        lines.append(f"- dropped:{dropped}")
+    if turn["error"]:
+        lines.append(f"- error: {turn['error']}")
+    prompt = turn["prompt"] or ""
+    fence = "````" if "```" in prompt else "```"
+    lines.append(f"\n<details><summary>prompt</summary>\n\n{fence}\n{prompt}\n{fence}\n</details>\n")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_f1(path: Path, results: Sequence[ModelResult]) -> list[Path]:
+    """Grouped bars: F1 per command type, one bar per model."""
+    kinds = sorted({k for r in results for k in r.metrics["per_command"]}, key=lambda k: (k == NAME_ONLY, k))
+    if not kinds:
+        return []
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(kinds) * max(1, len(results)) ** 0.5), 4.0))
+    width = 0.8 / len(results)
+    for index, result in enumerate(results):
+        values = [(result.metrics["per_command"].get(k) or {}).get("f1") or 0.0 for k in kinds]
+        axes.bar([i + index * width for i in range(len(kinds))], values, width, label=result.label)
+    axes.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(kinds))], kinds, rotation=30, ha="right")
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("F1")
+    axes.set_title("F1 per command type")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path]
+
+
+def plot_latency(path: Path, results: Sequence[ModelResult]) -> list[Path]:
+    """Histogram of per-turn model latency, one series per model."""
+    series = {r.label: r.metrics["latency"]["per_turn_s"] for r in results}
+    if not any(series.values()):
+        return []
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6.0, 4.0))
+    for label, values in series.items():
+        if values:
+            axes.hist(values, bins=20, alpha=0.6, label=label)
+    axes.set_xlabel("latency per turn (s)")
+    axes.set_ylabel("turns")
+    axes.set_title("Model call latency")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path]
