@@ -32,7 +32,7 @@ from recipe.commands import (
     Syntax,
     parse_model_output,
 )
-from recipe.conversation import Turn, assertion_problems, listed_bot_messages
+from recipe.conversation import Turn, assertion_problems, new_tracker, show_bot_messages, user_turns
 from recipe.llm import LLMCallFailed, LLMClient
 from recipe.project import Project, command_problem
 from recipe.prompt import PromptRenderer, prompt_variables
@@ -152,31 +152,17 @@ def _simulate(tracker: DialogueTracker, text: str, commands: list[Command], step
 
 def annotate_from_assertions(project: Project, test_case: TestCase) -> TestAnnotation:
     """Derive every turn's commands from the test's own expectations, replaying as we go."""
-    fixture_slots = [(n, v) for n, v in test_case.fixture_slots if n != "mocked_datetime"]
-    tracker = DialogueTracker(project, test_case.stubs, fixture_slots)
+    tracker = new_tracker(project, test_case)
     annotation = TestAnnotation(test_case)
-    steps = test_case.steps
-    number = 0
-    for index, step in enumerate(steps):
-        if not isinstance(step, UserStep):
-            continue
-        number += 1
-        following = []
-        for later in steps[index + 1:]:
-            if isinstance(later, UserStep):
-                break
-            following.append(later)
+    for walk in user_turns(test_case):
+        step, number, following = walk.step, walk.number, walk.following
         if step.commands is not None:
             result = TurnAnnotation(number, list(step.commands), "test")
         elif is_button_payload(step.text):
             result = TurnAnnotation(number, [], "payload")
         else:
             result = _derive_turn(project, tracker, step, number, following)
-        events = tracker.user_turn(step.text, result.commands or [])
-        bot_steps = [s for s in following if isinstance(s, BotStep)]
-        listed = listed_bot_messages(project, step, bot_steps, events.bot_messages, tracker.slots)
-        if listed is not None:
-            tracker.replace_bot_messages(listed)
+        show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, result.commands or []))
         annotation.turns.append(result)
     return annotation
 
@@ -243,20 +229,10 @@ async def annotate_with_teacher(
     """Ask the teacher for the commands of every turn the test gives none for, turn by turn (each prompt needs the
     state the previous turns left). Where the test asserts something, the teacher's commands must reproduce it, or
     the turn is reported and left out; the replay then goes on with the commands derived from the assertions."""
-    fixture_slots = [(n, v) for n, v in test_case.fixture_slots if n != "mocked_datetime"]
-    tracker = DialogueTracker(project, test_case.stubs, fixture_slots)
+    tracker = new_tracker(project, test_case)
     annotation = TestAnnotation(test_case)
-    steps = test_case.steps
-    number = 0
-    for index, step in enumerate(steps):
-        if not isinstance(step, UserStep):
-            continue
-        number += 1
-        following = []
-        for later in steps[index + 1:]:
-            if isinstance(later, UserStep):
-                break
-            following.append(later)
+    for walk in user_turns(test_case):
+        step, number, following = walk.step, walk.number, walk.following
         replay_commands: list[Command] = []
         if step.commands is not None:
             result = TurnAnnotation(number, list(step.commands), "test")
@@ -276,11 +252,8 @@ async def annotate_with_teacher(
             if result.commands is None:
                 derived = _derive_turn(project, tracker, step, number, following)
                 replay_commands = derived.commands or []
-        events = tracker.user_turn(step.text, result.commands if result.commands is not None else replay_commands)
-        bot_steps = [s for s in following if isinstance(s, BotStep)]
-        listed = listed_bot_messages(project, step, bot_steps, events.bot_messages, tracker.slots)
-        if listed is not None:
-            tracker.replace_bot_messages(listed)
+        commands = result.commands if result.commands is not None else replay_commands
+        show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, commands))
         annotation.turns.append(result)
     return annotation
 

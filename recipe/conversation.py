@@ -78,6 +78,50 @@ def listed_bot_messages(project: Project, step: UserStep, bot_steps: list[BotSte
     return [said or _resolve_bot_step(project, s, slots) for s, said in zip(bot_steps, matched)]
 
 
+@dataclass(frozen=True)
+class UserTurnSteps:
+    """A user step with what the test lists after it, up to the next user step."""
+
+    number: int  # 1-based among the user steps
+    index: int  # position in test_case.steps
+    step: UserStep
+    following: list  # the BotStep and SlotCheckStep entries after it
+
+    @property
+    def bot_steps(self) -> list[BotStep]:
+        return [s for s in self.following if isinstance(s, BotStep)]
+
+    @property
+    def slot_checks(self) -> list[SlotCheckStep]:
+        return [s for s in self.following if isinstance(s, SlotCheckStep)]
+
+
+def user_turns(test_case: TestCase) -> list[UserTurnSteps]:
+    turns: list[UserTurnSteps] = []
+    for index, step in enumerate(test_case.steps):
+        if isinstance(step, UserStep):
+            turns.append(UserTurnSteps(len(turns) + 1, index, step, []))
+        elif turns:
+            turns[-1].following.append(step)
+    return turns
+
+
+def new_tracker(project: Project, test_case: TestCase) -> DialogueTracker:
+    """A tracker at the start of the test: its stubs, and its fixtures' slots (the date is the prompt's business)."""
+    fixture_slots = [(name, value) for name, value in test_case.fixture_slots if name != "mocked_datetime"]
+    return DialogueTracker(project, test_case.stubs, fixture_slots)
+
+
+def show_bot_messages(project: Project, tracker: DialogueTracker, turn: UserTurnSteps,
+                      events: TurnEvents) -> list[BotMessage]:  # fmt: skip
+    """Put the bot's answer to this turn into the transcript (the test's list where it decides) and return it."""
+    listed = listed_bot_messages(project, turn.step, turn.bot_steps, events.bot_messages, tracker.slots)
+    if listed is not None:
+        tracker.replace_bot_messages(listed)
+        return listed
+    return list(events.bot_messages)
+
+
 def replay_test_case(
     project: Project,
     test_case: TestCase,
@@ -85,55 +129,41 @@ def replay_test_case(
     texts: dict[int, str] | None = None,
 ) -> list[Turn]:
     """Replay every step; `commands_for(turn_number, step)` overrides the test's commands, `texts` the wording."""
-    fixture_slots = [(name, value) for name, value in test_case.fixture_slots if name != "mocked_datetime"]
-    tracker = DialogueTracker(project, test_case.stubs, fixture_slots)
+    tracker = new_tracker(project, test_case)
     turns: list[Turn] = []
-    steps = test_case.steps
-    number = 0
-    for index, step in enumerate(steps):
-        if isinstance(step, UserStep):
-            number += 1
-            text = (texts or {}).get(number, step.text)
-            commands = commands_for(number, step) if commands_for else None
-            if commands is None:
-                commands = step.commands or []
-            state = tracker.state()
-            payload = is_button_payload(text)
-            events = tracker.user_turn(text, [] if payload else list(commands))
-            following = []
-            for later in steps[index + 1:]:
-                if isinstance(later, UserStep):
-                    break
-                following.append(later)
-            bot_steps = [s for s in following if isinstance(s, BotStep)]
-            warnings = list(events.warnings)
-            simulated = [m.utter for m in events.bot_messages if m.utter]
-            for bot_step in bot_steps:
-                if bot_step.utter and bot_step.utter not in simulated and bot_step.utter in project.domain.responses:
-                    warnings.append(
-                        f"{bot_step.location}: the test expects `{bot_step.utter}` after turn {number}; "
-                        f"the flows would say {simulated or 'nothing'}"
-                    )
-            listed = listed_bot_messages(project, step, bot_steps, events.bot_messages, tracker.slots)
-            if listed is not None:
-                tracker.replace_bot_messages(listed)
-            messages = listed if listed is not None else list(events.bot_messages)
-            turns.append(
-                Turn(
-                    number=number,
-                    step_index=index,
-                    step=step,
-                    text=text,
-                    state=state,
-                    commands=list(commands),
-                    is_payload=payload,
-                    events=events,
-                    bot_messages=messages,
-                    slot_checks=[s for s in following if isinstance(s, SlotCheckStep)],
-                    warnings=warnings,
-                    slots_after=dict(tracker.slots),
+    for walk in user_turns(test_case):
+        number, step = walk.number, walk.step
+        text = (texts or {}).get(number, step.text)
+        commands = commands_for(number, step) if commands_for else None
+        if commands is None:
+            commands = step.commands or []
+        state = tracker.state()
+        payload = is_button_payload(text)
+        events = tracker.user_turn(text, [] if payload else list(commands))
+        warnings = list(events.warnings)
+        simulated = [m.utter for m in events.bot_messages if m.utter]
+        for bot_step in walk.bot_steps:
+            if bot_step.utter and bot_step.utter not in simulated and bot_step.utter in project.domain.responses:
+                warnings.append(
+                    f"{bot_step.location}: the test expects `{bot_step.utter}` after turn {number}; "
+                    f"the flows would say {simulated or 'nothing'}"
                 )
+        turns.append(
+            Turn(
+                number=number,
+                step_index=walk.index,
+                step=step,
+                text=text,
+                state=state,
+                commands=list(commands),
+                is_payload=payload,
+                events=events,
+                bot_messages=show_bot_messages(project, tracker, walk, events),
+                slot_checks=walk.slot_checks,
+                warnings=warnings,
+                slots_after=dict(tracker.slots),
             )
+        )
     return turns
 
 
