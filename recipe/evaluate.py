@@ -393,12 +393,13 @@ def _api_key(spec: ModelSpec) -> str | None:
 
 
 def build_generator(spec: ModelSpec, project: Project, *, template_path: Path | None = None, syntax: str | None = None,
-                    constrained: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS,
-                    use_completions: bool = False) -> CommandGenerator:  # fmt: skip
+                    constrained: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS, use_completions: bool = False,
+                    threads: int | None = None) -> CommandGenerator:  # fmt: skip
     """The runtime generator for one model spec, with the template and syntax it was trained with."""
     backend: Backend
     if spec.model is not None:
-        backend = LocalModelBackend(spec.model, base_model=spec.base_model, max_new_tokens=max_tokens, name=spec.name)
+        backend = LocalModelBackend(spec.model, base_model=spec.base_model, max_new_tokens=max_tokens, threads=threads,
+                                    name=spec.name)  # fmt: skip
     elif spec.endpoint is not None and spec.endpoint_model is not None:
         backend = OpenAIBackend(spec.endpoint, spec.endpoint_model, api_key=_api_key(spec), max_tokens=max_tokens,
                                 use_completions=use_completions, name=spec.name)  # fmt: skip
@@ -425,7 +426,7 @@ def evaluate_model(spec: ModelSpec, generator: CommandGenerator, cases: Sequence
     setup = generator.setup
     return ModelResult(
         label=spec.name, description=spec.description, template=setup.template.path,
-        template_sha256=setup.template.sha256, syntax=setup.syntax.value, constrained=generator.grammar is not None,
+        template_sha256=setup.template.sha256, syntax=setup.syntax.value, constrained=generator.constrained,
         warnings=setup.warnings, metrics=model_metrics(outcomes, worst, setup.syntax),
     )  # fmt: skip
 

@@ -188,13 +188,15 @@ def _value_node(project: Project, slot_name: str) -> tuple[str, Node]:
     return "text", Seq((TEXT_FIRST, Repeat(TEXT_CHAR, 0, MAX_TEXT_VALUE - 1)))
 
 
-def command_line_node(project: Project, syntax: Syntax, kinds: Iterable[str] | None = None) -> Node:
-    """One valid command line of `project` in `syntax`, as the canonical printer writes it."""
+def command_line_node(project: Project, syntax: Syntax, kinds: Iterable[str] | None = None,
+                      flows: Sequence[str] | None = None) -> Node:  # fmt: skip
+    """One valid command line of `project` in `syntax`, as the canonical printer writes it; `flows` are the flows a
+    command may start (default: every one that is not reached only through a link or call)."""
     if syntax is Syntax.SHORT:
         raise ConfigError("the short DU dialect is an input alias only; constrain to v1, v2 or v3")
     wanted = set(kinds) if kinds is not None else None
     lines: list[Node] = []
-    flows = startable_flow_ids(project)
+    flows = list(flows) if flows is not None else startable_flow_ids(project)
     flow_choice = _choice(flows)
     if flows and (wanted is None or StartFlow.kind in wanted):
         before, after = _parts(format_command(StartFlow(_PLACEHOLDER_A), syntax))
@@ -251,11 +253,34 @@ class CommandGrammar:
         return self._matcher
 
 
-def build_grammar(project: Project, syntax: Syntax, *, kinds: Iterable[str] | None = None,
-                  max_lines: int = MAX_LINES) -> CommandGrammar:  # fmt: skip
-    """The grammar of `project`'s valid answers in `syntax`; `kinds` limits the command kinds (default: all)."""
-    node = answer_node(command_line_node(project, syntax, kinds), max_lines)
-    return CommandGrammar(syntax, node, tuple(startable_flow_ids(project)), tuple(fillable_slots(project)))
+def build_grammar(project: Project, syntax: Syntax, *, kinds: Iterable[str] | None = None, max_lines: int = MAX_LINES,
+                  flows: Sequence[str] | None = None) -> CommandGrammar:  # fmt: skip
+    """The grammar of `project`'s valid answers in `syntax`; `kinds` limits the command kinds (default: all), `flows`
+    the flows that may be started (default: all but link/call-only ones; pass those startable in a dialogue state)."""
+    flows = tuple(flows) if flows is not None else tuple(startable_flow_ids(project))
+    node = answer_node(command_line_node(project, syntax, kinds, flows), max_lines)
+    return CommandGrammar(syntax, node, flows, tuple(fillable_slots(project)))
+
+
+def grammar_from_regex(project: Project, syntax: Syntax, regex: str) -> CommandGrammar | None:
+    """The grammar of `project` whose regex is `regex` (one built for some set of startable flows), or None.
+
+    For a server that knows the project but not the dialogue state: the flows are read back from the regex's
+    `start flow` alternatives, the grammar is rebuilt for them, and only an exact match is accepted.
+    """
+    before, after = _parts(format_command(StartFlow(_PLACEHOLDER_A), syntax))
+    opening, closing = to_regex(Literal(before)) + "(?:", ")" + to_regex(Literal(after))
+    start = regex.find(opening)
+    flows: tuple[str, ...] = ()
+    if start >= 0:
+        end = regex.find(closing, start + len(opening))
+        if end < 0:
+            return None
+        flows = tuple(name.replace("\\", "") for name in regex[start + len(opening):end].split("|"))
+    if not set(flows) <= set(startable_flow_ids(project)):
+        return None
+    grammar = build_grammar(project, syntax, flows=flows)
+    return grammar if grammar.regex == regex else None
 
 
 # ---------------------------------------------------------------------------------------------- byte automaton
@@ -471,24 +496,36 @@ class _TrieNode:
         self.tokens: list[int] = []
 
 
-class TokenConstraint:
-    """Which tokens keep an answer inside the grammar, per DFA state, cached: the work of a logits processor."""
+class TokenVocabulary:
+    """A tokenizer's tokens as bytes, in a trie: built once per tokenizer, shared by every grammar's constraint."""
 
-    def __init__(self, matcher: ByteMatcher, vocabulary: Sequence[bytes | None], eos_token_ids: Iterable[int]):
-        self.matcher = matcher
-        self.vocabulary = vocabulary
-        self.eos_token_ids = tuple(eos_token_ids)
-        self._trie = _TrieNode()
-        for token_id, data in enumerate(vocabulary):
+    def __init__(self, pieces: Sequence[bytes | None]):
+        self.pieces = pieces
+        self.trie = _TrieNode()
+        for token_id, data in enumerate(pieces):
             if data:  # empty and special tokens can never be part of an answer
-                node = self._trie
+                node = self.trie
                 for byte in data:
                     node = node.children.setdefault(byte, _TrieNode())
                 node.tokens.append(token_id)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> TokenVocabulary:
+        return cls(token_bytes(tokenizer))
+
+
+class TokenConstraint:
+    """Which tokens keep an answer inside the grammar, per DFA state, cached: the work of a logits processor."""
+
+    def __init__(self, matcher: ByteMatcher, vocabulary: TokenVocabulary, eos_token_ids: Iterable[int]):
+        self.matcher = matcher
+        self.vocabulary = vocabulary
+        self.eos_token_ids = tuple(eos_token_ids)
         self._allowed: dict[int, tuple[list[int], list[float]]] = {}
 
     def advance(self, state: int, token_id: int) -> int:
-        data = self.vocabulary[token_id] if 0 <= token_id < len(self.vocabulary) else None
+        pieces = self.vocabulary.pieces
+        data = pieces[token_id] if 0 <= token_id < len(pieces) else None
         return DEAD if data is None else self.matcher.feed(state, data)
 
     def fits(self, state: int, token_id: int, tokens_left: int) -> bool:
@@ -511,7 +548,7 @@ class TokenConstraint:
         if state not in self._allowed:
             tokens: list[int] = []
             distances: list[float] = []
-            stack = [(self._trie, state)]
+            stack = [(self.vocabulary.trie, state)]
             while stack:  # walk the vocabulary trie alongside the DFA; a dead state prunes a whole subtree
                 node, here = stack.pop()
                 for byte, child in node.children.items():
@@ -527,8 +564,9 @@ class TokenConstraint:
         return self._allowed[state]
 
 
-def token_constraint(grammar: CommandGrammar, tokenizer: Any, eos_token_ids: Iterable[int]) -> TokenConstraint:
-    return TokenConstraint(grammar.matcher(), token_bytes(tokenizer), eos_token_ids)
+def token_constraint(grammar: CommandGrammar, tokenizer: Any, eos_token_ids: Iterable[int],
+                     vocabulary: TokenVocabulary | None = None) -> TokenConstraint:  # fmt: skip
+    return TokenConstraint(grammar.matcher(), vocabulary or TokenVocabulary.from_tokenizer(tokenizer), eos_token_ids)
 
 
 class CommandLogitsProcessor:

@@ -23,7 +23,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from recipe.grammar import (
     CommandGrammar,
     CommandLogitsProcessor,
     TokenConstraint,
+    TokenVocabulary,
     build_grammar,
     fillable_slots,
     startable_flow_ids,
@@ -160,15 +162,24 @@ class LocalModelBackend:
     """
 
     def __init__(self, model: str | Path, *, base_model: str | None = None, variant: str = "auto",
-                 max_new_tokens: int = DEFAULT_MAX_TOKENS, dtype: str = "auto", name: str | None = None):  # fmt: skip
+                 max_new_tokens: int = DEFAULT_MAX_TOKENS, dtype: str = "auto", threads: int | None = None,
+                 name: str | None = None):  # fmt: skip
+        import torch
+
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {threads}")
+        # CPU threads per generation, applied in whichever thread generates: torch's setting is per thread, and a
+        # server's worker threads would otherwise not get the process default.
+        self.threads = threads or torch.get_num_threads()
         self.source = resolve_model(model, base_model=base_model, variant=variant)
         self.name = name or Path(str(model)).name or str(model)
         self.max_new_tokens = max_new_tokens
         self.finetuned = _load(self.source, dtype)
         self._lock = threading.Lock()  # one generate at a time: the model is not shared safely across threads
         self._constraints: dict[int, tuple[CommandGrammar, TokenConstraint]] = {}
+        self._vocabulary: TokenVocabulary | None = None
 
     @property
     def training_info(self) -> dict[str, Any] | None:
@@ -202,7 +213,7 @@ class LocalModelBackend:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         stops = {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
         started = time.perf_counter()
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), _torch_threads(self.threads):
             output = model.generate(
                 input_ids=torch.tensor([input_ids], device=model.device),
                 attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=model.device),
@@ -228,8 +239,24 @@ class LocalModelBackend:
         # One per grammar (kept alive beside it, so its id stays unique): the allowed tokens per state are cached.
         key = id(grammar)
         if key not in self._constraints:
-            self._constraints[key] = (grammar, token_constraint(grammar, self.tokenizer, self.finetuned.stop_ids))
+            if self._vocabulary is None:
+                self._vocabulary = TokenVocabulary.from_tokenizer(self.tokenizer)
+            constraint = token_constraint(grammar, self.tokenizer, self.finetuned.stop_ids, self._vocabulary)
+            self._constraints[key] = (grammar, constraint)
         return self._constraints[key][1]
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """`count` intra-op threads in this thread for the block, then the caller's setting again."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _load(source: ModelSource, dtype: str) -> Finetuned:
@@ -497,13 +524,23 @@ class CommandGenerator:
     project: Project
     backend: Backend
     setup: PromptSetup
-    grammar: CommandGrammar | None = None  # set: constrain decoding to the assistant's command language
+    constrained: bool = False  # decode inside the command language of the assistant (and the dialogue state)
     _renderer: PromptRenderer = field(init=False, repr=False)
     _fillable: frozenset[str] = field(init=False, repr=False)
+    _grammars: dict[tuple[str, ...] | None, CommandGrammar] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._renderer = PromptRenderer(self.setup.template)
         self._fillable = frozenset(fillable_slots(self.project))
+        self._grammars = {}
+
+    def grammar(self, state: DialogueState | None = None) -> CommandGrammar:
+        """The valid answers in `state` (only flows whose guard passes may start), or for the project as a whole.
+        One grammar per set of startable flows, so the token masks built for it are reused."""
+        flows = tuple(flow.id for flow in startable_flows(self.project, state.slots)) if state is not None else None
+        if flows not in self._grammars:
+            self._grammars[flows] = build_grammar(self.project, self.setup.syntax, flows=flows)
+        return self._grammars[flows]
 
     @classmethod
     def for_model(cls, project: Project, backend: Backend, *, training_info: dict[str, Any] | None = None,
@@ -513,8 +550,7 @@ class CommandGenerator:
         if training_info is None:
             training_info = getattr(backend, "training_info", None)
         setup = prompt_setup(project, training_info, template_path=template_path, syntax=syntax)
-        grammar = build_grammar(project, setup.syntax) if constrained else None
-        return cls(project, backend, setup, grammar)
+        return cls(project, backend, setup, constrained)
 
     @property
     def syntax(self) -> Syntax:
@@ -536,7 +572,7 @@ class CommandGenerator:
         return self._answer(prompt, state, 0.0)
 
     def _answer(self, prompt: str, state: DialogueState | None, render_s: float) -> Prediction:
-        completion = self.backend.complete(prompt, grammar=self.grammar)
+        completion = self.backend.complete(prompt, grammar=self.grammar(state) if self.constrained else None)
         started = time.perf_counter()
         parsed = parse_model_output(completion.text, self.syntax)
         kept, invalid = validate_commands(parsed.commands, self.project, state, self._fillable)

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recipe.errors import ConfigError
-from recipe.grammar import CommandGrammar
+from recipe.commands import Syntax
+from recipe.grammar import CommandGrammar, build_grammar, grammar_from_regex
+from recipe.project import Project
 from recipe.runtime import MERGED_DIR, LocalModelBackend, read_training_info
 
 if TYPE_CHECKING:
@@ -74,21 +76,23 @@ class GenerationRequest:
     max_tokens: int
     temperature: float
     stop: tuple[str, ...]
-    constrained: bool
+    grammar: CommandGrammar | None
 
 
 class ModelServer:
     """The request logic behind the routes, independent of the web framework."""
 
     def __init__(self, backend: LocalModelBackend, model_name: str, limits: ServeLimits,
-                 grammar: CommandGrammar | None = None, always_constrain: bool = False,
+                 project: Project | None = None, syntax: Syntax | None = None, always_constrain: bool = False,
                  api_key: str | None = None):  # fmt: skip
-        if always_constrain and grammar is None:
+        if always_constrain and project is None:
             raise ConfigError("constraining every answer needs the assistant's grammar: pass --project")
         self.backend = backend
         self.model_name = model_name
         self.limits = limits
-        self.grammar = grammar
+        self.project = project
+        self.grammar = build_grammar(project, syntax or Syntax.V2) if project is not None else None
+        self._grammars: dict[str, CommandGrammar] = {self.grammar.regex: self.grammar} if self.grammar else {}
         self.always_constrain = always_constrain
         self.api_key = api_key
         self.created = int(time.time())
@@ -149,20 +153,35 @@ class ModelServer:
         if len(input_ids) > self.limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(input_ids)} tokens, this server's limit is "
                            f"{self.limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")  # fmt: skip
-        return GenerationRequest(input_ids, max_tokens, float(temperature), tuple(stop), self._constrained(body))
+        return GenerationRequest(input_ids, max_tokens, float(temperature), tuple(stop), self._grammar(body))
 
-    def _constrained(self, body: dict[str, Any]) -> bool:
+    def _grammar(self, body: dict[str, Any]) -> CommandGrammar | None:
+        """The grammar a request asks for (vLLM's `structured_outputs`), or the server's own when it constrains all."""
         asked = body.get("structured_outputs")
         for legacy in ("guided_regex", "guided_grammar", "guided_json", "guided_choice", "response_format"):
             if body.get(legacy) not in (None, {"type": "text"}):
                 raise ApiError(400, f"{legacy} is not supported; this server constrains answers to the assistant's "
                                "command grammar only (structured_outputs with its regex)", param=legacy)  # fmt: skip
         if asked is None:
-            return self.always_constrain
-        if self.grammar is None or asked != self.grammar.structured_outputs():
-            raise ApiError(400, "structured_outputs: this server supports only the regex of the command grammar of "
-                           "the project it was started with (recipe serve --project DIR)", param="structured_outputs")
-        return True
+            return self.grammar if self.always_constrain else None
+        regex = asked.get("regex") if isinstance(asked, dict) and len(asked) == 1 else None
+        grammar = self._known_grammar(regex) if isinstance(regex, str) else None
+        if grammar is None:
+            raise ApiError(400, "structured_outputs: this server supports only {\"regex\": ...} with a command grammar "
+                           "of the project it was started with (recipe serve --project DIR)", param="structured_outputs")
+        return grammar
+
+    def _known_grammar(self, regex: str) -> CommandGrammar | None:
+        # Grammars differ by the flows startable in the caller's dialogue state; each is rebuilt once and kept, so
+        # its token masks are reused.
+        if self.grammar is None:
+            return None
+        if regex not in self._grammars:
+            found = grammar_from_regex(self.project, self.grammar.syntax, regex) if self.project else None
+            if found is None:
+                return None
+            self._grammars[regex] = found
+        return self._grammars[regex]
 
     def chat_request(self, body: dict[str, Any]) -> GenerationRequest:
         messages = body.get("messages")
@@ -203,7 +222,7 @@ class ModelServer:
     def generate(self, request: GenerationRequest) -> tuple[str, int, int, str]:
         completion = self.backend.generate(
             request.input_ids, max_new_tokens=request.max_tokens, temperature=request.temperature, stop=request.stop,
-            grammar=self.grammar if request.constrained else None,
+            grammar=request.grammar,
         )  # fmt: skip
         return completion.text, completion.prompt_tokens, completion.completion_tokens, completion.finish_reason
 

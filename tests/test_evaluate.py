@@ -220,7 +220,7 @@ def test_local_model_over_val_rows(example, tmp_path):
     subset = tmp_path / "val3.jsonl"
     subset.write_text("".join(rows.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
     code, report = _evaluate(example, tmp_path / "out", [str(subset)], ["--model", str(model), "--label", "tiny"],
-                             "--max-tokens", "8")  # fmt: skip
+                             "--max-tokens", "8", "--threads", "1")  # fmt: skip
     assert code == 0
     m = _metrics(report)
     assert m["turns"] == 3 and m["correct_turns"] == 0 and m["unparseable_rate"] == 1.0  # untrained: garbage

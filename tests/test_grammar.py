@@ -22,13 +22,14 @@ from recipe.grammar import (
     MAX_TEXT_VALUE,
     CommandLogitsProcessor,
     build_grammar,
+    grammar_from_regex,
     startable_flow_ids,
     token_bytes,
     token_constraint,
 )
 from recipe.project import load_project
 from recipe.prompt import PROMPTS_DIR, PromptRenderer, load_template, prompt_variables
-from recipe.runtime import validate_commands
+from recipe.runtime import _torch_threads, validate_commands
 from recipe.testcases import all_test_cases, load_tests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +129,19 @@ def test_regex_and_byte_automaton_agree_on_near_misses(grammars):
     check()
 
 
+def test_grammar_for_some_flows_is_found_again_from_its_regex(project):
+    for syntax in SYNTAXES:
+        for flows in (None, ("book_hotel",), (), ("greet", "book_hotel", "book_rental_car")):
+            grammar = build_grammar(project, syntax, flows=flows)
+            assert grammar_from_regex(project, syntax, grammar.regex).regex == grammar.regex
+    only_hotel = build_grammar(project, Syntax.V2, flows=["book_hotel"])
+    assert re.fullmatch(only_hotel.regex, "start flow book_hotel")
+    assert not re.fullmatch(only_hotel.regex, "start flow greet")
+    assert not re.fullmatch(only_hotel.regex, "disambiguate flows book_hotel greet")  # one flow: nothing to clarify
+    assert grammar_from_regex(project, Syntax.V2, "yes|no") is None
+    assert grammar_from_regex(project, Syntax.V2, only_hotel.regex.replace("book_hotel", "book_yacht")) is None
+
+
 def test_command_kinds_can_be_limited(project):
     grammar = build_grammar(project, Syntax.V2, kinds=["start flow", "cancel flow"])
     assert re.fullmatch(grammar.regex, "start flow book_hotel\ncancel flow")
@@ -195,7 +209,7 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int, processor=None
 
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         return_dict=True, return_tensors="pt")  # fmt: skip
-    with torch.no_grad():
+    with torch.no_grad(), _torch_threads(1):  # one thread: the test machine is shared
         output = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                 logits_processor=LogitsProcessorList([processor(ids["input_ids"].shape[1])] if processor else []))  # fmt: skip

@@ -191,7 +191,11 @@ def test_constrained_endpoint_gets_the_grammar_and_completions_get_the_raw_promp
         body = server.requests[0].body
     assert server.requests[0].path.endswith("/completions") and body["prompt"] == prediction.prompt
     assert prompt_of(body) == prediction.prompt
-    assert body["structured_outputs"] == {"regex": build_grammar(project, Syntax.V2).regex}
+    state = conversation_state(project, [])
+    assert body["structured_outputs"] == {"regex": generator.grammar(state).regex}
+    assert "change_flight" not in generator.grammar(state).flows  # its guard needs a logged-in user
+    assert generator.grammar(state).flows == build_grammar(project, Syntax.V2, flows=[
+        f for f in build_grammar(project, Syntax.V2).flows if f not in ("change_flight",)]).flows
     assert prediction.commands == (CancelFlow(),) and prediction.parseable
 
 
@@ -248,9 +252,9 @@ def test_unknown_hub_id_is_a_clear_error():
 
 def test_adapter_and_merged_model_answer_alike_and_differ_from_the_base(project, finetuned):
     prompt = "set slot hotel_city"
-    merged = LocalModelBackend(finetuned, max_new_tokens=12)
-    adapter = LocalModelBackend(finetuned, variant="adapter", max_new_tokens=12)
-    base = LocalModelBackend(finetuned.parent / "base", max_new_tokens=12)
+    merged = LocalModelBackend(finetuned, max_new_tokens=12, threads=1)
+    adapter = LocalModelBackend(finetuned, variant="adapter", max_new_tokens=12, threads=1)
+    base = LocalModelBackend(finetuned.parent / "base", max_new_tokens=12, threads=1)
     assert merged.finetuned.prompt_format.kind == base.finetuned.prompt_format.kind == "chat"
     answers = [backend.complete(prompt) for backend in (merged, adapter, base)]
     assert answers[0].text == answers[1].text != answers[2].text
@@ -259,7 +263,7 @@ def test_adapter_and_merged_model_answer_alike_and_differ_from_the_base(project,
 
 
 def test_local_model_constrained_gives_valid_commands_unconstrained_garbage(project, finetuned):
-    backend = LocalModelBackend(finetuned, max_new_tokens=32)
+    backend = LocalModelBackend(finetuned, max_new_tokens=32, threads=1)
     free = CommandGenerator.for_model(project, backend)
     constrained = CommandGenerator.for_model(project, backend, constrained=True)
     state = conversation_state(project, [("user", "hi"), ("bot", "Hello! How can I help?")])

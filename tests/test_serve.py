@@ -43,12 +43,12 @@ def finetuned(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def backend(finetuned) -> LocalModelBackend:
-    return LocalModelBackend(finetuned, max_new_tokens=12)
+    return LocalModelBackend(finetuned, max_new_tokens=12, threads=1)  # one thread: the test machine is shared
 
 
 @pytest.fixture(scope="module")
 def model_server(backend, project) -> ModelServer:
-    return ModelServer(backend, NAME, LIMITS, build_grammar(project, Syntax.V2), api_key=KEY)
+    return ModelServer(backend, NAME, LIMITS, project, Syntax.V2, api_key=KEY)
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +168,16 @@ def test_runtime_api_through_the_server(project, base_url, finetuned, backend):
     assert served.prompt == local.prompt and served.raw_text == local.raw_text  # same model, same greedy answer
     assert not served.parseable  # an untrained model: garbage
     constrained = CommandGenerator.for_model(project, remote, training_info=info, constrained=True)
-    prediction = constrained.predict(state, "a car in Porto")  # structured_outputs with the grammar's regex
-    assert prediction.parseable and prediction.commands and not prediction.dropped
-    assert parse_model_output(prediction.raw_text, Syntax.V2).fully_parsed
+    for user_logged_in in (False, True):  # the grammar of each state: change_flight only when logged in
+        state = conversation_state(project, [("user", "hi"), ("bot", "Hello!")], slots={"user_logged_in": user_logged_in})
+        prediction = constrained.predict(state, "a car in Porto")  # structured_outputs with the state's grammar
+        assert prediction.parseable and prediction.commands and not prediction.dropped
+        assert parse_model_output(prediction.raw_text, Syntax.V2).fully_parsed
+        assert ("change_flight" in constrained.grammar(state).flows) is user_logged_in
 
 
 def test_server_can_constrain_every_answer(backend, project):
-    server = ModelServer(backend, NAME, LIMITS, build_grammar(project, Syntax.V2), always_constrain=True)
+    server = ModelServer(backend, NAME, LIMITS, project, Syntax.V2, always_constrain=True)
     with running_in_background(create_app(server)) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         answer = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=24)
@@ -182,6 +185,13 @@ def test_server_can_constrain_every_answer(backend, project):
     assert build_grammar(project, Syntax.V2).matcher().fullmatch(text), text
     with pytest.raises(ConfigError, match="--project"):
         ModelServer(backend, NAME, LIMITS, None, always_constrain=True)
+    without_project = ModelServer(backend, NAME, LIMITS)
+    with running_in_background(create_app(without_project)) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="--project"):
+            client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"structured_outputs": build_grammar(project, Syntax.V2)
+                                                       .structured_outputs()})  # fmt: skip
 
 
 def test_exposed_host_without_key_is_warned_about(caplog):

@@ -80,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="send raw prompts to the endpoints' /completions (models trained on raw prompts)")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="endpoint calls in flight per model (default: 1, which keeps latencies honest)")
+    parser.add_argument("--threads", type=int, help="CPU threads per local generation (default: torch's, all cores)")
     parser.add_argument("--worst", type=int, default=10, help="worst turns listed per model (default: 10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_project_arguments(parser)
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     # Build every generator first: a missing model or bad endpoint fails before any model runs.
     generators = [build_generator(spec, project, template_path=args.prompt_template, syntax=args.command_syntax,
                                   constrained=args.constrained, max_tokens=args.max_tokens,
-                                  use_completions=args.use_completions) for spec in args.models]  # fmt: skip
+                                  use_completions=args.use_completions, threads=args.threads)
+                  for spec in args.models]  # fmt: skip
     labels = [spec.name for spec in args.models]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two models share a label ({', '.join(labels)}); name them with --label")

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="require `Authorization: Bearer <key>` with the key read from this environment variable")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="weights precision (default: fp32 on CPU, the training precision on a GPU)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads per generation (default: torch's, all cores; 1 on a shared machine)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-tokens-limit", type=int, default=512, help="most answer tokens a request may ask for")
     limits.add_argument("--default-max-tokens", type=int, default=256, help="answer tokens when a request names none")
@@ -80,18 +82,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--constrained needs --project DIR (the grammar comes from the assistant's flows and domain)")
     from recipe.runtime import LocalModelBackend
 
-    backend = LocalModelBackend(args.model, base_model=args.base_model, variant=args.variant, dtype=args.dtype, name=name)
-    grammar = None
+    backend = LocalModelBackend(args.model, base_model=args.base_model, variant=args.variant, dtype=args.dtype,
+                                threads=args.threads, name=name)  # fmt: skip
+    project = syntax = None
     if args.project is not None:
-        from recipe.grammar import build_grammar
         from recipe.project import load_project
         from recipe.prompt import choose_syntax
 
         project = load_project(args.project)
         syntax = choose_syntax(project, args.command_syntax or (backend.training_info or {}).get("command_syntax"))
-        grammar = build_grammar(project, syntax)
     check_exposure(args.host, api_key)
-    server = ModelServer(backend, name, limits, grammar, always_constrain=args.constrained, api_key=api_key)
+    server = ModelServer(backend, name, limits, project, syntax, always_constrain=args.constrained, api_key=api_key)
     print(f"serving {name} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
     serve_forever(create_app(server), args.host, args.port)
     return 0
