@@ -46,6 +46,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_main_process() -> bool:
+    """True outside distributed runs, and on rank 0 of one (set by torchrun / accelerate launch)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def fsdp_enabled() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 

@@ -222,7 +222,8 @@ def prepare_output_dir(config: FinetuneConfig) -> Path:
     if config.resume:
         if last_checkpoint(local_dir) is None:
             raise ConfigError(f"{local_dir}: --resume, but there is no checkpoint in {local_dir / CHECKPOINTS}")
-    elif local_dir.exists() and any(local_dir.iterdir()):
+    # Only the main process checks: in a distributed run the others may look after it has started writing.
+    elif model.is_main_process() and local_dir.exists() and any(local_dir.iterdir()):
         raise ConfigError(f"{local_dir}: output folder is not empty; choose a new one, or --resume a run there")
     local_dir.mkdir(parents=True, exist_ok=True)
     return local_dir
