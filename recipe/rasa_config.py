@@ -14,6 +14,7 @@ from typing import Any
 
 from recipe.commands import Syntax
 from recipe.errors import ConfigError
+from recipe.prompt import load_template
 from recipe.yamlio import dump_yaml
 
 GENERATOR_FOR_SYNTAX = {
@@ -52,10 +53,12 @@ def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any]
     if not template:
         raise ConfigError("no prompt template: the model folder has no training info; pass --prompt-template")
     notes = []
-    if info.get("prompt_template") and prompt_template and Path(prompt_template).name != Path(info["prompt_template"]).name:
-        notes.append(f"note: the model was trained with {info['prompt_template']}, not {prompt_template}")
     if not Path(template).is_file():
-        notes.append(f"copy {template} into the assistant project and point prompt_template at the copy")
+        notes.append(f"copy {template} into the assistant project and point prompt_template at the copy "
+                     "(or use --write-template FILE)")  # fmt: skip
+    elif info.get("prompt_template_sha256") and load_template(Path(template)).sha256 != info["prompt_template_sha256"]:
+        notes.append(f"WARNING: {template} is not the template the model was trained with (sha256 differs); use "
+                     "--write-template FILE to write that one")  # fmt: skip
     model: dict[str, Any] = {"provider": "self-hosted", "model": model_name, "api_base": api_base.rstrip("/"),
                              "temperature": 0.0, "max_tokens": max_tokens}  # fmt: skip
     if api_key_env:

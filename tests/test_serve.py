@@ -278,15 +278,22 @@ def test_rasa_config_points_the_assistant_at_the_served_model(finetuned, capsys,
     assert component["name"] == "CompactLLMCommandGenerator" and component["llm"] == {"model_group": group["id"]}
     assert component["prompt_template"] == info["prompt_template"]
     assert component["include_date_time"] is False and component["flow_retrieval"] == {"active": False}
-    assert "provider: rasa" not in text
+    assert "provider: rasa" not in text and "WARNING" not in text
 
     written = tmp_path / "prompts" / "cmdgen.jinja2"
     assert main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base", "http://h:8000/v1",
                  "--write-template", str(written), "--api-key-env", "CMDGEN_KEY"]) == 0  # fmt: skip
-    endpoints, config = _blocks(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    endpoints, config = _blocks(text)
+    assert "WARNING" not in text and "copy" not in text
     assert written.read_text(encoding="utf-8") == info["prompt_template_text"]
     assert config["pipeline"][0]["prompt_template"] == str(written)
     assert endpoints["model_groups"][0]["models"][0]["api_key"] == "${CMDGEN_KEY}"
+    other = tmp_path / "other.jinja2"
+    other.write_text("{{ user_message }}", encoding="utf-8")
+    assert main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base", "http://h:8000/v1",
+                 "--prompt-template", str(other)]) == 0  # fmt: skip
+    assert "WARNING: " + str(other) + " is not the template the model was trained with" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("syntax", "generator"), [("v1", "SingleStepLLMCommandGenerator"),
