@@ -35,6 +35,7 @@ from recipe.commands import (
     detect_syntax,
     format_commands,
     parse_model_output,
+    same_commands,
 )
 from recipe.errors import ConfigError, InputError
 from recipe.project import Project
@@ -181,7 +182,7 @@ class Outcome:
 
     @property
     def correct(self) -> bool:
-        return self.prediction is not None and _multiset(self.case.expected) == _multiset(self.predicted)
+        return self.prediction is not None and same_commands(self.case.expected, self.predicted)
 
 
 def _multiset(commands: Sequence[Command], key: Callable[[Command], tuple] = command_key) -> Counter:
@@ -269,8 +270,7 @@ def _slot_name(command: Command) -> tuple:
 
 def model_metrics(outcomes: Sequence[Outcome], worst: int = 10, syntax: Syntax = Syntax.V2) -> dict[str, Any]:
     """Everything the report shows for one model, as plain JSON data."""
-    answered = [o for o in outcomes if o.prediction is not None]
-    predictions = [o.prediction for o in answered if o.prediction is not None]
+    predictions = [o.prediction for o in outcomes if o.prediction is not None]
     by_test: dict[str, list[bool]] = defaultdict(list)
     by_flow: dict[str, list[bool]] = defaultdict(list)
     for outcome in outcomes:
@@ -289,7 +289,7 @@ def model_metrics(outcomes: Sequence[Outcome], worst: int = 10, syntax: Syntax =
         "test_cases": len(by_test),
         "correct_test_cases": sum(all(results) for results in by_test.values()),
         "test_case_accuracy": _ratio(sum(all(results) for results in by_test.values()), len(by_test)),
-        "errors": len(outcomes) - len(answered),
+        "errors": len(outcomes) - len(predictions),
         "unparseable_turns": sum(not p.parseable for p in predictions),
         "unparseable_rate": _ratio(sum(not p.parseable for p in predictions), len(predictions)),
         "truncated_turns": sum(p.finish_reason == "length" for p in predictions),

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from recipe.commands import Clarify, Command, SetSlot, StartFlow, Syntax, parse_model_output
 from recipe.errors import ConfigError, RecipeError
+from recipe.finetune.train import INFO_FILE, MERGED
 from recipe.grammar import (
     CommandGrammar,
     CommandLogitsProcessor,
@@ -51,8 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRAINING_INFO_FILE = "recipe_training_info.json"
-MERGED_DIR = "merged"
+TRAINING_INFO_FILE = INFO_FILE  # written by `recipe finetune`
+MERGED_DIR = MERGED
 DEFAULT_MAX_TOKENS = 64  # a command answer is ~10 tokens; this bounds a model that never stops
 SPEAKERS = {"user": "USER", "human": "USER", "USER": "USER", "bot": "AI", "assistant": "AI", "ai": "AI", "AI": "AI"}
 
@@ -346,7 +347,7 @@ class OpenAIBackend:
             else:
                 response = self._client.chat.completions.create(
                     model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0,
-                    max_tokens=self.max_tokens, **extra,
+                    max_completion_tokens=self.max_tokens, **extra,
                 )  # fmt: skip
         except openai.APIStatusError as error:
             fatal = error.status_code in (400, 401, 403, 404)
@@ -466,7 +467,7 @@ def conversation_state(project: Project, turns: Sequence[tuple[str, str]], *, sl
         flow = project.flows.get(active_flow)
         if flow is None:
             raise ConfigError(f"active flow {active_flow!r} is not a flow of this assistant")
-        step_id = flow.first_step
+        step_id = ""  # no step: the flow is in progress but asks for nothing
         if requested_slot is not None:
             steps = [step.id for step in flow.collect_steps() if step.collect == requested_slot]
             if not steps:

@@ -116,6 +116,8 @@ def test_conversation_state_from_plain_turns(project, template):
     prompt = generator.render(state, "Lisbon")
     assert "Active flow: book_hotel, waiting for slot hotel_city" in prompt
     assert "hotel_checkin_date=friday" in prompt
+    in_flow = generator.render(conversation_state(project, [], active_flow="book_hotel"), "hi")
+    assert "Active flow: book_hotel\n" in in_flow  # in the flow, but asking for nothing
     assert "USER: I need a hotel\nAI: Which city?\nUSER: Lisbon" in prompt
     for bad, message in [
         (dict(turns=[("robot", "hi")]), "speaker"),
@@ -171,7 +173,7 @@ def test_endpoint_is_called_like_rasa_and_the_answer_is_validated(project, info)
         prediction = generator.predict([("user", "hi"), ("bot", "Hello!")], "a hotel in Lisbon please")
         body = server.requests[0].body
     assert body["messages"] == [{"role": "user", "content": prediction.prompt}]
-    assert body["model"] == "cmdgen" and body["temperature"] == 0 and body["max_tokens"] == 48
+    assert body["model"] == "cmdgen" and body["temperature"] == 0 and body["max_completion_tokens"] == 48
     assert "structured_outputs" not in body
     assert prediction.prompt == generator.render(conversation_state(project, [("user", "hi"), ("bot", "Hello!")]),
                                                  "a hotel in Lisbon please")  # fmt: skip
