@@ -117,45 +117,25 @@ def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
 
 
 def cases_from_jsonl(path: Path, syntax: Syntax) -> list[Case]:
-    """Rows of a split file: `{"prompt", "completion"}` or `{"messages": [user, assistant]}`."""
+    """Rows of a split file, read as finetune reads them: `{"prompt", "completion"}` or `{"messages": [...]}`."""
+    from recipe.finetune.data import read_examples
+
+    if not path.is_file():
+        raise InputError(str(path), None, "file not found; expected a val.jsonl of prepare-data's ft_splits")
     cases: list[Case] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise InputError(str(path), None, f"cannot read ({error.strerror})") from None
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise InputError(str(path), number, f"not valid JSON ({error.msg})") from None
-        prompt, completion = _prompt_and_completion(row)
-        if prompt is None or completion is None:
-            raise InputError(str(path), number, 'expected {"prompt", "completion"} or {"messages": [user, assistant]}')
-        first_line = next((line for line in completion.splitlines() if line.strip()), "")
-        parsed = parse_model_output(completion, detect_syntax(first_line) or syntax)
+    for example in read_examples(path):
+        if [message["role"] for message in example.prompt] != ["user"]:
+            raise InputError(str(path), example.line, "expected one user message before the answer, as Rasa sends it")
+        prompt = example.prompt[0]["content"]
+        first_line = next((line for line in example.completion.splitlines() if line.strip()), "")
+        parsed = parse_model_output(example.completion, detect_syntax(first_line) or syntax)
         if not parsed.fully_parsed:
-            raise InputError(str(path), number, f"completion line `{parsed.unparsed_lines[0]}` is not a command in "
-                             f"{syntax.value} syntax")  # fmt: skip
-        expected = parsed.commands
-        test_case = row.get("original_test_name") if isinstance(row, dict) else None
-        cases.append(Case(id=f"{path.name}:{number}", test_case=test_case, user_message=_latest_message(prompt),
-                          expected=expected, flow=_flow_of(expected, None, None), source="val", prompt=prompt))  # fmt: skip
+            raise InputError(str(path), example.line, f"completion line `{parsed.unparsed_lines[0]}` is not a command "
+                             f"in {syntax.value} syntax")  # fmt: skip
+        cases.append(Case(id=f"{path.name}:{example.line}", test_case=None, user_message=_latest_message(prompt),
+                          expected=parsed.commands, flow=_flow_of(parsed.commands, None, None), source="val",
+                          prompt=prompt))  # fmt: skip
     return cases
-
-
-def _prompt_and_completion(row: Any) -> tuple[str | None, str | None]:
-    if not isinstance(row, dict):
-        return None, None
-    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-        return row["prompt"], row["completion"]
-    messages = row.get("messages")
-    if isinstance(messages, list) and len(messages) == 2 and all(isinstance(m, dict) for m in messages):
-        user, assistant = messages
-        if user.get("role") == "user" and assistant.get("role") == "assistant":
-            return user.get("content"), assistant.get("content")
-    return None, None
 
 
 def _latest_message(prompt: str) -> str:

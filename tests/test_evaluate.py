@@ -274,3 +274,14 @@ def test_percentile_interpolates_like_numpy():
     assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.95) == pytest.approx(3.85)
     assert percentile([7.0], 0.95) == 7.0 and percentile([], 0.5) is None
+
+
+def test_bad_val_rows_are_errors_at_their_line(example, tmp_path, capsys):
+    rows = tmp_path / "val.jsonl"
+    rows.write_text(json.dumps({"prompt": "p", "completion": "start flow book_hotel"}) + "\n"
+                    + json.dumps({"prompt": "q", "completion": "book it!"}) + "\n")  # fmt: skip
+    models = ["--endpoint", "http://127.0.0.1:9/v1", "--endpoint-model", "m"]
+    assert _evaluate(example, tmp_path / "out", [str(rows)], models)[0] == 2
+    assert f"{rows}:2: completion line `book it!` is not a command" in capsys.readouterr().err
+    assert _evaluate(example, tmp_path / "out", [str(tmp_path / "missing.jsonl")], models)[0] == 2
+    assert "file not found" in capsys.readouterr().err
