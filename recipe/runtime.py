@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRAINING_INFO_FILE = INFO_FILE  # written by `recipe finetune`
-MERGED_DIR = MERGED
 DEFAULT_MAX_TOKENS = 64  # a command answer is ~10 tokens; this bounds a model that never stops
 SPEAKERS = {"user": "USER", "human": "USER", "USER": "USER", "bot": "AI", "assistant": "AI", "ai": "AI", "AI": "AI"}
 
@@ -88,7 +86,7 @@ class Backend(Protocol):
 
 def read_training_info(model_dir: Path) -> dict[str, Any] | None:
     """`recipe_training_info.json` of a `recipe finetune` folder, or None for any other model folder."""
-    path = model_dir / TRAINING_INFO_FILE
+    path = model_dir / INFO_FILE
     if not path.is_file():
         return None
     try:
@@ -125,7 +123,7 @@ def resolve_model(model: str | Path, *, base_model: str | None = None, variant: 
     if not path.is_dir():
         raise ConfigError(f"{text}: expected a model folder, got a file")
     info = read_training_info(path)
-    merged = path / MERGED_DIR
+    merged = path / MERGED
     if variant == "merged" and not merged.is_dir():
         raise ConfigError(f"{text}: no merged model in {merged} (train with --merge, or use the adapter)")
     if variant != "adapter" and merged.is_dir():
@@ -135,7 +133,7 @@ def resolve_model(model: str | Path, *, base_model: str | None = None, variant: 
     if variant == "adapter":
         raise ConfigError(f"{text}: no LoRA adapter here (adapter_config.json missing)")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"{text}: not a model folder (no config.json, adapter_config.json or {MERGED_DIR}/)")
+        raise ConfigError(f"{text}: not a model folder (no config.json, adapter_config.json or {MERGED}/)")
     return ModelSource(str(path), None, str(path), info)
 
 
@@ -501,7 +499,7 @@ def prompt_setup(project: Project, training_info: dict[str, Any] | None, *, temp
     if template_path is not None:
         template = load_template(template_path)
     elif info.get("prompt_template_text"):
-        template = PromptTemplate(info["prompt_template_text"], info.get("prompt_template") or TRAINING_INFO_FILE)
+        template = PromptTemplate(info["prompt_template_text"], info.get("prompt_template") or INFO_FILE)
     elif info.get("prompt_template") and Path(info["prompt_template"]).is_file():
         template = load_template(Path(info["prompt_template"]))
     else:

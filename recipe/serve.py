@@ -29,7 +29,8 @@ from recipe.errors import ConfigError
 from recipe.commands import Syntax
 from recipe.grammar import CommandGrammar, build_grammar, grammar_from_regex
 from recipe.project import Project
-from recipe.runtime import MERGED_DIR, LocalModelBackend, read_training_info
+from recipe.finetune.train import MERGED
+from recipe.runtime import LocalModelBackend, read_training_info
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -352,7 +353,7 @@ def vllm_serve_command(model_dir: Path, *, served_name: str, merged: bool | None
         raise ConfigError(f"{model_dir}: model folder not found")
     info = read_training_info(model_dir) or {}
     training = info.get("training") or {}
-    merged_dir = model_dir / MERGED_DIR
+    merged_dir = model_dir / MERGED
     use_merged = merged_dir.is_dir() if merged is None else merged
     length = max_model_len or _model_len(training.get("max_length"), max_tokens)
     tail = ["--max-model-len", str(length), "--host", host, "--port", str(port)]
