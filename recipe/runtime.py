@@ -205,14 +205,15 @@ class LocalModelBackend:
         from transformers import LogitsProcessorList
 
         model = self.finetuned.model
-        processors = LogitsProcessorList()
-        if grammar is not None:
-            processors.append(CommandLogitsProcessor(self._constraint(grammar), len(input_ids), max_new_tokens,
-                                                     greedy=temperature == 0))  # fmt: skip
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         stops = {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
         started = time.perf_counter()
+        # Under the lock: the grammar's automaton and token masks are built lazily, as generation reaches them.
         with self._lock, torch.inference_mode(), _torch_threads(self.threads):
+            processors = LogitsProcessorList()
+            if grammar is not None:
+                processors.append(CommandLogitsProcessor(self._constraint(grammar), len(input_ids), max_new_tokens,
+                                                         greedy=temperature == 0))  # fmt: skip
             output = model.generate(
                 input_ids=torch.tensor([input_ids], device=model.device),
                 attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=model.device),
