@@ -82,6 +82,14 @@ def test_serves_on_loopback_and_answers_chat_like_the_local_model(client, base_u
     assert response.usage.total_tokens == local.prompt_tokens + 10
 
 
+def test_stop_strings_end_the_answer(client, prompt):
+    messages = [{"role": "user", "content": prompt}]
+    full = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10).choices[0].message.content
+    stop = next(char for char in full[2:] if char.isascii() and char.isalnum())
+    cut = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, stop=[stop]).choices[0]
+    assert cut.message.content == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
 def test_completions_take_the_raw_prompt(client, backend):
     response = client.completions.create(model=NAME, prompt="start flow", max_tokens=5)
     local = backend.generate(backend.encode_text("start flow"), max_new_tokens=5)
