@@ -110,13 +110,17 @@ def _fixture_slots(value: Any, path: str, line: int | None, name: str) -> list[t
 
 
 def _conftest_fixtures(test_path: Path, project: Project) -> dict[str, tuple[list[tuple[str, Any]], str]]:
-    """Fixtures from conftest files, farthest folder first so that the nearest wins."""
+    """Fixtures from conftest files, farthest folder first so that the nearest wins.
+
+    The search goes up to the project root; for tests outside the project (such as the split suites prepare-data
+    writes, which carry their conftest files with them) it goes up to the file system root.
+    """
     folders = []
     folder = test_path.resolve().parent
     root = project.root.resolve()
     while True:
         folders.append(folder)
-        if folder == root or folder.parent == folder or root not in folder.parents:
+        if folder == root or folder.parent == folder:
             break
         folder = folder.parent
     fixtures: dict[str, tuple[list[tuple[str, Any]], str]] = {}

@@ -295,3 +295,17 @@ def test_rephrase_config_may_name_a_model_group_of_endpoints_yml(tmp_path, examp
     config.write_text("llm:\n  model_group: missing\n")
     with pytest.raises(Exception, match="model_group `missing` not found"):
         load_rephrase_config(config, project_dir)
+
+
+def test_split_suites_written_outside_the_project_still_read_with_their_fixtures(prepared_example, example_project):
+    from recipe.testcases import all_test_cases, load_tests
+
+    for side in ("train", "validation"):
+        suites = prepared_example / "4_train_test_split" / "e2e_tests" / side
+        cases = all_test_cases(load_tests([str(suites)], example_project))
+        assert cases
+        assert any(case.fixture_slots for case in cases) or side == "validation"
+    train_cases = all_test_cases(load_tests([str(prepared_example / "4_train_test_split/e2e_tests/train")],
+                                            example_project))  # fmt: skip
+    logged_in = [c for c in train_cases if ("user_logged_in", True) in c.fixture_slots]
+    assert logged_in, "the conftest fixture `logged_in_user` is found beside the split suites"
