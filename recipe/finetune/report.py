@@ -68,9 +68,14 @@ def _or_unknown(value: Any) -> str:
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
+    # A "|" in a value (tokens like <|im_end|>) would split the cell.
     lines = ["| | |", "|---|---|"]
-    lines += [f"| {name} | {_or_unknown(value)} |" for name, value in rows]
+    lines += [f"| {name} | {_or_unknown(value).replace('|', chr(92) + '|')} |" for name, value in rows]
     return "\n".join(lines)
+
+
+def _loss(value: float | None) -> str | None:
+    return None if value is None else f"{value:.4f}"
 
 
 def model_card(info: dict[str, Any]) -> str:
@@ -80,7 +85,10 @@ def model_card(info: dict[str, Any]) -> str:
     hyper = training["hyperparameters"]
     name = Path(info.get("output_dir", "model")).name
     template_text = info.get("prompt_template_text")
-    template_block = f"\n```jinja2\n{template_text}\n```\n" if template_text else "\nunknown (no dataset_info.json next to the data)\n"
+    template_block = (
+        f"\n<details><summary>prompt template text</summary>\n\n```jinja2\n{template_text}\n```\n</details>"
+        if template_text else "\nPrompt template text: unknown (no dataset_info.json next to the data)."
+    )
     losses = training["final_losses"]
     speed = training["throughput"]
     sections = [
@@ -102,7 +110,7 @@ def model_card(info: dict[str, Any]) -> str:
             ("chat template sha256", training.get("chat_template_sha256")),
             ("end-of-answer token", training["end_token"]),
         ])
-        + "\n\nTemplate text:" + template_block,
+        + "\n" + template_block,
         "## Data",
         _table([
             ("train rows", data["train"]["rows"]),
@@ -132,8 +140,8 @@ def model_card(info: dict[str, Any]) -> str:
              f"{training['hardware']['processes']}"),
             ("length-grouped batches", hyper["group_by_length"]),
             ("seed", hyper["seed"]),
-            ("final train loss", losses["train"]),
-            ("final val loss", losses["val"]),
+            ("final train loss", _loss(losses["train"])),
+            ("final val loss", _loss(losses["val"])),
             ("duration", f"{training['duration_s']:.0f} s"),
             ("train tokens / s (without padding)", f"{speed['tokens_per_second']:.0f}"),
             ("padding share of the train batches", f"{speed['padding_share']:.1%}"),
@@ -144,13 +152,14 @@ def model_card(info: dict[str, Any]) -> str:
                + [(key, value) for key, value in training["hardware"].items()]),
         "## Use",
         "Files: the adapter (`adapter_model.safetensors`, `adapter_config.json`) and the tokenizer at the top level"
-        + (", the merged model in `merged/`" if training["merged"] else "")
-        + ". Serve with vLLM (the served model needs the chat template, so Rasa Pro's chat-completions call gets "
-        "the prompt format above):\n\n```bash\n"
+        + (", the merged model in `merged/`" if training["merged"] else "") + ". Serve with vLLM:\n\n```bash\n"
         f"vllm serve {training['base_model']} --enable-lora --lora-modules cmdgen=<this folder> "
         f"--max-lora-rank {hyper['lora_r']} --max-model-len {training['max_length'] + 256}\n```\n\n"
         "and point Rasa Pro at it (rasa-formats.md §8): a model group with `provider: self-hosted`, `model: cmdgen`, "
-        "`temperature: 0.0`, and the generator's `prompt_template` set to the template above.",
+        "`temperature: 0.0`, "
+        + ("the chat-completions endpoint (the default), "
+           if training["prompt_format"] == "chat" else "`use_chat_completions_endpoint: false` (raw prompts), ")
+        + "and the generator's `prompt_template` set to the template above.",
     ]
     return "\n\n".join(sections) + "\n"
 
