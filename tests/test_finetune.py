@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from finetune_rows import example_rows
-from tiny_model import build_tiny_model
+from tiny_model import CPU_FINETUNE_SETTINGS, build_tiny_model, write_cpu_finetune_config
 
 from recipe.cli import build_parser, main
 from recipe.errors import ConfigError, InputError, RecipeError
@@ -29,22 +29,6 @@ OVERFIT_ROWS = (0, 12, 17, 29)  # four rows whose completions differ from the fi
 REPEATS = 6
 EPOCHS = 6
 END_TOKEN = "<|im_end|>"
-
-# CPU settings for the tiny model (known-weaknesses B.3): large learning rate, no checkpointing, no dropout.
-CPU_CONFIG = """\
-quantization: none
-gradient_checkpointing: false
-learning_rate: 2.0e-2
-lr_scheduler_type: constant
-warmup_ratio: 0.0
-lora_dropout: 0.0
-num_train_epochs: 6
-per_device_train_batch_size: 4
-gradient_accumulation_steps: 1
-logging_steps: 1
-seed: 0
-"""
-
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,9 +83,7 @@ def splits(tmp_path_factory, rows, train_rows) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "cpu.yaml"
-    path.write_text(CPU_CONFIG, encoding="utf-8")
-    return path
+    return write_cpu_finetune_config(tmp_path_factory.mktemp("config") / "cpu.yaml", num_train_epochs=float(EPOCHS))
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +101,7 @@ def training_info(out: Path) -> dict:
 
 def cpu_finetune_config(tiny: Path, data: Path, out: Path, **changes) -> FinetuneConfig:
     values = {"model": str(tiny), "data": str(data), "output_dir": str(out)} | changes
-    return FinetuneConfig.from_sources(None, _cpu_values() | values)
-
-
-def _cpu_values() -> dict:
-    from ruamel.yaml import YAML
-
-    return dict(YAML(typ="safe").load(CPU_CONFIG))
+    return FinetuneConfig.from_sources(None, CPU_FINETUNE_SETTINGS | values)
 
 
 # ----------------------------------------------------------------------------------------------- training run

@@ -12,23 +12,11 @@ import nbformat
 import pytest
 from finetune_rows import example_rows
 from nbclient import NotebookClient
-from tiny_model import build_tiny_model
+from tiny_model import build_tiny_model, write_cpu_finetune_config
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "finetune" / "finetune.ipynb"
 EVAL_ROWS = 4
-CPU_CONFIG = """\
-quantization: none
-gradient_checkpointing: false
-learning_rate: 2.0e-2
-lr_scheduler_type: constant
-warmup_ratio: 0.0
-num_train_epochs: 1
-per_device_train_batch_size: 4
-gradient_accumulation_steps: 1
-logging_steps: 1
-seed: 0
-"""
 
 
 def inject_parameters(notebook: nbformat.NotebookNode, parameters: dict) -> None:
@@ -47,8 +35,7 @@ def inputs(tmp_path) -> dict:
     splits.mkdir()
     (splits / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:8]), encoding="utf-8")
     (splits / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[16:22]), encoding="utf-8")
-    config = tmp_path / "cpu.yaml"
-    config.write_text(CPU_CONFIG, encoding="utf-8")
+    config = write_cpu_finetune_config(tmp_path / "cpu.yaml", num_train_epochs=1.0)
     return {
         "INSTALL": False,
         "REPO_DIR": str(REPO),

@@ -12,10 +12,16 @@ pad = `<|pad|>`, no BOS) with the ChatML chat template carrying `{% generation %
 
 `with_chat_template=False` leaves the template out, for the raw prompt/completion path.
 See known-weaknesses B.3 for why the sizes are what they are (notably `initializer_range=0.2`).
+
+    write_cpu_finetune_config(path: Path, **changes) -> Path
+
+writes `CPU_FINETUNE_SETTINGS` (with `changes`) as a YAML config for `recipe finetune --config`: the settings under
+which this model trains, and overfits a few rows, on CPU in seconds.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -30,6 +36,21 @@ CHATML_TEMPLATE = (
 )
 
 VOCAB_SIZE = 512
+
+# FinetuneConfig fields for the tiny model on CPU: a large learning rate, no checkpointing, no dropout (B.3).
+CPU_FINETUNE_SETTINGS = {
+    "quantization": "none",
+    "gradient_checkpointing": False,
+    "learning_rate": 2e-2,
+    "lr_scheduler_type": "constant",
+    "warmup_ratio": 0.0,
+    "lora_dropout": 0.0,
+    "num_train_epochs": 6.0,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "logging_steps": 1,
+    "seed": 0,
+}
 
 
 def _training_lines() -> list[str]:
@@ -98,3 +119,10 @@ def build_tiny_model(dir: Path, *, with_chat_template: bool = True) -> Path:
     model.save_pretrained(dir)
     tokenizer.save_pretrained(dir)
     return dir
+
+
+def write_cpu_finetune_config(path: Path, **changes: object) -> Path:
+    """`CPU_FINETUNE_SETTINGS` updated with `changes`, as YAML (JSON scalars are valid YAML) at `path`."""
+    settings = CPU_FINETUNE_SETTINGS | changes
+    Path(path).write_text("".join(f"{name}: {json.dumps(value)}\n" for name, value in settings.items()), encoding="utf-8")
+    return Path(path)
