@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from finetune_rows import example_rows
+from finetune_rows import example_rows, rows_with_distinct_starts
 from tiny_model import CPU_FINETUNE_SETTINGS, build_tiny_model, write_cpu_finetune_config
 
 from recipe.cli import build_parser, main
@@ -25,7 +25,7 @@ from recipe.errors import ConfigError, InputError, RecipeError
 from recipe.finetune.config import FinetuneConfig
 
 REPO = Path(__file__).resolve().parent.parent
-OVERFIT_ROWS = (0, 12, 17, 29)  # four rows whose completions differ from the first token on
+OVERFIT_ROWS = rows_with_distinct_starts(example_rows())  # four rows whose completions differ from the first token on
 REPEATS = 6
 EPOCHS = 6
 END_TOKEN = "<|im_end|>"
@@ -317,10 +317,10 @@ def test_ignored_8bit_flag_is_detected_and_falls_back(tiny, splits, tmp_path, mo
 def test_a_row_longer_than_max_length_is_an_error_naming_it(tiny, splits, cpu_config, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_cli("--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o", str(out),
-                   "--max-length", "200") == 2
+                   "--max-length", "40") == 2  # shorter than every row
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"{splits / 'train.jsonl'}:1: row is ")
-    assert "longer than max_length 200" in error and "more rows are too long" in error
+    assert "longer than max_length 40" in error and "more rows are too long" in error
     assert not (out / "checkpoints").exists()
 
 
