@@ -52,7 +52,8 @@ from recipe.stitch import Row, conversation_rows, deduplicate
 from recipe.testcases import all_test_cases, load_tests
 from recipe.types import BotStep, TestCase, TestFile, UserStep
 from recipe.validate import LEXICAL, STRICT, Verdict, validate_lexically, validate_with_oracle
-from recipe.yamlio import dump_yaml, write_atomic, write_json, write_jsonl, write_yaml
+from recipe.errors import ConfigError
+from recipe.yamlio import dump_yaml, load_yaml, plain, write_atomic, write_json, write_jsonl, write_yaml
 
 STAGE_DIRS = ("1_command_annotations", "2_rephrasings", "3_llm_finetune_data", "4_train_test_split")
 DEFAULT_REPHRASE_MODEL = LLMConfig(provider="openai", model="gpt-4o-mini", temperature=1.0)
@@ -197,35 +198,27 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
     # Validate every candidate against the original turn's commands.
     by_number = {turn.number: turn for turn in turns}
     verdicts: dict[int, list[Verdict]] = {}
-    jobs = []
-    for number, texts in candidates.items():
+    async def judge(number: int, text: str) -> Verdict:
         turn = by_number[number]
         expected = list(annotation.turns[number - 1].commands or [])
-        for text in texts:
-            if clients.oracle is not None:
-                prompt = renderer.render(prompt_variables(project, turn.state, text, when))
-                jobs.append((number, validate_with_oracle(clients.oracle, prompt, text, expected, config.syntax,
-                                                          config.validation)))  # fmt: skip
-            else:
-                jobs.append((number, _ready(validate_lexically(turn.step.text, text, expected))))
-    progress.add("validate", len(jobs))
-
-    async def judged(number: int, job) -> tuple[int, Verdict]:
-        verdict = await job
+        if clients.oracle is None:
+            verdict = validate_lexically(turn.step.text, text, expected)
+        else:
+            prompt = renderer.render(prompt_variables(project, turn.state, text, when))
+            verdict = await validate_with_oracle(clients.oracle, prompt, text, expected, config.syntax,
+                                                 config.validation)  # fmt: skip
         progress.done("validate")
-        return number, verdict
+        return verdict
 
-    for number, verdict in await asyncio.gather(*(judged(n, j) for n, j in jobs)):
+    pairs = [(number, text) for number, texts in candidates.items() for text in texts]
+    progress.add("validate", len(pairs))
+    for (number, _), verdict in zip(pairs, await asyncio.gather(*(judge(n, t) for n, t in pairs))):
         verdicts.setdefault(number, []).append(verdict)
     passing = {n: [v for v in vs if v.passed] for n, vs in verdicts.items()}
 
     rows = conversation_rows(project, renderer, test_case, annotation, passing, when)
     progress.done("stitch")
     return TestCaseResult(test_case, annotation, verdicts, rows, outcome, messages, errors, warnings)
-
-
-async def _ready(value: Verdict) -> Verdict:
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -551,9 +544,6 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 def load_rephrase_config(path: Path, project_root: Path) -> tuple[LLMConfig, PromptTemplate | None]:
     """`--rephrase-config`: keys `prompt_template` and `llm` (inline model, or `model_group` from endpoints.yml)."""
-    from recipe.errors import ConfigError
-    from recipe.yamlio import load_yaml, plain
-
     data = plain(load_yaml(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with `llm` and optionally `prompt_template`")
@@ -572,9 +562,6 @@ def load_rephrase_config(path: Path, project_root: Path) -> tuple[LLMConfig, Pro
 
 def resolve_llm_mapping(data: dict[str, Any], source: str, project_root: Path, default: LLMConfig) -> LLMConfig:
     """An inline model config, or `model_group: <id>` resolved from the project's endpoints.yml."""
-    from recipe.errors import ConfigError
-    from recipe.yamlio import load_yaml, plain
-
     if "model_group" in data:
         endpoints = project_root / "endpoints.yml"
         groups = (plain(load_yaml(endpoints)) or {}).get("model_groups", []) if endpoints.is_file() else []

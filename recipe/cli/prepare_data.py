@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Decide which LLMs run, and check their settings and keys now: before any paid call.
     configured = any([args.rephrase_config, args.teacher_config, args.oracle_config, os.environ.get("OPENAI_API_KEY")])
-    offline = args.offline or not configured or args.annotator == "assertions" and args.num_rephrases == 0
+    offline = args.offline or not configured or (args.annotator == "assertions" and args.num_rephrases == 0)
     rephrase_llm = teacher_llm = oracle_llm = None
     rephrase_template = load_template(PROMPTS_DIR / "rephrase.jinja2")
     if not offline:
