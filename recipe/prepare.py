@@ -76,6 +76,7 @@ class PrepareConfig:
     seed: int = 42
     annotator: str = "auto"  # auto | test | assertions | llm
     validation: str = STRICT  # strict | loose (with an oracle); offline runs use the lexical check
+    abstention_rows: bool = False  # turns annotated with no command become `cannot handle` rows
     offline: bool = False
     max_concurrency: int = 16
     rephrase_llm: LLMConfig | None = None
@@ -216,7 +217,7 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
         verdicts.setdefault(number, []).append(verdict)
     passing = {n: [v for v in vs if v.passed] for n, vs in verdicts.items()}
 
-    rows = conversation_rows(project, renderer, test_case, annotation, passing, when)
+    rows = conversation_rows(project, renderer, test_case, annotation, passing, when, config.abstention_rows)
     progress.done("stitch")
     return TestCaseResult(test_case, annotation, verdicts, rows, outcome, messages, errors, warnings)
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Callable
 
 from recipe.annotate import TestAnnotation
-from recipe.commands import Command
+from recipe.commands import CannotHandle, Command
 from recipe.conversation import replay_test_case
 from recipe.project import Project
 from recipe.prompt import PromptRenderer, prompt_variables
@@ -39,11 +39,13 @@ def conversation_rows(
     annotation: TestAnnotation,
     passing: dict[int, list[Verdict]],
     when: datetime | None,
+    abstention: bool = False,
 ) -> list[Row]:
     """Rows of the original conversation, then of each synthetic one.
 
     All variants share the conversation's date, so a turn whose prompt no paraphrase changed is an exact duplicate
-    of the original row and deduplication removes it.
+    of the original row and deduplication removes it. With `abstention`, a turn annotated with no command at all
+    yields a `cannot handle` row, so the model also learns when to abstain.
     """
     variants = max((len(verdicts) for verdicts in passing.values()), default=0)
     rows: list[Row] = []
@@ -60,6 +62,8 @@ def conversation_rows(
         texts = {turn: verdict.text for turn, verdict in chosen.items()}
         for turn in replay_test_case(project, test_case, commands_for, texts):
             label = commands_for(turn.number, turn.step)
+            if label == [] and abstention and not turn.is_payload:
+                label = [CannotHandle()]
             if turn.is_payload or not label:
                 continue
             prompt = renderer.render(prompt_variables(project, turn.state, turn.text, when))

@@ -309,3 +309,23 @@ def test_split_suites_written_outside_the_project_still_read_with_their_fixtures
                                             example_project))  # fmt: skip
     logged_in = [c for c in train_cases if ("user_logged_in", True) in c.fixture_slots]
     assert logged_in, "the conftest fixture `logged_in_user` is found beside the split suites"
+
+
+def test_abstention_rows_teach_cannot_handle_for_turns_without_commands(tmp_path: Path):
+    tests = tmp_path / "tests.yml"
+    tests.write_text(
+        "test_cases:\n"
+        "  - test_case: gibberish then a hotel\n"
+        "    steps:\n"
+        "      - user: asdf qwerty\n"
+        "        commands: []\n"
+        "      - user: I need a hotel in Porto\n"
+        "        commands: [start flow book_hotel, set slot hotel_city Porto]\n"
+    )
+    for flag, expected in (([], 1), (["--abstention-rows"], 2)):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["prepare-data", str(tests), "--offline", "--no-progress", "--num-rephrases", "0",
+                     "--train-frac", "1", "-o", str(out), *flag]) == 0
+        rows = read_jsonl(out / "3_llm_finetune_data/llm_ft_data.jsonl")
+        assert len(rows) == expected
+        assert ("cannot handle" in [r["output"] for r in rows]) == bool(flag)

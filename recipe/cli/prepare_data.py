@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(derived offline from the test's assertions), llm (teacher)")  # fmt: skip
     parser.add_argument("--validation", choices=["strict", "loose"], default="strict",
                         help="oracle comparison: strict compares slot values too (normalised), loose slot names only")
+    parser.add_argument("--abstention-rows", action="store_true",
+                        help="turns whose commands are empty (the model should do nothing) become `cannot handle` "
+                             "rows instead of being left out")  # fmt: skip
     parser.add_argument("--train-frac", type=float, default=0.8, help="share of test cases in train, in (0, 1]")
     parser.add_argument("--output-format", choices=["instruction", "conversational"], default="instruction",
                         help="rows as prompt/completion, or as user/assistant messages")
@@ -124,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         annotator=args.annotator,
         validation=args.validation,
+        abstention_rows=args.abstention_rows,
         offline=offline,
         max_concurrency=args.max_concurrency,
         rephrase_llm=rephrase_llm,
