@@ -44,12 +44,13 @@ from recipe.prompt import (
     PromptTemplate,
     load_template,
     prompt_variables,
-    transcript_text,
+    transcript_lines,
 )
 from recipe.rephrase import MessageToRephrase, RephraseOutcome, rephrase_conversation, rule_based_rephrasings
 from recipe.split import Split, coverage_features, split_test_cases
 from recipe.stitch import Row, conversation_rows, deduplicate
 from recipe.testcases import all_test_cases, load_tests
+from recipe.tracker import TranscriptLine
 from recipe.types import BotStep, TestCase, TestFile, UserStep
 from recipe.validate import LEXICAL, STRICT, Verdict, validate_lexically, validate_with_oracle
 from recipe.errors import ConfigError
@@ -170,6 +171,15 @@ def _messages_to_rephrase(test_case: TestCase, annotation: TestAnnotation) -> li
     return messages
 
 
+def whole_transcript(turns: list) -> str:
+    """The conversation from the first user message to the bot's last answer, as `USER:`/`AI:` lines."""
+    if not turns:
+        return ""
+    last = turns[-1]
+    said = [TranscriptLine("USER", last.text)] + [TranscriptLine("AI", m.text, m.buttons) for m in last.bot_messages]
+    return "\n".join(transcript_lines([*last.state.transcript, *said]))
+
+
 async def prepare_test_case(project: Project, config: PrepareConfig, renderer: PromptRenderer,
                             rephrase_renderer: PromptRenderer | None, clients: _Clients, test_case: TestCase,
                             progress: _Progress) -> TestCaseResult:  # fmt: skip
@@ -187,7 +197,7 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
     candidates: dict[int, list[str]] = {}
     if messages:
         if clients.rephraser is not None and rephrase_renderer is not None:
-            transcript = transcript_text(turns[-1].state.transcript, turns[-1].text) if turns else ""
+            transcript = whole_transcript(turns)
             outcome = await rephrase_conversation(clients.rephraser, rephrase_renderer, test_case.name, transcript,
                                                   messages, config.num_rephrases)  # fmt: skip
             errors.extend(outcome.errors)

@@ -153,8 +153,8 @@ def _value_text(value: Any) -> str:
     return "undefined" if value is None else str(value)
 
 
-def transcript_text(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], user_message: str) -> str:
-    """The last 20 lines of the conversation, then the new user message after a newline."""
+def transcript_lines(lines: tuple[TranscriptLine, ...] | list[TranscriptLine]) -> list[str]:
+    """`USER: ...` and `AI: ...` lines as the runtime writes them (buttons appended, empty bot messages left out)."""
     rendered = []
     for line in lines:
         text = _one_line(line.text) if line.text else ""
@@ -165,7 +165,12 @@ def transcript_text(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], us
                 suffix = ", ".join(f'button {i}: "{b.title}"' for i, b in enumerate(line.buttons, start=1))
                 text = f"{text} {suffix}" if text else suffix
         rendered.append(f"{line.speaker}: {text}")
-    history = "\n".join(rendered[-TRANSCRIPT_LINES:])
+    return rendered
+
+
+def transcript_text(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], user_message: str) -> str:
+    """The last 20 lines of the conversation, then the new user message after a newline."""
+    history = "\n".join(transcript_lines(lines)[-TRANSCRIPT_LINES:])
     return f"{history}\nUSER: {_one_line(user_message)}"
 
 

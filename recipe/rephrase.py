@@ -31,6 +31,18 @@ class MessageToRephrase:
     text: str
 
 
+@dataclass(frozen=True)
+class _ListedMessage:
+    """A message as the rephrase template sees it: `message.id`, `message.text`, and printed as its text, so a
+    template written for Rasa Pro's rephraser (which loops over plain strings) renders the same."""
+
+    id: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @dataclass
 class RephraseOutcome:
     candidates: dict[int, list[str]]  # turn -> paraphrases (cleaned, at most N)
@@ -100,17 +112,20 @@ def _from_numbered_text(text: str, messages: list[MessageToRephrase]) -> dict[in
         numbered = _NUMBERED.match(line)
         if numbered and blocks:
             blocks[-1][1].append(numbered.group(1))
+    # Match each block to its message by the echoed original first; blocks whose echo matches nothing then go, in
+    # order, to the messages still unmatched at the same position (models sometimes reword the echo).
     found: dict[int, list[str]] = {}
-    unused = list(messages)
-    for index, (echo, lines) in enumerate(blocks):
-        # Match the echoed original by normalised text, else by position among the messages not yet matched.
-        match = next((m for m in unused if normalize_text(m.text) == normalize_text(echo)), None)
-        if match is None and index < len(messages) and messages[index] in unused:
-            match = messages[index]
-        if match is None:
-            continue
-        unused.remove(match)
-        found.setdefault(match.turn, []).extend(lines)
+    owner: dict[int, MessageToRephrase] = {}
+    for index, (echo, _) in enumerate(blocks):
+        match = next((m for m in messages if normalize_text(m.text) == normalize_text(echo)
+                      and m not in owner.values()), None)  # fmt: skip
+        if match is not None:
+            owner[index] = match
+    for index in range(len(blocks)):
+        if index not in owner and index < len(messages) and messages[index] not in owner.values():
+            owner[index] = messages[index]
+    for index, message in sorted(owner.items()):
+        found.setdefault(message.turn, []).extend(blocks[index][1])
     return found
 
 
@@ -134,7 +149,7 @@ def rephrase_prompt(renderer: PromptRenderer, test_case_name: str, transcript: s
             "number_of_rephrasings": count,
             "number_of_user_messages": len(messages),
             "user_prefix": USER_PREFIX,
-            "user_messages": [{"id": m.id, "text": m.text} for m in messages],
+            "user_messages": [_ListedMessage(m.id, m.text) for m in messages],
         }
     )
 

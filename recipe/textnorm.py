@@ -15,6 +15,8 @@ _UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _CURRENCY = re.compile(r"[$€£¥]|\b(?:usd|eur|gbp|euros?|dollars?|pounds?|bucks)\b")
 _PUNCTUATION = re.compile(r"[^\w\s.]|(?<!\d)\.|\.(?!\d)")
+# In values only sentence punctuation, quotes and brackets go: `C++`, `C#` and `AT&T` keep their symbols.
+_VALUE_PUNCTUATION = re.compile(r"[!?;:\"'`()\[\]{}]|,(?!\d{3}\b)|(?<!\d)\.|\.(?!\d)")
 
 
 def number_to_words(number: int) -> str:
@@ -56,8 +58,8 @@ def normalize_value(value: str | None) -> str | None:
     folded = unicodedata.normalize("NFC", str(value)).casefold().replace("_", " ")
     folded = _CURRENCY.sub(" ", folded)
     folded = words_to_digits(folded)
-    folded = _PUNCTUATION.sub(" ", folded)
     folded = re.sub(r"(\d),(\d{3})\b", r"\1\2", folded)  # 1,200 -> 1200
+    folded = _VALUE_PUNCTUATION.sub(" ", folded)
     folded = re.sub(r"\b(\d+)\.0+\b", r"\1", folded)  # 40.00 -> 40
     return " ".join(folded.split())
 

@@ -163,7 +163,7 @@ def test_llm_path_rephrases_validates_with_values_and_annotates_with_the_teacher
     records = list((tmp_path / "out/2_rephrasings").rglob("*.yaml"))
     failing = [(text, reason) for record in records for step in read_yaml(record)["conversations"][0]["steps"]
                for text, reason in zip(step.get("failing_rephrasings", []), step.get("failing_reasons", []))]
-    assert failing and all(text.startswith("Actually ") and "changed on purpose" in reason for text, reason in failing)
+    assert failing and all(text.startswith("Actually ") and CHANGED_VALUE in reason for text, reason in failing)
     # Classic tests carry no commands: the teacher annotated them, and its answers agree with the assertions.
     annotations = [read_yaml(r)["conversations"][0] for r in (tmp_path / "out/1_command_annotations").rglob("*.yaml")]
     classic = [c for c in annotations if "classic_conversations" in c["original_test_case"]]
