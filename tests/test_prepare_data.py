@@ -329,3 +329,22 @@ def test_abstention_rows_teach_cannot_handle_for_turns_without_commands(tmp_path
         rows = read_jsonl(out / "3_llm_finetune_data/llm_ft_data.jsonl")
         assert len(rows) == expected
         assert ("cannot handle" in [r["output"] for r in rows]) == bool(flag)
+
+
+def test_teacher_commands_that_contradict_the_assertions_are_reported_and_left_out(tmp_path, example_project):
+    spec = ["e2e_tests/e2e/classic_conversations.yml::classic car rental cancelled"]
+
+    def wrong_teacher(kind: str, prompt: str, hit: int) -> Reply | None:
+        if kind == "commands" and '"""rent me a compact car in Bologna"""' in prompt:
+            return Reply.text("start flow book_hotel")  # the test says a car rental starts
+        return None
+
+    responder = ScriptedAssistantLLM(example_project, spec, faults=wrong_teacher)
+    with ScriptedOpenAIServer(responder) as server:
+        result = prepare_data(example_project, llm_config(example_project, tmp_path, server, tests=spec,
+                                                          num_rephrases=0))  # fmt: skip
+    skipped = result.summary["recipe"]["skipped_turns"]
+    assert [(s["turn"], "disagree with the test's assertions" in s["reason"]) for s in skipped] == [(1, True)]
+    rows = read_jsonl(tmp_path / "out/3_llm_finetune_data/llm_ft_data.jsonl")
+    assert rows and all(row["original_user_utterance"] != "rent me a compact car in Bologna" for row in rows)
+    assert not any("book_hotel" in row["output"] for row in rows)
