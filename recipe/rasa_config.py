@@ -42,7 +42,11 @@ def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any]
     info = training_info or {}
     if not api_base.startswith(("http://", "https://")):
         raise ConfigError(f"--api-base {api_base!r}: expected the server's URL, e.g. http://llm-host:8000/v1")
-    chosen = syntax or info.get("command_syntax")
+    trained = info.get("command_syntax")
+    if syntax and trained and syntax != trained:
+        raise ConfigError(f"--command-syntax {syntax} contradicts the model, which was trained with {trained} "
+                          f"commands; leave --command-syntax out or pass {trained}")  # fmt: skip
+    chosen = syntax or trained
     if not chosen:
         raise ConfigError("no command syntax: the model folder has no training info; pass --command-syntax")
     try:
@@ -53,7 +57,12 @@ def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any]
     if not template:
         raise ConfigError("no prompt template: the model folder has no training info; pass --prompt-template")
     notes = []
-    if not Path(template).is_file():
+    if not prompt_template:
+        # The training path is a path on this machine; the assistant needs its own copy, relative to its project.
+        template = f"prompts/{Path(template).name}"
+        notes.append(f"copy the template the model was trained with to {template} in the assistant project, or use "
+                     "--write-template FILE to write the exact trained text and point prompt_template at it")  # fmt: skip
+    elif not Path(template).is_file():
         notes.append(f"copy {template} into the assistant project and point prompt_template at the copy "
                      "(or use --write-template FILE)")  # fmt: skip
     elif info.get("prompt_template_sha256") and load_template(Path(template)).sha256 != info["prompt_template_sha256"]:

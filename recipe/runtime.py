@@ -108,6 +108,14 @@ class ModelSource:
     tokenizer: str
     training_info: dict[str, Any] | None
 
+    def describe(self) -> str:
+        """What is served, for the start-up line: the merged model, the adapter on its base, or a plain model."""
+        if self.adapter is not None:
+            return f"the adapter {self.adapter} on its base {self.weights}"
+        if Path(self.weights).name == MERGED:
+            return f"the merged model {self.weights}"
+        return f"the model {self.weights}"
+
 
 def resolve_model(model: str | Path, *, base_model: str | None = None, variant: str = "auto") -> ModelSource:
     """Find the weights behind `--model`: a `recipe finetune` folder (its merged model or adapter), an adapter folder

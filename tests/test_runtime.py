@@ -246,6 +246,13 @@ def test_model_folders_are_resolved_like_finetune_leaves_them(finetuned, tmp_pat
             resolve_model(bad)
 
 
+def test_model_source_says_whether_it_is_the_merged_model_or_the_adapter(finetuned):
+    assert resolve_model(finetuned).describe() == f"the merged model {finetuned / 'merged'}"
+    base = (finetuned.parent / "base").resolve()
+    assert resolve_model(finetuned, variant="adapter").describe() == f"the adapter {finetuned} on its base {base}"
+    assert resolve_model("org/some-model").describe() == "the model org/some-model"
+
+
 def test_unknown_hub_id_is_a_clear_error():
     offline()
     with pytest.raises(ConfigError, match="cannot load"):

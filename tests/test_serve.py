@@ -260,6 +260,15 @@ def test_cli_prints_the_vllm_command(finetuned, capsys):
     assert printed == vllm_serve_command(finetuned, served_name=NAME, merged=False)
 
 
+def test_serve_help_shows_the_limits_defaults_and_what_max_model_len_means(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ["(default: 512)", "(default: 256)", "(default: 8192)", "(default: 1000000)", "(default: 32)"]:
+        assert default in text
+    assert "max_model_len" in text and "--max-prompt-tokens + --max-tokens-limit" in text
+
+
 def _option(command: list[str], flag: str) -> str:
     return command[command.index(flag) + 1]
 
@@ -284,7 +293,9 @@ def test_rasa_config_points_the_assistant_at_the_served_model(finetuned, capsys,
     component = config["pipeline"][0]
     info = read_training_info(finetuned)
     assert component["name"] == "CompactLLMCommandGenerator" and component["llm"] == {"model_group": group["id"]}
-    assert component["prompt_template"] == info["prompt_template"]
+    relative = "prompts/" + Path(info["prompt_template"]).name  # not a path on this machine
+    assert component["prompt_template"] == relative and not Path(relative).is_absolute()
+    assert f"# copy the template the model was trained with to {relative}" in text and "--write-template FILE" in text
     assert component["include_date_time"] is False and component["flow_retrieval"] == {"active": False}
     assert "provider: rasa" not in text and "WARNING" not in text
 
@@ -323,3 +334,19 @@ def test_rasa_config_mistakes(tmp_path, capsys):
         rasa_config(model_name=NAME, api_base="http://h/v1", training_info=None, prompt_template="p", syntax=None)
     assert main(["rasa-config", "--model", str(tmp_path), "--model-name", NAME, "--api-base", "http://h/v1"]) == 2
     assert "no recipe_training_info.json" in capsys.readouterr().err
+
+
+def test_rasa_config_rejects_a_syntax_the_model_was_not_trained_with(finetuned, capsys):
+    assert main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base", "http://h/v1",
+                 "--command-syntax", "v1"]) == 2  # fmt: skip
+    captured = capsys.readouterr()
+    assert not captured.out and "trained with v2" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base", "http://h/v1",
+                 "--command-syntax", "v2"]) == 0  # fmt: skip
+    assert "CompactLLMCommandGenerator" in capsys.readouterr().out
+
+
+def test_rasa_config_help_shows_the_group_id_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["rasa-config", "--help"])
+    assert "default: finetuned_command_generator" in " ".join(capsys.readouterr().out.split())

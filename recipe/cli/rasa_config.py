@@ -23,12 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--api-base", required=True, metavar="URL", help="the server's base URL, e.g. "
                         "http://llm-host:8000/v1")
     parser.add_argument("--prompt-template", metavar="PATH", help="template path to write into config.yml "
-                        "(default: the one in the training info)")
+                        "(default: prompts/<name of the trained template>, with a note to copy it there)")
     parser.add_argument("--write-template", type=Path, metavar="FILE",
                         help="write the exact template text the model was trained with to FILE (e.g. in the "
                              "assistant project) and point prompt_template at it")  # fmt: skip
-    parser.add_argument("--command-syntax", choices=["v1", "v2", "v3"], help="default: from the training info")
-    parser.add_argument("--group-id", default="finetuned_command_generator", help="model group id")
+    parser.add_argument("--command-syntax", choices=["v1", "v2", "v3"], help="default: from the training info; "
+                        "a syntax contradicting the training info is an error")
+    parser.add_argument("--group-id", default="finetuned_command_generator", help="model group id (default: finetuned_command_generator)")
     parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens of the model group (default: 256)")
     parser.add_argument("--api-key-env", metavar="VAR", help="reference ${VAR} as the model group's api_key")
     parser.add_argument("--use-completions", action="store_true",

@@ -32,11 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int,
                         help="CPU threads per generation (default: torch's, all cores; 1 on a shared machine)")
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-tokens-limit", type=int, default=512, help="most answer tokens a request may ask for")
-    limits.add_argument("--default-max-tokens", type=int, default=256, help="answer tokens when a request names none")
-    limits.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt accepted, in tokens")
-    limits.add_argument("--max-request-bytes", type=int, default=1_000_000, help="largest request body accepted")
-    limits.add_argument("--max-pending", type=int, default=32, help="requests queued or running before 503")
+    limits.add_argument("--max-tokens-limit", type=int, default=512, help="most answer tokens a request may ask for (default: %(default)s)")
+    limits.add_argument("--default-max-tokens", type=int, default=256, help="answer tokens when a request names none (default: %(default)s)")
+    limits.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt accepted, in tokens (default: %(default)s); /v1/models reports "
+                        "this plus --max-tokens-limit as max_model_len")
+    limits.add_argument("--max-request-bytes", type=int, default=1_000_000, help="largest request body accepted, in bytes (default: %(default)s)")
+    limits.add_argument("--max-pending", type=int, default=32, help="requests queued or running before 503 (default: %(default)s)")
     grammar = parser.add_argument_group("constrained decoding")
     grammar.add_argument("--project", type=Path, metavar="DIR",
                          help="the assistant: enables structured_outputs with its command grammar's regex")
@@ -51,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="serve the base model with the adapter as a LoRA module even when a merged model exists")
     vllm.add_argument("--max-lora-rank", type=int, help="vLLM --max-lora-rank (default: the adapter's rank)")
     vllm.add_argument("--max-model-len", type=int,
-                      help="vLLM --max-model-len (default: the longest training row + 25%% + answer tokens)")
+                      help="vLLM --max-model-len (default: the longest training row + 25%% + answer tokens, "
+                      "rounded up to 1024s; unlike the max_model_len of this server's /v1/models, which is "
+                      "--max-prompt-tokens + --max-tokens-limit)")
     parser.set_defaults(run=run)
 
 
@@ -93,6 +96,6 @@ def run(args: argparse.Namespace) -> int:
         syntax = choose_syntax(project, args.command_syntax or (backend.training_info or {}).get("command_syntax"))
     check_exposure(args.host, api_key)
     server = ModelServer(backend, name, limits, project, syntax, always_constrain=args.constrained, api_key=api_key)
-    print(f"serving {name} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+    print(f"serving {name} ({backend.source.describe()}) at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
     serve_forever(create_app(server), args.host, args.port)
     return 0
