@@ -3,8 +3,8 @@
 Cases come from test cases with commands (each user turn's prompt rendered from the replayed dialogue state, as the
 runtime would) or from `val.jsonl` rows (prompt and expected completion as written). Every model answers every case
 through `recipe.runtime.CommandGenerator` (render, call, parse, validate); a turn is correct when its kept commands
-equal the expected ones as a multiset (`same_commands`: flows by id, slots by name and normalised value, clarify by
-options), and a test case when all its scored turns are.
+equal the expected ones as a multiset (`scoring_key`: flows by id, slots by name and normalised value, float slots'
+values as numbers, clarify by options), and a test case when all its scored turns are.
 
 The report has what dialogue-understanding tests show (per command type TP/FP/FN, precision, recall, F1; accuracy
 per turn and per test case) and what they lack: unparseable answers, invalid commands (with hallucinated flows),
@@ -21,7 +21,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,6 @@ from recipe.commands import (
     detect_syntax,
     format_commands,
     parse_model_output,
-    same_commands,
 )
 from recipe.errors import ConfigError, InputError
 from recipe.project import Project
@@ -76,6 +75,32 @@ class Case:
     state: DialogueState | None = None
     when: datetime | None = None
     prompt: str | None = None  # fixed (val rows); None: rendered per model from state, message and date
+    float_slots: frozenset[str] = frozenset()  # slots whose values are scored as numbers (3 == 3.0)
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """Turns of the test inputs that are not scored: their commands are derived from the test's assertions, not
+    written as `commands:` (scored with --include-derived)."""
+
+    turns: int = 0
+    test_cases: int = 0  # test cases with no scored turn left
+
+    def message(self) -> str:
+        return (f"left out {self.turns} turn(s) ({self.test_cases} test case(s) entirely) whose commands are derived "
+                "from the tests' assertions, not written as `commands:`; --include-derived scores them too")  # fmt: skip
+
+
+def scoring_key(command: Command, float_slots: frozenset[str] = frozenset()) -> tuple:
+    """`command_key`, except that a float slot's value compares as a number (`3` == `3.0`), as the runtime stores it."""
+    if isinstance(command, SetSlot) and command.slot in float_slots and command.value is not None:
+        try:
+            number = float(command.value)
+        except ValueError:
+            return command_key(command)
+        if math.isfinite(number):
+            return (command.kind, command.slot, number)
+    return command_key(command)
 
 
 def _flow_of(expected: Sequence[Command], state: DialogueState | None, project: Project | None) -> str:
@@ -90,10 +115,11 @@ def _flow_of(expected: Sequence[Command], state: DialogueState | None, project: 
     return NO_FLOW
 
 
-def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
-                     include_derived: bool = False) -> list[Case]:  # fmt: skip
+def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy, include_derived: bool = False,
+                     left_out: list[str] | None = None) -> list[Case]:  # fmt: skip
     """Each non-payload user turn with commands written in the test (and, with `include_derived`, those derived from
-    its assertions), with the state before it from replaying the whole test case."""
+    its assertions), with the state before it from replaying the whole test case. The ids of derived turns left out
+    are appended to `left_out`."""
     from recipe.annotate import annotate_from_assertions
     from recipe.conversation import mocked_datetime, replay_test_case
     from recipe.testcases import all_test_cases, load_tests
@@ -105,7 +131,11 @@ def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
         when = policy.for_conversation(test_case.id, mocked_datetime(test_case))
         for turn in replay_test_case(project, test_case, annotation.commands_for):
             label = annotation.turns[turn.number - 1]
-            if turn.is_payload or label.commands is None or label.source not in wanted:
+            if turn.is_payload or label.commands is None:
+                continue
+            if label.source not in wanted:
+                if left_out is not None and label.source == "assertions":
+                    left_out.append(f"{test_case.id}#{turn.number}")
                 continue
             expected = tuple(label.commands)
             cases.append(Case(
@@ -118,12 +148,9 @@ def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
 
 def cases_from_jsonl(path: Path, syntax: Syntax) -> list[Case]:
     """Rows of a split file, read as finetune reads them: `{"prompt", "completion"}` or `{"messages": [...]}`."""
-    from recipe.finetune.data import read_examples
-
-    if not path.is_file():
-        raise InputError(str(path), None, "file not found; expected a val.jsonl of prepare-data's ft_splits")
+    _check_jsonl(path)
     cases: list[Case] = []
-    for example in read_examples(path):
+    for example in _read_rows(path):
         if [message["role"] for message in example.prompt] != ["user"]:
             raise InputError(str(path), example.line, "expected one user message before the answer, as Rasa sends it")
         prompt = example.prompt[0]["content"]
@@ -136,6 +163,32 @@ def cases_from_jsonl(path: Path, syntax: Syntax) -> list[Case]:
                           expected=parsed.commands, flow=_flow_of(parsed.commands, None, None), source="val",
                           prompt=prompt))  # fmt: skip
     return cases
+
+
+def _check_jsonl(path: Path) -> None:
+    if not path.is_file():
+        raise InputError(str(path), None, "file not found; expected a val.jsonl of prepare-data's ft_splits")
+
+
+def _read_rows(path: Path) -> list[Any]:
+    """Rows as finetune reads them, plus `{"prompt", "output"}` rows (llm_ft_data.jsonl): `output` is the completion."""
+    from recipe.finetune.data import example_from_row
+
+    examples = []
+    with path.open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise InputError(str(path), number, f"invalid JSON: {error.msg}") from error
+            if isinstance(row, dict) and "prompt" in row and "output" in row and "completion" not in row:
+                row = {**row, "completion": row["output"]}
+            examples.append(example_from_row(row, str(path), number))
+    if not examples:
+        raise InputError(str(path), None, "no rows")
+    return examples
 
 
 def _latest_message(prompt: str) -> str:
@@ -160,9 +213,13 @@ class Outcome:
     def predicted(self) -> tuple[Command, ...]:
         return self.prediction.commands if self.prediction is not None else ()
 
+    def key(self, command: Command) -> tuple:
+        return scoring_key(command, self.case.float_slots)
+
     @property
     def correct(self) -> bool:
-        return self.prediction is not None and same_commands(self.case.expected, self.predicted)
+        return self.prediction is not None and _multiset(self.case.expected, self.key) == _multiset(self.predicted,
+                                                                                                    self.key)  # fmt: skip
 
 
 def _multiset(commands: Sequence[Command], key: Callable[[Command], tuple] = command_key) -> Counter:
@@ -228,8 +285,8 @@ def command_counts(outcomes: Sequence[Outcome]) -> dict[str, dict[str, Any]]:
     for outcome in outcomes:
         kinds = {c.kind for c in outcome.case.expected} | {c.kind for c in outcome.predicted}
         for kind in kinds:
-            add(kind, _multiset([c for c in outcome.case.expected if c.kind == kind]),
-                _multiset([c for c in outcome.predicted if c.kind == kind]))  # fmt: skip
+            add(kind, _multiset([c for c in outcome.case.expected if c.kind == kind], outcome.key),
+                _multiset([c for c in outcome.predicted if c.kind == kind], outcome.key))  # fmt: skip
         if SetSlot.kind in kinds:
             expected_names = _multiset([c for c in outcome.case.expected if isinstance(c, SetSlot)], _slot_name)
             add(NAME_ONLY, expected_names, _multiset([c for c in outcome.predicted if isinstance(c, SetSlot)], _slot_name))
@@ -307,7 +364,7 @@ def worst_outcomes(outcomes: Sequence[Outcome], count: int) -> list[Outcome]:
     """Wrong turns, most wrong commands first (failed calls count as missing everything), then the slowest."""
 
     def wrongness(outcome: Outcome) -> tuple[float, float]:
-        expected, predicted = _multiset(outcome.case.expected), _multiset(outcome.predicted)
+        expected, predicted = _multiset(outcome.case.expected, outcome.key), _multiset(outcome.predicted, outcome.key)
         missed = sum((expected - predicted).values()) + sum((predicted - expected).values())
         dropped = len(outcome.prediction.dropped) if outcome.prediction else 1
         return (missed + dropped, outcome.prediction.latency_s if outcome.prediction else 0.0)
@@ -389,15 +446,36 @@ def build_generator(spec: ModelSpec, project: Project, *, template_path: Path | 
                                       constrained=constrained)  # fmt: skip
 
 
+def check_inputs(project: Project, inputs: Sequence[str]) -> None:
+    """Fail on a missing or unreadable input before any model is loaded."""
+    from recipe.testcases import load_tests
+
+    rows = [spec for spec in inputs if spec.endswith(".jsonl")]
+    tests = [spec for spec in inputs if not spec.endswith(".jsonl")]
+    for spec in rows:
+        _check_jsonl(Path(spec))
+        _read_rows(Path(spec))
+    if tests:
+        load_tests(tests, project)
+
+
 def load_cases(project: Project, inputs: Sequence[str], policy: DatetimePolicy, syntax: Syntax,
-               include_derived: bool = False) -> list[Case]:  # fmt: skip
-    """`.jsonl` inputs are split rows; anything else is a test file, folder or `file::test case`."""
+               include_derived: bool = False, left_out: list[str] | None = None) -> list[Case]:  # fmt: skip
+    """`.jsonl` inputs are split rows; anything else is a test file, folder or `file::test case`. Float slots' values
+    are scored as numbers. The ids of derived turns left out (without `include_derived`) are appended to `left_out`."""
     rows = [spec for spec in inputs if spec.endswith(".jsonl")]
     tests = [spec for spec in inputs if not spec.endswith(".jsonl")]
     cases = [case for spec in rows for case in cases_from_jsonl(Path(spec), syntax)]
     if tests:
-        cases += cases_from_tests(project, tests, policy, include_derived)
-    return cases
+        cases += cases_from_tests(project, tests, policy, include_derived, left_out)
+    float_slots = frozenset(name for name, slot in project.domain.slots.items() if slot.type == "float")
+    return [replace(case, float_slots=float_slots) for case in cases]
+
+
+def left_out_summary(cases: Sequence[Case], left_out: Sequence[str]) -> LeftOut:
+    """How many derived turns were left out, and how many test cases had no turn scored because of it."""
+    scored = {case.test_case for case in cases}
+    return LeftOut(turns=len(left_out), test_cases=len({i.rsplit("#", 1)[0] for i in left_out} - scored))
 
 
 def evaluate_model(spec: ModelSpec, generator: CommandGenerator, cases: Sequence[Case], *, concurrency: int = 1,
@@ -426,20 +504,23 @@ class ModelResult:
     metrics: dict[str, Any]
 
 
-def write_report(out: Path, results: Sequence[ModelResult], inputs: Sequence[str], cases: Sequence[Case]) -> list[Path]:
+def write_report(out: Path, results: Sequence[ModelResult], inputs: Sequence[str], cases: Sequence[Case],
+                 left_out: LeftOut = LeftOut()) -> list[Path]:  # fmt: skip
     """report.md, report.json and the plots in `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     data = {
         "inputs": list(inputs),
         "cases": len(cases),
         "case_sources": dict(Counter(case.source for case in cases)),
+        "left_out": {"turns": left_out.turns, "test_cases": left_out.test_cases, "reason": "assertions"},
         "models": [{key: value for key, value in vars(result).items()} for result in results],
     }
     write_json(out / REPORT_JSON, data)
     written = [out / REPORT_JSON]
     written += plot_f1(out / F1_PNG, results)
     written += plot_latency(out / LATENCY_PNG, results)
-    write_atomic(out / REPORT_MD, report_markdown(results, inputs, cases, [p.name for p in written if p.suffix == ".png"]))
+    write_atomic(out / REPORT_MD, report_markdown(results, inputs, cases, [p.name for p in written if p.suffix == ".png"],
+                                                      left_out))  # fmt: skip
     return [out / REPORT_MD, *written]
 
 
@@ -478,9 +559,11 @@ def _summary_rows(results: Sequence[ModelResult]) -> list[list[str]]:
 
 
 def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases: Sequence[Case],
-                    plots: Sequence[str]) -> str:  # fmt: skip
+                    plots: Sequence[str], left_out: LeftOut = LeftOut()) -> str:  # fmt: skip
     labels = [r.label for r in results]
     parts = [f"# Command generator evaluation\n\n{len(cases)} turns from {', '.join(inputs)}.\n\n"]
+    if left_out.turns:
+        parts.append(f"**Not scored:** {left_out.message()[0].upper()}{left_out.message()[1:]}.\n\n")
     parts.append(_table(["model", "what", "template (sha256)", "syntax", "constrained"],
                         [[r.label, r.description, f"{r.template} ({r.template_sha256[:12]})", r.syntax,
                           "yes" if r.constrained else "no"] for r in results]))  # fmt: skip

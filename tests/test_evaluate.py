@@ -285,3 +285,67 @@ def test_bad_val_rows_are_errors_at_their_line(example, tmp_path, capsys):
     assert f"{rows}:2: completion line `book it!` is not a command" in capsys.readouterr().err
     assert _evaluate(example, tmp_path / "out", [str(tmp_path / "missing.jsonl")], models)[0] == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_float_slots_compare_as_numbers_other_slots_as_text(example, tmp_path):
+    rows = tmp_path / "llm_ft_data.jsonl"  # prepare-data's {"prompt", "output"} rows: output is the completion
+    rows.write_text(json.dumps({"prompt": "F1", "output": "set slot num_nights 3", "id": "a"}) + "\n"
+                    + json.dumps({"prompt": "F2", "output": "set slot car_pickup_city 3"}) + "\n")  # fmt: skip
+    answers = {"F1": "set slot num_nights 3.0", "F2": "set slot car_pickup_city 3.0"}
+    with ScriptedOpenAIServer(lambda body: answers[prompt_of(body)]) as server:
+        code, report = _evaluate(example, tmp_path / "out", [str(rows)], ["--endpoint", server.base_url,
+                                 "--endpoint-model", "m"])  # fmt: skip
+    assert code == 0
+    m = _metrics(report)
+    assert (m["turns"], m["correct_turns"]) == (2, 1)  # 3 == 3.0 for the float slot; "3" != "3.0" for the text slot
+    assert [turn["id"] for turn in m["worst_turns"]] == ["llm_ft_data.jsonl:2"]
+    assert m["per_command"]["set slot"] == {"tp": 1, "fp": 1, "fn": 1, "support": 2, "precision": 0.5, "recall": 0.5,
+                                            "f1": 0.5}  # fmt: skip
+
+
+def test_left_out_derived_turns_are_counted_in_the_report(example, validation, tmp_path, capsys):
+    e2e = str(example / "e2e_tests" / "e2e" / "assertion_checks.yml")
+    hotels = str(example / "e2e_tests" / "hotels")
+    with ScriptedOpenAIServer(lambda body: "offtopic reply") as server:
+        models = ["--endpoint", server.base_url, "--endpoint-model", "m"]
+        _, derived = _evaluate(example, tmp_path / "a", [e2e], models, "--include-derived")
+        capsys.readouterr()
+        code, report = _evaluate(example, tmp_path / "b", [hotels, e2e], models)
+    turns = _metrics(derived)["turns"]
+    tests = _metrics(derived)["test_cases"]
+    assert code == 0 and report["left_out"] == {"turns": turns, "test_cases": tests, "reason": "assertions"}
+    line = f"left out {turns} turn(s) ({tests} test case(s) entirely) whose commands are derived"
+    assert line in capsys.readouterr().out
+    markdown = (tmp_path / "b" / "report.md").read_text(encoding="utf-8")
+    assert "**Not scored:** Left out" in markdown and "--include-derived" in markdown
+    assert "Not scored" not in (tmp_path / "a" / "report.md").read_text(encoding="utf-8")
+
+
+def test_inputs_are_checked_before_any_model_is_loaded(example, tmp_path, capsys):
+    models = ["--model", str(tmp_path / "no_such_model")]
+    assert _evaluate(example, tmp_path / "out", [str(tmp_path / "missing.jsonl")], models)[0] == 2
+    err = capsys.readouterr().err
+    assert "missing.jsonl" in err and "file not found" in err and "model folder" not in err
+    assert _evaluate(example, tmp_path / "out", [str(tmp_path / "no_tests")], models)[0] == 2
+    err = capsys.readouterr().err
+    assert "no_tests" in err and "model folder" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_template_flag_with_jsonl_and_no_datetime_against_training(example, tmp_path, capsys):
+    rows = tmp_path / "val.jsonl"
+    rows.write_text(json.dumps({"prompt": "P", "completion": "cancel flow"}) + "\n")
+    other = tmp_path / "other.jinja2"
+    other.write_text("{{ user_message }}", encoding="utf-8")
+    with ScriptedOpenAIServer(lambda body: "cancel flow") as server:
+        code, report = _evaluate(example, tmp_path / "out", [str(rows)], ["--endpoint", server.base_url,
+                                 "--endpoint-model", "m"], "--prompt-template", str(other))  # fmt: skip
+    assert code == 0 and _metrics(report)["correct_turns"] == 1 and not report["models"][0]["warnings"]
+    assert "--prompt-template is ignored for .jsonl inputs" in capsys.readouterr().err
+
+    template = load_template(PROMPTS_DIR / "command_prompt_v2.jinja2")
+    model = finetuned_folder(tmp_path / "models", template)
+    info_file = model / "recipe_training_info.json"
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "include_date_time": True}))
+    code, _ = _evaluate(example, tmp_path / "out2", [str(rows)], ["--model", str(model)], "--no-datetime",
+                        "--max-tokens", "1", "--threads", "1")  # fmt: skip
+    assert code == 0 and "prompts will differ from training" in capsys.readouterr().err

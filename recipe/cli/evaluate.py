@@ -103,7 +103,15 @@ def parse_threshold(text: str | None) -> float | None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from recipe.evaluate import build_generator, evaluate_model, load_cases, passes, write_report
+    from recipe.evaluate import (
+        build_generator,
+        check_inputs,
+        evaluate_model,
+        left_out_summary,
+        load_cases,
+        passes,
+        write_report,
+    )
     from recipe.prompt import DatetimePolicy
 
     setup_logging()
@@ -113,8 +121,13 @@ def run(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.max_tokens < 1 or args.worst < 0:
         raise ConfigError("--concurrency and --max-tokens must be at least 1, --worst at least 0")
     project = load_project_from_args(args)
+    check_inputs(project, args.inputs)  # a missing test path or bad row fails before any model is loaded
+    template_path = args.prompt_template
+    if template_path is not None and all(spec.endswith(".jsonl") for spec in args.inputs):
+        print("--prompt-template is ignored for .jsonl inputs: their prompts are already rendered", file=sys.stderr)
+        template_path = None
     # Build every generator first: a missing model or bad endpoint fails before any model runs.
-    generators = [build_generator(spec, project, template_path=args.prompt_template, syntax=args.command_syntax,
+    generators = [build_generator(spec, project, template_path=template_path, syntax=args.command_syntax,
                                   constrained=args.constrained, max_tokens=args.max_tokens,
                                   use_completions=args.use_completions, threads=args.threads)
                   for spec in args.models]  # fmt: skip
@@ -123,8 +136,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"two models share a label ({', '.join(labels)}); name them with --label")
     info = next((g.backend.training_info for g in generators if getattr(g.backend, "training_info", None)), None) or {}
     include = not args.no_datetime and info.get("include_date_time", project.config.include_date_time) is not False
+    if args.no_datetime and info.get("include_date_time") is True:
+        print("warning: --no-datetime, but the model was trained on prompts with the date and time "
+              "(include_date_time: true): the prompts will differ from training", file=sys.stderr)  # fmt: skip
     policy = DatetimePolicy(include=include, fixed=parse_datetime_flag(args.datetime), seed=args.seed)
-    cases = load_cases(project, args.inputs, policy, generators[0].syntax, args.include_derived)
+    skipped: list[str] = []
+    cases = load_cases(project, args.inputs, policy, generators[0].syntax, args.include_derived, skipped)
+    left_out = left_out_summary(cases, skipped)
     if not cases:
         raise ConfigError(f"{', '.join(args.inputs)}: no turns with commands to score (DU tests give `commands:`; "
                           "use --include-derived for turns whose commands follow from assertions)")  # fmt: skip
@@ -134,13 +152,15 @@ def run(args: argparse.Namespace) -> int:
             concurrency = args.concurrency if spec.endpoint else 1
             results.append(evaluate_model(spec, generator, cases, concurrency=concurrency, worst=args.worst,
                                           progress=lambda: bar.update(1)))  # fmt: skip
-    written = write_report(args.out, results, args.inputs, cases)
+    written = write_report(args.out, results, args.inputs, cases, left_out)
     for result in results:
         metrics = result.metrics
         print(f"{result.label}: turn accuracy {_pct(metrics['turn_accuracy'])} ({metrics['correct_turns']}/"
               f"{metrics['turns']}), test cases {_pct(metrics['test_case_accuracy'])}, unparseable "
               f"{_pct(metrics['unparseable_rate'])}, invalid commands {_pct(metrics['invalid_command_rate'])}, "
               f"p50 {metrics['latency']['p50_s'] or 0:.3f} s")  # fmt: skip
+    if left_out.turns:
+        print(left_out.message())
     print(f"report: {written[0]}")
     if threshold is not None:
         failing = [r.label for r in results if not passes(r.metrics, threshold)]
