@@ -165,7 +165,8 @@ def test_outputs_card_and_training_info(trained, splits, tiny):
     assert (training["backend"], training["quantization"], training["prompt_format"]) == ("hf", "none", "chat")
     assert training["end_token"] == END_TOKEN
     assert training["data"]["train"]["rows"] == dataset_info["num_train_rows"]
-    assert training["final_losses"]["train"] is not None and training["final_losses"]["val"] is not None
+    assert None not in (training["final_losses"]["train_last"], training["final_losses"]["train_run_mean"],
+                        training["final_losses"]["val"])
     assert training["throughput"]["tokens_per_second"] > 0
     assert 0 <= training["throughput"]["padding_share"] < 1
     assert {"torch", "transformers", "trl", "peft"} <= training["versions"].keys()
@@ -432,3 +433,79 @@ def test_cpu_environment_has_no_gpu_only_packages():
     for package in ("torch", "torchvision"):
         if package in names:
             assert "+cu" not in metadata.version(package)
+
+
+# ------------------------------------------------------------------------------------------------ QA fixes
+
+
+def test_empty_val_file_trains_without_validation_with_one_warning(tiny, rows, cpu_config, tmp_path, capsys, caplog):
+    splits = tmp_path / "ft_splits"  # prepare-data --train-frac 1: every row in train, val.jsonl empty
+    write_jsonl(splits / "train.jsonl", [rows[index] for index in OVERFIT_ROWS])
+    (splits / "val.jsonl").write_text("")
+    out = tmp_path / "out"
+    assert run_cli("--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o", str(out),
+                   "--epochs", "1") == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"
+                and "without validation" in record.getMessage()]
+    assert warnings == [f"{splits / 'val.jsonl'} is empty: training without validation"]
+    # The final line names which train loss it is; without validation the val loss is n/a.
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("finetuned "))
+    losses = training_info(out)["training"]["final_losses"]
+    assert line.endswith(f"last train loss {losses['train_last']:.4f} (run mean {losses['train_run_mean']:.4f}), "
+                         "val loss n/a")
+    log = json.loads((out / "training_log.json").read_text())
+    assert losses["train_run_mean"] == next(entry["train_loss"] for entry in log if "train_loss" in entry)
+    assert losses["train_last"] == [entry["loss"] for entry in log if "loss" in entry][-1]
+    assert losses["val"] is None and not any("eval_loss" in entry for entry in log)
+    card = (out / "README.md").read_text()
+    for fact in (f"| last logged train loss | {losses['train_last']:.4f} |",
+                 f"| mean train loss over the run | {losses['train_run_mean']:.4f} |",
+                 "| final val loss | none (no validation rows) |", "| val rows | none |"):
+        assert fact in card, fact
+
+
+def test_missing_validation_warnings_say_what_is_missing(tmp_path):
+    from recipe.finetune import data
+
+    folder = tmp_path / "ft_splits"
+    train = write_jsonl(folder / "train.jsonl", [{"prompt": "p", "completion": "c"}])
+    assert data.validation_warning(data.resolve_data_files(str(folder), None), 0) == (
+        f"no val.jsonl in {folder}: training without validation")
+    assert data.validation_warning(data.resolve_data_files(str(train), None), 0) == (
+        "no validation file given (--data TRAIN.jsonl VAL.jsonl): training without validation")
+    (folder / "val.jsonl").write_text("")
+    # --data train.jsonl does not pick up the val.jsonl beside it: the warning says so instead of "no val.jsonl".
+    assert data.validation_warning(data.resolve_data_files(str(train), None), 0) == (
+        f"no validation file given ({folder / 'val.jsonl'} is not used: give it as the second --data path): "
+        "training without validation")
+    files = data.resolve_data_files(str(train), str(folder / "val.jsonl"))
+    assert data.read_examples(files.val, allow_empty=True) == []
+    assert data.validation_warning(files, 0) == f"{folder / 'val.jsonl'} is empty: training without validation"
+    with pytest.raises(InputError, match="no rows"):
+        data.read_examples(files.val)  # train.jsonl (and evaluate's input) must still have rows
+
+
+@pytest.mark.parametrize("model", ["/nope/model", "./nope", "../nope/model", "~/nope-model", "tests/nope"])
+def test_a_model_path_that_does_not_exist_is_a_one_line_error(model, splits, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # "tests/nope" looks like a path because tests/ exists
+    out = tmp_path / "out"
+    assert run_cli("--data", str(splits), "--model", model, "-o", str(out)) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"--model {model}: folder not found; expected a local model folder or a hub id like "
+        "meta-llama/Llama-3.1-8B-Instruct")
+    assert not out.exists()  # checked before the output folder, tokenizer or model
+    for hub_id in ("meta-llama/Llama-3.1-8B-Instruct", "gpt2"):
+        FinetuneConfig(data="d", output_dir="o", model=hub_id).validate()  # hub ids pass unchecked
+
+
+def test_help_states_each_flag_default_or_that_it_is_required(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "-o DIR, --output-dir DIR output folder, or gs://... / s3://... to upload there (needs the [cloud] " \
+           "extra) (required, here or as output_dir: in --config; no default)" in help_text
+    finetune_parser = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    for action in finetune_parser._actions:
+        if action.dest == "help":
+            continue
+        assert "(default: " in action.help or "(required" in action.help, action.option_strings

@@ -54,19 +54,21 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--config", metavar="YAML", help="config file (default: built-in defaults, the same as "
                         "finetune/config.yaml)")
     parser.add_argument("--data", nargs="+", metavar="PATH", help="the ft_splits folder (train.jsonl, val.jsonl, "
-                        "dataset_info.json), or TRAIN.jsonl [VAL.jsonl]; local, gs:// or s3:// folder")
+                        "dataset_info.json), or TRAIN.jsonl [VAL.jsonl]; local, gs:// or s3:// folder (required, "
+                        "here or as data: in --config; no default)")
     parser.add_argument("--model", help=f"base model: hub id or local folder (default: {DEFAULTS.model})")
     parser.add_argument("-o", "--output-dir", dest="output_dir", metavar="DIR",
-                        help="output folder, or gs://... / s3://... to upload there (needs the [cloud] extra)")
+                        help="output folder, or gs://... / s3://... to upload there (needs the [cloud] extra) "
+                        "(required, here or as output_dir: in --config; no default)")
     parser.add_argument("--backend", choices=BACKENDS, help="auto: Unsloth on one CUDA GPU with the [gpu] extra, "
                         f"else transformers + PEFT + TRL (hf) (default: {DEFAULTS.backend})")
     quantization = parser.add_mutually_exclusive_group()
     quantization.add_argument("--load-in-8bit", dest="quantization", action="store_const", const="8bit",
                               help=f"load the base in 8 bits (bitsandbytes) (default: {DEFAULTS.quantization})")
     quantization.add_argument("--load-in-4bit", dest="quantization", action="store_const", const="4bit",
-                              help="load the base in 4 bits (nf4, QLoRA)")
+                              help=f"load the base in 4 bits (nf4, QLoRA) (default: {DEFAULTS.quantization})")
     quantization.add_argument("--no-quantization", dest="quantization", action="store_const", const="none",
-                              help="load the base in 16 bits (32 on CPU)")
+                              help=f"load the base in 16 bits (32 on CPU) (default: {DEFAULTS.quantization})")
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="chat: the tokenizer's chat template (what "
                         "Rasa Pro's chat-completions call gets); raw: prompt string + completion + eos; auto: chat "
                         f"when the tokenizer has a template (default: {DEFAULTS.prompt_format})")
@@ -118,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if not result.main_process:
         return 0  # under accelerate launch / torchrun, the main process reports
     print(f"finetuned {result.info.get('training', {}).get('base_model', config.model)} in {result.duration_s:.0f} s: "
-          f"train loss {_loss(result.train_loss)}, val loss {_loss(result.eval_loss)}")
+          f"last train loss {_loss(result.train_loss)} (run mean {_loss(result.train_loss_mean)}), "
+          f"val loss {_loss(result.eval_loss)}")
     remote = result.output_dir != str(result.local_dir) and "://" in result.output_dir
     print(f"output: {result.output_dir}" + (f" (local copy: {result.local_dir})" if remote else ""))
     return 0

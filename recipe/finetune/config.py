@@ -95,6 +95,7 @@ class FinetuneConfig:
             raise ConfigError("data: no training data given (--data DIR, or --data TRAIN.jsonl [VAL.jsonl])")
         if not self.output_dir:
             raise ConfigError("output_dir: no output folder given (-o DIR, gs://... or s3://...)")
+        check_model_path(self.model)
         positive = ("lora_r", "lora_alpha", "learning_rate", "num_train_epochs", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps", "max_grad_norm")
         for name in positive:
@@ -113,6 +114,28 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def looks_like_path(value: str) -> bool:
+    """A local path rather than a hub id: absolute, ./ ../ or ~, more than one "/", or under an existing folder."""
+    if value.startswith(("/", "./", "../", "~", ".\\", "..\\")) or value in (".", "..") or "\\" in value:
+        return True
+    if value.count("/") > 1:
+        return True  # hub ids are "name" or "owner/name"
+    parent = Path(value).parent
+    return parent != Path(".") and parent.exists()
+
+
+def check_model_path(model: str) -> None:
+    """A model that looks like a local path must be a folder, else the hub client answers with a confusing error."""
+    if not looks_like_path(model):
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return
+    problem = "not a folder" if path.exists() else "folder not found"
+    raise ConfigError(f"--model {model}: {problem}; expected a local model folder or a hub id like "
+                      "meta-llama/Llama-3.1-8B-Instruct")
 
 
 def field_types() -> dict[str, Any]:

@@ -68,8 +68,18 @@ class PromptFormat:
 @dataclass(frozen=True)
 class DataFiles:
     train: Path
-    val: Path | None
+    val: Path | None  # may be empty (prepare-data --train-frac 1): then there is no validation
     dataset_info: Path | None
+    no_val_reason: str | None = None  # why `val` is None, for the warning
+
+
+def validation_warning(files: DataFiles, val_rows: int) -> str | None:
+    """The one warning line for a run without validation rows; None when there are some."""
+    if files.val is None:
+        return f"{files.no_val_reason}: training without validation"
+    if val_rows == 0:
+        return f"{files.val} is empty: training without validation"
+    return None
 
 
 def resolve_data_files(data: str, val_data: str | None) -> DataFiles:
@@ -81,16 +91,25 @@ def resolve_data_files(data: str, val_data: str | None) -> DataFiles:
             raise ConfigError(f"{data_path}: no {TRAIN_FILE} in this folder (expected prepare-data's ft_splits)")
         val = Path(val_data) if val_data else data_path / VAL_FILE
         info_dir = data_path
+        no_val_reason = f"no {VAL_FILE} in {data_path}"
     elif data_path.is_file():
         train = data_path
         val = Path(val_data) if val_data else None
         info_dir = data_path.parent
+        # A file as --data: a val.jsonl beside it is not picked up on its own; say so when there is one.
+        beside = data_path.parent / VAL_FILE
+        no_val_reason = "no validation file given" + (
+            f" ({beside} is not used: give it as the second --data path)"
+            if beside.is_file() and beside != data_path else " (--data TRAIN.jsonl VAL.jsonl)"
+        )
     else:
         raise ConfigError(f"{data_path}: training data not found")
     if val_data and not val.is_file():
         raise ConfigError(f"{val}: validation file not found")
     info = info_dir / DATASET_INFO_FILE
-    return DataFiles(train=train, val=val if val and val.is_file() else None, dataset_info=info if info.is_file() else None)
+    has_val = val is not None and val.is_file()
+    return DataFiles(train=train, val=val if has_val else None, dataset_info=info if info.is_file() else None,
+                     no_val_reason=None if has_val else no_val_reason)
 
 
 def read_dataset_info(path: Path | None) -> dict[str, Any] | None:
@@ -106,8 +125,12 @@ def read_dataset_info(path: Path | None) -> dict[str, Any] | None:
     return info
 
 
-def read_examples(path: Path) -> list[Example]:
-    """Read a JSONL file of instruction or conversational rows; any malformed row is an error at `path:line`."""
+def read_examples(path: Path, allow_empty: bool = False) -> list[Example]:
+    """Read a JSONL file of instruction or conversational rows; any malformed row is an error at `path:line`.
+
+    A file without rows is an error unless `allow_empty` (the val file: prepare-data writes an empty one when every
+    test case went to train).
+    """
     examples = []
     with path.open(encoding="utf-8") as lines:
         for number, text in enumerate(lines, start=1):
@@ -118,7 +141,7 @@ def read_examples(path: Path) -> list[Example]:
             except json.JSONDecodeError as error:
                 raise InputError(path, number, f"invalid JSON: {error.msg}") from error
             examples.append(example_from_row(row, str(path), number))
-    if not examples:
+    if not examples and not allow_empty:
         raise InputError(path, None, "no rows")
     return examples
 

@@ -44,11 +44,12 @@ class FinetuneResult:
     output_dir: str  # as given: a local folder, gs://... or s3://...
     local_dir: Path  # the files on this machine
     merged_dir: Path | None
-    train_loss: float | None
-    eval_loss: float | None
+    train_loss: float | None  # the last logged step's train loss
+    eval_loss: float | None  # the last epoch's val loss; None without validation
     duration_s: float
     info: dict[str, Any]
     main_process: bool = True  # False on the other processes of a distributed run, which write nothing
+    train_loss_mean: float | None = None  # the trainer's mean train loss over the run
 
 
 @dataclass
@@ -105,8 +106,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     write_outputs(run.local_dir, info, log_history)
     if upload.is_remote(config.output_dir):
         upload.upload_directory(run.local_dir, config.output_dir, exclude=(CHECKPOINTS,))
-    return FinetuneResult(config.output_dir, run.local_dir, merged_dir, final_losses["train"], final_losses["val"],
-                          info["training"]["duration_s"], info)
+    return FinetuneResult(config.output_dir, run.local_dir, merged_dir, final_losses["train_last"], final_losses["val"],
+                          info["training"]["duration_s"], info, train_loss_mean=final_losses["train_run_mean"])
 
 
 def prepare(config: FinetuneConfig) -> PreparedRun:
@@ -115,9 +116,10 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     local_dir = prepare_output_dir(config)
     files = fetch_data_files(config)
     train_examples = data.read_examples(files.train)
-    val_examples = data.read_examples(files.val) if files.val else []
-    if not val_examples:
-        log.warning("no val.jsonl next to the training data: training without a val evaluation")
+    val_examples = data.read_examples(files.val, allow_empty=True) if files.val else []
+    without_val = data.validation_warning(files, len(val_examples))
+    if without_val:
+        log.warning(without_val)
     dataset_info = data.read_dataset_info(files.dataset_info)
 
     backend = model.resolve_backend(config.backend)
@@ -251,10 +253,14 @@ def fetch_data_files(config: FinetuneConfig) -> data.DataFiles:
 
 
 def final_loss_values(log_history: list[dict[str, Any]]) -> dict[str, float | None]:
+    """train_last: the last logged step's train loss; train_run_mean: the trainer's mean over the run (its final
+    `train_loss` entry); val: the last val evaluation."""
     table = report.log_table(log_history)
     train = [row["train_loss"] for row in table if row["train_loss"] is not None]
     val = [row["eval_loss"] for row in table if row["eval_loss"] is not None]
-    return {"train": train[-1] if train else None, "val": val[-1] if val else None}
+    means = [entry["train_loss"] for entry in log_history if "train_loss" in entry]
+    return {"train_last": train[-1] if train else None, "train_run_mean": means[-1] if means else None,
+            "val": val[-1] if val else None}
 
 
 def package_versions() -> dict[str, str]:
