@@ -34,7 +34,7 @@ from recipe.commands import (
 )
 from recipe.conversation import Turn, assertion_problems, new_tracker, show_bot_messages, user_turns
 from recipe.llm import LLMCallFailed, LLMClient
-from recipe.project import Project, command_problem
+from recipe.project import Project, canonical_command, command_problem
 from recipe.prompt import PromptRenderer, prompt_variables
 from recipe.tracker import DialogueTracker, is_button_payload, startable_flows
 from recipe.types import NO_VALUE, BotStep, SlotCheckStep, TestCase, UserStep
@@ -71,17 +71,11 @@ class TestAnnotation:
         return self.turns[number - 1].commands
 
 
-def _slot_value_from_text(slot_type: str, text: str) -> str | None:
-    """A name-only slot check: recover a number from the user's words (the only value type we can read safely)."""
-    if slot_type != "float":
-        return None
-    match = re.search(r"-?\d+(?:[.,]\d+)?", text)
-    if match:
-        return match.group(0).replace(",", ".")
-    for word, number in _NUMBER_WORDS.items():
-        if re.search(rf"\b{word}\b", text, re.IGNORECASE):
-            return str(number)
-    return None
+def _numbers_in(text: str) -> list[str]:
+    """Every number the user wrote, in digits or (small numbers) in words."""
+    numbers = [m.replace(",", ".") for m in re.findall(r"(?<![\w.])-?\d+(?:[.,]\d+)?(?![\w])", text)]
+    numbers += [str(n) for word, n in _NUMBER_WORDS.items() if re.search(rf"\b{word}\b", text, re.IGNORECASE)]
+    return numbers
 
 
 def _expected_slots(step: UserStep, checks: list[SlotCheckStep]) -> list[tuple[str, Any]]:
@@ -104,14 +98,20 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
-def _explicit_commands(step: UserStep) -> list[Command]:
-    """Commands the assertions name directly: flows and patterns started, clarification, cancellation."""
+def _explicit_commands(step: UserStep) -> tuple[list[Command], list[str]]:
+    """Commands the assertions name directly (flows and patterns started, clarification, cancellation), and the
+    flows of an `operator: any` flow_started assertion, of which the turn started one (which one is searched)."""
     commands: list[Command] = []
+    any_of: list[str] = []
     clarify: list[str] = []
     for assertion in step.assertions:
         data = assertion.data
         if assertion.kind == "flow_started":
             flows = [data] if isinstance(data, str) else data.get("flow_ids", []) if isinstance(data, dict) else data
+            operator = data.get("operator", "any") if isinstance(data, dict) else "all"
+            if operator == "any" and len(flows) > 1:
+                any_of.extend(str(flow_id) for flow_id in flows)
+                continue
             for flow_id in flows:
                 if flow_id in PATTERN_COMMANDS:
                     commands.append(PATTERN_COMMANDS[flow_id])
@@ -127,7 +127,7 @@ def _explicit_commands(step: UserStep) -> list[Command]:
     for command in commands:
         if command not in unique:
             unique.append(command)
-    return unique
+    return unique, any_of
 
 
 def _simulate(tracker: DialogueTracker, text: str, commands: list[Command], step: UserStep, number: int,
@@ -164,33 +164,38 @@ def annotate_from_assertions(project: Project, test_case: TestCase) -> TestAnnot
             result = _derive_turn(project, tracker, step, number, following)
         show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, result.commands or []))
         annotation.turns.append(result)
-    return annotation
+    return _uncertain_after_unknown(annotation)
 
 
 def _derive_turn(project: Project, tracker: DialogueTracker, step: UserStep, number: int,
                  following: list) -> TurnAnnotation:  # fmt: skip
     slot_commands: list[Command] = []
     unknown_values: list[str] = []
-    for name, value in _expected_slots(step, [s for s in following if isinstance(s, SlotCheckStep)]):
-        slot = project.slot(name)
-        if slot is None or not slot.llm_fillable:
-            continue  # set by an action or a set_slots step, not by the command generator
+    expected = [(name, value) for name, value in _expected_slots(step, [s for s in following
+                if isinstance(s, SlotCheckStep)]) if (slot := project.slot(name)) is not None and slot.llm_fillable]
+    # Slots set by actions or set_slots steps are left out above: the command generator does not set them.
+    nameless = [name for name, value in expected if value is NO_VALUE or value is None]
+    numbers = _numbers_in(step.text)
+    for name, value in expected:
         if value is NO_VALUE or value is None:
-            recovered = _slot_value_from_text(slot.type, step.text)
-            if recovered is None:
+            # A slot check without a value: only a lone number for a lone number slot can be read off safely.
+            slot = project.slot(name)
+            if len(nameless) == 1 and slot is not None and slot.type == "float" and len(set(numbers)) == 1:
+                value = numbers[0]
+            else:
                 unknown_values.append(name)
                 continue
-            value = recovered
         command = SetSlot(name, _value_text(value))
         if command not in slot_commands:
             slot_commands.append(command)
     # A flow whose guard fails (`if: False` included) can only have been started by a link or call step.
     startable = {flow.id for flow in startable_flows(project, tracker.slots)}
-    explicit = [c for c in _explicit_commands(step) if not isinstance(c, StartFlow) or c.flow in startable]
+    named, any_of = _explicit_commands(step)
+    explicit = [c for c in named if not isinstance(c, StartFlow) or c.flow in startable]
     # A flow the test says was started may have been started by a link or call, not by a command.
-    candidates = [explicit] + [[c for c in explicit if c != started] for started in explicit
-                               if isinstance(started, StartFlow)]  # fmt: skip
-    if not explicit:
+    candidates = [explicit + [StartFlow(f)] for f in any_of if f in startable] + [explicit]
+    candidates += [[c for c in explicit if c != started] for started in explicit if isinstance(started, StartFlow)]
+    if not explicit and not any_of:
         # Nothing named: which flow or pattern (if any) explains the responses the test expects?
         candidates += [[StartFlow(f.id)] for f in startable_flows(project, tracker.slots)]
         candidates += [[command] for command in PATTERN_COMMANDS.values()]
@@ -212,7 +217,22 @@ def _derive_turn(project: Project, tracker: DialogueTracker, step: UserStep, num
                               f"no command set reproduces the test's expectations ({misses} missed)")  # fmt: skip
     if not commands:
         return TurnAnnotation(number, None, "assertions", "the test's expectations imply no command")
-    return TurnAnnotation(number, commands, "assertions")
+    for command in commands:
+        problem = command_problem(command, project)
+        if problem:
+            return TurnAnnotation(number, None, "assertions", f"derived command {command.as_dict()}: {problem}")
+    return TurnAnnotation(number, [canonical_command(c, project) for c in commands], "assertions")
+
+
+def _uncertain_after_unknown(annotation: TestAnnotation) -> TestAnnotation:
+    """Once a turn's commands are unknown, the dialogue state after it is a guess: later turns yield no rows."""
+    first = next((turn.number for turn in annotation.turns if turn.commands is None), None)
+    if first is not None:
+        for turn in annotation.turns[first:]:
+            if turn.commands is not None and turn.source != "payload":
+                turn.commands = None
+                turn.reason = f"comes after turn {first}, whose commands are unknown (the state from there is a guess)"
+    return annotation
 
 
 # ---------------------------------------------------------------------------------------------- teacher LLM
@@ -255,7 +275,7 @@ async def annotate_with_teacher(
         commands = result.commands if result.commands is not None else replay_commands
         show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, commands))
         annotation.turns.append(result)
-    return annotation
+    return _uncertain_after_unknown(annotation)
 
 
 def _judge_teacher_answer(project: Project, tracker: DialogueTracker, step: UserStep, number: int, following: list,
@@ -276,4 +296,4 @@ def _judge_teacher_answer(project: Project, tracker: DialogueTracker, step: User
         if misses:
             return TurnAnnotation(number, None, "llm",
                                   f"teacher commands disagree with the test's assertions ({misses} missed)")  # fmt: skip
-    return TurnAnnotation(number, commands, "llm")
+    return TurnAnnotation(number, [canonical_command(c, project) for c in commands], "llm")

@@ -7,6 +7,7 @@ generator decides the default command syntax and whose `prompt_template` the def
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,20 @@ def check_project(project: Project) -> None:
                 raise InputError(where.path, where.line, f"flow `{flow.id}`: {error}") from None
 
 
+def canonical_command(command: Command, project: Project) -> Command:
+    """A valid command in the form the runtime ends up with: categorical and bool values spelled as the domain
+    spells them, and a clarification with one option turned into starting that flow."""
+    match command:
+        case SetSlot(slot=name, value=value) if value is not None:
+            slot = project.slot(name)
+            canonical = canonical_slot_value(slot, value) if slot is not None else None
+            if canonical is not None and slot is not None and slot.type in ("categorical", "bool"):
+                return SetSlot(name, canonical)
+        case Clarify(options=(only,)):
+            return StartFlow(only)
+    return command
+
+
 def canonical_slot_value(slot: Slot, value: str) -> str | None:
     """The value as the domain spells it, or None when the slot's type cannot hold it."""
     if slot.type == "categorical":
@@ -220,17 +235,27 @@ def canonical_slot_value(slot: Slot, value: str) -> str | None:
     return value
 
 
+def _closest(name: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
 def command_problem(command: Command, project: Project) -> str | None:
     """Why `command` cannot be right for this assistant (None when it can)."""
     match command:
         case StartFlow(flow=flow):
+            startable = [f.id for f in project.user_flows if (f.guard or "").strip().lower() != "false"]
             if flow not in project.flows or project.flows[flow].is_pattern:
-                known = ", ".join(f.id for f in project.user_flows)
-                return f"unknown flow `{flow}`; expected one of: {known}"
+                return f"unknown flow `{flow}`{_closest(flow, startable)}; expected one of: {', '.join(startable)}"
+            if flow not in startable:
+                return f"flow `{flow}` is reached only through a link or call (`if: False`), never by a command"
         case SetSlot(slot=name, value=value):
             slot = project.slot(name)
             if slot is None:
-                return f"unknown slot `{name}`; expected a slot of the domain"
+                return f"unknown slot `{name}`{_closest(name, list(project.domain.slots))}; expected a slot of the domain"
+            if not slot.llm_fillable:
+                return (f"slot `{name}` is not filled by the command generator (mappings: {', '.join(slot.mappings)}); "
+                        "the runtime drops such commands")  # fmt: skip
             if value is not None and canonical_slot_value(slot, value) is None:
                 if slot.type == "categorical":
                     return f"`{value}` is not a value of categorical slot `{name}`; expected one of: " + ", ".join(

@@ -14,7 +14,8 @@ from typing import Any
 
 from recipe.commands import Command, CommandParseError, Syntax, detect_syntax, parse_command
 from recipe.errors import InputError
-from recipe.project import Project, command_problem
+from recipe.project import Project, canonical_command, canonical_slot_value, command_problem
+from recipe.tracker import parse_set_slots_payload
 from recipe.types import (
     NO_VALUE,
     Assertion,
@@ -98,14 +99,24 @@ def _read_named_list(node: Any, key: str, path: str) -> dict[str, Any]:
     return named
 
 
-def _fixture_slots(value: Any, path: str, line: int | None, name: str) -> list[tuple[str, Any]]:
+def _fixture_slots(value: Any, path: str, line: int | None, name: str, project: Project) -> list[tuple[str, Any]]:
+    """A fixture's slot presets, checked where the fixture is defined: known slots, values their type can hold."""
     if not isinstance(value, list):
         raise InputError(path, line, f"fixture `{name}` must be a list of {{slot: value}}")
     slots = []
-    for entry in value:
+    for index, entry in enumerate(value):
+        where = line_of(value, index) or line
         if not isinstance(entry, dict):
-            raise InputError(path, line, f"fixture `{name}`: each entry must be {{slot: value}}")
-        slots.extend((str(slot), plain(slot_value)) for slot, slot_value in entry.items())
+            raise InputError(path, where, f"fixture `{name}`: each entry must be {{slot: value}}")
+        for slot_name, slot_value in entry.items():
+            slot_name, slot_value = str(slot_name), plain(slot_value)
+            slot = project.slot(slot_name)
+            if slot_name != "mocked_datetime" and slot is None:
+                raise InputError(path, where, f"fixture `{name}` sets unknown slot `{slot_name}`")
+            if slot is not None and slot_value is not None and canonical_slot_value(slot, str(slot_value)) is None:
+                raise InputError(path, where, f"fixture `{name}` sets `{slot_name}` to `{slot_value}`, not a valid "
+                                 f"{slot.type} value")  # fmt: skip
+            slots.append((slot_name, slot_value))
     return slots
 
 
@@ -131,7 +142,7 @@ def _conftest_fixtures(test_path: Path, project: Project) -> dict[str, tuple[lis
                 shown = relative(conftest)
                 data = load_yaml(conftest)
                 for fixture, (value, line) in _read_named_list(data, "fixtures", shown).items():
-                    fixtures[fixture] = (_fixture_slots(value, shown, line, fixture), shown)
+                    fixtures[fixture] = (_fixture_slots(value, shown, line, fixture, project), shown)
     return fixtures
 
 
@@ -182,6 +193,9 @@ def _read_commands(node: Any, step: Any, path: str, project: Project) -> tuple[l
         problem = command_problem(command, project)
         if problem:
             raise InputError(path, line, f"command `{text}`: {problem}")
+        command = canonical_command(command, project)
+        if command in commands:
+            raise InputError(path, line, f"command `{text}` is listed twice for this turn; expected each once")
         commands.append(command)
         syntax = detect_syntax(text)
         if syntax is not None:
@@ -258,6 +272,18 @@ def _slot_checks(node: Any, was_set: bool, path: str, line: int | None, project:
     return SlotCheckStep(location=Location(path, line), was_set=was_set, slots=slots)
 
 
+def _check_payload(text: str, path: str, line: int | None, project: Project) -> None:
+    """A `/SetSlots(...)` button payload must name domain slots and values they can hold."""
+    for name, value in parse_set_slots_payload(text) or []:
+        slot = project.slot(name)
+        if slot is None:
+            raise InputError(path, line, f"button payload sets unknown slot `{name}`")
+        if canonical_slot_value(slot, value) is None:
+            allowed = f"; expected one of: {', '.join(slot.values)}" if slot.values else ""
+            raise InputError(path, line, f"button payload sets `{name}` to `{value}`, not a valid {slot.type} value"
+                             f"{allowed}")  # fmt: skip
+
+
 def _read_step(step: Any, steps: Any, index: int, path: str, project: Project) -> TestStep:
     line = line_of(steps, index)
     if not isinstance(step, dict):
@@ -274,6 +300,7 @@ def _read_step(step: Any, steps: Any, index: int, path: str, project: Project) -
             raise InputError(path, line, "user step text is a list or mapping; expected `user: <message>` (quote "
                              "text that contains `: ` or starts with `[` or `{`)")  # fmt: skip
         user = UserStep(text=str(text), location=Location(path, line), metadata=step.get("metadata"))
+        _check_payload(user.text, path, line, project)
         if "commands" in step:
             user.commands, user.syntax = _read_commands(step["commands"], step, path, project)
         if "assertions" in step:
@@ -303,7 +330,7 @@ def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | 
         raise InputError(path, line_of(data, "test_cases"), "`test_cases` must be a list of test cases")
     fixtures = _conftest_fixtures(file_path, project)
     for name, (value, line) in _read_named_list(data, "fixtures", path).items():
-        fixtures[name] = (_fixture_slots(value, path, line, name), path)
+        fixtures[name] = (_fixture_slots(value, path, line, name, project), path)
     metadata = {name: plain(value) for name, (value, _) in _read_named_list(data, "metadata", path).items()}
     stubs = _read_stubs(data, path)
     test_cases: list[TestCase] = []
@@ -324,14 +351,12 @@ def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | 
         fixture_slots: list[tuple[str, Any]] = []
         if node.get("fixtures") is not None and not isinstance(node["fixtures"], list):
             raise InputError(path, line_of(node, "fixtures"), "`fixtures` must be a list of fixture names")
-        for fixture in node.get("fixtures") or []:
+        for position, fixture in enumerate(node.get("fixtures") or []):
             if str(fixture) not in fixtures:
-                raise InputError(path, line_of(node, "fixtures"), f"unknown fixture `{fixture}`; define it under "
-                                 "`fixtures:` in this file or a conftest.yml")  # fmt: skip
+                where = line_of(node["fixtures"], position) or line_of(node, "fixtures")
+                raise InputError(path, where, f"unknown fixture `{fixture}`; define it under `fixtures:` in this file "
+                                 "or a conftest.yml")  # fmt: skip
             fixture_slots.extend(fixtures[str(fixture)][0])
-        for slot, _ in fixture_slots:
-            if slot != "mocked_datetime" and project.slot(slot) is None:
-                raise InputError(path, line_of(node, "fixtures"), f"fixture sets unknown slot `{slot}`")
         meta_name = node.get("metadata")
         if meta_name is not None and str(meta_name) not in metadata:
             raise InputError(path, line_of(node, "metadata"), f"unknown metadata `{meta_name}`")

@@ -344,7 +344,8 @@ def test_teacher_commands_that_contradict_the_assertions_are_reported_and_left_o
         result = prepare_data(example_project, llm_config(example_project, tmp_path, server, tests=spec,
                                                           num_rephrases=0))  # fmt: skip
     skipped = result.summary["recipe"]["skipped_turns"]
-    assert [(s["turn"], "disagree with the test's assertions" in s["reason"]) for s in skipped] == [(1, True)]
-    rows = read_jsonl(tmp_path / "out/3_llm_finetune_data/llm_ft_data.jsonl")
-    assert rows and all(row["original_user_utterance"] != "rent me a compact car in Bologna" for row in rows)
-    assert not any("book_hotel" in row["output"] for row in rows)
+    assert skipped[0]["turn"] == 1 and "disagree with the test's assertions" in skipped[0]["reason"]
+    # The state after a turn with unknown commands is a guess: the later turns of the test yield no rows either.
+    assert [s["turn"] for s in skipped] == [1, 2, 3]
+    assert all("comes after turn 1" in s["reason"] for s in skipped[1:])
+    assert read_jsonl(tmp_path / "out/3_llm_finetune_data/llm_ft_data.jsonl") == []

@@ -1,0 +1,104 @@
+"""Labels are right or absent: what the readers canonicalise or reject, and what the assertion annotator derives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recipe.annotate import annotate_from_assertions
+from recipe.commands import SetSlot, StartFlow
+from recipe.errors import InputError
+from recipe.testcases import all_test_cases, load_tests
+
+
+def read(tmp_path: Path, project, body: str):
+    path = tmp_path / "tests.yml"
+    path.write_text(body, encoding="utf-8")
+    return all_test_cases(load_tests([str(path)], project))
+
+
+def annotate(tmp_path: Path, project, steps: str):
+    case = read(tmp_path, project, "test_cases:\n  - test_case: t\n    steps:\n" + steps)[0]
+    return annotate_from_assertions(project, case).turns
+
+
+def error_of(tmp_path: Path, project, body: str) -> str:
+    with pytest.raises(InputError) as caught:
+        read(tmp_path, project, body)
+    return str(caught.value)
+
+
+DU = "test_cases:\n  - test_case: t\n    steps:\n      - user: x\n        commands: [{}]\n"
+
+
+def test_written_values_are_spelled_as_the_domain_spells_them(tmp_path, example_project):
+    case = read(tmp_path, example_project, DU.format("start flow book_rental_car, set slot car_type SUV"))[0]
+    assert case.user_steps[0].commands == [StartFlow("book_rental_car"), SetSlot("car_type", "suv")]
+    case = read(tmp_path, example_project, DU.format("disambiguate flows book_hotel"))[0]
+    assert case.user_steps[0].commands == [StartFlow("book_hotel")]  # a one-option clarification starts the flow
+
+
+@pytest.mark.parametrize("commands, message", [
+    ("set slot car_available True", "not filled by the command generator"),
+    ("start flow offer_travel_insurance", "reached only through a link or call"),
+    ("start flow book_hotl", "did you mean `book_hotel`"),
+    ("set slot num_nights 3, set slot num_nights 3", "listed twice"),
+])  # fmt: skip
+def test_commands_the_runtime_would_drop_are_errors_at_their_line(tmp_path, example_project, commands, message):
+    error = error_of(tmp_path, example_project, DU.format(commands))
+    assert error.startswith(f"{tmp_path / 'tests.yml'}:5: ")
+    assert message in error
+
+
+def test_bad_button_payloads_and_fixture_values_are_errors_where_they_are_written(tmp_path, example_project):
+    error = error_of(tmp_path, example_project,
+                     "test_cases:\n  - test_case: t\n    steps:\n      - user: /SetSlots(car_type=compakt)\n")
+    assert ":4: " in error and "compakt" in error and "expected one of: economy" in error
+    error = error_of(tmp_path, example_project, "fixtures:\n  - guest:\n      - user_logged_in: maybe\n"
+                     "test_cases:\n  - test_case: t\n    fixtures: [guest]\n    steps:\n      - user: hi\n")
+    assert ":3: " in error and "`maybe`, not a valid bool value" in error
+    error = error_of(tmp_path, example_project, "test_cases:\n  - test_case: t\n    fixtures:\n      - nobody\n"
+                     "    steps:\n      - user: hi\n")
+    assert ":4: unknown fixture `nobody`" in error
+
+
+def test_a_slot_check_without_value_is_read_only_when_one_number_fits_one_slot(tmp_path, example_project):
+    turns = annotate(tmp_path, example_project,
+                     "      - user: a hotel in Oslo for 2 nights\n"
+                     "      - slot_was_set: [{hotel_city: Oslo}, num_nights]\n")
+    assert SetSlot("num_nights", "2") in turns[0].commands
+    turns = annotate(tmp_path, example_project,
+                     "      - user: a hotel in Oslo, 3 nights for 2 people\n"
+                     "      - slot_was_set: [{hotel_city: Oslo}, num_nights, num_guests]\n")
+    assert turns[0].commands is None and "without a value" in turns[0].reason
+
+
+def test_derived_values_are_checked_against_the_domain(tmp_path, example_project):
+    turns = annotate(tmp_path, example_project,
+                     "      - user: change my flight WF1234 to business class on 3 May\n"
+                     "        assertions:\n"
+                     "          - flow_started: {operator: all, flow_ids: [book_rental_car]}\n"
+                     "          - slot_was_set: [{name: car_type, value: limousine}]\n")
+    assert turns[0].commands is None and "limousine" in turns[0].reason
+
+
+def test_flow_started_any_labels_the_one_flow_that_explains_the_turn(tmp_path, example_project):
+    turns = annotate(tmp_path, example_project,
+                     "      - user: I need a hotel in Oslo\n"
+                     "        assertions:\n"
+                     "          - flow_started: {operator: any, flow_ids: [book_rental_car, book_hotel]}\n"
+                     "          - slot_was_set: [{name: hotel_city, value: Oslo}]\n"
+                     "          - bot_uttered: {utter_name: utter_ask_hotel_checkin_date}\n")
+    assert turns[0].commands == [StartFlow("book_hotel"), SetSlot("hotel_city", "Oslo")]
+
+
+def test_turns_after_a_turn_with_unknown_commands_yield_no_labels(tmp_path, example_project):
+    turns = annotate(tmp_path, example_project,
+                     "      - user: something the assertions do not explain\n"
+                     "        assertions:\n"
+                     "          - slot_was_set: [{name: hotel_city}]\n"
+                     "      - user: Oslo\n"
+                     "        commands: [set slot hotel_city Oslo]\n")
+    assert turns[0].commands is None
+    assert turns[1].commands is None and "comes after turn 1" in turns[1].reason
