@@ -171,6 +171,10 @@ def _messages_to_rephrase(test_case: TestCase, annotation: TestAnnotation) -> li
     return messages
 
 
+def _values_of(commands: list[Command] | None) -> list[str]:
+    return [c.value for c in commands or [] if isinstance(c, SetSlot) and c.value]
+
+
 def whole_transcript(turns: list) -> str:
     """The conversation from the first user message to the bot's last answer, as `USER:`/`AI:` lines."""
     if not turns:
@@ -203,7 +207,12 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
             errors.extend(outcome.errors)
             candidates = outcome.candidates
         else:
-            candidates = {m.turn: rule_based_rephrasings(m.text, config.num_rephrases, config.seed) for m in messages}
+            candidates = {
+                m.turn: rule_based_rephrasings(m.text, config.num_rephrases, config.seed,
+                                               values=_values_of(annotation.turns[m.turn - 1].commands),
+                                               first_turn=m.turn == 1)  # fmt: skip
+                for m in messages
+            }
     progress.done("rephrase")
 
     # Validate every candidate against the original turn's commands.

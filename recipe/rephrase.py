@@ -193,43 +193,73 @@ async def rephrase_conversation(
 
 # ---------------------------------------------------------------------------------------------- offline rules
 
-_PREFIXES = ["Hi, ", "Hello, ", "Hey, ", "Okay, ", "Right, ", "So, "]
+_GREETINGS = ["Hi, ", "Hello, ", "Hey, "]  # only where a conversation starts
+_LEAD_INS = ["Okay, ", "Right, ", "So, ", "Well, "]
 _SUFFIXES = [", please", " please", ", thanks", ", thank you"]
 _FILLERS = ["uh ", "um ", "well ", "hmm ", "so uh "]
+_POLITE = re.compile(r"\b(please|thanks|thank you|cheers)\b", re.IGNORECASE)
+# Whole-phrase swaps at the start of the message only, where they cannot change the meaning
+# (`Do I need a visa?` must not become `Do I'd like a visa?`).
 _SWAPS = [
-    (r"\bI would like\b", "I'd like"), (r"\bI'd like\b", "I want"), (r"\bI want\b", "I'd like"),
-    (r"\bI need\b", "I'd like"), (r"\bI am\b", "I'm"), (r"\bI'm\b", "I am"), (r"\bdo not\b", "don't"),
-    (r"\bdon't\b", "do not"), (r"\bcan you\b", "could you"), (r"\bcould you\b", "can you"),
-    (r"\byes\b", "yeah"), (r"\bno\b", "nope"), (r"\bthanks\b", "thank you"),
+    (r"^I would like\b", "I'd like"), (r"^I'd like\b", "I want"), (r"^I want\b", "I'd like"),
+    (r"^I need\b", "I'd like"), (r"^I am\b", "I'm"), (r"^I'm\b", "I am"), (r"^can you\b", "could you"),
+    (r"^could you\b", "can you"), (r"^yes\b(?=[,.!]|$)", "yeah"), (r"^no\b(?=[,.!]|$)", "nope"),
 ]  # fmt: skip
+_KEEP_CAPITAL = {"I", "I'm", "I'd", "I'll", "I've"}
 
 
-def _voice(text: str) -> str:
-    """What a speech-to-text channel delivers: lower case, no sentence punctuation."""
+def _restore_values(text: str, values: list[str]) -> str:
+    """Put every protected value back in its original spelling (a paraphrase lower-cased it)."""
+    for value in values:
+        text = re.sub(re.escape(value.lower()), lambda _m, v=value: v, text) if value.lower() != value else text
+    return text
+
+
+def _voice(text: str, values: list[str]) -> str:
+    """What a speech-to-text channel delivers: lower case, no sentence punctuation; values keep their spelling,
+    since the label copies them exactly as written."""
     spoken = re.sub(r"[.,!?;:](?=\s|$)", "", text.lower())
-    return " ".join(spoken.split())
+    return _restore_values(" ".join(spoken.split()), values)
 
 
-def _spoken_numbers(text: str) -> str:
-    return re.sub(r"(?<![\w.-])(\d{1,3})(?![\w.-])", lambda m: number_to_words(int(m.group(1))), text)
+def _spoken_numbers(text: str, values: list[str]) -> str:
+    """Small standalone numbers in words, but never inside a value (`22 March`) or a time or code (`14:05`)."""
+    protected = [(m.start(), m.end()) for v in values if not v.strip().isdigit()
+                 for m in re.finditer(re.escape(v), text)]  # fmt: skip
+
+    def speak(match: re.Match) -> str:
+        inside = any(start <= match.start() < end for start, end in protected)
+        return match.group(0) if inside else number_to_words(int(match.group(0)))
+
+    return re.sub(r"(?<![\w.,:/-])\d{1,2}(?![\w.,:/-]\w)", speak, text)
 
 
-def rule_based_rephrasings(text: str, count: int, seed: int) -> list[str]:
-    """Up to `count` variants of `text` by rule; values are never changed except numbers spoken as words."""
+def _lead_in(prefix: str, text: str, values: list[str]) -> str:
+    first = text.split()[0] if text.split() else ""
+    keep = first.rstrip(",.!?") in _KEEP_CAPITAL or any(text.startswith(v) for v in values)
+    return prefix + (text if keep else text[:1].lower() + text[1:])
+
+
+def rule_based_rephrasings(text: str, count: int, seed: int, values: list[str] | tuple[str, ...] = (),
+                           first_turn: bool = True) -> list[str]:  # fmt: skip
+    """Up to `count` variants of `text` by rule. The slot `values` the message states keep their exact spelling;
+    only small standalone numbers may be spoken as words. Greetings open only a conversation's first message."""
     rng = random.Random(f"{seed}:{text}")
+    values = [v for v in values if v]
     base = text.strip()
     bare = base.rstrip(".!?")
-    end = base[len(bare):][:1]  # keep a question a question: "..., please?"
+    is_question = base.endswith("?")
     options: list[str] = []
     for pattern, replacement in _SWAPS:
         swapped = re.sub(pattern, replacement, base, count=1, flags=re.IGNORECASE)
         if swapped != base:
             options.append(swapped)
-    options.append(rng.choice(_PREFIXES) + base[:1].lower() + base[1:])
-    options.append(bare + rng.choice(_SUFFIXES) + ("?" if end == "?" else ""))
-    options.append(_voice(base))
-    options.append(rng.choice(_FILLERS) + _voice(base))
-    options.append(_voice(_spoken_numbers(base)))
-    options.append(rng.choice(_PREFIXES) + _voice(bare) + rng.choice(_SUFFIXES))
+    options.append(_lead_in(rng.choice(_GREETINGS if first_turn else _LEAD_INS), base, values))
+    if not is_question and not _POLITE.search(base):
+        options.append(bare + rng.choice(_SUFFIXES))
+        options.append(_voice(rng.choice(_LEAD_INS) + bare + rng.choice(_SUFFIXES), values))
+    options.append(_voice(base, values))
+    options.append(rng.choice(_FILLERS) + _voice(base, values))
+    options.append(_voice(_spoken_numbers(base, values), values))
     rng.shuffle(options)
     return clean_candidates(base, options, count)
