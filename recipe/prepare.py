@@ -314,8 +314,23 @@ def _tests_root(files: list[TestFile]) -> Path:
     return Path(os.path.commonpath(parents)) if parents else Path(".")
 
 
-def write_split_suites(out: Path, files: list[TestFile], split: Split) -> dict[str, int]:
-    """The split test suites, written like the inputs: each file keeps its tests' fixtures, all metadata and stubs."""
+def _in_syntax(raw_case: dict[str, Any], case: TestCase, syntax: Syntax) -> dict[str, Any]:
+    """A raw test case whose `commands:` are rewritten in `syntax`: Rasa Pro reads only its generator's dialect."""
+    user_steps = iter(case.user_steps)
+    steps = []
+    for raw_step in raw_case.get("steps", []):
+        raw_step = dict(raw_step)
+        if "user" in raw_step:
+            parsed = next(user_steps)
+            if parsed.commands is not None:
+                raw_step["commands"] = [format_command(c, syntax) for c in parsed.commands]
+        steps.append(raw_step)
+    return {**raw_case, "steps": steps}
+
+
+def write_split_suites(out: Path, files: list[TestFile], split: Split, syntax: Syntax) -> dict[str, int]:
+    """The split test suites, written like the inputs: each file keeps its tests' fixtures, all metadata and stubs;
+    commands are written in the run's syntax (the inputs may mix dialects, Rasa Pro reads one)."""
     root = _tests_root(files)
     sides = {"train": set(split.train), "validation": set(split.validation)}
     written = {"train": 0, "validation": 0}
@@ -327,7 +342,9 @@ def write_split_suites(out: Path, files: list[TestFile], split: Split) -> dict[s
                 continue
             names = {case.name for case in cases}
             raw = dict(test_file.raw)
-            raw["test_cases"] = [case for case in raw.get("test_cases", []) if str(case.get("test_case")) in names]
+            by_name = {case.name: case for case in cases}
+            raw["test_cases"] = [_in_syntax(raw_case, by_name[str(raw_case.get("test_case"))], syntax)
+                                 for raw_case in raw.get("test_cases", []) if str(raw_case.get("test_case")) in names]
             used = {str(f) for case in raw["test_cases"] for f in case.get("fixtures") or []}
             if "fixtures" in raw:
                 raw["fixtures"] = [entry for entry in raw["fixtures"] if next(iter(entry)) in used]
@@ -464,7 +481,7 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
         "seed": config.seed,
         "recipe_version": __version__,
     })  # fmt: skip
-    suites = write_split_suites(config.out, [f for f in files if f.test_cases], split)
+    suites = write_split_suites(config.out, [f for f in files if f.test_cases], split, config.syntax)
 
     summary = _summary(results, rows, duplicates, split, train_rows, val_rows, len(val_candidates) - len(val_rows),
                        suites, usage, config)  # fmt: skip

@@ -349,3 +349,12 @@ def test_teacher_commands_that_contradict_the_assertions_are_reported_and_left_o
     assert [s["turn"] for s in skipped] == [1, 2, 3]
     assert all("comes after turn 1" in s["reason"] for s in skipped[1:])
     assert read_jsonl(tmp_path / "out/3_llm_finetune_data/llm_ft_data.jsonl") == []
+
+
+def test_split_suites_are_written_in_the_runs_command_syntax(prepared_example: Path):
+    suites = prepared_example / "4_train_test_split" / "e2e_tests"
+    commands = [line for f in suites.rglob("*.yml") for case in (read_yaml(f) or {}).get("test_cases", [])
+                for step in case["steps"] for line in step.get("commands", [])]  # fmt: skip
+    assert commands and all(parse_command(line, [Syntax.V2]) for line in commands)
+    short = list(suites.rglob("short_dialect_commands.yml"))
+    assert short and all("start flow" in f.read_text() for f in short)  # the short dialect was rewritten
