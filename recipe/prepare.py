@@ -251,7 +251,7 @@ def _slug(text: str) -> str:
 
 def _record_path(base: Path, test_case: TestCase) -> Path:
     """One file per test case, under the test file's own path: nothing clobbers anything."""
-    file_part = Path(test_case.file).with_suffix("")
+    file_part = Path(test_case.id.rsplit("::", 1)[0]).with_suffix("")
     safe_parts = [part for part in file_part.parts if part not in ("/", "..", ".")]
     digest = hashlib.sha1(test_case.id.encode()).hexdigest()[:6]
     return base.joinpath(*safe_parts) / f"{_slug(test_case.name)}-{digest}.yaml"

@@ -59,6 +59,8 @@ def load_tests(specs: list[str], project: Project) -> list[TestFile]:
     files: list[TestFile] = []
     for spec in specs:
         path, wanted = split_spec(spec)
+        if not path.exists() and not path.is_absolute() and (project.root / path).exists():
+            path = project.root / path  # a path given relative to --project
         if not path.exists():
             raise InputError(str(path), None, "test path not found; expected a test file or folder")
         found_in_spec = 0
@@ -374,6 +376,7 @@ def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | 
                 fixture_slots=fixture_slots,
                 metadata=metadata.get(str(meta_name), {}) if meta_name is not None else {},
                 stubs=case_stubs,
+                project_file=relative(file_path, project.root),
             )
         )
     if wanted is not None and not test_cases:

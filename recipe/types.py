@@ -173,12 +173,15 @@ class TestCase:
     fixture_slots: list[tuple[str, Any]]  # resolved from the test's fixtures, in order
     metadata: dict[str, Any]
     stubs: dict[str, Stub]  # action name -> stub, test-case specific ones already applied
+    project_file: str = ""  # the file relative to the project root (when below it): ids do not depend on the cwd
 
     __test__ = False  # not a pytest class
 
     @property
     def id(self) -> str:
-        return f"{self.file}::{self.name}"
+        """`<file>::<name>`, the file relative to the project root, so that ids (and what is derived from them,
+        such as prompt dates) are the same whichever folder the command runs from."""
+        return f"{self.project_file or self.file}::{self.name}"
 
     @property
     def user_steps(self) -> list[UserStep]:

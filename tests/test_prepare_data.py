@@ -358,3 +358,20 @@ def test_split_suites_are_written_in_the_runs_command_syntax(prepared_example: P
     assert commands and all(parse_command(line, [Syntax.V2]) for line in commands)
     short = list(suites.rglob("short_dialect_commands.yml"))
     assert short and all("start flow" in f.read_text() for f in short)  # the short dialect was rewritten
+
+
+def test_the_data_does_not_depend_on_the_folder_the_command_runs_from(tmp_path: Path, monkeypatch):
+    root = Path.cwd()
+    here = tmp_path / "from_root"
+    assert main(["prepare-data", "e2e_tests/hotels", "--offline", "--no-progress", "--num-rephrases", "2",
+                 "-o", str(here)]) == 0  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "from_elsewhere"
+    # The tests path is given relative to --project: it is found there.
+    assert main(["prepare-data", "e2e_tests/hotels", "--project", str(root), "--offline", "--no-progress",
+                 "--num-rephrases", "2", "-o", str(elsewhere)]) == 0  # fmt: skip
+    for name in ("3_llm_finetune_data/llm_ft_data.jsonl", "4_train_test_split/ft_splits/train.jsonl",
+                 "4_train_test_split/ft_splits/val.jsonl"):  # fmt: skip
+        assert (here / name).read_text() == (elsewhere / name).read_text(), name
+    assert sorted(p.relative_to(here) for p in (here / "1_command_annotations").rglob("*.yaml")) == sorted(
+        p.relative_to(elsewhere) for p in (elsewhere / "1_command_annotations").rglob("*.yaml"))
