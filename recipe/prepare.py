@@ -39,6 +39,7 @@ from recipe.conversation import mocked_datetime, replay_test_case
 from recipe.llm import LLMClient, LLMConfig
 from recipe.project import Project
 from recipe.prompt import (
+    COMMAND_PROMPT_VARIABLES,
     DatetimePolicy,
     PromptRenderer,
     PromptTemplate,
@@ -46,7 +47,13 @@ from recipe.prompt import (
     prompt_variables,
     transcript_lines,
 )
-from recipe.rephrase import MessageToRephrase, RephraseOutcome, rephrase_conversation, rule_based_rephrasings
+from recipe.rephrase import (
+    REPHRASE_PROMPT_VARIABLES,
+    MessageToRephrase,
+    RephraseOutcome,
+    rephrase_conversation,
+    rule_based_rephrasings,
+)
 from recipe.split import Split, coverage_features, split_test_cases
 from recipe.stitch import Row, conversation_rows, deduplicate
 from recipe.testcases import all_test_cases, load_tests
@@ -417,8 +424,9 @@ async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[T
         teacher=client(config.teacher_llm) if config.annotator in ("auto", "llm") else None,
         oracle=client(config.oracle_llm) if rephrase_needed else None,
     )
-    renderer = PromptRenderer(config.template)
-    rephrase_renderer = PromptRenderer(config.rephrase_template) if config.rephrase_template else None
+    renderer = PromptRenderer(config.template, COMMAND_PROMPT_VARIABLES)
+    rephrase_renderer = (PromptRenderer(config.rephrase_template, REPHRASE_PROMPT_VARIABLES)
+                         if config.rephrase_template else None)  # fmt: skip
     progress = _Progress(config.show_progress)
     for stage in ("annotate", "rephrase", "stitch"):
         progress.add(stage, len(cases))

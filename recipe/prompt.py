@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -16,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 
 from recipe.commands import Syntax
 from recipe.errors import ConfigError
 from recipe.project import Project
 from recipe.tracker import DialogueState, TranscriptLine, startable_flows
 from recipe.types import Flow, Slot, Step
+
+log = logging.getLogger("recipe")
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 DEFAULT_TEMPLATES = {
@@ -85,18 +89,50 @@ def jinja_environment() -> jinja2.Environment:
     return environment
 
 
-class PromptRenderer:
-    """A compiled template; `render` fills it with the variables of one turn."""
+# What the runtime passes to a command-generator template (rasa-formats.md §6).
+COMMAND_PROMPT_VARIABLES = frozenset({
+    "available_flows", "current_conversation", "current_flow", "current_slot", "current_slot_description",
+    "flow_slots", "user_message", "current_datetime",
+})  # fmt: skip
 
-    def __init__(self, template: PromptTemplate):
+
+class PromptRenderer:
+    """A compiled template; `render` fills it with the variables of one turn.
+
+    With `known_variables`, a variable the template uses but nobody sets (a typo such as `avaliable_flows`) is
+    reported once: it renders empty, exactly as at runtime, which silently ruins every prompt.
+    """
+
+    def __init__(self, template: PromptTemplate, known_variables: frozenset[str] | None = None):
         self.template = template
+        environment = jinja_environment()
         try:
-            self._compiled = jinja_environment().from_string(template.text)
+            self._compiled = environment.from_string(template.text)
+            used = jinja2.meta.find_undeclared_variables(environment.parse(template.text))
         except jinja2.TemplateSyntaxError as error:
             raise ConfigError(f"{template.path}:{error.lineno}: template syntax error: {error.message}") from None
+        unknown = sorted(used - known_variables) if known_variables is not None else []
+        if unknown:
+            log.warning("%s uses %s, which %s never set: %s render empty", template.path,
+                        ", ".join(f"`{name}`" for name in unknown), "the runtime and recipe",
+                        "it" if len(unknown) == 1 else "they")  # fmt: skip
 
     def render(self, variables: dict[str, Any]) -> str:
-        return self._compiled.render(**variables)
+        try:
+            return self._compiled.render(**variables)
+        except jinja2.TemplateError as error:
+            raise ConfigError(f"{self.template.path}: the template fails to render: {error}") from None
+
+
+def syntax_mismatch(template: PromptTemplate, syntax: Syntax) -> str | None:
+    """Why the template seems to ask for another command syntax than the completions use (None if it does not)."""
+    mentions_v1 = "StartFlow(" in template.text or "SetSlot(" in template.text
+    mentions_words = "start flow" in template.text or "set slot" in template.text
+    if syntax is Syntax.V1 and mentions_words and not mentions_v1:
+        return f"{template.path} describes commands like `start flow x`, but the completions use v1 (`StartFlow(x)`)"
+    if syntax is not Syntax.V1 and mentions_v1 and not mentions_words:
+        return f"{template.path} describes commands like `StartFlow(x)`, but the completions use {syntax.value}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- variables

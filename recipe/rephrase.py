@@ -22,6 +22,9 @@ from recipe.prompt import PromptRenderer
 from recipe.textnorm import normalize_text, number_to_words
 
 USER_PREFIX = "USER"
+REPHRASE_PROMPT_VARIABLES = frozenset({
+    "test_case_name", "transcript", "number_of_rephrasings", "number_of_user_messages", "user_prefix", "user_messages",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -375,3 +375,32 @@ def test_the_data_does_not_depend_on_the_folder_the_command_runs_from(tmp_path: 
         assert (here / name).read_text() == (elsewhere / name).read_text(), name
     assert sorted(p.relative_to(here) for p in (here / "1_command_annotations").rglob("*.yaml")) == sorted(
         p.relative_to(elsewhere) for p in (elsewhere / "1_command_annotations").rglob("*.yaml"))
+
+
+def test_template_mistakes_are_reported_not_rendered_silently(tmp_path: Path, capsys, caplog):
+    broken = tmp_path / "broken.jinja2"
+    broken.write_text("{% for f in available_flows %}{{ f.nme.upper() }}{% endfor %}{{ user_message }}")
+    assert main(["prepare-data", "e2e_tests/hotels", "--offline", "--no-progress", "--prompt-template", str(broken),
+                 "-o", str(tmp_path / "o")]) == 2  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"{broken}: the template fails to render")
+    typo = tmp_path / "typo.jinja2"
+    typo.write_text("{{ avaliable_flows }} StartFlow(x) {{ user_message }}")
+    with caplog.at_level("WARNING", logger="recipe"):
+        assert main(["prepare-data", "e2e_tests/hotels", "--offline", "--no-progress", "--num-rephrases", "0",
+                     "--prompt-template", str(typo), "-o", str(tmp_path / "t")]) == 0  # fmt: skip
+    warnings = " ".join(record.getMessage() for record in caplog.records)
+    assert "`avaliable_flows`" in warnings and "render empty" in warnings
+    assert "but the completions use v2" in warnings  # the template describes v1 commands
+
+
+def test_failed_llm_calls_make_the_run_exit_1_and_keep_the_rows(tmp_path: Path, example_project, capsys):
+    responder = ScriptedAssistantLLM(example_project, SPECS[:1],
+                                     faults=lambda kind, prompt, hit: Reply.error(400) if kind == "rephrase" else None)
+    with ScriptedOpenAIServer(responder) as server:
+        config = write_llm_config(tmp_path / "llm.yml", server.base_url)
+        code = main(["prepare-data", SPECS[0], "-o", str(tmp_path / "out"), "--no-progress", "--num-rephrases", "2",
+                     "--rephrase-config", str(config), "--teacher-config", str(config)])  # fmt: skip
+    assert code == 1
+    assert "failed after retries" in capsys.readouterr().err
+    assert read_jsonl(tmp_path / "out/4_train_test_split/ft_splits/train.jsonl")  # the original rows are there

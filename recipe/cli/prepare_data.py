@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 from pathlib import Path
 
 from recipe.cli._common import (
@@ -14,6 +16,8 @@ from recipe.cli._common import (
     setup_logging,
 )
 from recipe.errors import ConfigError
+
+log = logging.getLogger("recipe")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,13 +88,16 @@ def run(args: argparse.Namespace) -> int:
         resolve_llm_mapping,
         summary_lines,
     )
-    from recipe.prompt import PROMPTS_DIR, DatetimePolicy, choose_syntax, choose_template, load_template
+    from recipe.prompt import PROMPTS_DIR, DatetimePolicy, choose_syntax, choose_template, load_template, syntax_mismatch
 
     setup_logging()
     _check_args(args)
     project = load_project_from_args(args)
     syntax = choose_syntax(project, args.command_syntax)
     template = choose_template(project, syntax, args.prompt_template)
+    mismatch = syntax_mismatch(template, syntax)
+    if mismatch:
+        log.warning("%s: the model would learn to answer in another syntax than its prompt asks for", mismatch)
 
     # Decide which LLMs run, and check their settings and keys now: before any paid call.
     configured = any([args.rephrase_config, args.teacher_config, args.oracle_config, os.environ.get("OPENAI_API_KEY")])
@@ -108,9 +115,17 @@ def run(args: argparse.Namespace) -> int:
         oracle_llm = load_llm_config(args.oracle_config) if args.oracle_config else teacher_llm
         if args.annotator in ("test", "assertions"):
             teacher_llm = None
-        for llm in (rephrase_llm if args.num_rephrases else None, teacher_llm, oracle_llm if args.num_rephrases else None):
-            if llm is not None:
-                llm.api_key()  # raises a one-line ConfigError naming the missing variable
+        roles = {"rephraser": rephrase_llm if args.num_rephrases else None, "teacher": teacher_llm,
+                 "oracle": oracle_llm if args.num_rephrases else None}  # fmt: skip
+        for role, llm in roles.items():
+            if llm is None:
+                continue
+            try:
+                llm.api_key()
+            except ConfigError as error:
+                flag = "--rephrase-config" if role == "rephraser" else f"--{role}-config"
+                raise ConfigError(f"the {role} ({llm.provider} {llm.model}): {error}; or give {flag} (with "
+                                  "--offline, no LLM is used)") from None
     elif args.annotator == "llm":
         raise ConfigError("--annotator llm needs an LLM: give --teacher-config or set OPENAI_API_KEY, without --offline")
 
@@ -144,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(result.summary):
         print(line)
     print(f"train/val files: {result.out / '4_train_test_split' / 'ft_splits'}")
+    errors = result.summary["recipe"]["errors"]
+    if errors:
+        print(f"{len(errors)} LLM call(s) failed after retries (see result_summary.yaml); the rows that did not need "
+              "them are written. Run the same command again to retry only those: answers already received are cached.",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

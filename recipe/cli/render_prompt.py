@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from recipe.cli._common import (
     add_project_arguments,
@@ -13,6 +14,8 @@ from recipe.cli._common import (
     setup_logging,
 )
 from recipe.errors import ConfigError
+
+log = logging.getLogger("recipe")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,14 +38,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from recipe.annotate import annotate_from_assertions
     from recipe.conversation import mocked_datetime, replay_test_case
-    from recipe.prompt import DatetimePolicy, PromptRenderer, choose_syntax, choose_template, prompt_variables
+    from recipe.prompt import (
+        COMMAND_PROMPT_VARIABLES,
+        DatetimePolicy,
+        PromptRenderer,
+        choose_syntax,
+        choose_template,
+        prompt_variables,
+        syntax_mismatch,
+    )
     from recipe.testcases import all_test_cases, load_tests
     from recipe.tracker import startable_flows
 
     setup_logging()
     project = load_project_from_args(args)
     syntax = choose_syntax(project, args.command_syntax)
-    renderer = PromptRenderer(choose_template(project, syntax, args.prompt_template))
+    template = choose_template(project, syntax, args.prompt_template)
+    renderer = PromptRenderer(template, COMMAND_PROMPT_VARIABLES)
+    mismatch = syntax_mismatch(template, syntax)
+    if mismatch:
+        log.warning(mismatch)
     cases = all_test_cases(load_tests([args.test], project))
     if len(cases) != 1:
         raise ConfigError(f"{args.test}: names {len(cases)} test cases; pick one with FILE::TEST CASE NAME")
