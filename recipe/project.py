@@ -8,6 +8,7 @@ generator decides the default command syntax and whose `prompt_template` the def
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from recipe.errors import InputError
 from recipe.flows import read_flows_file
 from recipe.types import Domain, Flow, Slot, relative
 from recipe.yamlio import line_of, load_yaml
+
+log = logging.getLogger("recipe")
 
 GENERATOR_SYNTAX = {
     "SingleStepLLMCommandGenerator": Syntax.V1,
@@ -43,6 +46,7 @@ class AssistantConfig:
     generator: str | None = None
     syntax: Syntax | None = None
     prompt_template: Path | None = None
+    prompt_template_where: str | None = None  # `config.yml:LINE`, for an error when the file is needed but missing
     include_date_time: bool | None = None
     path: str | None = None
 
@@ -101,18 +105,20 @@ def read_config(root: Path) -> AssistantConfig:
             continue
         name = str(component.get("name", ""))
         if name not in GENERATOR_SYNTAX:
+            if name.endswith("CommandGenerator"):
+                log.warning("%s:%s: `%s` is not a single-step command generator (%s); recipe uses v2 commands "
+                            "unless --command-syntax says otherwise", shown, line_of(component),
+                            name, ", ".join(GENERATOR_SYNTAX))  # fmt: skip
             continue
         template = component.get("prompt_template")
         include = component.get("include_date_time")
-        template_path = None
-        if template:
-            template_path = (root / str(template)).resolve()
-            if not template_path.is_file():
-                raise InputError(shown, line_of(component, "prompt_template"), f"prompt template `{template}` not found")
+        # A missing template file is an error only where a prompt is rendered (coverage does not need it).
+        template_path = (root / str(template)).resolve() if template else None
         return AssistantConfig(
             generator=name,
             syntax=GENERATOR_SYNTAX[name],
             prompt_template=template_path,
+            prompt_template_where=f"{shown}:{line_of(component, 'prompt_template')}" if template else None,
             include_date_time=None if include is None else bool(include),
             path=shown,
         )

@@ -61,6 +61,9 @@ def choose_template(project: Project, syntax: Syntax, explicit: Path | None = No
     if explicit is not None:
         return load_template(explicit)
     if project.config.prompt_template is not None:
+        if not project.config.prompt_template.is_file():
+            raise ConfigError(f"{project.config.prompt_template_where}: prompt template "
+                              f"`{project.config.prompt_template}` not found")  # fmt: skip
         return load_template(project.config.prompt_template)
     return load_template(PROMPTS_DIR / DEFAULT_TEMPLATES[syntax])
 

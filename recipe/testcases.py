@@ -8,6 +8,7 @@ checked against the assistant: an unknown flow or slot is a `path:line` error.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,13 @@ def _conftest_fixtures(test_path: Path, project: Project) -> dict[str, tuple[lis
     return fixtures
 
 
-def _read_stubs(data: Any, path: str) -> dict[str, Stub]:
+def _known_actions(project: Project) -> set[str]:
+    return project.domain.actions | {step.action for flow in project.flows.values() for step in flow.steps.values()
+                                     if step.action}  # fmt: skip
+
+
+def _read_stubs(data: Any, path: str, project: Project) -> dict[str, Stub]:
+    """Stubbed custom actions; a stub for an action nothing runs is a typo that would silently change the replay."""
     node = data.get("stub_custom_actions")
     if node is None:
         return {}
@@ -159,6 +166,12 @@ def _read_stubs(data: Any, path: str) -> dict[str, Stub]:
         line = line_of(node, action)
         if not isinstance(body, dict):
             raise InputError(path, line, f"stub `{action}` must be a mapping with `events` and/or `responses`")
+        action_name = str(action).rpartition("::")[2]
+        known = _known_actions(project)
+        if action_name not in known:
+            hint = difflib.get_close_matches(action_name, sorted(known), n=1)
+            raise InputError(path, line, f"stub for `{action_name}`, an action no flow runs and the domain does not "
+                             f"list{f' (did you mean `{hint[0]}`?)' if hint else ''}")  # fmt: skip
         events = []
         for event in body.get("events") or []:
             if not isinstance(event, dict) or event.get("event") != "slot" or "name" not in event:
@@ -166,6 +179,8 @@ def _read_stubs(data: Any, path: str) -> dict[str, Stub]:
                 log.debug("%s:%s: stub event %r ignored (only slot events change the dialogue state)", path, line,
                           event)  # fmt: skip
                 continue
+            if project.slot(str(event["name"])) is None:
+                raise InputError(path, line, f"stub `{action}` sets unknown slot `{event['name']}`")
             events.append((str(event["name"]), plain(event.get("value"))))
         responses = tuple(
             str(response.get("text")) for response in body.get("responses") or [] if isinstance(response, dict)
@@ -334,7 +349,7 @@ def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | 
     for name, (value, line) in _read_named_list(data, "fixtures", path).items():
         fixtures[name] = (_fixture_slots(value, path, line, name, project), path)
     metadata = {name: plain(value) for name, (value, _) in _read_named_list(data, "metadata", path).items()}
-    stubs = _read_stubs(data, path)
+    stubs = _read_stubs(data, path, project)
     test_cases: list[TestCase] = []
     names: set[str] = set()
     for index, node in enumerate(cases_node):
@@ -379,6 +394,12 @@ def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | 
                 project_file=relative(file_path, project.root),
             )
         )
+    for key in stubs:
+        case_name, separator, _ = key.partition("::")
+        if separator and case_name not in names:
+            node = data.get("stub_custom_actions")
+            raise InputError(path, line_of(node, key), f"stub `{key}` names test case `{case_name}`, which this file "
+                             "does not have")  # fmt: skip
     if wanted is not None and not test_cases:
         listed = ", ".join(f"`{name}`" for name in sorted(names))
         raise InputError(path, line_of(data, "test_cases"), f"no test case named `{wanted}`; the file has {listed}")

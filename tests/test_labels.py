@@ -102,3 +102,32 @@ def test_turns_after_a_turn_with_unknown_commands_yield_no_labels(tmp_path, exam
                      "        commands: [set slot hotel_city Oslo]\n")
     assert turns[0].commands is None
     assert turns[1].commands is None and "comes after turn 1" in turns[1].reason
+
+
+def test_stubs_for_actions_nothing_runs_or_tests_that_do_not_exist_are_errors(tmp_path, example_project):
+    body = ("stub_custom_actions:\n  {key}:\n    events: [{{event: slot, name: car_available, value: true}}]\n"
+            "test_cases:\n  - test_case: t\n    steps:\n      - user: hi\n")  # fmt: skip
+    error = error_of(tmp_path, example_project, body.format(key="action_check_car_availabilty"))
+    assert ":2: " in error and "did you mean `action_check_car_availability`" in error
+    error = error_of(tmp_path, example_project, body.format(key="'other test::action_check_car_availability'"))
+    assert ":2: " in error and "test case `other test`" in error
+    assert read(tmp_path, example_project, body.format(key="'t::action_check_car_availability'"))[0].stubs
+
+
+def test_a_missing_config_template_matters_only_where_prompts_are_rendered(tmp_path, capsys):
+    import shutil
+
+    from recipe.cli import main
+
+    project = tmp_path / "assistant"
+    shutil.copytree("flows", project / "flows")
+    shutil.copytree("e2e_tests/hotels", project / "e2e_tests" / "hotels")
+    shutil.copy("e2e_tests/conftest.yml", project / "e2e_tests" / "conftest.yml")
+    (project / "config.yml").write_text("pipeline:\n  - name: CompactLLMCommandGenerator\n"
+                                        "    prompt_template: prompts/missing.jinja2\n")
+    assert main(["coverage", "--project", str(project), "-o", str(tmp_path / "cov")]) == 0
+    capsys.readouterr()
+    assert main(["prepare-data", "--project", str(project), "--offline", "-o", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("config.yml:3: prompt template `" + str((project / "prompts/missing.jinja2").resolve())
+                          + "` not found")
