@@ -581,7 +581,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"({extra['rephrasings']['check']} check)",
         f"rows: {summary['num_ft_data_points']} ({extra['rows']['duplicates_dropped']} duplicates dropped)",
         f"split: {summary['num_train_data_points']} train rows / {summary['num_val_data_points']} val rows "
-        f"({extra['split']['train_test_cases']} / {extra['split']['validation_test_cases']} test cases)",
+        f"({extra['split']['train_test_cases']} / {extra['split']['validation_test_cases']} test cases)"
+        + ("; no validation rows: finetune will train without validation" if not summary["num_val_data_points"]
+           else ""),
         f"skipped turns: {len(extra['skipped_turns'])}; LLM errors: {len(extra['errors'])}; "
         f"estimated cost: ${extra['estimated_cost_usd']}",
     ]

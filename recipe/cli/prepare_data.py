@@ -29,12 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "as the runtime would, and split by test case into train/val. LLM calls run concurrently, are retried, and "
         "are cached under OUT/cache, so an interrupted run resumes for free. Without an LLM configured (no "
         "--rephrase-config/--teacher-config and no OPENAI_API_KEY) or with --offline, everything runs offline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("tests", nargs="*", default=["e2e_tests/"], metavar="TESTS",
-                        help="test files or folders, or FILE::TEST CASE NAME")  # fmt: skip
-    parser.add_argument("-o", "--out", type=Path, default=Path("output"), help="output folder")
-    parser.add_argument("--num-rephrases", type=int, default=10, help="paraphrases per user message (0 skips)")
+                        help="test files or folders, or FILE::TEST CASE NAME; relative to the current folder or to --project "
+                             "(default: e2e_tests/)")  # fmt: skip
+    parser.add_argument("-o", "--out", type=Path, default=Path("output"), help="output folder; stage outputs are replaced on every run, the LLM cache in OUT/cache is kept "
+                        "(default: output)")
+    parser.add_argument("--num-rephrases", type=int, default=10, help="paraphrases per user message; 0 skips rephrasing (default: 10; offline, the rules write about 5)")
     parser.add_argument("--rephrase-config", type=Path, metavar="FILE",
                         help="YAML with `llm` (provider, model, api_base, ... or model_group) and optionally "
                              "`prompt_template` for the rephraser (default model: gpt-4o-mini)")  # fmt: skip
@@ -46,16 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--annotator", choices=["auto", "test", "assertions", "llm"], default="auto",
                         help="where commands come from for turns the test gives none for: auto (teacher when an "
                              "LLM is configured, else assertions), test (only written commands), assertions "
-                             "(derived offline from the test's assertions), llm (teacher)")  # fmt: skip
+                             "(derived offline from the test's assertions), llm (teacher) (default: auto)")  # fmt: skip
     parser.add_argument("--validation", choices=["strict", "loose"], default="strict",
-                        help="oracle comparison: strict compares slot values too (normalised), loose slot names only")
+                        help="oracle comparison: strict compares slot values too (normalised), loose slot names only "
+                             "(default: strict)")
     parser.add_argument("--abstention-rows", action="store_true",
                         help="turns whose commands are empty (the model should do nothing) become `cannot handle` "
                              "rows instead of being left out")  # fmt: skip
-    parser.add_argument("--train-frac", type=float, default=0.8, help="share of test cases in train, in (0, 1]")
+    parser.add_argument("--train-frac", type=float, default=0.8, help="share of test cases in train, in (0, 1] (default: 0.8)")
     parser.add_argument("--output-format", choices=["instruction", "conversational"], default="instruction",
-                        help="rows as prompt/completion, or as user/assistant messages")
-    parser.add_argument("--max-concurrency", type=int, default=16, help="LLM calls in flight per role")
+                        help="rows as prompt/completion, or as user/assistant messages (default: instruction)")
+    parser.add_argument("--max-concurrency", type=int, default=16, help="LLM calls in flight per role: rephraser, teacher, oracle (default: 16)")
     parser.add_argument("--offline", action="store_true",
                         help="no LLM at all: assertion annotator, rule-based paraphrases, lexical check")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -65,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.datetime and args.no_datetime:
+        raise ConfigError("--datetime and --no-datetime contradict each other; give one of them")
     if not 0 < args.train_frac <= 1:
         raise ConfigError(f"--train-frac {args.train_frac}: expected a number in (0, 1]")
     if not 0 <= args.num_rephrases <= 100:
