@@ -352,6 +352,9 @@ def write_split_suites(out: Path, files: list[TestFile], split: Split, syntax: S
             by_name = {case.name: case for case in cases}
             raw["test_cases"] = [_in_syntax(raw_case, by_name[str(raw_case.get("test_case"))], syntax)
                                  for raw_case in raw.get("test_cases", []) if str(raw_case.get("test_case")) in names]
+            if isinstance(raw.get("stub_custom_actions"), dict):  # a `<test case>::<action>` stub goes with its test
+                raw["stub_custom_actions"] = {key: stub for key, stub in raw["stub_custom_actions"].items()
+                                              if "::" not in key or key.split("::", 1)[0] in names}  # fmt: skip
             used = {str(f) for case in raw["test_cases"] for f in case.get("fixtures") or []}
             if "fixtures" in raw:
                 raw["fixtures"] = [entry for entry in raw["fixtures"] if next(iter(entry)) in used]
