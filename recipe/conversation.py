@@ -14,7 +14,16 @@ from typing import Any, Callable
 
 from recipe.commands import Command
 from recipe.project import Project
-from recipe.tracker import DEFAULT_RESPONSES, BotMessage, DialogueState, DialogueTracker, TurnEvents, is_button_payload
+from recipe.tracker import (
+    DEFAULT_RESPONSES,
+    GENERATED_ANSWER,
+    GENERATED_PLACEHOLDERS,
+    BotMessage,
+    DialogueState,
+    DialogueTracker,
+    TurnEvents,
+    is_button_payload,
+)
 from recipe.types import NO_VALUE, BotStep, SlotCheckStep, TestCase, UserStep
 
 
@@ -47,6 +56,8 @@ def _resolve_bot_step(project: Project, step: BotStep, slots: dict[str, Any]) ->
         if text is not None:
             text = DialogueTracker._fill(text, slots)
         return BotMessage(text, variation.buttons, step.utter)
+    if step.utter in GENERATED_PLACEHOLDERS:
+        return BotMessage(GENERATED_ANSWER, (), step.utter)
     return BotMessage(DEFAULT_RESPONSES.get(step.utter or ""), (), step.utter)
 
 

@@ -50,6 +50,10 @@ DEFAULT_RESPONSES: dict[str, str] = {
 
 # Actions whose result is generated text at runtime: the transcript shows the test's `bot:` text, if any.
 GENERATED_ACTIONS = {"action_trigger_chitchat", "action_trigger_search", "utter_free_chitchat_response"}
+# What the transcript shows for such an answer when the test does not give its text: the runtime shows the real
+# answer; leaving the line out would put two user messages in a row, which the runtime never shows.
+GENERATED_ANSWER = "[generated answer]"
+GENERATED_PLACEHOLDERS = {"placeholder_generated_answer"}  # the DU-test name for "any generated answer"
 
 
 @dataclass(frozen=True)
@@ -455,7 +459,7 @@ class DialogueTracker:
                 repeated = repeated[:-1]  # the last one is the question, which the collect step asks again anyway
             self._emit(*repeated)
         elif action in GENERATED_ACTIONS:
-            self._emit(BotMessage(None, utter=action))
+            self._emit(BotMessage(GENERATED_ANSWER, utter=action))
         elif action in ("action_cancel_flow", "action_correct_flow_slot", "action_listen"):
             pass  # their effect was applied with the command
         else:

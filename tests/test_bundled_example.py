@@ -18,7 +18,7 @@ from recipe.annotate import annotate_from_assertions
 from recipe.conversation import assertion_problems, mocked_datetime, replay_test_case
 from recipe.project import load_project
 from recipe.testcases import all_test_cases, load_tests
-from recipe.tracker import GENERATED_ACTIONS, startable_flows
+from recipe.tracker import GENERATED_ACTIONS, GENERATED_ANSWER, startable_flows
 from recipe.types import BotStep, UserStep
 
 GENERATED_PLACEHOLDER = "placeholder_generated_answer"  # a DU test's stand-in for any generated answer
@@ -65,7 +65,7 @@ def _listed_bot_steps(case, turn) -> list[BotStep]:
 
 def _matches(step: BotStep, message) -> bool:
     if step.utter == GENERATED_PLACEHOLDER:
-        return message.text is None and message.utter in GENERATED_ACTIONS
+        return message.text == GENERATED_ANSWER and message.utter in GENERATED_ACTIONS
     if step.utter:
         return message.utter == step.utter
     return message.text == step.text

@@ -27,7 +27,7 @@ from recipe.conditions import evaluate
 from recipe.conversation import replay_test_case
 from recipe.project import Project, load_project
 from recipe.testcases import all_test_cases, load_tests
-from recipe.tracker import DEFAULT_RESPONSES, DialogueTracker, FrameView, startable_flows
+from recipe.tracker import DEFAULT_RESPONSES, GENERATED_ANSWER, DialogueTracker, FrameView, startable_flows
 
 DOMAIN = """
 version: "3.1"
@@ -641,8 +641,8 @@ def test_clarification_offers_the_valid_options_and_ends(tmp_path):
 @pytest.mark.parametrize(
     ("command", "pattern", "first"),
     [
-        (ChitChat(), "pattern_chitchat", None),
-        (Knowledge(), "pattern_search", None),
+        (ChitChat(), "pattern_chitchat", GENERATED_ANSWER),
+        (Knowledge(), "pattern_search", GENERATED_ANSWER),
         (SkipQuestion(), "pattern_skip_question", DEFAULT_RESPONSES["utter_skip_question_answer"]),
         (HumanHandoff(), "pattern_human_handoff", DEFAULT_RESPONSES["utter_human_handoff_not_available"]),
     ],
@@ -653,7 +653,7 @@ def test_interrupting_patterns_then_the_pending_question_again(tmp_path, command
     events = tracker.user_turn("something else", [command])
     assert events.flows_started == [pattern]
     assert len(events.bot_messages) == 2
-    assert events.bot_messages[0].text == first  # generated answers (chitchat, search) are not known: None
+    assert events.bot_messages[0].text == first  # a generated answer (chitchat, search) shows as a placeholder
     assert said(events)[1] == "utter_ask_a"
     assert stack(tracker) == [("f", "user", "f_0_collect_a")]
 
