@@ -125,6 +125,7 @@ class _Progress:
     """One bar per stage with counts and ETA; totals grow as the work becomes known."""
 
     def __init__(self, enabled: bool):
+        enabled = enabled and sys.stderr.isatty()  # redrawn bars in a log file are noise; the summary says it all
         names = ("annotate", "rephrase", "validate", "stitch")
         self.bars = {name: tqdm(total=0, desc=f"{name:<9}", unit="", position=i, leave=True, disable=not enabled,
                                 file=sys.stderr, dynamic_ncols=True) for i, name in enumerate(names)}  # fmt: skip
