@@ -171,24 +171,10 @@ def _check_jsonl(path: Path) -> None:
 
 
 def _read_rows(path: Path) -> list[Any]:
-    """Rows as finetune reads them, plus `{"prompt", "output"}` rows (llm_ft_data.jsonl): `output` is the completion."""
-    from recipe.finetune.data import example_from_row
+    """Rows as finetune reads them (prompt/completion, messages, or llm_ft_data.jsonl's prompt/output)."""
+    from recipe.finetune.data import read_examples
 
-    examples = []
-    with path.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise InputError(str(path), number, f"invalid JSON: {error.msg}") from error
-            if isinstance(row, dict) and "prompt" in row and "output" in row and "completion" not in row:
-                row = {**row, "completion": row["output"]}
-            examples.append(example_from_row(row, str(path), number))
-    if not examples:
-        raise InputError(str(path), None, "no rows")
-    return examples
+    return read_examples(path)
 
 
 def _latest_message(prompt: str) -> str:

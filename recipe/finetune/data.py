@@ -167,13 +167,15 @@ def example_from_row(row: Any, path: str, line: int) -> Example:
             raise fail('the last message must be the assistant\'s answer (role "assistant")')
         prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
         completion = messages[-1]["content"]
-    elif "prompt" in row and "completion" in row:
-        if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
+    elif "prompt" in row and ("completion" in row or "output" in row):
+        # `output` is the answer's key in llm_ft_data.jsonl, prepare-data's file of all rows.
+        answer = row["completion"] if "completion" in row else row["output"]
+        if not isinstance(row["prompt"], str) or not isinstance(answer, str):
             raise fail('"prompt" and "completion" must be strings')
         prompt = ({"role": "user", "content": row["prompt"]},)
-        completion = row["completion"]
+        completion = answer
     else:
-        raise fail('expected {"prompt", "completion"} or {"messages": [...]}')
+        raise fail('expected {"prompt", "completion"}, {"prompt", "output"} or {"messages": [...]}')
     if not completion.strip():
         raise fail("empty completion: nothing to learn")
     return Example(prompt=prompt, completion=completion, path=path, line=line)
