@@ -88,6 +88,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     trainer.train(resume_from_checkpoint=last_checkpoint(run.local_dir) if config.resume else None)
     trainer.save_model(str(run.local_dir))  # adapter + tokenizer; collective under FSDP, so every process calls it
     if not trainer.is_world_process_zero():
+        end_distributed_run()  # waits for the main process to finish writing
         return FinetuneResult(config.output_dir, run.local_dir, None, None, None, time.monotonic() - started, {},
                               main_process=False)
     (run.local_dir / "training_args.bin").unlink(missing_ok=True)  # pickled arguments: not portable, not needed
@@ -106,8 +107,20 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     write_outputs(run.local_dir, info, log_history)
     if upload.is_remote(config.output_dir):
         upload.upload_directory(run.local_dir, config.output_dir, exclude=(CHECKPOINTS,))
+    end_distributed_run()
     return FinetuneResult(config.output_dir, run.local_dir, merged_dir, final_losses["train_last"], final_losses["val"],
                           info["training"]["duration_s"], info, train_loss_mean=final_losses["train_run_mean"])
+
+
+def end_distributed_run() -> None:
+    """In a multi-process run, meet the other processes once more and tear the process group down: a process that
+    exits with the group alive is aborted by its communication threads (`terminate called without an active
+    exception`), which fails the launch although training succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def prepare(config: FinetuneConfig) -> PreparedRun:
