@@ -33,9 +33,14 @@ from typing import Any
 from tqdm import tqdm
 
 from recipe import __version__
-from recipe.annotate import TestAnnotation, annotate_from_assertions, annotate_with_teacher
+from recipe.annotate import (
+    TestAnnotation,
+    annotate_from_assertions,
+    annotate_with_teacher,
+)
 from recipe.commands import Command, SetSlot, Syntax, format_command, format_commands
 from recipe.conversation import mocked_datetime, replay_test_case
+from recipe.errors import ConfigError
 from recipe.llm import LLMClient, LLMConfig
 from recipe.project import Project
 from recipe.prompt import (
@@ -59,9 +64,22 @@ from recipe.stitch import Row, conversation_rows, deduplicate
 from recipe.testcases import all_test_cases, load_tests
 from recipe.tracker import TranscriptLine
 from recipe.types import BotStep, TestCase, TestFile, UserStep
-from recipe.validate import LEXICAL, STRICT, Verdict, validate_lexically, validate_with_oracle
-from recipe.errors import ConfigError
-from recipe.yamlio import dump_yaml, load_yaml, plain, write_atomic, write_json, write_jsonl, write_yaml
+from recipe.validate import (
+    LEXICAL,
+    STRICT,
+    Verdict,
+    validate_lexically,
+    validate_with_oracle,
+)
+from recipe.yamlio import (
+    dump_yaml,
+    load_yaml,
+    plain,
+    write_atomic,
+    write_json,
+    write_jsonl,
+    write_yaml,
+)
 
 STAGE_DIRS = ("1_command_annotations", "2_rephrasings", "3_llm_finetune_data", "4_train_test_split")
 DEFAULT_REPHRASE_MODEL = LLMConfig(provider="openai", model="gpt-4o-mini", temperature=1.0)
@@ -151,10 +169,6 @@ class _Clients:
     rephraser: LLMClient | None
     teacher: LLMClient | None
     oracle: LLMClient | None
-
-
-def _completion(commands: tuple[Command, ...] | list[Command], syntax: Syntax) -> str:
-    return format_commands(commands, syntax)
 
 
 async def _annotate(project: Project, config: PrepareConfig, renderer: PromptRenderer, clients: _Clients,
@@ -301,7 +315,7 @@ def write_test_case_records(out: Path, result: TestCaseResult, syntax: Syntax) -
 def ft_data_row(row: Row, syntax: Syntax) -> dict[str, Any]:
     return {
         "prompt": row.prompt,
-        "output": _completion(row.commands, syntax),
+        "output": format_commands(row.commands, syntax),
         "original_test_name": row.test_id,
         "original_user_utterance": row.original_text,
         "rephrased_user_utterance": row.rephrased_text,
@@ -311,7 +325,7 @@ def ft_data_row(row: Row, syntax: Syntax) -> dict[str, Any]:
 
 
 def split_row(row: Row, syntax: Syntax, output_format: str) -> dict[str, Any]:
-    completion = _completion(row.commands, syntax)
+    completion = format_commands(row.commands, syntax)
     if output_format == "conversational":
         return {"messages": [{"role": "user", "content": row.prompt}, {"role": "assistant", "content": completion}]}
     return {"prompt": row.prompt, "completion": completion}
@@ -464,7 +478,7 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
 
     # Rows in input order: originals of a test case before its synthetic conversations.
     all_rows = [row for result in results for row in result.rows]
-    rows, duplicates = deduplicate(all_rows, lambda row: _completion(row.commands, config.syntax))
+    rows, duplicates = deduplicate(all_rows, lambda row: format_commands(row.commands, config.syntax))
     write_jsonl(config.out / STAGE_DIRS[2] / "llm_ft_data.jsonl", [ft_data_row(r, config.syntax) for r in rows])
 
     features = {}
@@ -609,6 +623,15 @@ def load_rephrase_config(path: Path, project_root: Path) -> tuple[LLMConfig, Pro
         template = load_template(template_path)
     llm = resolve_llm_mapping(data.get("llm") or {}, str(path), project_root, DEFAULT_REPHRASE_MODEL)
     return llm, template
+
+
+def load_llm_role_config(path: Path, project_root: Path, default: LLMConfig) -> LLMConfig:
+    """`--teacher-config` / `--oracle-config`: an LLM config at top level or under `llm:`, inline or `model_group`;
+    keys it leaves out come from the role's default."""
+    data = plain(load_yaml(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with the LLM's provider, model, ... (or `llm:` holding them)")
+    return resolve_llm_mapping(data.get("llm", data) or {}, str(path), project_root, default)
 
 
 def resolve_llm_mapping(data: dict[str, Any], source: str, project_root: Path, default: LLMConfig) -> LLMConfig:

@@ -33,7 +33,7 @@ from recipe.commands import (
 )
 from recipe.conditions import evaluate
 from recipe.project import Project, canonical_slot_value
-from recipe.types import END, Button, Flow, Slot, Step, Stub
+from recipe.types import END, Branch, Button, Flow, Location, Slot, Step, Stub
 
 # Our wording for the built-in responses; a project overrides any of them by defining the response in its domain.
 DEFAULT_RESPONSES: dict[str, str] = {
@@ -133,8 +133,6 @@ _PATTERN_FLOWS_YAML = {
 
 
 def _default_pattern(pattern_id: str) -> Flow:
-    from recipe.types import Branch, Location
-
     steps: dict[str, Step] = {}
     spec = _PATTERN_FLOWS_YAML[pattern_id]
     ids = [f"{pattern_id}_{index}_{kind}_{arg}" for index, (kind, arg) in enumerate(spec)]

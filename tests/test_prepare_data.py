@@ -404,3 +404,20 @@ def test_failed_llm_calls_make_the_run_exit_1_and_keep_the_rows(tmp_path: Path, 
     assert code == 1
     assert "failed after retries" in capsys.readouterr().err
     assert read_jsonl(tmp_path / "out/4_train_test_split/ft_splits/train.jsonl")  # the original rows are there
+
+
+def test_teacher_and_oracle_configs_are_read_alike_and_may_name_a_model_group(tmp_path, example_project):
+    from recipe.prepare import DEFAULT_TEACHER_MODEL, load_llm_role_config
+
+    project_dir = tmp_path / "assistant"
+    project_dir.mkdir()
+    (project_dir / "endpoints.yml").write_text(
+        "model_groups:\n  - id: oracle\n    models:\n      - {provider: self-hosted, model: judge, "
+        "api_base: 'http://127.0.0.1:9/v1'}\n"
+    )
+    grouped, inline = tmp_path / "grouped.yml", tmp_path / "inline.yml"
+    grouped.write_text("llm:\n  model_group: oracle\n")
+    inline.write_text("provider: self-hosted\nmodel: judge\napi_base: http://127.0.0.1:9/v1\n")
+    from_group = load_llm_role_config(grouped, project_dir, DEFAULT_TEACHER_MODEL)
+    assert from_group == load_llm_role_config(inline, project_dir, DEFAULT_TEACHER_MODEL)
+    assert (from_group.model, from_group.temperature) == ("judge", DEFAULT_TEACHER_MODEL.temperature)

@@ -82,17 +82,23 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recipe.llm import load_llm_config
     from recipe.prepare import (
         DEFAULT_REPHRASE_MODEL,
         DEFAULT_TEACHER_MODEL,
         PrepareConfig,
+        load_llm_role_config,
         load_rephrase_config,
         prepare_data,
-        resolve_llm_mapping,
         summary_lines,
     )
-    from recipe.prompt import PROMPTS_DIR, DatetimePolicy, choose_syntax, choose_template, load_template, syntax_mismatch
+    from recipe.prompt import (
+        PROMPTS_DIR,
+        DatetimePolicy,
+        choose_syntax,
+        choose_template,
+        load_template,
+        syntax_mismatch,
+    )
 
     setup_logging()
     _check_args(args)
@@ -114,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
             rephrase_template = custom or rephrase_template
         else:
             rephrase_llm = DEFAULT_REPHRASE_MODEL
-        teacher_llm = (resolve_llm_mapping(_llm_mapping(args.teacher_config), str(args.teacher_config), project.root,
-                                           DEFAULT_TEACHER_MODEL) if args.teacher_config else DEFAULT_TEACHER_MODEL)
-        oracle_llm = load_llm_config(args.oracle_config) if args.oracle_config else teacher_llm
+        teacher_llm = (load_llm_role_config(args.teacher_config, project.root, DEFAULT_TEACHER_MODEL)
+                       if args.teacher_config else DEFAULT_TEACHER_MODEL)  # fmt: skip
+        oracle_llm = (load_llm_role_config(args.oracle_config, project.root, teacher_llm)
+                      if args.oracle_config else teacher_llm)  # fmt: skip
         if args.annotator in ("test", "assertions"):
             teacher_llm = None
         roles = {"rephraser": rephrase_llm if args.num_rephrases else None, "teacher": teacher_llm,
@@ -171,9 +178,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-def _llm_mapping(path: Path) -> dict:
-    from recipe.yamlio import load_yaml, plain
-
-    data = plain(load_yaml(path)) or {}
-    return data.get("llm", data) if isinstance(data, dict) else {}
