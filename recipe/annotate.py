@@ -12,7 +12,6 @@ A turn whose commands cannot be determined is reported with its reason and left 
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -133,7 +132,7 @@ def _explicit_commands(step: UserStep) -> tuple[list[Command], list[str]]:
 def _simulate(tracker: DialogueTracker, text: str, commands: list[Command], step: UserStep, number: int,
               following: list, project: Project) -> tuple[int, DialogueTracker]:  # fmt: skip
     """Replay one turn on a copy of the tracker; the score is how many expectations it misses."""
-    trial = copy.deepcopy(tracker)
+    trial = tracker.fork()
     state = trial.state()
     events = trial.user_turn(text, commands)
     turn = Turn(

@@ -120,7 +120,8 @@ def user_turns(test_case: TestCase) -> list[UserTurnSteps]:
 def new_tracker(project: Project, test_case: TestCase) -> DialogueTracker:
     """A tracker at the start of the test: its stubs, and its fixtures' slots (the date is the prompt's business)."""
     fixture_slots = [(name, value) for name, value in test_case.fixture_slots if name != "mocked_datetime"]
-    return DialogueTracker(project, test_case.stubs, fixture_slots)
+    return DialogueTracker(project, test_case.stubs, fixture_slots, conversation_id=test_case.id,
+                           action_runner=project.action_server)
 
 
 def show_bot_messages(project: Project, tracker: DialogueTracker, turn: UserTurnSteps,

@@ -11,7 +11,7 @@ import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recipe.commands import Clarify, Command, SetSlot, StartFlow, Syntax
 from recipe.conditions import ConditionError, parse_condition
@@ -20,6 +20,9 @@ from recipe.errors import InputError
 from recipe.flows import read_flows_file
 from recipe.types import Domain, Flow, Slot, relative
 from recipe.yamlio import line_of, load_yaml
+
+if TYPE_CHECKING:
+    from recipe.tracker import ActionRunner
 
 log = logging.getLogger("recipe")
 
@@ -58,6 +61,8 @@ class Project:
     domain: Domain
     config: AssistantConfig = field(default_factory=AssistantConfig)
     flow_files: list[str] = field(default_factory=list)
+    # The assistant's running parts, when the user points us at them: custom actions run there for real.
+    action_server: ActionRunner | None = None
 
     @property
     def user_flows(self) -> list[Flow]:

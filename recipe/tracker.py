@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from recipe.commands import (
     CancelFlow,
@@ -110,9 +110,38 @@ class DialogueState:
     slots: dict[str, Any]
     stack: tuple[FrameView, ...]
     transcript: tuple[TranscriptLine, ...]
+    started_flows: tuple[str, ...] = ()  # user flows started so far in the conversation, first start first
 
     def slot_value(self, name: str) -> Any:
         return self.slots.get(name)
+
+
+@dataclass(frozen=True)
+class ActionCall:
+    """A custom action the flows run and no stub covers, with what an action server is told about the dialogue."""
+
+    action: str
+    conversation_id: str  # the sender id: the test case id, the same on every run
+    slots: dict[str, Any]
+    transcript: tuple[TranscriptLine, ...]  # up to and including the current user message
+    latest_message: str | None  # the current user message (None before the first one)
+    stack: tuple[FrameView, ...]
+
+
+@dataclass(frozen=True)
+class ActionOutcome:
+    """What a custom action did: slot events in order, messages (a text, or a response name to render), and the
+    action to run next (`FollowupAction`), if any."""
+
+    slots: tuple[tuple[str, Any], ...] = ()
+    messages: tuple[BotMessage, ...] = ()  # BotMessage(text=None, utter=name): the domain response `name`
+    followup: str | None = None
+
+
+class ActionRunner(Protocol):
+    """Runs custom actions for the tracker (for real: `recipe.actions.ActionServer`)."""
+
+    def run(self, call: ActionCall) -> ActionOutcome: ...
 
 
 _PATTERN_FLOWS_YAML = {
@@ -175,9 +204,13 @@ class DialogueTracker:
     """Replays one conversation; `state()` gives the picture before the next user turn."""
 
     def __init__(self, project: Project, stubs: dict[str, Stub] | None = None,
-                 fixture_slots: list[tuple[str, Any]] | None = None):  # fmt: skip
+                 fixture_slots: list[tuple[str, Any]] | None = None, conversation_id: str = "recipe",
+                 action_runner: ActionRunner | None = None):  # fmt: skip
         self.project = project
         self.stubs = stubs or {}
+        self.conversation_id = conversation_id
+        self.action_runner = action_runner
+        self.started_flows: list[str] = []
         self.slots: dict[str, Any] = {
             name: slot.initial_value for name, slot in project.domain.slots.items() if slot.initial_value is not None
         }
@@ -188,6 +221,15 @@ class DialogueTracker:
         for name, value in fixture_slots or []:
             self.slots[name] = self._typed(name, value)
 
+    def fork(self) -> DialogueTracker:
+        """A copy whose dialogue state can diverge; the project, stubs and action runner are shared, not copied."""
+        shared = {"project", "stubs", "action_runner"}
+        clone = copy.copy(self)
+        for name, value in vars(self).items():
+            if name not in shared:
+                setattr(clone, name, copy.deepcopy(value))
+        return clone
+
     # ------------------------------------------------------------------------------------------ views
 
     def state(self) -> DialogueState:
@@ -195,6 +237,7 @@ class DialogueTracker:
             slots=copy.deepcopy(self.slots),
             stack=tuple(FrameView(f.flow_id, f.kind, f.step_id) for f in self.stack),
             transcript=tuple(self.transcript),
+            started_flows=tuple(self.started_flows),
         )
 
     def flow(self, flow_id: str) -> Flow:
@@ -332,6 +375,8 @@ class DialogueTracker:
         flow = self.flow(flow_id)
         self.stack.append(Frame(flow_id, "user", flow.first_step))
         self.events.flows_started.append(flow_id)
+        if flow_id not in self.started_flows:
+            self.started_flows.append(flow_id)
 
     def _push_pattern(self, pattern_id: str, **context: Any) -> None:
         flow = self.flow(pattern_id)
@@ -460,10 +505,37 @@ class DialogueTracker:
             self._emit(BotMessage(GENERATED_ANSWER, utter=action))
         elif action in ("action_cancel_flow", "action_correct_flow_slot", "action_listen"):
             pass  # their effect was applied with the command
+        elif self.action_runner is not None:
+            self._apply_outcome(frame, self.action_runner.run(self._action_call(action)))
         else:
             self.events.warnings.append(
                 f"custom action `{action}` has no stub in the test; its slot updates are unknown, slots unchanged"
             )
+
+    def _action_call(self, action: str) -> ActionCall:
+        latest = next((line.text for line in reversed(self.transcript) if line.speaker == "USER"), None)
+        return ActionCall(
+            action=action, conversation_id=self.conversation_id, slots=copy.deepcopy(self.slots),
+            transcript=tuple(self.transcript), latest_message=latest,
+            stack=tuple(FrameView(f.flow_id, f.kind, f.step_id) for f in self.stack),
+        )  # fmt: skip
+
+    def _apply_outcome(self, frame: Frame, outcome: ActionOutcome, depth: int = 0) -> None:
+        for name, value in outcome.slots:
+            self._set_slot(name, value)
+        for message in outcome.messages:
+            if message.text is None and message.utter:
+                self._say(message.utter, frame)
+            else:
+                self._emit(message)
+        if outcome.followup and depth < 10:  # a followup chain that never ends is the server's bug
+            self.events.actions.append(outcome.followup)
+            if outcome.followup.startswith("utter_"):
+                self._say(outcome.followup, frame)
+            elif self.action_runner is not None and outcome.followup not in self.stubs:
+                self._apply_outcome(frame, self.action_runner.run(self._action_call(outcome.followup)), depth + 1)
+            else:
+                self._run_action(frame, outcome.followup)
 
     def _last_bot_messages(self) -> list[BotMessage]:
         """The bot's last run of messages before the repeat request (user messages without a reply are passed)."""
