@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from recipe.errors import InputError
+from recipe.errors import InputError, Problems
 from recipe.types import END, Branch, Flow, Location, Step
 from recipe.yamlio import line_of, plain
 
@@ -139,58 +139,64 @@ class _FlowReader:
         return self.read_steps(node, arm)[0]
 
 
-def read_flows_file(path: Path, data: Any, shown_path: str) -> list[Flow]:
-    """All flows of one parsed flows file, in file order."""
+def read_flows_file(path: Path, data: Any, shown_path: str, problems: Problems | None = None) -> list[Flow]:
+    """All flows of one parsed flows file, in file order; a flow with a mistake is recorded in `problems` (when
+    given) and left out, so every flow's mistakes are reported in one run."""
     flows_node = data.get("flows")
     if flows_node is None:
         return []
     if not isinstance(flows_node, dict):
         raise InputError(shown_path, line_of(data, "flows"), "`flows` must be a mapping of flow id to flow")
+    collected = problems if problems is not None else Problems()
     flows = []
     for flow_id, body in flows_node.items():
-        flow_id = str(flow_id)
-        line = line_of(flows_node, flow_id)
-        if not _FLOW_ID.fullmatch(flow_id):
-            raise InputError(shown_path, line, f"invalid flow id `{flow_id}`: use letters, digits, `_` and `-`")
-        if not isinstance(body, dict):
-            raise InputError(shown_path, line, f"flow `{flow_id}` must be a mapping with description and steps")
-        unknown = [key for key in body if key not in _FLOW_KEYS]
-        if unknown:
-            raise InputError(
-                shown_path, line_of(body, unknown[0]),
-                f"flow `{flow_id}`: unknown key `{unknown[0]}`; expected one of {', '.join(sorted(_FLOW_KEYS))}",
-            )  # fmt: skip
-        if not body.get("description") and not flow_id.startswith("pattern_"):
-            raise InputError(shown_path, line, f"flow `{flow_id}` has no `description` (required)")
-        reader = _FlowReader(flow_id, shown_path)
-        ids = reader.read_steps(body.get("steps"), body)
-        for step in reader.steps.values():
-            for branch in step.next:
-                if branch.target != END and branch.target not in reader.steps:
-                    raise InputError(
-                        shown_path, reader.next_lines.get(step.id) or step.location.line,
-                        f"flow `{flow_id}`: `next` points to unknown step `{branch.target}`; expected a step id "
-                        "of this flow or END",
-                    )  # fmt: skip
-        guard = body.get("if")
-        triggers = []
-        for trigger in body.get("nlu_trigger") or []:
-            intent = trigger.get("intent") if isinstance(trigger, dict) else trigger
-            triggers.append(str(intent.get("name") if isinstance(intent, dict) else intent))
-        persisted = body.get("persisted_slots") or []
-        flows.append(
-            Flow(
-                id=flow_id,
-                description=str(body.get("description") or ""),
-                name=None if body.get("name") is None else str(body.get("name")),
-                guard=None if guard is None else _condition_text(guard),
-                always_include_in_prompt=bool(body.get("always_include_in_prompt", False)),
-                persisted_slots=[str(slot) for slot in persisted],
-                run_pattern_completed=bool(body.get("run_pattern_completed", True)),
-                nlu_triggers=triggers,
-                steps=reader.steps,
-                first_step=ids[0],
-                location=Location(shown_path, line),
-            )
-        )
+        with collected.catch():
+            flows.append(_read_flow(str(flow_id), body, flows_node, shown_path))
+    if problems is None:
+        collected.raise_if_any()
     return flows
+
+
+def _read_flow(flow_id: str, body: Any, flows_node: Any, shown_path: str) -> Flow:
+    line = line_of(flows_node, flow_id)
+    if not _FLOW_ID.fullmatch(flow_id):
+        raise InputError(shown_path, line, f"invalid flow id `{flow_id}`: use letters, digits, `_` and `-`")
+    if not isinstance(body, dict):
+        raise InputError(shown_path, line, f"flow `{flow_id}` must be a mapping with description and steps")
+    unknown = [key for key in body if key not in _FLOW_KEYS]
+    if unknown:
+        raise InputError(
+            shown_path, line_of(body, unknown[0]),
+            f"flow `{flow_id}`: unknown key `{unknown[0]}`; expected one of {', '.join(sorted(_FLOW_KEYS))}",
+        )  # fmt: skip
+    if not body.get("description") and not flow_id.startswith("pattern_"):
+        raise InputError(shown_path, line, f"flow `{flow_id}` has no `description` (required)")
+    reader = _FlowReader(flow_id, shown_path)
+    ids = reader.read_steps(body.get("steps"), body)
+    for step in reader.steps.values():
+        for branch in step.next:
+            if branch.target != END and branch.target not in reader.steps:
+                raise InputError(
+                    shown_path, reader.next_lines.get(step.id) or step.location.line,
+                    f"flow `{flow_id}`: `next` points to unknown step `{branch.target}`; expected a step id "
+                    "of this flow or END",
+                )  # fmt: skip
+    guard = body.get("if")
+    triggers = []
+    for trigger in body.get("nlu_trigger") or []:
+        intent = trigger.get("intent") if isinstance(trigger, dict) else trigger
+        triggers.append(str(intent.get("name") if isinstance(intent, dict) else intent))
+    persisted = body.get("persisted_slots") or []
+    return Flow(
+            id=flow_id,
+            description=str(body.get("description") or ""),
+            name=None if body.get("name") is None else str(body.get("name")),
+            guard=None if guard is None else _condition_text(guard),
+            always_include_in_prompt=bool(body.get("always_include_in_prompt", False)),
+            persisted_slots=[str(slot) for slot in persisted],
+            run_pattern_completed=bool(body.get("run_pattern_completed", True)),
+            nlu_triggers=triggers,
+            steps=reader.steps,
+            first_step=ids[0],
+            location=Location(shown_path, line),
+        )

@@ -7,6 +7,7 @@ generator decides the default command syntax and whose `prompt_template` the def
 
 from __future__ import annotations
 
+import ast
 import difflib
 import logging
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 from recipe.commands import Clarify, Command, SetSlot, StartFlow, Syntax
 from recipe.conditions import ConditionError, parse_condition
 from recipe.domain import BUILTIN_SLOTS, read_domain
-from recipe.errors import InputError
+from recipe.errors import InputError, Problems
 from recipe.flows import read_flows_file
 from recipe.types import Domain, Flow, Slot, relative
 from recipe.yamlio import line_of, load_yaml
 
 if TYPE_CHECKING:
+    from recipe.retrieval import FlowRetrieval
     from recipe.tracker import ActionRunner
 
 log = logging.getLogger("recipe")
@@ -32,6 +34,9 @@ GENERATOR_SYNTAX = {
     "CompactLLMCommandGenerator": Syntax.V2,
     "SearchReadyLLMCommandGenerator": Syntax.V3,
 }
+
+# Generators that are not single-step: their prompts are not ours to reproduce.
+_OTHER_GENERATORS = {"MultiStepLLMCommandGenerator", "NLUCommandAdapter"}
 
 # Conversation patterns every CALM assistant has; a project may override them in its flows.
 BUILTIN_PATTERNS = (
@@ -52,6 +57,7 @@ class AssistantConfig:
     prompt_template_where: str | None = None  # `config.yml:LINE`, for an error when the file is needed but missing
     include_date_time: bool | None = None
     path: str | None = None
+    generator_where: str | None = None  # `config.yml:LINE` of the generator component
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Project:
     flow_files: list[str] = field(default_factory=list)
     # The assistant's running parts, when the user points us at them: custom actions run there for real.
     action_server: ActionRunner | None = None
+    # Flow retrieval as at runtime (recipe/retrieval.py); None lists every startable flow in file order.
+    flow_retrieval: FlowRetrieval | None = None
 
     @property
     def user_flows(self) -> list[Flow]:
@@ -97,6 +105,33 @@ def _find_domain_files(root: Path, flow_files: list[Path]) -> list[Path]:
     return beside
 
 
+def _base_generator(root: Path, dotted: str, depth: int = 0) -> str | None:
+    """The known command generator a project's own generator class derives from, read from its source (never
+    imported: the user's code may need packages we do not have). `custom.gen.MyGenerator` -> custom/gen.py."""
+    module, _, class_name = dotted.rpartition(".")
+    source = root / Path(*module.split(".")).with_suffix(".py") if module else None
+    if source is None or not source.is_file() or depth > 5:
+        return None
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError):
+        return None
+    imported = {alias.asname or alias.name: f"{node.module}.{alias.name}" for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}  # fmt: skip
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for base in node.bases:
+                name = ast.unparse(base).rpartition(".")[2]
+                if name in GENERATOR_SYNTAX:
+                    return name
+                origin = imported.get(name)
+                found = _base_generator(root, origin, depth + 1) if origin else _base_generator(
+                    root, f"{module}.{name}", depth + 1)  # fmt: skip
+                if found:
+                    return found
+    return None
+
+
 def read_config(root: Path) -> AssistantConfig:
     path = root / "config.yml"
     if not path.is_file():
@@ -109,25 +144,38 @@ def read_config(root: Path) -> AssistantConfig:
         if not isinstance(component, dict):
             continue
         name = str(component.get("name", ""))
-        if name not in GENERATOR_SYNTAX:
+        known = name if name in GENERATOR_SYNTAX else None
+        if known is None and "." in name:
+            # A project's own component (`custom.my_gen.MyCommandGenerator`): a generator takes its base's syntax.
+            known = _base_generator(root, name)
+            is_generator = name.endswith("CommandGenerator") and name.rpartition(".")[2] not in _OTHER_GENERATORS
+            if known is None and is_generator:
+                # Its syntax is unknown: `choose_syntax` warns unless --command-syntax says it.
+                return AssistantConfig(generator=name, path=shown, generator_where=f"{shown}:{line_of(component)}",
+                                       **_template_settings(root, shown, component))  # fmt: skip
+            if known is not None:
+                log.info("%s: `%s` derives from %s", shown, name, known)
+        if known is None:
             if name.endswith("CommandGenerator"):
                 log.warning("%s:%s: `%s` is not a single-step command generator (%s); recipe uses v2 commands "
                             "unless --command-syntax says otherwise", shown, line_of(component),
                             name, ", ".join(GENERATOR_SYNTAX))  # fmt: skip
             continue
-        template = component.get("prompt_template")
-        include = component.get("include_date_time")
-        # A missing template file is an error only where a prompt is rendered (coverage does not need it).
-        template_path = (root / str(template)).resolve() if template else None
-        return AssistantConfig(
-            generator=name,
-            syntax=GENERATOR_SYNTAX[name],
-            prompt_template=template_path,
-            prompt_template_where=f"{shown}:{line_of(component, 'prompt_template')}" if template else None,
-            include_date_time=None if include is None else bool(include),
-            path=shown,
-        )
+        return AssistantConfig(generator=name, syntax=GENERATOR_SYNTAX[known], path=shown,
+                               generator_where=f"{shown}:{line_of(component)}",
+                               **_template_settings(root, shown, component))  # fmt: skip
     return AssistantConfig(path=shown)
+
+
+def _template_settings(root: Path, shown: str, component: dict[str, Any]) -> dict[str, Any]:
+    template = component.get("prompt_template")
+    include = component.get("include_date_time")
+    # A missing template file is an error only where a prompt is rendered (coverage does not need it).
+    return {
+        "prompt_template": (root / str(template)).resolve() if template else None,
+        "prompt_template_where": f"{shown}:{line_of(component, 'prompt_template')}" if template else None,
+        "include_date_time": None if include is None else bool(include),
+    }
 
 
 def load_project(
@@ -145,20 +193,31 @@ def load_project(
         if not base.exists():
             raise InputError(str(base), None, "flows path not found")
 
+    # Every file is read before anything is reported: one run shows every mistake (see errors.InputErrors).
+    problems = Problems()
     loaded: dict[str, Flow] = {}
     flow_files: list[Path] = []
     for path in candidates:
-        data = load_yaml(path)
+        data = None
+        with problems.catch():
+            data = load_yaml(path)
         if not isinstance(data, dict) or "flows" not in data:
             continue
         flow_files.append(path)
-        for flow in read_flows_file(path, data, relative(path)):
+        flows_in_file: list[Flow] = []
+        with problems.catch():
+            flows_in_file = read_flows_file(path, data, relative(path), problems)
+        for flow in flows_in_file:
             if flow.id in loaded:
-                raise InputError(
+                # Rasa Pro 3.21 refuses duplicate flow ids across files (older releases kept the first).
+                problems.add(InputError(
                     flow.location.path, flow.location.line,
                     f"flow `{flow.id}` is already defined at {loaded[flow.id].location}; flow ids must be unique",
-                )  # fmt: skip
+                ))  # fmt: skip
+                continue
             loaded[flow.id] = flow
+    if not loaded and problems.errors:
+        problems.raise_if_any()
     if not loaded:
         # One path before the colon, like every other error: the --flows path, else the project folder.
         searched = " or ".join(str(p) for p in flow_roots)
@@ -175,43 +234,51 @@ def load_project(
     if not domain:
         domain_files = _find_domain_files(root, flow_files)
     if not domain_files:
-        raise InputError(
+        problems.add(InputError(
             str(root), None, "no domain found; expected domain.yml, a domain/ folder, a domain.yml beside the flows, "
             "or --domain PATH",
-        )  # fmt: skip
+        ))  # fmt: skip
+        problems.raise_if_any()
     project = Project(
         root=root,
         flows=loaded,
-        domain=read_domain(domain_files, {p: relative(p) for p in domain_files}),
+        domain=read_domain(domain_files, {p: relative(p) for p in domain_files}, problems),
         config=read_config(root),
         flow_files=[relative(p) for p in flow_files],
     )
-    check_project(project)
+    # Cross-file checks only on files that read cleanly: a slot missing from a broken domain file is no news.
+    problems.raise_if_any()
+    for error in project_problems(project):
+        problems.add(error)
+    problems.raise_if_any()
     return project
 
 
-def check_project(project: Project) -> None:
-    """Cross-file checks: collected slots exist, link/call targets exist, conditions parse."""
+def project_problems(project: Project) -> list[InputError]:
+    """Cross-file mistakes: collected slots exist, link/call targets exist, conditions parse."""
+    found: list[InputError] = []
     for flow in project.flows.values():
         conditions: list[tuple[str, Any]] = [(flow.guard, flow.location)] if flow.guard else []
         for step in flow.steps.values():
             where = step.location
             if step.collect and project.slot(step.collect) is None:
-                raise InputError(where.path, where.line, f"flow `{flow.id}` collects `{step.collect}`, "
-                                 "which is not a slot in the domain")  # fmt: skip
+                found.append(InputError(where.path, where.line, f"flow `{flow.id}` collects `{step.collect}`, "
+                                        "which is not a slot in the domain"))  # fmt: skip
             for slot, _ in step.set_slots:
                 if project.slot(slot) is None:
-                    raise InputError(where.path, where.line, f"flow `{flow.id}` sets unknown slot `{slot}`")
+                    found.append(InputError(where.path, where.line, f"flow `{flow.id}` sets unknown slot `{slot}`"))
             target = step.link or step.call
             if target and not project.is_known_flow(target):
-                raise InputError(where.path, where.line, f"flow `{flow.id}` {step.kind}s unknown flow `{target}`")
+                found.append(InputError(where.path, where.line,
+                                        f"flow `{flow.id}` {step.kind}s unknown flow `{target}`"))  # fmt: skip
             conditions += [(branch.condition, where) for branch in step.next if branch.condition]
             conditions += [(condition, where) for condition, _ in step.rejections]
         for condition, where in conditions:
             try:
                 parse_condition(condition)
             except ConditionError as error:
-                raise InputError(where.path, where.line, f"flow `{flow.id}`: {error}") from None
+                found.append(InputError(where.path, where.line, f"flow `{flow.id}`: {error}"))
+    return found
 
 
 def canonical_command(command: Command, project: Project) -> Command:
@@ -251,8 +318,12 @@ def _closest(name: str, candidates: list[str]) -> str:
     return f" (did you mean `{match[0]}`?)" if match else ""
 
 
-def command_problem(command: Command, project: Project) -> str | None:
-    """Why `command` cannot be right for this assistant (None when it can)."""
+def command_problem(command: Command, project: Project, *, from_any_source: bool = False) -> str | None:
+    """Why `command` cannot be right for this assistant (None when it can).
+
+    With `from_any_source` the command is one a test lists, which may come from any command source (NLU, buttons)
+    and may propose a value the assistant is meant to reject: both are valid there (the runtime applies them, and
+    its slot-rejection step resets an out-of-range value). For an LLM's answer they are mistakes."""
     match command:
         case StartFlow(flow=flow):
             startable = [f.id for f in project.user_flows if (f.guard or "").strip().lower() != "false"]
@@ -264,6 +335,8 @@ def command_problem(command: Command, project: Project) -> str | None:
             slot = project.slot(name)
             if slot is None:
                 return f"unknown slot `{name}`{_closest(name, list(project.domain.slots))}; expected a slot of the domain"
+            if from_any_source:
+                return None
             if not slot.llm_fillable:
                 return (f"slot `{name}` is not filled by the command generator (mappings: {', '.join(slot.mappings)}); "
                         "the runtime drops such commands")  # fmt: skip

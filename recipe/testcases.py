@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from recipe.commands import Command, CommandParseError, Syntax, detect_syntax, parse_command
-from recipe.errors import InputError
+from recipe.commands import Command, CommandParseError, SetSlot, Syntax, detect_syntax, parse_command
+from recipe.errors import InputError, Problems
 from recipe.project import Project, canonical_command, canonical_slot_value, command_problem
 from recipe.tracker import parse_set_slots_payload
 from recipe.types import (
@@ -56,26 +56,50 @@ def _test_files(path: Path) -> list[Path]:
 
 
 def load_tests(specs: list[str], project: Project) -> list[TestFile]:
-    """Read every test file named by `specs`; a folder without tests or an unknown test name is an error."""
+    """Read every test file named by `specs`, then report every mistake in them at once (`InputErrors`).
+
+    A folder without tests, an unknown test name, or a named file without test cases is an error; inside a
+    folder, a file whose test cases are all commented out (or that is empty) is skipped with a warning."""
+    problems = Problems()
     files: list[TestFile] = []
     for spec in specs:
         path, wanted = split_spec(spec)
         if not path.exists() and not path.is_absolute() and (project.root / path).exists():
             path = project.root / path  # a path given relative to --project
         if not path.exists():
-            raise InputError(str(path), None, "test path not found; expected a test file or folder")
+            problems.add(InputError(str(path), None, "test path not found; expected a test file or folder"))
+            continue
         found_in_spec = 0
+        errors_before = len(problems.errors)
         for file_path in _test_files(path):
-            data = load_yaml(file_path)
-            if not isinstance(data, dict) or "test_cases" not in data:
-                if path.is_file():
-                    raise InputError(relative(file_path), 1, "not a test file; expected a top-level `test_cases:`")
+            shown = relative(file_path)
+            try:
+                data = load_yaml(file_path)
+            except InputError as error:  # broken YAML
+                problems.add(error)
                 continue
-            test_file = _read_test_file(file_path, data, project, wanted)
-            files.append(test_file)
-            found_in_spec += len(test_file.test_cases)
-        if found_in_spec == 0:
-            raise InputError(str(path), None, "no test cases found; expected YAML files with a top-level `test_cases:`")
+            named = path.is_file()
+            if isinstance(data, dict) and "test_cases" in data and data["test_cases"] in (None, []):
+                if named:
+                    problems.add(InputError(shown, line_of(data, "test_cases"), "the file has no test cases (all "
+                                            "commented out?); expected at least one under `test_cases:`"))  # fmt: skip
+                else:
+                    log.warning("%s: no test cases (all commented out?); skipped", shown)
+                continue
+            if not isinstance(data, dict) or "test_cases" not in data:
+                if named:
+                    problems.add(InputError(shown, 1, "not a test file; expected a top-level `test_cases:`"))
+                elif data is None:
+                    log.warning("%s: empty file; skipped", shown)
+                continue
+            with problems.catch():
+                test_file = _read_test_file(file_path, data, project, wanted, problems)
+                files.append(test_file)
+                found_in_spec += len(test_file.test_cases)
+        if found_in_spec == 0 and len(problems.errors) == errors_before:
+            problems.add(InputError(str(path), None,
+                                    "no test cases found; expected YAML files with a top-level `test_cases:`"))
+    problems.raise_if_any()
     return files
 
 
@@ -193,31 +217,48 @@ def _read_stubs(data: Any, path: str, project: Project) -> dict[str, Stub]:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def _read_commands(node: Any, step: Any, path: str, project: Project) -> tuple[list[Command], Syntax | None]:
+def _read_commands(node: Any, step: Any, path: str, project: Project,
+                   problems: Problems) -> tuple[list[Command], Syntax | None]:  # fmt: skip
+    """The commands of one turn, each line checked on its own (every bad line is reported). A test lists what
+    every command source produced, so commands on slots the LLM does not fill and values the assistant will
+    reject are valid here (see `command_problem`)."""
     if not isinstance(node, list):
         raise InputError(path, line_of(step, "commands"), "`commands` must be a list of command lines")
     commands: list[Command] = []
     syntaxes = set()
     for index, item in enumerate(node):
         line = line_of(node, index) or line_of(step, "commands")
-        text = str(item) if not isinstance(item, dict) else None
-        if text is None:
-            raise InputError(path, line, "each command must be one line of text, e.g. `start flow book_hotel`")
-        try:
-            command = parse_command(text)
-        except CommandParseError as error:
-            raise InputError(path, line, f"{error}") from None
-        problem = command_problem(command, project)
-        if problem:
-            raise InputError(path, line, f"command `{text}`: {problem}")
-        command = canonical_command(command, project)
-        if command in commands:
-            raise InputError(path, line, f"command `{text}` is listed twice for this turn; expected each once")
-        commands.append(command)
-        syntax = detect_syntax(text)
-        if syntax is not None:
-            syntaxes.add(syntax)
+        with problems.catch():
+            text = str(item) if not isinstance(item, dict) else None
+            if text is None:
+                raise InputError(path, line, "each command must be one line of text, e.g. `start flow book_hotel`")
+            try:
+                command = parse_command(text)
+            except CommandParseError as error:
+                raise InputError(path, line, f"{error}") from None
+            problem = command_problem(command, project, from_any_source=True)
+            if problem:
+                raise InputError(path, line, f"command `{text}`: {problem}")
+            command = canonical_command(command, project)
+            if command in commands:
+                raise InputError(path, line, f"command `{text}` is listed twice for this turn; expected each once")
+            commands.append(command)
+            syntax = detect_syntax(text)
+            if syntax is not None:
+                syntaxes.add(syntax)
     return commands, (syntaxes.pop() if len(syntaxes) == 1 else None)
+
+
+def nlu_commands(commands: list[Command], project: Project) -> list[Command]:
+    """The commands only the NLU path produces: set slot on a slot without a `from_llm` mapping (the LLM command
+    generator's own output drops them)."""
+    found: list[Command] = []
+    for command in commands:
+        if isinstance(command, SetSlot):
+            slot = project.slot(command.slot)
+            if slot is not None and not slot.llm_fillable:
+                found.append(command)
+    return found
 
 
 _FLOW_LIST_SHAPE = "{operator: any|all, flow_ids: [...]}"
@@ -247,6 +288,8 @@ def _check_assertion(kind: str, data: Any, path: str, line: int | None, project:
     elif kind in ("flow_completed", "flow_cancelled"):
         flow_ids = [str(data.get("flow_id"))] if isinstance(data, dict) else [str(data)]
     for flow_id in flow_ids:
+        if kind == "pattern_clarification_contains" and flow_id in flow_ids_by_name(project):
+            continue
         if not project.is_known_flow(flow_id):
             raise InputError(path, line, f"assertion `{kind}` names unknown flow `{flow_id}`")
     if kind in ("slot_was_set", "slot_was_not_set"):
@@ -257,20 +300,45 @@ def _check_assertion(kind: str, data: Any, path: str, line: int | None, project:
                 raise InputError(path, line, f"assertion `{kind}` names unknown slot `{name}`")
 
 
-def _read_assertions(node: Any, path: str, line: int | None, project: Project) -> list[Assertion]:
+def flow_ids_by_name(project: Project) -> dict[str, str]:
+    """User flows by their `name:` (what the user is shown); a flow without one is named by its id."""
+    return {flow.name or flow.id: flow.id for flow in project.user_flows}
+
+
+def _clarified_ids(data: Any, project: Project) -> Any:
+    """A clarification assertion with flow ids: the bare-list form lists the flows' names (what the user sees,
+    which the runtime compares with the clarification's names); ids are accepted too."""
+    by_name = flow_ids_by_name(project)
+
+    def as_id(item: Any) -> str:
+        return str(item) if str(item) in project.flows else by_name.get(str(item), str(item))
+
+    if isinstance(data, dict):
+        return {**data, "flow_ids": [as_id(item) for item in data.get("flow_ids") or []]}
+    if isinstance(data, list):
+        return [as_id(item) for item in data]
+    return as_id(data)
+
+
+def _read_assertions(node: Any, path: str, line: int | None, project: Project,
+                     problems: Problems) -> list[Assertion]:  # fmt: skip
     if not isinstance(node, list):
         raise InputError(path, line, "`assertions` must be a list of {assertion: ...} entries")
     assertions = []
     for index, item in enumerate(node):
         line = line_of(node, index)
-        if not isinstance(item, dict) or len(item) != 1:
-            raise InputError(path, line, "each assertion must be a single {kind: ...} mapping")
-        ((kind, data),) = item.items()
-        if kind not in ASSERTION_KINDS:
-            log.warning("%s:%s: unknown assertion `%s` ignored", path, line, kind)
-            continue
-        _check_assertion(str(kind), data, path, line, project)
-        assertions.append(Assertion(kind=str(kind), data=plain(data), location=Location(path, line)))
+        with problems.catch():
+            if not isinstance(item, dict) or len(item) != 1:
+                raise InputError(path, line, "each assertion must be a single {kind: ...} mapping")
+            ((kind, data),) = item.items()
+            if kind not in ASSERTION_KINDS:
+                log.warning("%s:%s: unknown assertion `%s` ignored", path, line, kind)
+                continue
+            _check_assertion(str(kind), data, path, line, project)
+            data = plain(data)
+            if kind == "pattern_clarification_contains":
+                data = _clarified_ids(data, project)
+            assertions.append(Assertion(kind=str(kind), data=data, location=Location(path, line)))
     return assertions
 
 
@@ -290,18 +358,15 @@ def _slot_checks(node: Any, was_set: bool, path: str, line: int | None, project:
 
 
 def _check_payload(text: str, path: str, line: int | None, project: Project) -> None:
-    """A `/SetSlots(...)` button payload must name domain slots and values they can hold."""
+    """A `/SetSlots(...)` button payload must name domain slots."""
     for name, value in parse_set_slots_payload(text) or []:
         slot = project.slot(name)
         if slot is None:
             raise InputError(path, line, f"button payload sets unknown slot `{name}`")
-        if canonical_slot_value(slot, value) is None:
-            allowed = f"; expected one of: {', '.join(slot.values)}" if slot.values else ""
-            raise InputError(path, line, f"button payload sets `{name}` to `{value}`, not a valid {slot.type} value"
-                             f"{allowed}")  # fmt: skip
+        # A value the slot cannot hold is valid input: the runtime sets it, then its slot rejection resets it.
 
 
-def _read_step(step: Any, steps: Any, index: int, path: str, project: Project) -> TestStep:
+def _read_step(step: Any, steps: Any, index: int, path: str, project: Project, problems: Problems) -> TestStep:
     line = line_of(steps, index)
     if not isinstance(step, dict):
         raise InputError(path, line, "a test step must be a mapping like `- user: ...`")
@@ -317,11 +382,14 @@ def _read_step(step: Any, steps: Any, index: int, path: str, project: Project) -
             raise InputError(path, line, "user step text is a list or mapping; expected `user: <message>` (quote "
                              "text that contains `: ` or starts with `[` or `{`)")  # fmt: skip
         user = UserStep(text=str(text), location=Location(path, line), metadata=step.get("metadata"))
-        _check_payload(user.text, path, line, project)
+        with problems.catch():
+            _check_payload(user.text, path, line, project)
         if "commands" in step:
-            user.commands, user.syntax = _read_commands(step["commands"], step, path, project)
+            user.commands, user.syntax = _read_commands(step["commands"], step, path, project, problems)
+            user.nlu_commands = nlu_commands(user.commands, project)
         if "assertions" in step:
-            user.assertions = _read_assertions(step["assertions"], path, line_of(step, "assertions") or line, project)
+            user.assertions = _read_assertions(step["assertions"], path, line_of(step, "assertions") or line, project,
+                                               problems)  # fmt: skip
         return user
     for key, what in (("bot", "the bot's text"), ("utter", "a response name")):
         if key in step and (step[key] is None or isinstance(step[key], (dict, list))):
@@ -339,71 +407,94 @@ def _read_step(step: Any, steps: Any, index: int, path: str, project: Project) -
                      "slot_was_not_set")  # fmt: skip
 
 
-def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | None = None) -> TestFile:
-    """Read one test file; with `wanted`, only that test case (an unknown name is an error)."""
+def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | None,
+                    problems: Problems) -> TestFile:  # fmt: skip
+    """Read one test file; with `wanted`, only that test case (an unknown name is an error). A test case with a
+    mistake is reported in `problems` and left out; the others are read on."""
     path = relative(file_path)
     cases_node = data.get("test_cases")
     if not isinstance(cases_node, list):
         raise InputError(path, line_of(data, "test_cases"), "`test_cases` must be a list of test cases")
     fixtures = _conftest_fixtures(file_path, project)
     for name, (value, line) in _read_named_list(data, "fixtures", path).items():
-        fixtures[name] = (_fixture_slots(value, path, line, name, project), path)
+        fixtures[name] = ([], path)  # a fixture with a mistake is reported once, not again where it is used
+        with problems.catch():
+            fixtures[name] = (_fixture_slots(value, path, line, name, project), path)
     metadata = {name: plain(value) for name, (value, _) in _read_named_list(data, "metadata", path).items()}
-    stubs = _read_stubs(data, path, project)
+    stubs: dict[str, Stub] = {}
+    with problems.catch():
+        stubs = _read_stubs(data, path, project)
     test_cases: list[TestCase] = []
-    names: set[str] = set()
+    names: dict[str, int] = {}
     for index, node in enumerate(cases_node):
         line = line_of(cases_node, index)
         if not isinstance(node, dict) or not node.get("test_case"):
-            raise InputError(path, line, "each test case needs a `test_case: <name>`")
+            problems.add(InputError(path, line, "each test case needs a `test_case: <name>`"))
+            continue
         name = str(node["test_case"])
-        if name in names:
-            raise InputError(path, line, f"duplicate test case name `{name}` in this file")
-        names.add(name)
+        names[name] = names.get(name, 0) + 1
+        if names[name] > 1:
+            # Rasa runs both; so do we, the second as `name#2` (warned: their results are hard to tell apart).
+            log.warning("%s:%s: test case name `%s` is used again in this file; both are kept (this one as `%s#%d`)",
+                        path, line, name, name, names[name])  # fmt: skip
         if wanted is not None and name != wanted:
             continue
-        steps_node = node.get("steps")
-        if not isinstance(steps_node, list) or not steps_node:
-            raise InputError(path, line, f"test case `{name}` needs a non-empty `steps` list")
-        fixture_slots: list[tuple[str, Any]] = []
-        if node.get("fixtures") is not None and not isinstance(node["fixtures"], list):
-            raise InputError(path, line_of(node, "fixtures"), "`fixtures` must be a list of fixture names")
-        for position, fixture in enumerate(node.get("fixtures") or []):
-            if str(fixture) not in fixtures:
-                where = line_of(node["fixtures"], position) or line_of(node, "fixtures")
-                raise InputError(path, where, f"unknown fixture `{fixture}`; define it under `fixtures:` in this file "
-                                 "or a conftest.yml")  # fmt: skip
-            fixture_slots.extend(fixtures[str(fixture)][0])
-        meta_name = node.get("metadata")
-        if meta_name is not None and str(meta_name) not in metadata:
-            raise InputError(path, line_of(node, "metadata"), f"unknown metadata `{meta_name}`")
-        case_stubs = {action: stub for action, stub in stubs.items() if "::" not in action}
-        for key, stub in stubs.items():
-            case_name, separator, action = key.partition("::")
-            if separator and case_name == name:
-                case_stubs[action] = stub
-        test_cases.append(
-            TestCase(
-                name=name,
-                file=path,
-                location=Location(path, line),
-                steps=[_read_step(step, steps_node, i, path, project) for i, step in enumerate(steps_node)],
-                fixture_slots=fixture_slots,
-                metadata=metadata.get(str(meta_name), {}) if meta_name is not None else {},
-                stubs=case_stubs,
-                project_file=relative(file_path, project.root),
-            )
-        )
+        with problems.catch():
+            test_cases.append(_read_test_case(node, name, names[name], index, file_path, path, fixtures, metadata,
+                                              stubs, project, problems))  # fmt: skip
     for key in stubs:
         case_name, separator, _ = key.partition("::")
         if separator and case_name not in names:
             node = data.get("stub_custom_actions")
-            raise InputError(path, line_of(node, key), f"stub `{key}` names test case `{case_name}`, which this file "
-                             "does not have")  # fmt: skip
-    if wanted is not None and not test_cases:
+            problems.add(InputError(path, line_of(node, key), f"stub `{key}` names test case `{case_name}`, which "
+                                    "this file does not have"))  # fmt: skip
+    if wanted is not None and wanted not in names:
         listed = ", ".join(f"`{name}`" for name in sorted(names))
         raise InputError(path, line_of(data, "test_cases"), f"no test case named `{wanted}`; the file has {listed}")
     return TestFile(path=path, test_cases=test_cases, raw=plain(data))
+
+
+def _read_test_case(node: Any, name: str, occurrence: int, index: int, file_path: Path, path: str,
+                    fixtures: dict[str, tuple[list[tuple[str, Any]], str]], metadata: dict[str, Any],
+                    stubs: dict[str, Stub], project: Project, problems: Problems) -> TestCase:  # fmt: skip
+    cases_line = line_of(node) or None
+    steps_node = node.get("steps")
+    if not isinstance(steps_node, list) or not steps_node:
+        raise InputError(path, cases_line, f"test case `{name}` needs a non-empty `steps` list")
+    fixture_slots: list[tuple[str, Any]] = []
+    if node.get("fixtures") is not None and not isinstance(node["fixtures"], list):
+        raise InputError(path, line_of(node, "fixtures"), "`fixtures` must be a list of fixture names")
+    for position, fixture in enumerate(node.get("fixtures") or []):
+        if str(fixture) not in fixtures:
+            where = line_of(node["fixtures"], position) or line_of(node, "fixtures")
+            problems.add(InputError(path, where, f"unknown fixture `{fixture}`; define it under `fixtures:` in this "
+                                    "file or a conftest.yml"))  # fmt: skip
+            continue
+        fixture_slots.extend(fixtures[str(fixture)][0])
+    meta_name = node.get("metadata")
+    if meta_name is not None and str(meta_name) not in metadata:
+        problems.add(InputError(path, line_of(node, "metadata"), f"unknown metadata `{meta_name}`"))
+    case_stubs = {action: stub for action, stub in stubs.items() if "::" not in action}
+    for key, stub in stubs.items():
+        case_name, separator, action = key.partition("::")
+        if separator and case_name == name:
+            case_stubs[action] = stub
+    steps: list[TestStep] = []
+    for i, step in enumerate(steps_node):
+        with problems.catch():
+            steps.append(_read_step(step, steps_node, i, path, project, problems))
+    return TestCase(
+        name=name,
+        file=path,
+        location=Location(path, cases_line),
+        steps=steps,
+        fixture_slots=fixture_slots,
+        metadata=metadata.get(str(meta_name), {}) if meta_name is not None else {},
+        stubs=case_stubs,
+        project_file=relative(file_path, project.root),
+        index=index,
+        occurrence=occurrence,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- annotated files
@@ -427,7 +518,9 @@ def load_annotated_conversations(path: Path, project: Project) -> list[dict[str,
                 raise InputError(shown, step_line, "each step must be a mapping")
             entry: dict[str, Any] = {key: plain(value) for key, value in step.items()}
             if "llm_commands" in step:
-                entry["llm_commands"], _ = _read_commands(step["llm_commands"], step, shown, project)
+                problems = Problems()
+                entry["llm_commands"], _ = _read_commands(step["llm_commands"], step, shown, project, problems)
+                problems.raise_if_any()
             passing = step.get("passing_rephrasings")
             failing = step.get("failing_rephrasings", step.get("failed_rephrasings"))
             entry["passing_rephrasings"] = [str(text) for text in passing or []]

@@ -103,6 +103,15 @@ class Button:
 class ResponseVariation:
     text: str | None
     buttons: tuple[Button, ...] = ()
+    # `condition:` as written: a pypred string over `slots.`, or (deprecated) a list of {type: slot, name, value}
+    condition: str | tuple[tuple[str, Any], ...] | None = None
+    channel: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def is_jinja(self) -> bool:
+        """`metadata: {template: jinja}`: the text is a Jinja2 template, not `{slot}` placeholders."""
+        return str(self.metadata.get("template", "")).lower() == "jinja"
 
 
 @dataclass
@@ -130,6 +139,9 @@ class UserStep:
     text: str
     location: Location
     commands: list[Command] | None = None  # None: the test gives no commands for this turn
+    # Commands of the turn that the LLM command generator never produces (set slot on a slot without a from_llm
+    # mapping): DU tests list every command source's output, NLU's included. They change the state, train nothing.
+    nlu_commands: list[Command] = field(default_factory=list)
     syntax: Syntax | None = None  # dialect the commands were written in
     assertions: list[Assertion] = field(default_factory=list)
     metadata: str | None = None
@@ -174,14 +186,17 @@ class TestCase:
     metadata: dict[str, Any]
     stubs: dict[str, Stub]  # action name -> stub, test-case specific ones already applied
     project_file: str = ""  # the file relative to the project root (when below it): ids do not depend on the cwd
+    index: int = 0  # position in the file's `test_cases` list
+    occurrence: int = 1  # Rasa runs every test case of a name; the second one of a name in a file is 2, ...
 
     __test__ = False  # not a pytest class
 
     @property
     def id(self) -> str:
         """`<file>::<name>`, the file relative to the project root, so that ids (and what is derived from them,
-        such as prompt dates) are the same whichever folder the command runs from."""
-        return f"{self.project_file or self.file}::{self.name}"
+        such as prompt dates) are the same whichever folder the command runs from; a repeated name gets `#2`..."""
+        suffix = f"#{self.occurrence}" if self.occurrence > 1 else ""
+        return f"{self.project_file or self.file}::{self.name}{suffix}"
 
     @property
     def user_steps(self) -> list[UserStep]:

@@ -43,9 +43,6 @@ CASES = [
     Case("unknown_flow_in_command", "e2e_tests/orders.yml", ("unknown flow `order_pasta`",
                                                              "expected one of: order_pizza, check_order")),  # fmt: skip
     Case("unknown_slot_in_command", "e2e_tests/orders.yml", ("unknown slot `street`", "expected a slot of the domain")),
-    Case("categorical_value_outside", "e2e_tests/orders.yml",
-         ("`huge` is not a value of categorical slot `pizza_size`", "expected one of: small, medium, large")),
-    Case("bool_value_invalid", "e2e_tests/orders.yml", ("`maybe` is not a valid bool value for slot `extra_cheese`",)),
     Case("next_unknown_step", "flows/flows.yml", ("`next` points to unknown step `confirm_order`",
                                                   "expected a step id of this flow or END")),  # fmt: skip
     Case("collect_slot_not_in_domain", "flows/flows.yml", ("collects `phone_number`", "not a slot in the domain")),
@@ -117,3 +114,28 @@ def test_mistake_through_a_real_process_has_no_traceback(name: str, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith(expected_prefix(case))
+
+
+MANY = Path(__file__).parent / "data" / "many_problems"
+
+
+def test_every_problem_of_a_run_is_listed_sorted_by_file_and_line(capsys):
+    """Like a compiler: every file is read, then every mistake is printed as path:line, sorted, and the run exits 2."""
+    code = main(["coverage", str(MANY / "e2e_tests"), "--project", str(MANY), "-o", str(MANY / "never")])
+    lines = capsys.readouterr().err.splitlines()
+    marked = [f"{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}:{number}"
+              for path in sorted((MANY / "e2e_tests").glob("*.yml"))
+              for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+              if MARKER in text]  # fmt: skip
+    assert code == 2
+    assert len(marked) == 6
+    assert [line.split(": ", 1)[0] for line in lines] == marked
+    assert not (MANY / "never").exists()
+
+
+def test_max_errors_caps_the_list_and_says_how_many_more(capsys):
+    code = main(["coverage", str(MANY / "e2e_tests"), "--project", str(MANY), "--max-errors", "2"])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert len(lines) == 3
+    assert lines[-1] == "... and 4 more problems (--max-errors 0 shows them all)"

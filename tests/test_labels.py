@@ -39,8 +39,14 @@ def test_written_values_are_spelled_as_the_domain_spells_them(tmp_path, example_
     assert case.user_steps[0].commands == [StartFlow("book_hotel")]  # a one-option clarification starts the flow
 
 
+def test_commands_on_slots_the_llm_does_not_fill_are_nlu_commands_not_errors(tmp_path, example_project):
+    # DU tests list every command source's output: a controlled slot set there came from NLU or a button.
+    case = read(tmp_path, example_project, DU.format("set slot car_available True"))[0]
+    assert case.user_steps[0].nlu_commands == [SetSlot("car_available", "True")]
+    assert annotate_from_assertions(example_project, case).turns[0].source == "nlu"
+
+
 @pytest.mark.parametrize("commands, message", [
-    ("set slot car_available True", "not filled by the command generator"),
     ("start flow offer_travel_insurance", "reached only through a link or call"),
     ("start flow book_hotl", "did you mean `book_hotel`"),
     ("set slot num_nights 3, set slot num_nights 3", "listed twice"),
@@ -53,8 +59,10 @@ def test_commands_the_runtime_would_drop_are_errors_at_their_line(tmp_path, exam
 
 def test_bad_button_payloads_and_fixture_values_are_errors_where_they_are_written(tmp_path, example_project):
     error = error_of(tmp_path, example_project,
-                     "test_cases:\n  - test_case: t\n    steps:\n      - user: /SetSlots(car_type=compakt)\n")
-    assert ":4: " in error and "compakt" in error and "expected one of: economy" in error
+                     "test_cases:\n  - test_case: t\n    steps:\n      - user: /SetSlots(car_kind=compact)\n")
+    assert ":4: " in error and "unknown slot `car_kind`" in error
+    # A value outside the slot's values is the runtime's to reject (it resets the slot and asks again): valid input.
+    read(tmp_path, example_project, "test_cases:\n  - test_case: t\n    steps:\n      - user: /SetSlots(car_type=compakt)\n")
     error = error_of(tmp_path, example_project, "fixtures:\n  - guest:\n      - user_logged_in: maybe\n"
                      "test_cases:\n  - test_case: t\n    fixtures: [guest]\n    steps:\n      - user: hi\n")
     assert ":3: " in error and "`maybe`, not a valid bool value" in error
@@ -74,13 +82,14 @@ def test_a_slot_check_without_value_is_read_only_when_one_number_fits_one_slot(t
     assert turns[0].commands is None and "without a value" in turns[0].reason
 
 
-def test_derived_values_are_checked_against_the_domain(tmp_path, example_project):
+def test_a_derived_value_the_assistant_rejects_is_labelled_as_asserted(tmp_path, example_project):
+    # The runtime sets `limousine` (the assertion holds), then its slot-rejection step resets it: the user said it.
     turns = annotate(tmp_path, example_project,
-                     "      - user: change my flight WF1234 to business class on 3 May\n"
+                     "      - user: I want a limousine\n"
                      "        assertions:\n"
                      "          - flow_started: {operator: all, flow_ids: [book_rental_car]}\n"
                      "          - slot_was_set: [{name: car_type, value: limousine}]\n")
-    assert turns[0].commands is None and "limousine" in turns[0].reason
+    assert turns[0].commands == [StartFlow("book_rental_car"), SetSlot("car_type", "limousine")]
 
 
 def test_flow_started_any_labels_the_one_flow_that_explains_the_turn(tmp_path, example_project):

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from recipe import __version__
-from recipe.errors import EXIT_INPUT_ERROR, RecipeError
+from recipe.errors import EXIT_INPUT_ERROR, InputErrors, RecipeError
 
 # The order subcommands are listed in `--help` (the order users run them in); any other module comes after.
 ORDER = ["coverage", "render_prompt", "prepare_data", "finetune", "evaluate", "serve", "rasa_config"]
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT_ERROR
     try:
         return int(args.run(args) or 0)
+    except InputErrors as errors:
+        print(errors.format(getattr(args, "max_errors", None)), file=sys.stderr)
+        return EXIT_INPUT_ERROR
     except RecipeError as error:
         print(error, file=sys.stderr)
         return EXIT_INPUT_ERROR
