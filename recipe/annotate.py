@@ -31,7 +31,15 @@ from recipe.commands import (
     Syntax,
     parse_model_output,
 )
-from recipe.conversation import Turn, assertion_problems, new_tracker, show_bot_messages, user_turns
+from recipe.conversation import (
+    Turn,
+    UserTurnSteps,
+    assertion_problems,
+    new_tracker,
+    show_bot_messages,
+    turn_evidence,
+    user_turns,
+)
 from recipe.llm import LLMCallFailed, LLMClient
 from recipe.project import Project, canonical_command, command_problem
 from recipe.prompt import PromptRenderer, prompt_variables
@@ -51,12 +59,33 @@ _NUMBER_WORDS = {
 }  # fmt: skip
 
 
+NLU_REASON = "set by NLU, not the command generator"
+PAYLOAD_REASON = "a button payload: applied directly, never sent to the command generator"
+
+
 @dataclass
 class TurnAnnotation:
     number: int
     commands: list[Command] | None  # None: could not be determined (see reason)
-    source: str  # "test" | "assertions" | "llm" | "payload"
+    source: str  # "test" | "assertions" | "llm" | "payload" | "nlu"
     reason: str | None = None
+
+    @property
+    def trains(self) -> bool:
+        """Is this a turn of the LLM command generator, with known commands? Only those become rows; payload and
+        NLU turns change the dialogue state but the generator never answers them."""
+        return self.commands is not None and self.source not in ("payload", "nlu")
+
+
+def _known_turn(step: UserStep, number: int) -> TurnAnnotation | None:
+    """A turn whose commands need no annotator: a button payload, a turn NLU answered, or written commands."""
+    if is_button_payload(step.text):
+        return TurnAnnotation(number, [], "payload", PAYLOAD_REASON)
+    if step.commands is not None and step.nlu_commands:
+        return TurnAnnotation(number, list(step.commands), "nlu", NLU_REASON)
+    if step.commands is not None:
+        return TurnAnnotation(number, list(step.commands), "test")
+    return None
 
 
 @dataclass
@@ -134,7 +163,7 @@ def _simulate(tracker: DialogueTracker, text: str, commands: list[Command], step
     """Replay one turn on a copy of the tracker; the score is how many expectations it misses."""
     trial = tracker.fork()
     state = trial.state()
-    events = trial.user_turn(text, commands)
+    events = trial.user_turn(text, commands, turn_evidence(UserTurnSteps(number, 0, step, following)))
     turn = Turn(
         number=number, step_index=0, step=step, text=text, state=state, commands=commands, is_payload=False,
         events=events, bot_messages=events.bot_messages,
@@ -155,13 +184,9 @@ def annotate_from_assertions(project: Project, test_case: TestCase) -> TestAnnot
     annotation = TestAnnotation(test_case)
     for walk in user_turns(test_case):
         step, number, following = walk.step, walk.number, walk.following
-        if step.commands is not None:
-            result = TurnAnnotation(number, list(step.commands), "test")
-        elif is_button_payload(step.text):
-            result = TurnAnnotation(number, [], "payload")
-        else:
-            result = _derive_turn(project, tracker, step, number, following)
-        show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, result.commands or []))
+        result = _known_turn(step, number) or _derive_turn(project, tracker, step, number, following)
+        show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, result.commands or [],
+                                                                    turn_evidence(walk)))
         annotation.turns.append(result)
     return _uncertain_after_unknown(annotation)
 
@@ -217,7 +242,8 @@ def _derive_turn(project: Project, tracker: DialogueTracker, step: UserStep, num
     if not commands:
         return TurnAnnotation(number, None, "assertions", "the test's expectations imply no command")
     for command in commands:
-        problem = command_problem(command, project)
+        # What the test asserts may be a value the assistant rejects, as the user said it: a valid label.
+        problem = command_problem(command, project, from_any_source=True)
         if problem:
             return TurnAnnotation(number, None, "assertions", f"derived command {command.as_dict()}: {problem}")
     return TurnAnnotation(number, [canonical_command(c, project) for c in commands], "assertions")
@@ -228,7 +254,7 @@ def _uncertain_after_unknown(annotation: TestAnnotation) -> TestAnnotation:
     first = next((turn.number for turn in annotation.turns if turn.commands is None), None)
     if first is not None:
         for turn in annotation.turns[first:]:
-            if turn.commands is not None and turn.source != "payload":
+            if turn.commands is not None and turn.source not in ("payload", "nlu"):
                 turn.commands = None
                 turn.reason = f"comes after turn {first}, whose commands are unknown (the state from there is a guess)"
     return annotation
@@ -253,10 +279,9 @@ async def annotate_with_teacher(
     for walk in user_turns(test_case):
         step, number, following = walk.step, walk.number, walk.following
         replay_commands: list[Command] = []
-        if step.commands is not None:
-            result = TurnAnnotation(number, list(step.commands), "test")
-        elif is_button_payload(step.text):
-            result = TurnAnnotation(number, [], "payload")
+        known = _known_turn(step, number)
+        if known is not None:
+            result = known
         else:
             prompt = renderer.render(prompt_variables(project, tracker.state(), step.text, when))
             try:
@@ -272,7 +297,7 @@ async def annotate_with_teacher(
                 derived = _derive_turn(project, tracker, step, number, following)
                 replay_commands = derived.commands or []
         commands = result.commands if result.commands is not None else replay_commands
-        show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, commands))
+        show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, commands, turn_evidence(walk)))
         annotation.turns.append(result)
     return _uncertain_after_unknown(annotation)
 

@@ -22,7 +22,9 @@ from recipe.tracker import (
     DialogueState,
     DialogueTracker,
     TurnEvents,
+    TurnEvidence,
     is_button_payload,
+    render_response,
 )
 from recipe.types import NO_VALUE, BotStep, SlotCheckStep, TestCase, UserStep
 
@@ -41,6 +43,15 @@ class Turn:
     slot_checks: list[SlotCheckStep] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     slots_after: dict[str, Any] = field(default_factory=dict)
+    # Where the replay contradicts the test's own bot turns and assertions after this turn: the state the next
+    # turn's prompt is rendered from is then wrong.
+    disagreements: list[str] = field(default_factory=list)
+    inferences: list[str] = field(default_factory=list)  # what the replay read from the test's bot turns
+
+
+def state_disagrees(turns: list[Turn], number: int) -> bool:
+    """Is the state before turn `number` contradicted by the test (the previous turn disagreed)?"""
+    return number > 1 and bool(turns[number - 2].disagreements)
 
 
 CommandSource = Callable[[int, UserStep], list[Command] | None]
@@ -49,16 +60,10 @@ CommandSource = Callable[[int, UserStep], list[Command] | None]
 def _resolve_bot_step(project: Project, step: BotStep, slots: dict[str, Any]) -> BotMessage:
     if step.text is not None:
         return BotMessage(step.text)
-    variations = project.domain.responses.get(step.utter or "")
-    if variations:
-        variation = variations[0]
-        text = variation.text
-        if text is not None:
-            text = DialogueTracker._fill(text, slots)
-        return BotMessage(text, variation.buttons, step.utter)
-    if step.utter in GENERATED_PLACEHOLDERS:
+    if step.utter in GENERATED_PLACEHOLDERS and step.utter not in project.domain.responses:
         return BotMessage(GENERATED_ANSWER, (), step.utter)
-    return BotMessage(DEFAULT_RESPONSES.get(step.utter or ""), (), step.utter)
+    # the variation the tracker would say (conditional ones by the slots), rendered as the runtime renders it
+    return render_response(project, step.utter or "", slots) or BotMessage(None, (), step.utter)
 
 
 def listed_bot_messages(project: Project, step: UserStep, bot_steps: list[BotStep], simulated: list[BotMessage],
@@ -107,6 +112,27 @@ class UserTurnSteps:
         return [s for s in self.following if isinstance(s, SlotCheckStep)]
 
 
+def turn_evidence(turn: UserTurnSteps) -> TurnEvidence:
+    """What the test says the turn led to: its bot messages and the slot values it checks (see TurnEvidence)."""
+    slots: list[tuple[str, Any]] = []
+    for assertion in turn.step.assertions:
+        if assertion.kind == "slot_was_set":
+            for entry in assertion.data if isinstance(assertion.data, list) else [assertion.data]:
+                if isinstance(entry, dict) and "value" in entry:
+                    slots.append((str(entry["name"]), entry["value"]))
+    for check in turn.slot_checks:
+        if check.was_set:
+            slots.extend((name, value) for name, value in check.slots if value is not NO_VALUE)
+    bot = []
+    for step in turn.bot_steps:
+        if step.utter not in GENERATED_PLACEHOLDERS:
+            bot.append((step.utter, step.text))
+    for assertion in turn.step.assertions:
+        if assertion.kind == "bot_uttered" and isinstance(assertion.data, dict) and assertion.data.get("utter_name"):
+            bot.append((str(assertion.data["utter_name"]), None))
+    return TurnEvidence(bot=tuple(bot), slots=tuple(slots))
+
+
 def user_turns(test_case: TestCase) -> list[UserTurnSteps]:
     turns: list[UserTurnSteps] = []
     for index, step in enumerate(test_case.steps):
@@ -147,35 +173,40 @@ def replay_test_case(
         number, step = walk.number, walk.step
         text = (texts or {}).get(number, step.text)
         commands = commands_for(number, step) if commands_for else None
+        commands_known = commands is not None or step.commands is not None
         if commands is None:
             commands = step.commands or []
         state = tracker.state()
         payload = is_button_payload(text)
-        events = tracker.user_turn(text, [] if payload else list(commands))
-        warnings = list(events.warnings)
+        events = tracker.user_turn(text, [] if payload else list(commands), turn_evidence(walk))
         simulated = [m.utter for m in events.bot_messages if m.utter]
-        for bot_step in walk.bot_steps:
-            if bot_step.utter and bot_step.utter not in simulated and bot_step.utter in project.domain.responses:
-                warnings.append(
-                    f"{bot_step.location}: the test expects `{bot_step.utter}` after turn {number}; "
-                    f"the flows would say {simulated or 'nothing'}"
-                )
-        turns.append(
-            Turn(
-                number=number,
-                step_index=walk.index,
-                step=step,
-                text=text,
-                state=state,
-                commands=list(commands),
-                is_payload=payload,
-                events=events,
-                bot_messages=show_bot_messages(project, tracker, walk, events),
-                slot_checks=walk.slot_checks,
-                warnings=warnings,
-                slots_after=dict(tracker.slots),
-            )
+        disagreements = [
+            f"{bot_step.location}: the test expects `{bot_step.utter}` after turn {number}; "
+            f"the flows would say {simulated or 'nothing'}"
+            for bot_step in walk.bot_steps
+            if bot_step.utter and bot_step.utter not in simulated
+            and (bot_step.utter in project.domain.responses or bot_step.utter in DEFAULT_RESPONSES)
+        ]  # fmt: skip
+        turn = Turn(
+            number=number,
+            step_index=walk.index,
+            step=step,
+            text=text,
+            state=state,
+            commands=list(commands),
+            is_payload=payload,
+            events=events,
+            bot_messages=show_bot_messages(project, tracker, walk, events),
+            slot_checks=walk.slot_checks,
+            warnings=list(events.warnings),
+            slots_after=dict(tracker.slots),
+            inferences=list(events.inferences),
         )
+        if commands_known:
+            disagreements += assertion_problems(turn)
+        turn.disagreements = disagreements
+        turn.warnings += disagreements
+        turns.append(turn)
     return turns
 
 
@@ -203,7 +234,13 @@ def assertion_problems(turn: Turn) -> list[str]:
     """Where the tracker's picture of this turn contradicts the test's assertions and slot checks."""
     problems: list[str] = []
     events = turn.events
-    set_values = dict(events.slots_set)
+    set_values = dict(events.slots_set)  # the last value each slot was set to in this turn
+
+    def was_set(name: str, value: Any = NO_VALUE) -> bool:
+        # As the runtime's checks: did any slot event of this turn set it (to that value)? A rejection that
+        # resets the slot afterwards does not undo that.
+        return any(slot == name and (value is NO_VALUE or _same_value(actual, value))
+                   for slot, actual in events.slots_set)  # fmt: skip
     for assertion in turn.step.assertions:
         where, kind, data = assertion.location, assertion.kind, assertion.data
         if kind == "flow_started":
@@ -221,16 +258,17 @@ def assertion_problems(turn: Turn) -> list[str]:
                 name = entry.get("name")
                 if name not in set_values:
                     problems.append(f"{where}: slot_was_set {name}, tracker set {list(set_values)}")
-                elif "value" in entry and not _same_value(set_values[name], entry["value"]):
+                elif "value" in entry and not was_set(name, entry["value"]):
                     problems.append(f"{where}: slot {name} = {entry['value']!r}, tracker has {set_values[name]!r}")
         elif kind == "slot_was_not_set":
             for entry in data if isinstance(data, list) else [data]:
                 name = entry.get("name")
-                if name in set_values and ("value" not in entry or _same_value(set_values[name], entry["value"])):
+                if was_set(name, entry["value"] if "value" in entry else NO_VALUE):
                     problems.append(f"{where}: slot_was_not_set {name}, but the tracker set it")
         elif kind == "pattern_clarification_contains":
-            _, flows = _flow_ids(data)
-            if sorted(flows) != sorted(events.clarification_options):
+            operator, flows = _flow_ids(data)
+            offered = set(events.clarification_options)
+            if (operator == "any" and not offered & set(flows)) or (operator != "any" and not set(flows) <= offered):
                 problems.append(f"{where}: clarification {flows}, tracker offered {events.clarification_options}")
         elif kind == "action_executed":
             if data not in events.actions:
@@ -243,7 +281,7 @@ def assertion_problems(turn: Turn) -> list[str]:
         # Like the runtime's checks: did a slot event of this turn set it (a later reset does not undo that)?
         for name, value in check.slots:
             actual = set_values.get(name)
-            happened = name in set_values and (value is NO_VALUE or _same_value(actual, value))
+            happened = was_set(name, value)
             if check.was_set and not happened:
                 problems.append(f"{check.location}: slot_was_set {name}={value if value is not NO_VALUE else ''}, "
                                 f"tracker set {actual!r}")  # fmt: skip

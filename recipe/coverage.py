@@ -75,6 +75,7 @@ class SlotCoverage:
     set_commands: int  # `set slot <slot> ...` written or derived
     payload_sets: int  # `/SetSlots(<slot>=...)` button payloads: set, but never by the command generator
     llm_fillable: bool
+    nlu_sets: int = 0  # set in turns the NLU path answered (a slot without a from_llm mapping): not LLM rows
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,17 @@ class PayloadTurn:
     location: str
 
 
+@dataclass(frozen=True)
+class NluTurn:
+    """A turn whose commands set slots the LLM command generator does not fill: the NLU path answered it."""
+
+    test_case: str
+    turn: int
+    text: str
+    location: str
+    commands: tuple[str, ...]
+
+
 @dataclass
 class CoverageReport:
     syntax: Syntax  # the dialect derived commands are shown in (what training data would use)
@@ -110,7 +122,12 @@ class CoverageReport:
     turns_without_commands: list[TurnWithoutCommands]
     payload_turns: list[PayloadTurn]
     dialects: dict[str, dict[str, int]]  # test file -> dialect -> command lines
+    nlu_turns: list[NluTurn] = field(default_factory=list)
     tracker_warnings: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> subject -> count
+    # Turns after which the replayed state contradicts the test's own bot turns or assertions (their next turn's
+    # prompt would be built from a wrong state), and what the replay read from the tests' bot turns instead.
+    state_disagreements: dict[str, dict[int, list[str]]] = field(default_factory=dict)
+    state_inferences: int = 0
 
     @property
     def unused_command_types(self) -> list[str]:
@@ -197,6 +214,10 @@ class _Tally:
     replay_starts: Counter[str] = field(default_factory=Counter)
     slot_sets: Counter[str] = field(default_factory=Counter)
     payload_sets: Counter[str] = field(default_factory=Counter)
+    nlu_sets: Counter[str] = field(default_factory=Counter)
+    nlu_turns: list[NluTurn] = field(default_factory=list)
+    disagreements: dict[str, dict[int, list[str]]] = field(default_factory=dict)
+    inferences: int = 0
     user_turns: int = 0
     without_commands: list[TurnWithoutCommands] = field(default_factory=list)
     payloads: list[PayloadTurn] = field(default_factory=list)
@@ -222,6 +243,14 @@ def _tally_test_case(project: Project, test_case: TestCase, syntax: Syntax, tall
             for slot, _ in parse_set_slots_payload(step.text) or []:
                 tally.payload_sets[slot] += 1
             continue
+        if step.nlu_commands:
+            # Counted apart: the turn changes the state, but the LLM command generator never answers it.
+            commands = tuple(format_command(command, syntax) for command in step.commands or [])
+            tally.nlu_turns.append(NluTurn(test_case.id, number, step.text, where, commands))
+            for command in step.nlu_commands:
+                if isinstance(command, SetSlot):
+                    tally.nlu_sets[command.slot] += 1
+            continue
         if step.commands:
             tally.count_commands(step.commands, tally.written)
         elif step.commands is not None:
@@ -233,6 +262,9 @@ def _tally_test_case(project: Project, test_case: TestCase, syntax: Syntax, tall
             tally.replay_starts[flow_id] += 1
         for warning in turn.warnings:
             _group_warning(warning, tally.warnings)
+        if turn.disagreements:
+            tally.disagreements.setdefault(test_case.id, {})[turn.number] = turn.disagreements
+        tally.inferences += len(turn.inferences)
 
 
 def _without_commands(test_case: TestCase, number: int, step: UserStep, annotation: TestAnnotation, syntax: Syntax,
@@ -270,11 +302,14 @@ def coverage_report(project: Project, test_files: list[TestFile]) -> CoverageRep
         ],
         slots=[
             SlotCoverage(name, tuple(flows), tally.slot_sets[name], tally.payload_sets[name],
-                         _llm_fillable(project, name))
+                         _llm_fillable(project, name), tally.nlu_sets[name])
             for name, flows in _collected_slots(project).items()
         ],
         turns_without_commands=tally.without_commands,
         payload_turns=tally.payloads,
+        nlu_turns=tally.nlu_turns,
+        state_disagreements=tally.disagreements,
+        state_inferences=tally.inferences,
         dialects={
             test_file.path: _dialects(test_file, {case.name for case in test_file.test_cases})
             for test_file in test_files
@@ -344,7 +379,12 @@ def summary_lines(report: CoverageReport) -> list[str]:
         "",
         f"turns without commands in the test: {len(turns)} ({derivable} derivable from assertions, "
         f"{len(report.turns_not_derivable)} not derivable" + (f", {empty} with `commands: []`" if empty else "")
-        + f"); button-payload turns: {len(report.payload_turns)}",
+        + f"); button-payload turns: {len(report.payload_turns)}; NLU turns (slots the LLM does not fill): "
+        f"{len(report.nlu_turns)}",
+        f"state disagreements with the tests' own bot turns and assertions: "
+        f"{sum(len(turns) for turns in report.state_disagreements.values())} turn(s) in "
+        f"{_plural(len(report.state_disagreements), 'test case')}; read from the tests' bot turns: "
+        f"{report.state_inferences}",
         "gaps:",
         f"  command types never used: {', '.join(report.unused_command_types) or 'none'}",
         f"  user flows never started by a command: {', '.join(report.flows_never_started) or 'none'}",
@@ -438,6 +478,16 @@ def coverage_markdown(report: CoverageReport) -> str:
         *_md_table(
             ["where", "test case", "turn", "payload"],
             [[t.location, _case_name(t.test_case), t.turn, f"`{t.text}`"] for t in report.payload_turns],
+        ),
+        "",
+        "## NLU turns",
+        "",
+        "Their commands set slots without a `from_llm` mapping: the NLU path answers them. They change the dialogue "
+        "state and give no training rows.",
+        "",
+        *_md_table(
+            ["where", "test case", "turn", "user says", "commands"],
+            [[t.location, _case_name(t.test_case), t.turn, t.text, "; ".join(t.commands)] for t in report.nlu_turns],
         ),
         "",
         "## Command dialects per file",

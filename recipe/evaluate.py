@@ -80,15 +80,32 @@ class Case:
 
 @dataclass(frozen=True)
 class LeftOut:
-    """Turns of the test inputs that are not scored: their commands are derived from the test's assertions, not
-    written as `commands:` (scored with --include-derived)."""
+    """Turns of the test inputs that are not scored: those whose commands are derived from the test's assertions,
+    not written as `commands:` (scored with --include-derived), and turns the command generator never answers
+    (button payloads, turns NLU answered)."""
 
-    turns: int = 0
-    test_cases: int = 0  # test cases with no scored turn left
+    turns: int = 0  # derived from assertions
+    test_cases: int = 0  # test cases with no scored turn left because of derived turns
+    payload_turns: int = 0
+    nlu_turns: int = 0
 
     def message(self) -> str:
-        return (f"left out {self.turns} turn(s) ({self.test_cases} test case(s) entirely) whose commands are derived "
-                "from the tests' assertions, not written as `commands:`; --include-derived scores them too")  # fmt: skip
+        parts = []
+        if self.turns:
+            parts.append(f"left out {self.turns} turn(s) ({self.test_cases} test case(s) entirely) whose commands are "
+                         "derived from the tests' assertions, not written as `commands:`; --include-derived scores "
+                         "them too")  # fmt: skip
+        if self.payload_turns:
+            parts.append(f"left out {self.payload_turns} payload turn(s): button payloads never reach the command "
+                         "generator")  # fmt: skip
+        if self.nlu_turns:
+            parts.append(f"left out {self.nlu_turns} NLU turn(s): their commands set slots the command generator does "
+                         "not fill")  # fmt: skip
+        return "\n".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"turns": self.turns, "test_cases": self.test_cases, "reason": "assertions",
+                "payload_turns": self.payload_turns, "nlu_turns": self.nlu_turns}  # fmt: skip
 
 
 def scoring_key(command: Command, float_slots: frozenset[str] = frozenset()) -> tuple:
@@ -116,10 +133,10 @@ def _flow_of(expected: Sequence[Command], state: DialogueState | None, project: 
 
 
 def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy, include_derived: bool = False,
-                     left_out: list[str] | None = None) -> list[Case]:  # fmt: skip
-    """Each non-payload user turn with commands written in the test (and, with `include_derived`, those derived from
-    its assertions), with the state before it from replaying the whole test case. The ids of derived turns left out
-    are appended to `left_out`."""
+                     left_out: list[tuple[str, str]] | None = None) -> list[Case]:  # fmt: skip
+    """Each command-generator turn with commands written in the test (and, with `include_derived`, those derived
+    from its assertions), with the state before it from replaying the whole test case. Turns left out are appended
+    to `left_out` as (turn id, why): "assertions" (derived), "payload" or "nlu"."""
     from recipe.annotate import annotate_from_assertions
     from recipe.conversation import mocked_datetime, replay_test_case
     from recipe.testcases import all_test_cases, load_tests
@@ -131,11 +148,15 @@ def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
         when = policy.for_conversation(test_case.id, mocked_datetime(test_case))
         for turn in replay_test_case(project, test_case, annotation.commands_for):
             label = annotation.turns[turn.number - 1]
-            if turn.is_payload or label.commands is None:
+            if label.source in ("payload", "nlu"):
+                if left_out is not None:
+                    left_out.append((f"{test_case.id}#{turn.number}", label.source))
+                continue
+            if label.commands is None:
                 continue
             if label.source not in wanted:
                 if left_out is not None and label.source == "assertions":
-                    left_out.append(f"{test_case.id}#{turn.number}")
+                    left_out.append((f"{test_case.id}#{turn.number}", "assertions"))
                 continue
             expected = tuple(label.commands)
             cases.append(Case(
@@ -446,7 +467,7 @@ def check_inputs(project: Project, inputs: Sequence[str]) -> None:
 
 
 def load_cases(project: Project, inputs: Sequence[str], policy: DatetimePolicy, syntax: Syntax,
-               include_derived: bool = False, left_out: list[str] | None = None) -> list[Case]:  # fmt: skip
+               include_derived: bool = False, left_out: list[tuple[str, str]] | None = None) -> list[Case]:  # fmt: skip
     """`.jsonl` inputs are split rows; anything else is a test file, folder or `file::test case`. Float slots' values
     are scored as numbers. The ids of derived turns left out (without `include_derived`) are appended to `left_out`."""
     rows = [spec for spec in inputs if spec.endswith(".jsonl")]
@@ -458,10 +479,13 @@ def load_cases(project: Project, inputs: Sequence[str], policy: DatetimePolicy, 
     return [replace(case, float_slots=float_slots) for case in cases]
 
 
-def left_out_summary(cases: Sequence[Case], left_out: Sequence[str]) -> LeftOut:
-    """How many derived turns were left out, and how many test cases had no turn scored because of it."""
+def left_out_summary(cases: Sequence[Case], left_out: Sequence[tuple[str, str]]) -> LeftOut:
+    """How many turns were left out and why, and how many test cases had no turn scored because of derived turns."""
     scored = {case.test_case for case in cases}
-    return LeftOut(turns=len(left_out), test_cases=len({i.rsplit("#", 1)[0] for i in left_out} - scored))
+    derived = [turn_id for turn_id, why in left_out if why == "assertions"]
+    return LeftOut(turns=len(derived), test_cases=len({i.rsplit("#", 1)[0] for i in derived} - scored),
+                   payload_turns=sum(why == "payload" for _, why in left_out),
+                   nlu_turns=sum(why == "nlu" for _, why in left_out))  # fmt: skip
 
 
 def evaluate_model(spec: ModelSpec, generator: CommandGenerator, cases: Sequence[Case], *, concurrency: int = 1,
@@ -498,7 +522,7 @@ def write_report(out: Path, results: Sequence[ModelResult], inputs: Sequence[str
         "inputs": list(inputs),
         "cases": len(cases),
         "case_sources": dict(Counter(case.source for case in cases)),
-        "left_out": {"turns": left_out.turns, "test_cases": left_out.test_cases, "reason": "assertions"},
+        "left_out": left_out.as_dict(),
         "models": [{key: value for key, value in vars(result).items()} for result in results],
     }
     write_json(out / REPORT_JSON, data)
@@ -548,8 +572,8 @@ def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases
                     plots: Sequence[str], left_out: LeftOut = LeftOut()) -> str:  # fmt: skip
     labels = [r.label for r in results]
     parts = [f"# Command generator evaluation\n\n{len(cases)} turns from {', '.join(inputs)}.\n\n"]
-    if left_out.turns:
-        parts.append(f"**Not scored:** {left_out.message()[0].upper()}{left_out.message()[1:]}.\n\n")
+    for line in filter(None, left_out.message().splitlines()):
+        parts.append(f"**Not scored:** {line[0].upper()}{line[1:]}.\n\n")
     parts.append(_table(["model", "what", "template (sha256)", "syntax", "constrained"],
                         [[r.label, r.description, f"{r.template} ({r.template_sha256[:12]})", r.syntax,
                           "yes" if r.constrained else "no"] for r in results]))  # fmt: skip

@@ -103,6 +103,7 @@ class PrepareConfig:
     annotator: str = "auto"  # auto | test | assertions | llm
     validation: str = STRICT  # strict | loose (with an oracle); offline runs use the lexical check
     abstention_rows: bool = False  # turns annotated with no command become `cannot handle` rows
+    keep_disagreeing: bool = False  # keep rows whose state the test's own bot turns or assertions contradict
     offline: bool = False
     max_concurrency: int = 16
     rephrase_llm: LLMConfig | None = None
@@ -124,6 +125,9 @@ class TestCaseResult:
     messages: list[MessageToRephrase]
     errors: list[str]
     tracker_warnings: Counter
+    disagreements: dict[int, list[str]] = field(default_factory=dict)  # turn -> where the replay contradicts the test
+    inferences: dict[int, list[str]] = field(default_factory=dict)  # turn -> what was read from the test's bot turns
+    rows_left_out_disagreeing: int = 0
 
     __test__ = False
 
@@ -179,7 +183,7 @@ async def _annotate(project: Project, config: PrepareConfig, renderer: PromptRen
     if config.annotator == "test":
         annotation = annotate_from_assertions(project, test_case)
         for turn, step in zip(annotation.turns, test_case.user_steps):
-            if step.commands is None and turn.source != "payload":
+            if step.commands is None and turn.source not in ("payload", "nlu"):
                 turn.commands, turn.reason = None, "the test gives no commands (--annotator test)"
         return annotation
     return annotate_from_assertions(project, test_case)
@@ -188,7 +192,7 @@ async def _annotate(project: Project, config: PrepareConfig, renderer: PromptRen
 def _messages_to_rephrase(test_case: TestCase, annotation: TestAnnotation) -> list[MessageToRephrase]:
     messages = []
     for turn, step in zip(annotation.turns, test_case.user_steps):
-        if turn.commands and turn.source != "payload":
+        if turn.trains and turn.commands:
             messages.append(MessageToRephrase(len(messages) + 1, turn.number, step.text))
     return messages
 
@@ -258,9 +262,13 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
         verdicts.setdefault(number, []).append(verdict)
     passing = {n: [v for v in vs if v.passed] for n, vs in verdicts.items()}
 
-    rows = conversation_rows(project, renderer, test_case, annotation, passing, when, config.abstention_rows)
+    rows, disagreeing = conversation_rows(project, renderer, test_case, annotation, passing, when,
+                                          config.abstention_rows, config.keep_disagreeing)  # fmt: skip
     progress.done("stitch")
-    return TestCaseResult(test_case, annotation, verdicts, rows, outcome, messages, errors, warnings)
+    disagreements = {turn.number: turn.disagreements for turn in turns if turn.disagreements}
+    inferences = {turn.number: turn.inferences for turn in turns if turn.inferences}
+    return TestCaseResult(test_case, annotation, verdicts, rows, outcome, messages, errors, warnings, disagreements,
+                          inferences, disagreeing)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -364,9 +372,9 @@ def write_split_suites(out: Path, files: list[TestFile], split: Split, syntax: S
                 continue
             names = {case.name for case in cases}
             raw = dict(test_file.raw)
-            by_name = {case.name: case for case in cases}
-            raw["test_cases"] = [_in_syntax(raw_case, by_name[str(raw_case.get("test_case"))], syntax)
-                                 for raw_case in raw.get("test_cases", []) if str(raw_case.get("test_case")) in names]
+            raw_cases = raw.get("test_cases") or []
+            # By position, not by name: Rasa runs every test case of a repeated name, and so do the split suites.
+            raw["test_cases"] = [_in_syntax(raw_cases[case.index], case, syntax) for case in cases]
             if isinstance(raw.get("stub_custom_actions"), dict):  # a `<test case>::<action>` stub goes with its test
                 raw["stub_custom_actions"] = {key: stub for key, stub in raw["stub_custom_actions"].items()
                                               if "::" not in key or key.split("::", 1)[0] in names}  # fmt: skip
@@ -524,6 +532,11 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
         {"test": r.test_case.id, "turn": t.number, "reason": t.reason}
         for r in results for t in r.annotation.turns if t.commands is None
     ]  # fmt: skip
+    # Turns the command generator never answers: they change the dialogue state but yield no rows.
+    not_generator = [
+        {"test": r.test_case.id, "turn": t.number, "reason": t.reason, "source": t.source}
+        for r in results for t in r.annotation.turns if t.source in ("payload", "nlu")
+    ]  # fmt: skip
     per_command = Counter(c.kind for row in rows for c in row.commands)
     lossy = sorted({
         f"{row.test_id} turn {row.turn}: {c.slot}={c.value!r}" for row in rows for c in row.commands
@@ -538,11 +551,15 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
         r.test_case.id: {
             "annotated_turns": sum(1 for t in r.annotation.turns if t.commands),
             "skipped_turns": sum(1 for t in r.annotation.turns if t.commands is None),
+            "payload_turns": sum(1 for t in r.annotation.turns if t.source == "payload"),
+            "nlu_turns": sum(1 for t in r.annotation.turns if t.source == "nlu"),
             "rephrasings_passing": sum(v.passed for vs in r.verdicts.values() for v in vs),
             "rephrasings_failing": sum(not v.passed for vs in r.verdicts.values() for v in vs),
             "rows": sum(1 for row in rows if row.test_id == r.test_case.id),
             "split": "train" if r.test_case.id in split.train else (
                 "validation" if r.test_case.id in split.validation else "none (no rows)"),
+            **({"state_disagreements": dict(r.disagreements)} if r.disagreements else {}),
+            **({"state_inferences": dict(r.inferences)} if r.inferences else {}),
             **({"errors": r.errors} if r.errors else {}),
         }
         for r in results
@@ -558,6 +575,10 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
         "num_train_data_points": len(train_rows),
         "num_val_data_points": len(val_rows),
         "recipe": {
+            # Turns after which the replayed state contradicts the test's own bot turns or assertions.
+            "state_disagreements": sum(len(r.disagreements) for r in results),
+            "rows_left_out_disagreeing": sum(r.rows_left_out_disagreeing for r in results),
+            "state_inferences": sum(len(what) for r in results for what in r.inferences.values()),
             "rephrasings": {
                 "requested": requested,
                 "received": received,
@@ -580,6 +601,11 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
                 "validation_suites_test_cases": suites["validation"],
             },
             "skipped_turns": skipped,
+            "turns_without_rows": {
+                "payload": sum(1 for t in not_generator if t["source"] == "payload"),
+                "nlu": sum(1 for t in not_generator if t["source"] == "nlu"),
+            },
+            "nlu_turns": [{k: v for k, v in t.items() if k != "source"} for t in not_generator if t["source"] == "nlu"],
             "values_the_runtime_would_alter": lossy,
             "tracker_warnings": dict(warnings.most_common()),
             "errors": [f"{r.test_case.id}: {e}" for r in results for e in r.errors],
@@ -602,7 +628,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"({extra['split']['train_test_cases']} / {extra['split']['validation_test_cases']} test cases)"
         + ("; no validation rows: finetune will train without validation" if not summary["num_val_data_points"]
            else ""),
-        f"skipped turns: {len(extra['skipped_turns'])}; LLM errors: {len(extra['errors'])}; "
+        f"state disagreements with the tests' own bot turns: {extra['state_disagreements']} "
+        f"({extra['rows_left_out_disagreeing']} rows left out; --keep-disagreeing keeps them); "
+        f"inferred from bot turns: {extra['state_inferences']}",
+        f"skipped turns: {len(extra['skipped_turns'])}; payload turns: {extra['turns_without_rows']['payload']}; "
+        f"NLU turns: {extra['turns_without_rows']['nlu']}; LLM errors: {len(extra['errors'])}; "
         f"estimated cost: ${extra['estimated_cost_usd']}",
     ]
 

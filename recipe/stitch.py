@@ -14,7 +14,7 @@ from typing import Callable
 
 from recipe.annotate import TestAnnotation
 from recipe.commands import CannotHandle, Command
-from recipe.conversation import replay_test_case
+from recipe.conversation import replay_test_case, state_disagrees
 from recipe.project import Project
 from recipe.prompt import PromptRenderer, prompt_variables
 from recipe.types import TestCase
@@ -40,15 +40,19 @@ def conversation_rows(
     passing: dict[int, list[Verdict]],
     when: datetime | None,
     abstention: bool = False,
-) -> list[Row]:
+    keep_disagreeing: bool = False,
+) -> tuple[list[Row], int]:
     """Rows of the original conversation, then of each synthetic one.
 
     All variants share the conversation's date, so a turn whose prompt no paraphrase changed is an exact duplicate
     of the original row and deduplication removes it. With `abstention`, a turn annotated with no command at all
-    yields a `cannot handle` row, so the model also learns when to abstain.
+    yields a `cannot handle` row, so the model also learns when to abstain. A turn whose state the test
+    contradicts (the replay disagreed with the test's bot turns or assertions after the previous turn) yields no
+    row unless `keep_disagreeing`; returns the rows and how many were left out so.
     """
     variants = max((len(verdicts) for verdicts in passing.values()), default=0)
     rows: list[Row] = []
+    disagreeing = 0
     for variant in range(variants + 1):
         chosen = {turn: verdicts[(variant - 1) % len(verdicts)] for turn, verdicts in passing.items() if verdicts}
         if variant == 0:
@@ -60,9 +64,15 @@ def conversation_rows(
             return annotation.commands_for(number, _step)
 
         texts = {turn: verdict.text for turn, verdict in chosen.items()}
-        for turn in replay_test_case(project, test_case, commands_for, texts):
+        turns = replay_test_case(project, test_case, commands_for, texts)
+        for turn in turns:
+            if not annotation.turns[turn.number - 1].trains:
+                continue  # a payload or NLU turn: it changes the state, but the command generator never answers it
+            if not keep_disagreeing and state_disagrees(turns, turn.number):
+                disagreeing += 1
+                continue
             label = commands_for(turn.number, turn.step)
-            if label == [] and abstention and not turn.is_payload:
+            if label == [] and abstention:
                 label = [CannotHandle()]
             if turn.is_payload or not label:
                 continue
@@ -78,7 +88,7 @@ def conversation_rows(
                     rephrased_text=turn.text if turn.number in chosen else None,
                 )
             )
-    return rows
+    return rows, disagreeing
 
 
 def deduplicate(rows: list[Row], completion_of: Callable[[Row], str]) -> tuple[list[Row], int]:

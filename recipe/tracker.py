@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import jinja2
+
 from recipe.commands import (
     CancelFlow,
     CannotHandle,
@@ -31,9 +33,10 @@ from recipe.commands import (
     SkipQuestion,
     StartFlow,
 )
-from recipe.conditions import evaluate
+from recipe.conditions import ConditionError, evaluate
+from recipe.domain import BUILTIN_SLOTS
 from recipe.project import Project, canonical_slot_value
-from recipe.types import END, Branch, Button, Flow, Location, Slot, Step, Stub
+from recipe.types import END, Branch, Button, Flow, Location, ResponseVariation, Slot, Step, Stub
 
 # Our wording for the built-in responses; a project overrides any of them by defining the response in its domain.
 DEFAULT_RESPONSES: dict[str, str] = {
@@ -46,7 +49,15 @@ DEFAULT_RESPONSES: dict[str, str] = {
     "utter_human_handoff_not_available": "I can't connect you to a person right now. Can I help with anything else?",
     "utter_ask_rephrase": "Sorry, I didn't get that. Could you say it another way?",
     "utter_internal_error_rasa": "Sorry, something went wrong. Please try again.",
+    # Said by the slot-rejection step when a value does not fit the slot's type; `{{value}}` is the value (Jinja).
+    "utter_categorical_slot_rejection": "Sorry, {{value}} is not one of the options I can take. Please pick one.",
+    "utter_boolean_slot_rejection": "Sorry, I need a yes or a no here; {{value}} is neither.",
+    "utter_float_slot_rejection": "Sorry, I need a number here, and {{value}} is not one.",
 }
+# The built-in responses written as Jinja templates (`metadata: {template: jinja}` at runtime); the rest use `{name}`.
+JINJA_DEFAULT_RESPONSES = frozenset(
+    {"utter_categorical_slot_rejection", "utter_boolean_slot_rejection", "utter_float_slot_rejection"}
+)
 
 # Actions whose result is generated text at runtime: the transcript shows the test's `bot:` text, if any.
 GENERATED_ACTIONS = {"action_trigger_chitchat", "action_trigger_search", "utter_free_chitchat_response"}
@@ -94,6 +105,16 @@ class TurnEvents:
     bot_messages: list[BotMessage] = field(default_factory=list)
     clarification_options: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    inferences: list[str] = field(default_factory=list)  # what the replay took from the test's own bot turns
+
+
+@dataclass(frozen=True)
+class TurnEvidence:
+    """What a test says happened after a user turn: the bot's messages (a response name or a text) and the slots
+    it checks. Where the tracker cannot know what an action did (no stub, no action server), this decides."""
+
+    bot: tuple[tuple[str | None, str | None], ...] = ()  # (response name, text), in order
+    slots: tuple[tuple[str, Any], ...] = ()  # (slot, value) the test says the turn set
 
 
 @dataclass(frozen=True)
@@ -144,12 +165,16 @@ class ActionRunner(Protocol):
     def run(self, call: ActionCall) -> ActionOutcome: ...
 
 
-_PATTERN_FLOWS_YAML = {
-    # pattern id -> steps (kind, argument); run when the pattern is triggered unless the project overrides it.
+_PATTERN_FLOWS_YAML: dict[str, list[tuple[str, ...]]] = {
+    # pattern id -> steps (kind, argument[, condition]); run when the pattern is triggered unless the project
+    # overrides it. A step with a condition runs only when it holds (else the flow goes on after it).
     "pattern_cancel_flow": [("action", "action_cancel_flow"), ("action", "utter_flow_cancelled_rasa")],
     "pattern_completed": [("action", "utter_can_do_something_else")],
     "pattern_continue_interrupted": [("action", "utter_flow_continue_interrupted")],
-    "pattern_correction": [("action", "action_correct_flow_slot"), ("action", "utter_corrected_previous_input")],
+    "pattern_correction": [
+        ("action", "action_correct_flow_slot"),
+        ("action", "utter_corrected_previous_input", "not context.is_reset_only"),  # a reset only asks again
+    ],
     "pattern_clarification": [("action", "action_clarify_flows"), ("action", "utter_clarification_options_rasa")],
     "pattern_chitchat": [("action", "action_trigger_chitchat")],
     "pattern_search": [("action", "action_trigger_search")],
@@ -164,19 +189,20 @@ _PATTERN_FLOWS_YAML = {
 def _default_pattern(pattern_id: str) -> Flow:
     steps: dict[str, Step] = {}
     spec = _PATTERN_FLOWS_YAML[pattern_id]
-    ids = [f"{pattern_id}_{index}_{kind}_{arg}" for index, (kind, arg) in enumerate(spec)]
-    for index, (kind, arg) in enumerate(spec):
-        following = ids[index + 1] if index + 1 < len(ids) else END
-        steps[ids[index]] = Step(
-            id=ids[index], kind=kind, next=[Branch(None, following)], location=Location("<built-in>"), action=arg
-        )
+    ids = [f"{pattern_id}_{index}_{entry[0]}_{entry[1]}" for index, entry in enumerate(spec)]
+    ids.append(END)
+    for index, (kind, arg, *_) in enumerate(spec):
+        branches = [Branch(None, ids[index + 1])]
+        if index + 1 < len(spec) and len(spec[index + 1]) > 2:  # the next step is conditional: else skip it
+            branches = [Branch(spec[index + 1][2], ids[index + 1]), Branch(None, ids[index + 2])]
+        steps[ids[index]] = Step(id=ids[index], kind=kind, next=branches, location=Location("<built-in>"), action=arg)
     return Flow(
         id=pattern_id, description="", name=None, guard=None, always_include_in_prompt=False, persisted_slots=[],
         run_pattern_completed=False, nlu_triggers=[], steps=steps, first_step=ids[0], location=Location("<built-in>"),
     )  # fmt: skip
 
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_FORMAT_PLACEHOLDER = re.compile(r"\{([^\n{}]+?)\}")  # the runtime's `{name}` placeholder
 _SET_SLOTS_PAYLOAD = re.compile(r"^/SetSlots\((.*)\)\s*$")
 MAX_STEPS_PER_TURN = 500  # a flow that loops without asking anything is a bug in the flows; stop and say so
 
@@ -211,6 +237,9 @@ class DialogueTracker:
         self.conversation_id = conversation_id
         self.action_runner = action_runner
         self.started_flows: list[str] = []
+        self.evidence: TurnEvidence | None = None  # set per turn by the replay; never by a forked trial run
+        self._unknown_action = False  # did an action run this turn whose effect nobody knows?
+        self._forced_target: str | None = None  # a trial run of one branch (see `_branch_the_test_shows`)
         self.slots: dict[str, Any] = {
             name: slot.initial_value for name, slot in project.domain.slots.items() if slot.initial_value is not None
         }
@@ -250,9 +279,12 @@ class DialogueTracker:
 
     # ------------------------------------------------------------------------------------------ a user turn
 
-    def user_turn(self, text: str, commands: list[Command]) -> TurnEvents:
-        """The user says `text`; the command generator (or a payload) gives `commands`; the flows run."""
+    def user_turn(self, text: str, commands: list[Command], evidence: TurnEvidence | None = None) -> TurnEvents:
+        """The user says `text`; the command generator (or a payload) gives `commands`; the flows run. With
+        `evidence` (the test's own bot turns and slot checks), what unknown actions did is read from the test."""
         self.events = TurnEvents()
+        self.evidence = evidence
+        self._unknown_action = False
         self.transcript.append(TranscriptLine("USER", text))
         payload = parse_set_slots_payload(text)
         if payload is not None:
@@ -347,19 +379,43 @@ class DialogueTracker:
         return None
 
     def _correct(self, corrections: list[SetSlot]) -> None:
-        for command in corrections:
-            self._set_slot(command.slot, command.value)
-        # Rewind every affected flow to the earliest corrected collect step, so later steps run again.
-        for frame in self.stack:
+        """As the runtime's correct-slots command: push the correction pattern with the new values in its context.
+        They are applied only when the pattern runs `action_correct_flow_slot` (the default pattern at once; one that
+        asks for confirmation first may never run it, and the old values stay)."""
+        proposed = {c.slot: self._typed(c.slot, c.value) for c in corrections}
+        # Reset only: every collect step of these slots (in any flow) asks before filling, so the flow asks again.
+        collects = [s for flow in self.project.flows.values() for s in flow.collect_steps() if s.collect in proposed]
+        reset_flow_id = reset_step_id = None
+        for frame in reversed(self.stack):
+            steps = [self._collect_step_of(frame, name) for name in proposed] if frame.kind != "pattern" else []
+            steps = [s for s in steps if s is not None]
+            if steps:
+                reset_flow_id = frame.flow_id
+                reset_step_id = min(steps, key=lambda s: frame.visited.index(s.id)).id
+                break
+        self._push_pattern(
+            "pattern_correction", is_reset_only=all(s.ask_before_filling for s in collects),
+            corrected_slots={name: {"value": value, "filled_by": None} for name, value in proposed.items()},
+            reset_flow_id=reset_flow_id, reset_step_id=reset_step_id, new_slot_values=list(proposed.values()),
+        )  # fmt: skip
+
+    def _apply_correction(self, pattern: Frame) -> None:
+        """`action_correct_flow_slot`: set the corrected slots and rewind every flow below the correction pattern to
+        its earliest corrected collect step, so the steps after it run again (the runtime resets the stack to the
+        moment that question was asked)."""
+        corrected = pattern.context.get("corrected_slots") or {}
+        for name, entry in corrected.items():
+            self._set_slot(name, entry.get("value") if isinstance(entry, dict) else entry)
+        below = next((i for i, f in enumerate(self.stack) if f is pattern), len(self.stack))
+        for frame in self.stack[:below]:
             if frame.kind == "pattern":
                 continue
-            steps = [self._collect_step_of(frame, c.slot) for c in corrections]
+            steps = [self._collect_step_of(frame, name) for name in corrected]
             steps = [s for s in steps if s is not None]
             if steps:
                 earliest = min(steps, key=lambda s: frame.visited.index(s.id))
                 frame.visited = frame.visited[: frame.visited.index(earliest.id)]
                 frame.step_id, frame.step_done = earliest.id, False
-        self._push_pattern("pattern_correction")
 
     # ------------------------------------------------------------------------------------------ stack
 
@@ -380,8 +436,62 @@ class DialogueTracker:
 
     def _push_pattern(self, pattern_id: str, **context: Any) -> None:
         flow = self.flow(pattern_id)
+        context = {**self._pattern_context(pattern_id, context), **context}
         self.stack.append(Frame(pattern_id, "pattern", flow.first_step, context=context))
         self.events.flows_started.append(pattern_id)
+
+    def _readable_name(self, flow_id: str) -> str:
+        """The runtime's readable name of a flow: its `name`, else its id."""
+        flow = self.project.flows.get(flow_id)
+        return (flow.name if flow is not None else None) or flow_id
+
+    def _pattern_context(self, pattern_id: str, given: dict[str, Any]) -> dict[str, Any]:
+        """The context keys the runtime's frame for this pattern has (Rasa Pro 3.21), from what the tracker passes
+        (`options`, `canceled_flow`, `previous_flow`: flow ids, kept alongside). Frame ids are not modelled."""
+        if pattern_id == "pattern_cancel_flow":
+            canceled = given.get("canceled_flow")
+            return {"canceled_name": self._readable_name(canceled) if canceled else "",
+                    "canceled_frames": [canceled] if canceled else []}  # fmt: skip
+        if pattern_id == "pattern_clarification":
+            names = [self._readable_name(o) for o in given.get("options", [])]
+            options = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+            return {"names": names, "clarification_options": options}
+        if pattern_id == "pattern_completed":
+            previous = given.get("previous_flow")
+            return {"previous_flow_name": self._readable_name(previous) if previous else None}
+        if pattern_id == "pattern_continue_interrupted":
+            ids = [f.flow_id for f in reversed(self.stack) if f.kind == "user"]
+            names = [self._readable_name(i) for i in ids]
+            previous = given.get("previous_flow")
+            return {"interrupted_flow_ids": ids, "interrupted_flow_names": names,
+                    "interrupted_flow_options": ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1
+                    else "".join(names), "multiple_flows_interrupted": len(names) > 1,
+                    # the key of earlier Rasa Pro versions, which project responses still use
+                    "previous_flow_name": self._readable_name(previous) if previous else None}  # fmt: skip
+        if pattern_id == "pattern_cannot_handle":
+            return {"reason": None}
+        if pattern_id == "pattern_internal_error":
+            return {"error_type": None, "info": {}}
+        return {}
+
+    def _frame_context(self, frame: Frame | None) -> dict[str, Any]:
+        """A frame's `context` as the runtime's stack shows it to conditions and responses. While a collect step runs,
+        the runtime's top frame is its collect-information pattern, whose context is the collecting frame's context
+        over the collect step's own keys."""
+        if frame is None:
+            return {}
+        own = {"flow_id": frame.flow_id, "step_id": frame.step_id}
+        if frame.kind == "pattern":
+            own["type"] = frame.flow_id
+        else:
+            own.update(type="flow", frame_type="call" if frame.kind == "called" else "regular")
+        step = self.flow(frame.flow_id).steps.get(frame.step_id)
+        collect: dict[str, Any] = {}
+        if step is not None and step.kind == "collect" and not frame.step_done:
+            collect = {"collect": step.collect, "utter": step.utter or f"utter_ask_{step.collect}",
+                       "collect_action": f"action_ask_{step.collect}",
+                       "rejections": [{"if": c, "utter": u} for c, u in step.rejections]}  # fmt: skip
+        return {**collect, **own, **frame.context}
 
     def _cancel_top_flow(self) -> None:
         for index in range(len(self.stack) - 1, -1, -1):
@@ -417,14 +527,19 @@ class DialogueTracker:
 
     def _move_on(self, frame: Frame) -> None:
         step = self.flow(frame.flow_id).steps[frame.step_id]
-        target = next(b.target for b in step.next if b.condition is None or evaluate(b.condition, self.slots))
+        context = self._frame_context(frame)
+        target = next(b.target for b in step.next
+                      if b.condition is None or evaluate(b.condition, self.slots, context))  # fmt: skip
+        if self._forced_target is not None:
+            target, self._forced_target = self._forced_target, None
+        elif self._unknown_action and self.evidence is not None and len({b.target for b in step.next}) > 1:
+            target = self._branch_the_test_shows(frame, step, target)
         if target != END:
             frame.step_id, frame.step_done = target, False
             return
         self.stack.pop()
         self.events.flows_completed.append((frame.flow_id, frame.step_id))
-        if frame.kind != "pattern":
-            self._reset_flow_slots(frame.flow_id)
+        self._reset_flow_slots(frame.flow_id)  # patterns too: a confirmation slot is asked afresh next time
         if frame.kind == "called" and self.stack:
             self.stack[-1].step_done = True  # the caller's `call` step is finished
             return
@@ -468,15 +583,22 @@ class DialogueTracker:
         if step.ask_before_filling and step.id not in frame.asked:
             self.slots.pop(slot, None)  # ask again even when already filled
         elif self.slots.get(slot) is not None:
-            for condition, utter in step.rejections:
-                if evaluate(condition, self.slots):
-                    self._say(utter)
-                    self.slots.pop(slot, None)
-                    break
+            type_rejection = self._type_rejection(slot)
+            if type_rejection is not None:
+                # As the runtime's slot-rejection step: a value the slot's type cannot hold is uttered back,
+                # the slot is reset, and the same question is asked again (before the step's own rejections).
+                self._say(type_rejection, frame, value=self.slots[slot])
+                self._set_slot(slot, None)
             else:
-                frame.step_done = True
-                frame.asked.discard(step.id)  # reaching this step again (a loop, a correction) asks again
-                return False
+                for condition, utter in step.rejections:
+                    if evaluate(condition, self.slots):
+                        self._say(utter)
+                        self.slots.pop(slot, None)
+                        break
+                else:
+                    frame.step_done = True
+                    frame.asked.discard(step.id)  # reaching this step again (a loop, a correction) asks again
+                    return False
         frame.asked.add(step.id)
         question = step.utter or f"utter_ask_{slot}"
         if question in self.project.domain.responses or step.utter:
@@ -484,6 +606,20 @@ class DialogueTracker:
         else:
             self._run_action(frame, f"action_ask_{slot}")
         return True
+
+    def _type_rejection(self, name: str) -> str | None:
+        """The rejection response for the slot's current value, when its type cannot hold it (None: it can)."""
+        slot = self.project.slot(name)
+        value = self.slots.get(name)
+        if slot is None or value is None:
+            return None
+        if slot.type == "categorical" and canonical_slot_value(slot, str(value)) is None:
+            return "utter_categorical_slot_rejection"
+        if slot.type == "bool" and not isinstance(value, bool):
+            return "utter_boolean_slot_rejection"
+        if slot.type == "float" and not isinstance(value, (int, float)):
+            return "utter_float_slot_rejection"
+        return None
 
     def _run_action(self, frame: Frame, action: str) -> None:
         self.events.actions.append(action)
@@ -503,7 +639,9 @@ class DialogueTracker:
             self._emit(*repeated)
         elif action in GENERATED_ACTIONS:
             self._emit(BotMessage(GENERATED_ANSWER, utter=action))
-        elif action in ("action_cancel_flow", "action_correct_flow_slot", "action_listen"):
+        elif action == "action_correct_flow_slot":
+            self._apply_correction(frame)
+        elif action in ("action_cancel_flow", "action_listen"):
             pass  # their effect was applied with the command
         elif self.action_runner is not None:
             self._apply_outcome(frame, self.action_runner.run(self._action_call(action)))
@@ -511,6 +649,50 @@ class DialogueTracker:
             self.events.warnings.append(
                 f"custom action `{action}` has no stub in the test; its slot updates are unknown, slots unchanged"
             )
+            self._infer_action_effects(action)
+
+    def _branch_the_test_shows(self, frame: Frame, step: Step, default: str) -> str:
+        """At a branch after an action whose effect is unknown: the branch whose continuation says what the test's
+        bot turns say. Each branch runs on a fork; ties keep the branch the conditions choose."""
+        assert self.evidence is not None
+        expected = list(self.evidence.bot)
+        index = next(i for i, f in enumerate(self.stack) if f is frame)
+        frame.step_done = True
+        scores: dict[str, int] = {}
+        for target in dict.fromkeys(b.target for b in step.next):
+            trial = self.fork()
+            trial.evidence = None  # no search inside the trial
+            trial.events = TurnEvents()
+            trial._forced_target = target
+            trial.stack[index].step_done = True  # `_move_on` of this step runs first, and takes the forced target
+            trial._advance()
+            scores[target] = _matched_in_order(expected, trial.events.bot_messages)
+        best = max(scores.values())
+        if scores[default] == best:
+            return default
+        chosen = next(target for target, score in scores.items() if score == best)
+        condition = next((b.condition for b in step.next if b.target == chosen), None)
+        self.events.inferences.append(f"branch `{condition or 'else'}` -> `{chosen}` after step `{step.id}` of "
+                                      f"`{frame.flow_id}`: only it says what the test's bot turns say")  # fmt: skip
+        return chosen
+
+    def _infer_action_effects(self, action: str) -> None:
+        """An action nobody can run: take the slot values the test checks for this turn (the commands did not set
+        them), and those a bot text of the turn shows through a response template, as the action's effect."""
+        self._unknown_action = True
+        if self.evidence is None:
+            return
+        set_now = {name for name, _ in self.events.slots_set}
+        found: list[tuple[str, Any, str]] = [(n, v, "the test's slot checks") for n, v in self.evidence.slots]
+        for _, text in self.evidence.bot:
+            if text:
+                found += [(n, v, f"the bot text `{text}`") for n, v in slots_from_bot_text(self.project, text)]
+        for name, value, source in found:
+            if name in set_now or self.project.slot(name) is None:
+                continue
+            set_now.add(name)
+            self._set_slot(name, value)
+            self.events.inferences.append(f"`{name}` = {value!r} after `{action}`, from {source}")
 
     def _action_call(self, action: str) -> ActionCall:
         latest = next((line.text for line in reversed(self.transcript) if line.speaker == "USER"), None)
@@ -558,40 +740,160 @@ class DialogueTracker:
         step = self.flow(frame.flow_id).steps.get(frame.step_id)
         return step is not None and step.kind == "collect" and not frame.step_done and step.id in frame.asked
 
-    def _say(self, utter: str, frame: Frame | None = None) -> None:
-        variations = self.project.domain.responses.get(utter)
-        context = self._response_context(frame)
-        if variations:
-            variation = variations[0]  # the first variation: deterministic, as tests expect
-            text = None if variation.text is None else self._fill(variation.text, context)
-            self._emit(BotMessage(text, variation.buttons, utter))
-        elif utter in DEFAULT_RESPONSES:
-            self._emit(BotMessage(self._fill(DEFAULT_RESPONSES[utter], context), (), utter))
-        else:
+    def _say(self, utter: str, frame: Frame | None = None, **extra: Any) -> None:
+        """Utter a response as the runtime's response generator would: the variation `choose_variation` picks,
+        rendered over the slots, the top frame's `context` and `extra` (e.g. a rejected `value`)."""
+        frame = frame if frame is not None else (self.stack[-1] if self.stack else None)
+        message = render_response(self.project, utter, self.slots, self._frame_context(frame),
+                                  {**self._response_context(frame), **extra})  # fmt: skip
+        if message is None:
             self.events.warnings.append(f"response `{utter}` is not in the domain")
-            self._emit(BotMessage(None, (), utter))
+            message = BotMessage(None, (), utter)
+        elif utter in self.project.domain.responses and not matching_variations(
+            self.project.domain.responses[utter], self.slots
+        ):
+            self.events.warnings.append(f"no variation of response `{utter}` fits the slots; the runtime says "
+                                        "`utter_internal_error_rasa` instead")  # fmt: skip
+        self._emit(message)
 
     def _response_context(self, frame: Frame | None) -> dict[str, Any]:
-        context: dict[str, Any] = {name: value for name, value in self.slots.items()}
+        """Our own names for our built-in texts' placeholders, beside the runtime's variables (slots, `context`)."""
+        context: dict[str, Any] = {}
         if frame is not None:
             options = frame.context.get("options")
             if options:
-                names = [self.flow(o).name or o for o in options]
+                names = [self._readable_name(o) for o in options]
                 context["clarification_options"] = ", ".join(names[:-1]) + " or " + names[-1]
             for key in ("canceled_flow", "previous_flow"):
                 if key in frame.context:
-                    flow = self.flow(frame.context[key])
-                    context[key] = flow.name or flow.id
+                    context[key] = self._readable_name(frame.context[key])
         return context
 
     @staticmethod
     def _fill(text: str, context: dict[str, Any]) -> str:
-        return _PLACEHOLDER.sub(lambda m: str(context[m.group(1)]) if m.group(1) in context else m.group(0), text)
+        """`{name}` placeholders filled as the runtime's format templates are (see `render_text`)."""
+        return render_text(text, context)
 
     def _emit(self, *messages: BotMessage) -> None:
         for message in messages:
             self.events.bot_messages.append(message)
             self.transcript.append(TranscriptLine("AI", message.text, message.buttons, message.utter))
+
+
+def _variation_fits(variation: ResponseVariation, slots: dict[str, Any]) -> bool:
+    """Does a conditional variation's `condition` hold? A string is a predicate over `slots.`; the deprecated list
+    form compares each slot with its value (strings without regard to case, anything else exactly)."""
+    condition = variation.condition
+    if isinstance(condition, str):
+        try:
+            return evaluate(condition, slots)
+        except ConditionError:
+            return False  # the runtime logs the error and takes the condition as false
+    for name, value in condition or ():
+        actual = slots.get(name)
+        if isinstance(actual, str) and isinstance(value, str):
+            if actual.casefold() != value.casefold():
+                return False
+        elif actual != value:
+            return False
+    return True
+
+
+def matching_variations(variations: list[ResponseVariation], slots: dict[str, Any],
+                        channel: str | None = None) -> list[ResponseVariation]:  # fmt: skip
+    """The variations the runtime picks from, in file order: conditional ones whose condition holds, for this output
+    channel, then unconditional ones for it, then the same without a channel (tests have no channel of their own)."""
+    conditional = [v for v in variations if v.condition is not None and _variation_fits(v, slots)]
+    default = [v for v in variations if v.condition is None]
+    for pool, wanted in ((conditional, channel), (default, channel), (conditional, None), (default, None)):
+        group = [v for v in pool if v.channel == wanted]
+        if group:
+            return group
+    return []
+
+
+def choose_variation(variations: list[ResponseVariation], slots: dict[str, Any],
+                     channel: str | None = None) -> ResponseVariation | None:  # fmt: skip
+    """The variation said: the runtime picks at random among `matching_variations`; we take the first of them in
+    file order (conditional before unconditional), so that a replay is deterministic. None: none fits."""
+    matching = matching_variations(variations, slots, channel)
+    return matching[0] if matching else None
+
+
+def render_text(text: str, variables: dict[str, Any], jinja: bool = False) -> str:
+    """A response text as the runtime renders it. Jinja (`metadata: {template: jinja}`): a Jinja2 template over the
+    variables (slots by name, `context`, ...); an unset slot is None and shows as `None`, an unknown name as nothing.
+    Otherwise `{name}` placeholders: all filled (None as `None`), or, when one names nothing known, none at all."""
+    if jinja:
+        try:
+            return jinja2.Template(text).render(variables)
+        except jinja2.TemplateError:
+            return text  # the runtime logs the error and sends the text unrendered
+    names = _FORMAT_PLACEHOLDER.findall(text)
+    try:
+        rendered = _FORMAT_PLACEHOLDER.sub(r"{0[\1]}", text).format({n: variables[n] for n in names if n in variables})
+        return text.format({}) if "0[" in rendered else rendered
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return text
+
+
+def slot_variables(project: Project, slots: dict[str, Any]) -> dict[str, Any]:
+    """Every slot by name, as response templates see them: the runtime passes all slots, unset ones as None."""
+    names = {**dict.fromkeys(BUILTIN_SLOTS), **dict.fromkeys(project.domain.slots)}
+    return {**{name: None for name in names}, **slots}
+
+
+def render_response(project: Project, utter: str, slots: dict[str, Any], context: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None) -> BotMessage | None:  # fmt: skip
+    """The message response `utter` makes now: the domain's variation (`choose_variation`), else our built-in text;
+    None when neither has it. A domain response none of whose variations fits says `utter_internal_error_rasa`."""
+    variables = {"context": context or {}, **slot_variables(project, slots), **(extra or {})}
+    variations = project.domain.responses.get(utter)
+    if variations:
+        variation = choose_variation(variations, slots)
+        if variation is None:
+            fallback = render_response(project, "utter_internal_error_rasa", slots, context, extra)
+            return BotMessage(fallback.text if fallback else None, (), utter)
+        jinja = variation.is_jinja
+        text = None if variation.text is None else render_text(variation.text, variables, jinja)
+        buttons = tuple(Button(render_text(b.title, variables, jinja), render_text(b.payload, variables, jinja))
+                        for b in variation.buttons)  # fmt: skip
+        return BotMessage(text, buttons, utter)
+    if utter in DEFAULT_RESPONSES:
+        return BotMessage(render_text(DEFAULT_RESPONSES[utter], variables, utter in JINJA_DEFAULT_RESPONSES), (), utter)
+    return None
+
+
+def _matched_in_order(expected: list[tuple[str | None, str | None]], said: list[BotMessage]) -> int:
+    """How many of the expected messages appear among `said`, in order."""
+    matched, position = 0, 0
+    for utter, text in expected:
+        for index in range(position, len(said)):
+            if (said[index].utter == utter) if utter else (said[index].text == text):
+                matched, position = matched + 1, index + 1
+                break
+    return matched
+
+
+_SLOT_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def slots_from_bot_text(project: Project, text: str) -> list[tuple[str, str]]:
+    """Slot values a bot text shows when it fills one of the domain's response templates (`Your {account_type}
+    balance is {balance}`); only a template that matches the whole text, and only when exactly one does."""
+    found: list[list[tuple[str, str]]] = []
+    for variations in project.domain.responses.values():
+        for variation in variations:
+            template = variation.text or ""
+            names = _SLOT_PLACEHOLDER.findall(template)
+            if not names or len(set(names)) != len(names):
+                continue
+            pattern = "".join(f"(?P<{part}>.+?)" if i % 2 else re.escape(part)
+                              for i, part in enumerate(_SLOT_PLACEHOLDER.split(template)))  # fmt: skip
+            match = re.fullmatch(pattern, text, flags=re.DOTALL)
+            if match and all(project.slot(name) is not None for name in names):
+                found.append([(name, match.group(name)) for name in names])
+    return found[0] if len(found) == 1 else []
 
 
 def startable_flows(project: Project, slots: dict[str, Any]) -> list[Flow]:

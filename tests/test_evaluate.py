@@ -313,12 +313,15 @@ def test_left_out_derived_turns_are_counted_in_the_report(example, validation, t
         code, report = _evaluate(example, tmp_path / "b", [hotels, e2e], models)
     turns = _metrics(derived)["turns"]
     tests = _metrics(derived)["test_cases"]
-    assert code == 0 and report["left_out"] == {"turns": turns, "test_cases": tests, "reason": "assertions"}
+    assert code == 0 and report["left_out"] == {"turns": turns, "test_cases": tests, "reason": "assertions",
+                                                "payload_turns": 3, "nlu_turns": 0}  # the hotel tests' buttons
     line = f"left out {turns} turn(s) ({tests} test case(s) entirely) whose commands are derived"
     assert line in capsys.readouterr().out
     markdown = (tmp_path / "b" / "report.md").read_text(encoding="utf-8")
     assert "**Not scored:** Left out" in markdown and "--include-derived" in markdown
-    assert "Not scored" not in (tmp_path / "a" / "report.md").read_text(encoding="utf-8")
+    # With --include-derived only the payload turn of assertion_checks.yml is left out, and said so.
+    scored_all = (tmp_path / "a" / "report.md").read_text(encoding="utf-8")
+    assert "--include-derived" not in scored_all and "**Not scored:** Left out 1 payload turn(s)" in scored_all
 
 
 def test_inputs_are_checked_before_any_model_is_loaded(example, tmp_path, capsys):

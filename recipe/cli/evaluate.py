@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no model to evaluate: give --model DIR and/or --endpoint URL --endpoint-model NAME")
     if args.concurrency < 1 or args.max_tokens < 1 or args.worst < 0:
         raise ConfigError("--concurrency and --max-tokens must be at least 1, --worst at least 0")
-    project = load_project_from_args(args)
+    project = load_project_from_args(args, flow_retrieval=True)
     check_inputs(project, args.inputs)  # a missing test path or bad row fails before any model is loaded
     template_path = args.prompt_template
     if template_path is not None and all(spec.endswith(".jsonl") for spec in args.inputs):
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         print("warning: --no-datetime, but the model was trained on prompts with the date and time "
               "(include_date_time: true): the prompts will differ from training", file=sys.stderr)  # fmt: skip
     policy = DatetimePolicy(include=include, fixed=parse_datetime_flag(args.datetime), seed=args.seed)
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []
     cases = load_cases(project, args.inputs, policy, generators[0].syntax, args.include_derived, skipped)
     left_out = left_out_summary(cases, skipped)
     if not cases:
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
               f"{metrics['turns']}), test cases {_pct(metrics['test_case_accuracy'])}, unparseable "
               f"{_pct(metrics['unparseable_rate'])}, invalid commands {_pct(metrics['invalid_command_rate'])}, "
               f"p50 {metrics['latency']['p50_s'] or 0:.3f} s")  # fmt: skip
-    if left_out.turns:
+    if left_out.message():
         print(left_out.message())
     print(f"report: {written[0]}")
     if threshold is not None:

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from recipe.cli._common import (
+    add_action_server_arguments,
     add_project_arguments,
     add_prompt_arguments,
+    connect_action_server,
     load_project_from_args,
     parse_datetime_flag,
     setup_logging,
@@ -54,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--abstention-rows", action="store_true",
                         help="turns whose commands are empty (the model should do nothing) become `cannot handle` "
                              "rows instead of being left out")  # fmt: skip
+    parser.add_argument("--keep-disagreeing", action="store_true",
+                        help="keep rows of turns whose dialogue state the test's own bot turns or assertions "
+                             "contradict (left out by default; result_summary.yaml lists them)")  # fmt: skip
     parser.add_argument("--train-frac", type=float, default=0.8, help="share of test cases in train, in (0, 1] (default: 0.8)")
     parser.add_argument("--output-format", choices=["instruction", "conversational"], default="instruction",
                         help="rows as prompt/completion, or as user/assistant messages (default: instruction)")
@@ -63,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_project_arguments(parser)
     add_prompt_arguments(parser)
+    add_action_server_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -102,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     _check_args(args)
-    project = load_project_from_args(args)
+    project = load_project_from_args(args, flow_retrieval=True, cache_dir=args.out / "cache")
+    action_server = connect_action_server(args, project, args.out / "cache" / "actions")
     syntax = choose_syntax(project, args.command_syntax)
     template = choose_template(project, syntax, args.prompt_template)
     mismatch = syntax_mismatch(template, syntax)
@@ -154,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         annotator=args.annotator,
         validation=args.validation,
         abstention_rows=args.abstention_rows,
+        keep_disagreeing=args.keep_disagreeing,
         offline=offline,
         max_concurrency=args.max_concurrency,
         rephrase_llm=rephrase_llm,
@@ -170,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(result.summary):
         print(line)
     print(f"train/val files: {result.out / '4_train_test_split' / 'ft_splits'}")
+    if action_server is not None:
+        print(action_server.summary_line())
     errors = result.summary["recipe"]["errors"]
     if errors:
         print(f"{len(errors)} LLM call(s) failed after retries (see result_summary.yaml); the rows that did not need "
