@@ -1,8 +1,9 @@
 """Flow conditions (`if:` guards, `next` branches, rejections): a small parser and evaluator.
 
-Covers the pypred subset flows use: `slots.x`, `not slots.x`, comparisons (`=`, `==`, `!=`, `<`, `<=`, `>`, `>=`,
+Covers the pypred subset flows use: `slots.x`, `context.x` (`context.x.y`: the pattern frame's context), `not slots.x`,
+comparisons (`=`, `==`, `!=`, `<`, `<=`, `>`, `>=`,
 `is`, `is not`, `contains`, `matches`), `and`/`or`, parentheses, numbers, quoted strings, true/false, null.
-Conditions are parsed once (cached by text) and evaluated against a slot dictionary.
+Conditions are parsed once (cached by text) and evaluated against a namespace `{"slots": ..., "context": ...}`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Mapping
+
+import jinja2
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -29,7 +32,7 @@ class ConditionError(ValueError):
     pass
 
 
-Evaluator = Callable[[Mapping[str, Any]], Any]
+Evaluator = Callable[[Mapping[str, Any]], Any]  # takes the namespace built by `namespace()`
 
 
 @dataclass
@@ -59,20 +62,20 @@ class _Parser:
         left = self.parse_and()
         while self.accept_word("or"):
             right, previous = self.parse_and(), left
-            left = lambda slots, a=previous, b=right: bool(a(slots)) or bool(b(slots))  # noqa: E731
+            left = lambda ns, a=previous, b=right: bool(a(ns)) or bool(b(ns))  # noqa: E731
         return left
 
     def parse_and(self) -> Evaluator:
         left = self.parse_not()
         while self.accept_word("and"):
             right, previous = self.parse_not(), left
-            left = lambda slots, a=previous, b=right: bool(a(slots)) and bool(b(slots))  # noqa: E731
+            left = lambda ns, a=previous, b=right: bool(a(ns)) and bool(b(ns))  # noqa: E731
         return left
 
     def parse_not(self) -> Evaluator:
         if self.accept_word("not"):
             inner = self.parse_not()
-            return lambda slots: not inner(slots)
+            return lambda ns: not inner(ns)
         return self.parse_comparison()
 
     def parse_comparison(self) -> Evaluator:
@@ -93,7 +96,7 @@ class _Parser:
             return left
         right = self.parse_operand()
         compare = _COMPARISONS[operator]
-        return lambda slots: compare(left(slots), right(slots))
+        return lambda ns: compare(left(ns), right(ns))
 
     def parse_operand(self) -> Evaluator:
         kind, text = self.take()
@@ -104,24 +107,34 @@ class _Parser:
             return inner
         if kind == "number":
             value = float(text) if "." in text else int(text)
-            return lambda slots: value
+            return lambda ns: value
         if kind == "string":
             value = text[1:-1]
-            return lambda slots: value
+            return lambda ns: value
         if kind == "word":
             lowered = text.lower()
             if lowered in _LITERALS:
                 literal = _LITERALS[lowered]
-                return lambda slots: literal
+                return lambda ns: literal
             if lowered in _KEYWORDS:
                 raise ConditionError(f"condition `{self.source}`: unexpected `{text}`")
             namespace, _, name = text.partition(".")
             if namespace == "slots" and name:
-                return lambda slots: slots.get(name)
+                return lambda ns: (ns.get("slots") or {}).get(name)
             if namespace == "context":
-                return lambda slots: None  # dialogue-stack context is not modelled; treated as unset
-            raise ConditionError(f"condition `{self.source}`: `{text}` should be `slots.<name>`")
+                path = tuple(name.split(".")) if name else ()
+                return lambda ns: _lookup(ns.get("context"), path)
+            raise ConditionError(f"condition `{self.source}`: `{text}` should be `slots.<name>` or `context.<key>`")
         raise ConditionError(f"condition `{self.source}`: unexpected `{text}`")
+
+
+def _lookup(value: Any, path: tuple[str, ...]) -> Any:
+    """`context.a.b`: walk the pattern frame's context; a missing key is unset (None), as pypred's undefined."""
+    for key in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
 
 
 def _number(value: Any) -> float | None:
@@ -199,6 +212,19 @@ def parse_condition(source: str) -> Evaluator:
     return evaluator
 
 
-def evaluate(source: str, slots: Mapping[str, Any]) -> bool:
-    """Does the condition hold for these slot values? Unset slots are None."""
-    return bool(parse_condition(source)(slots))
+def namespace(slots: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a condition is evaluated against, as at runtime: `slots.` and the top stack frame's `context.`."""
+    return {"slots": slots, "context": context or {}}
+
+
+def render_condition(source: str, context: Mapping[str, Any] | None = None) -> str:
+    """The runtime renders a condition as a Jinja2 template over `context` before parsing it
+    (`slots.{{context.collect}} is not null` in the collect pattern); plain conditions pass unchanged."""
+    if "{{" not in source and "{%" not in source:
+        return source
+    return jinja2.Template(source).render({"context": context or {}})
+
+
+def evaluate(source: str, slots: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> bool:
+    """Does the condition hold for these slot values (and this pattern context)? Unset slots and keys are None."""
+    return bool(parse_condition(render_condition(source, context))(namespace(slots, context)))

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from recipe.errors import InputError
+from recipe.errors import InputError, Problems
 from recipe.types import Button, Domain, Location, ResponseVariation, Slot
 from recipe.yamlio import line_of, load_yaml, plain
 
@@ -15,8 +15,10 @@ log = logging.getLogger("recipe")
 SLOT_TYPES = ("text", "bool", "categorical", "float", "any", "list")
 
 # Slots every CALM assistant has: set by the built-in patterns and the dialogue manager.
+# The runtime's default domain lets the command generator fill the slots its own pattern flows collect.
+_LLM_FILLED_BUILTINS = {"confirm_correction", "interrupted_flow_to_continue", "continue_interrupted_flow_confirmation"}
 BUILTIN_SLOTS: dict[str, Slot] = {
-    name: Slot(name=name, type=slot_type, mappings=("controlled",))
+    name: Slot(name=name, type=slot_type, mappings=("from_llm",) if name in _LLM_FILLED_BUILTINS else ("controlled",))
     for name, slot_type in {
         "confirm_correction": "bool",
         "requested_slot": "any",
@@ -28,6 +30,7 @@ BUILTIN_SLOTS: dict[str, Slot] = {
         "silence_timeout": "float",
         "consecutive_silence_timeouts": "float",
         "interrupted_flow_to_continue": "text",
+        "continue_interrupted_flow_confirmation": "bool",
         "handoff_reason": "text",
     }.items()
 }
@@ -74,39 +77,67 @@ def _read_variation(item: Any, path: str, name: str, line: int | None) -> Respon
             raise InputError(path, line_of(item, "buttons"), f"response `{name}`: each button needs a `title`")
         buttons.append(Button(title=str(button["title"]), payload=str(button.get("payload", ""))))
     text = item.get("text")
-    return ResponseVariation(text=None if text is None else str(text), buttons=tuple(buttons))
+    condition = item.get("condition")
+    if isinstance(condition, list):  # the deprecated form: every {type: slot, name, value} must hold
+        if not all(isinstance(c, dict) and "name" in c for c in condition):
+            raise InputError(path, line_of(item, "condition"),
+                             f"response `{name}`: each `condition` entry needs a `name` (and a `value`)")  # fmt: skip
+        condition = tuple((str(c["name"]), plain(c.get("value"))) for c in condition)
+    elif condition is not None:
+        condition = str(condition)
+    metadata = plain(item.get("metadata"))
+    return ResponseVariation(
+        text=None if text is None else str(text), buttons=tuple(buttons), condition=condition or None,
+        channel=None if item.get("channel") is None else str(item["channel"]),
+        metadata=metadata if isinstance(metadata, dict) else {},
+    )  # fmt: skip
 
 
-def read_domain(paths: list[Path], shown: dict[Path, str]) -> Domain:
-    """Merge the domain files in `paths` (in order; a later definition replaces an earlier one with a warning)."""
+def _shape_error(data: Any, shown_path: str) -> InputError | None:
+    if not isinstance(data, dict):
+        return InputError(shown_path, 1, "a domain file must be a mapping (slots, responses, actions, ...)")
+    for key in ("slots", "responses"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return InputError(shown_path, line_of(data, key), f"`{key}` must be a mapping of name to definition")
+    if data.get("actions") is not None and not isinstance(data["actions"], list):
+        return InputError(shown_path, line_of(data, "actions"), "`actions` must be a list of action names")
+    return None
+
+
+def read_domain(paths: list[Path], shown: dict[Path, str], problems: Problems | None = None) -> Domain:
+    """Merge the domain files in `paths` (in order; a later definition replaces an earlier one with a warning).
+    Mistakes go to `problems` (when given), so that every slot's and response's mistakes show in one run."""
+    collected = problems if problems is not None else Problems()
     slots: dict[str, Slot] = {}
     responses: dict[str, list[ResponseVariation]] = {}
     actions: set[str] = set()
     for path in paths:
         shown_path = shown.get(path, str(path))
-        data = load_yaml(path)
+        data = None
+        with collected.catch():
+            data = load_yaml(path)
         if data is None:
             continue
-        if not isinstance(data, dict):
-            raise InputError(shown_path, 1, "a domain file must be a mapping (slots, responses, actions, ...)")
-        for key in ("slots", "responses"):
-            if data.get(key) is not None and not isinstance(data[key], dict):
-                raise InputError(shown_path, line_of(data, key), f"`{key}` must be a mapping of name to definition")
-        if data.get("actions") is not None and not isinstance(data["actions"], list):
-            raise InputError(shown_path, line_of(data, "actions"), "`actions` must be a list of action names")
+        shape_error = _shape_error(data, shown_path)
+        if shape_error is not None:
+            collected.add(shape_error)
+            continue
         for name, body in (data.get("slots") or {}).items():
             if name in slots:
                 log.warning("%s: slot `%s` is defined again; the later definition wins", shown_path, name)
-            slots[str(name)] = _read_slot(str(name), body, shown_path, line_of(data["slots"], name))
+            with collected.catch():
+                slots[str(name)] = _read_slot(str(name), body, shown_path, line_of(data["slots"], name))
         for name, variations in (data.get("responses") or {}).items():
-            if not isinstance(variations, list):
-                raise InputError(
-                    shown_path, line_of(data["responses"], name), f"response `{name}` must be a list of variations"
-                )
-            responses[str(name)] = [
-                _read_variation(item, shown_path, str(name), line_of(variations, index))
-                for index, item in enumerate(variations)
-            ]
+            with collected.catch():
+                if not isinstance(variations, list):
+                    raise InputError(shown_path, line_of(data["responses"], name),
+                                     f"response `{name}` must be a list of variations")  # fmt: skip
+                responses[str(name)] = [
+                    _read_variation(item, shown_path, str(name), line_of(variations, index))
+                    for index, item in enumerate(variations)
+                ]
         for action in data.get("actions") or []:
             actions.add(str(next(iter(action))) if isinstance(action, dict) else str(action))
+    if problems is None:
+        collected.raise_if_any()
     return Domain(slots=slots, responses=responses, actions=actions, files=[shown.get(p, str(p)) for p in paths])
