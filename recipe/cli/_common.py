@@ -20,6 +20,9 @@ def add_project_arguments(parser: argparse.ArgumentParser) -> None:
                        help="flows file or folder, instead of discovery (repeatable)")
     group.add_argument("--domain", type=Path, action="append", metavar="PATH",
                        help="domain file or folder, instead of discovery (repeatable)")
+    group.add_argument("--max-errors", type=int, default=50, metavar="N",
+                       help="input problems listed before stopping; every file is read first, then every problem is "
+                            "printed as path:line, sorted; 0 lists all (default: 50)")  # fmt: skip
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,12 +38,24 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--datetime", metavar="ISO",
                        help="put this fixed date and time in every prompt instead of one derived from --seed")
     group.add_argument("--seed", type=int, default=42, help="seed for derived dates, splits and sampling (default: 42)")
+    group.add_argument("--embeddings-config", type=Path, metavar="FILE",
+                       help="YAML of an OpenAI-compatible embeddings endpoint (provider, model, api_base, "
+                            "api_key_env): list the flows flow retrieval picks, as the runtime does (default: "
+                            "config.yml's flow_retrieval embeddings, else every startable flow)")  # fmt: skip
 
 
-def load_project_from_args(args: argparse.Namespace):
+def load_project_from_args(args: argparse.Namespace, *, flow_retrieval: bool = False, cache_dir: Path | None = None):
+    """The project; with `flow_retrieval` (commands that render prompts) it lists flows as the runtime's flow
+    retrieval would (`--embeddings-config`, else config.yml), embeddings cached in `cache_dir`/embeddings."""
     from recipe.project import load_project
 
-    return load_project(args.project, flows=args.flows, domain=args.domain)
+    project = load_project(args.project, flows=args.flows, domain=args.domain)
+    if flow_retrieval:
+        from recipe.retrieval import flow_retrieval_for
+
+        cache = cache_dir / "embeddings" if cache_dir is not None else None
+        project.flow_retrieval = flow_retrieval_for(project, getattr(args, "embeddings_config", None), cache_dir=cache)
+    return project
 
 
 def parse_datetime_flag(value: str | None) -> datetime | None:
@@ -51,6 +66,49 @@ def parse_datetime_flag(value: str | None) -> datetime | None:
     except ValueError:
         raise ConfigError(f"--datetime {value}: expected an ISO date and time like 2026-03-05T14:05:09") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def add_action_server_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("custom actions")
+    group.add_argument("--action-endpoint", metavar="URL",
+                       help="webhook of your running action server (`rasa run actions`), e.g. "
+                            "http://localhost:5055/webhook: custom actions the tests do not stub run there for real "
+                            "(default: endpoints.yml's action_endpoint url, if any)")  # fmt: skip
+    group.add_argument("--endpoints", type=Path, metavar="FILE",
+                       help="endpoints.yml to take action_endpoint from, ${VAR} filled from the environment "
+                            "(default: the project's endpoints.yml)")  # fmt: skip
+    group.add_argument("--no-action-server", action="store_true",
+                       help="run no custom action, even when endpoints.yml names a server (slots they set stay unset)")
+    group.add_argument("--action-timeout", type=float, default=10.0, metavar="S",
+                       help="seconds to wait for one action's answer before retrying (default: 10)")
+
+
+def connect_action_server(args: argparse.Namespace, project, cache_dir: Path | None):
+    """Point `project.action_server` at the server the flags (or endpoints.yml) name, checked reachable now, before
+    any other work; None when there is none. `cache_dir=None` keeps answers in memory only."""
+    from recipe.actions import ActionEndpoint, ActionServer, read_action_endpoint
+
+    explicit = args.action_endpoint or args.endpoints
+    if args.no_action_server:
+        if explicit:
+            raise ConfigError("--no-action-server contradicts --action-endpoint/--endpoints; give one of them")
+        return None
+    if args.action_timeout <= 0:
+        raise ConfigError(f"--action-timeout {args.action_timeout}: expected a positive number of seconds")
+    if args.action_endpoint:
+        endpoint, remedy = ActionEndpoint(args.action_endpoint), "leave out --action-endpoint"
+    else:
+        path = args.endpoints or project.root / "endpoints.yml"
+        if args.endpoints and not path.is_file():
+            raise ConfigError(f"--endpoints {path}: file not found")
+        endpoint = read_action_endpoint(path) if path.is_file() else None
+        if endpoint is None:
+            return None
+        remedy = f"pass --no-action-server (the URL is {path}'s action_endpoint)"
+    server = ActionServer(endpoint, project.domain, cache_dir=cache_dir, timeout_s=args.action_timeout, remedy=remedy)
+    server.check_health()
+    project.action_server = server
+    return server
 
 
 def setup_logging(verbose: bool = False) -> None:

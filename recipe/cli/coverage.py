@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recipe.cli._common import add_project_arguments, load_project_from_args, setup_logging
+from recipe.cli._common import (
+    add_action_server_arguments,
+    add_project_arguments,
+    connect_action_server,
+    load_project_from_args,
+    setup_logging,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--out", type=Path, default=Path("coverage"), metavar="DIR",
                         help="folder for coverage.md, coverage.json and the PNG charts (default: coverage/)")
     add_project_arguments(parser)
+    add_action_server_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -32,9 +39,12 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     project = load_project_from_args(args)
+    action_server = connect_action_server(args, project, args.out / "cache" / "actions")
     specs = args.tests or [str(args.project / "e2e_tests")]
     report = coverage_report(project, load_tests(specs, project))
     paths = write_coverage(report, args.out)
     print("\n".join(summary_lines(report)))
     print(f"wrote {', '.join(relative(path) for path in paths)}")
+    if action_server is not None:
+        print(action_server.summary_line())
     return 0

@@ -7,8 +7,10 @@ import json
 import logging
 
 from recipe.cli._common import (
+    add_action_server_arguments,
     add_project_arguments,
     add_prompt_arguments,
+    connect_action_server,
     load_project_from_args,
     parse_datetime_flag,
     setup_logging,
@@ -32,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--state", action="store_true", help="print the tracker's state before that turn (JSON)")
     add_project_arguments(parser)
     add_prompt_arguments(parser)
+    add_action_server_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from recipe.tracker import startable_flows
 
     setup_logging()
-    project = load_project_from_args(args)
+    project = load_project_from_args(args, flow_retrieval=True)
+    connect_action_server(args, project, None)  # answers kept in memory: one prompt is cheap to replay
     syntax = choose_syntax(project, args.command_syntax)
     template = choose_template(project, syntax, args.prompt_template)
     renderer = PromptRenderer(template, COMMAND_PROMPT_VARIABLES)
