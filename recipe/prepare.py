@@ -59,6 +59,7 @@ from recipe.rephrase import (
     rephrase_conversation,
     rule_based_rephrasings,
 )
+from recipe.retrieval import flow_retrieval_info
 from recipe.split import Split, coverage_features, split_test_cases
 from recipe.stitch import Row, conversation_rows, deduplicate
 from recipe.testcases import all_test_cases, load_tests
@@ -262,6 +263,8 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
         verdicts.setdefault(number, []).append(verdict)
     passing = {n: [v for v in vs if v.passed] for n, vs in verdicts.items()}
 
+    if project.flow_retrieval is not None:  # one embeddings request for every paraphrase, not one per prompt
+        project.flow_retrieval.prefetch([verdict.text for verdicts in passing.values() for verdict in verdicts])
     rows, disagreeing = conversation_rows(project, renderer, test_case, annotation, passing, when,
                                           config.abstention_rows, config.keep_disagreeing)  # fmt: skip
     progress.done("stitch")
@@ -418,6 +421,7 @@ def _params(project: Project, config: PrepareConfig, files: list[TestFile]) -> d
             "oracle": describe(config.oracle_llm) or ("lexical check (offline)" if config.num_rephrases else "none"),
             "validation": config.validation if config.oracle_llm else LEXICAL,
             "seed": config.seed,
+            "flow_retrieval": flow_retrieval_info(project.flow_retrieval),
             "input_sha256": _file_hashes([f.path for f in files] + project.flow_files + project.domain.files),
         },
     }  # fmt: skip
@@ -510,6 +514,8 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
         "command_syntax": config.syntax.value,
         "output_format": config.output_format,
         "include_date_time": config.datetime_policy.include,
+        # How the prompts listed flows: serve with the same flow retrieval (rasa-config writes it).
+        "flow_retrieval": flow_retrieval_info(project.flow_retrieval),
         "num_train_rows": len(train_rows),
         "num_val_rows": len(val_rows),
         "seed": config.seed,
@@ -519,6 +525,8 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
 
     summary = _summary(results, rows, duplicates, split, train_rows, val_rows, len(val_candidates) - len(val_rows),
                        suites, usage, config)  # fmt: skip
+    if project.action_server is not None:
+        summary["recipe"]["action_server"] = project.action_server.usage_summary()
     write_yaml(config.out / "result_summary.yaml", summary)
     return PrepareResult(out=config.out, summary=summary, train_rows=len(train_rows), val_rows=len(val_rows))
 

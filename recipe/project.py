@@ -274,6 +274,8 @@ def project_problems(project: Project) -> list[InputError]:
             conditions += [(branch.condition, where) for branch in step.next if branch.condition]
             conditions += [(condition, where) for condition, _ in step.rejections]
         for condition, where in conditions:
+            if "{{" in condition:
+                continue  # a Jinja condition (pattern overrides: `slots.{{context.collect}}`) is rendered first
             try:
                 parse_condition(condition)
             except ConditionError as error:

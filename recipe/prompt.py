@@ -1,8 +1,8 @@
 """Rendering the command generator's prompt exactly as the runtime does (rasa-formats.md §6).
 
 The variables, their order and their string forms follow the runtime's semantics, so a template written for the
-runtime renders here byte for byte as it would there. Flow retrieval is assumed off (every startable user flow is in
-the prompt), which is what a finetuned model should be trained and served with.
+runtime renders here byte for byte as it would there. Without `project.flow_retrieval` every startable user flow is in
+the prompt, in file order (the runtime with retrieval off); with it, the flows retrieval selects, in its order.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def choose_syntax(project: Project, explicit: str | None = None) -> Syntax:
             return Syntax(explicit)
         except ValueError:
             raise ConfigError(f"--command-syntax {explicit}: expected one of v1, v2, v3") from None
+    if project.config.syntax is None and project.config.generator:
+        log.warning("%s: the command generator `%s` is the project's own and recipe cannot tell which syntax it "
+                    "parses; using v2 (`start flow x`). Pass --command-syntax v1|v2|v3 to choose",
+                    project.config.generator_where, project.config.generator)  # fmt: skip
     return project.config.syntax or Syntax.V2
 
 
@@ -223,7 +227,10 @@ def prompt_variables(
     """Every variable the runtime passes to the command generator's template."""
     slots = state.slots
     available_flows = []
-    for flow in startable_flows(project, slots):
+    flows = startable_flows(project, slots)
+    if project.flow_retrieval is not None:  # the runtime's selection and order (recipe/retrieval.py)
+        flows = project.flow_retrieval.select(project, flows, state, user_message)
+    for flow in flows:
         flow_slot_entries = []
         for step in _collect_steps(project, flow):
             if _extractable(project, step, slots):

@@ -82,6 +82,20 @@ def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any]
         "include_date_time": bool(info.get("include_date_time", False)),
         "flow_retrieval": {"active": False},  # every flow in the prompt, as in the training rows
     }
+    retrieval = info.get("flow_retrieval") or {}
+    if retrieval.get("active"):  # the training prompts listed the flows retrieval picked: keep it, same embeddings
+        embeddings = dict(retrieval.get("embeddings") or {})
+        if embeddings.get("provider") == "self-hosted":
+            embeddings["provider"] = "openai"  # an OpenAI-compatible endpoint: provider openai with its api_base
+        component["flow_retrieval"] = {
+            "active": True,
+            "embeddings": {key: value for key, value in embeddings.items() if value is not None},
+            "num_flows": retrieval.get("num_flows", 20),
+            "turns_to_embed": retrieval.get("turns_to_embed", 1),
+            "should_embed_slots": retrieval.get("should_embed_slots", True),
+        }
+        notes.append("the training prompts list the flows flow retrieval picked: keep flow_retrieval on with the same "
+                     "embeddings model and settings (check that api_base is reachable from the assistant)")  # fmt: skip
     notes.append("after changing config.yml or the template: rasa train, then rasa test e2e on the validation tests")
     return RasaConfig(endpoints, {"pipeline": [component]}, tuple(notes))
 

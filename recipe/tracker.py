@@ -132,6 +132,9 @@ class DialogueState:
     stack: tuple[FrameView, ...]
     transcript: tuple[TranscriptLine, ...]
     started_flows: tuple[str, ...] = ()  # user flows started so far in the conversation, first start first
+    # Every start of a user flow (restarts and links included) with the number of transcript lines before it: flow
+    # retrieval lists the flows started within the last messages, latest first.
+    flow_starts: tuple[tuple[str, int], ...] = ()
 
     def slot_value(self, name: str) -> Any:
         return self.slots.get(name)
@@ -163,6 +166,8 @@ class ActionRunner(Protocol):
     """Runs custom actions for the tracker (for real: `recipe.actions.ActionServer`)."""
 
     def run(self, call: ActionCall) -> ActionOutcome: ...
+
+    def usage_summary(self) -> dict[str, Any]: ...
 
 
 _PATTERN_FLOWS_YAML: dict[str, list[tuple[str, ...]]] = {
@@ -204,6 +209,7 @@ def _default_pattern(pattern_id: str) -> Flow:
 
 _FORMAT_PLACEHOLDER = re.compile(r"\{([^\n{}]+?)\}")  # the runtime's `{name}` placeholder
 _SET_SLOTS_PAYLOAD = re.compile(r"^/SetSlots\((.*)\)\s*$")
+MAX_FOLLOWUPS = 10  # the same followup action within one turn
 MAX_STEPS_PER_TURN = 500  # a flow that loops without asking anything is a bug in the flows; stop and say so
 
 
@@ -237,6 +243,7 @@ class DialogueTracker:
         self.conversation_id = conversation_id
         self.action_runner = action_runner
         self.started_flows: list[str] = []
+        self.flow_starts: list[tuple[str, int]] = []
         self.evidence: TurnEvidence | None = None  # set per turn by the replay; never by a forked trial run
         self._unknown_action = False  # did an action run this turn whose effect nobody knows?
         self._forced_target: str | None = None  # a trial run of one branch (see `_branch_the_test_shows`)
@@ -267,6 +274,7 @@ class DialogueTracker:
             stack=tuple(FrameView(f.flow_id, f.kind, f.step_id) for f in self.stack),
             transcript=tuple(self.transcript),
             started_flows=tuple(self.started_flows),
+            flow_starts=tuple(self.flow_starts),
         )
 
     def flow(self, flow_id: str) -> Flow:
@@ -431,8 +439,12 @@ class DialogueTracker:
         flow = self.flow(flow_id)
         self.stack.append(Frame(flow_id, "user", flow.first_step))
         self.events.flows_started.append(flow_id)
+        self._record_start(flow_id)
+
+    def _record_start(self, flow_id: str) -> None:
         if flow_id not in self.started_flows:
             self.started_flows.append(flow_id)
+        self.flow_starts.append((flow_id, len(self.transcript)))
 
     def _push_pattern(self, pattern_id: str, **context: Any) -> None:
         flow = self.flow(pattern_id)
@@ -568,6 +580,8 @@ class DialogueTracker:
             target = self.flow(step.link or "")
             self.stack.append(Frame(target.id, frame.kind if frame.kind != "called" else "user", target.first_step))
             self.events.flows_started.append(target.id)
+            if not target.is_pattern:
+                self._record_start(target.id)
             return False
         elif step.kind == "call":
             frame.step_done = False
@@ -702,7 +716,7 @@ class DialogueTracker:
             stack=tuple(FrameView(f.flow_id, f.kind, f.step_id) for f in self.stack),
         )  # fmt: skip
 
-    def _apply_outcome(self, frame: Frame, outcome: ActionOutcome, depth: int = 0) -> None:
+    def _apply_outcome(self, frame: Frame, outcome: ActionOutcome) -> None:
         for name, value in outcome.slots:
             self._set_slot(name, value)
         for message in outcome.messages:
@@ -710,14 +724,15 @@ class DialogueTracker:
                 self._say(message.utter, frame)
             else:
                 self._emit(message)
-        if outcome.followup and depth < 10:  # a followup chain that never ends is the server's bug
-            self.events.actions.append(outcome.followup)
-            if outcome.followup.startswith("utter_"):
-                self._say(outcome.followup, frame)
-            elif self.action_runner is not None and outcome.followup not in self.stubs:
-                self._apply_outcome(frame, self.action_runner.run(self._action_call(outcome.followup)), depth + 1)
-            else:
+        if outcome.followup:
+            # A followup runs like any action (stub, response, built-in or server); a chain that never ends is
+            # the server's bug, so it is cut after a few.
+            followups = sum(1 for action in self.events.actions if action == outcome.followup)
+            if followups < MAX_FOLLOWUPS:
                 self._run_action(frame, outcome.followup)
+            else:
+                self.events.warnings.append(f"`{outcome.followup}` followed up on itself {MAX_FOLLOWUPS} times; "
+                                            "stopped")  # fmt: skip
 
     def _last_bot_messages(self) -> list[BotMessage]:
         """The bot's last run of messages before the repeat request (user messages without a reply are passed)."""

@@ -33,7 +33,8 @@ CHECKPOINTS = "checkpoints"
 MERGED = "merged"
 # Keys of prepare-data's dataset_info.json; null in our info file when the data came without it.
 DATASET_INFO_KEYS = ("prompt_template", "prompt_template_sha256", "prompt_template_text", "command_syntax",
-                     "output_format", "num_train_rows", "num_val_rows", "seed", "recipe_version")
+                     "output_format", "include_date_time", "flow_retrieval", "num_train_rows", "num_val_rows", "seed",
+                     "recipe_version")
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth")
 
 

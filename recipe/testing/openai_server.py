@@ -1,7 +1,8 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 whose answers and faults a test scripts.
 
-The server speaks enough of the OpenAI API (`POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`)
-for the real `openai` client to parse its answers, so tests and benchmarks exercise the client's whole HTTP path:
+The server speaks enough of the OpenAI API (`POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+and `POST /v1/embeddings` with deterministic bag-of-words vectors, see `hashing_embedding`) for the real `openai`
+client to parse its answers, so tests and benchmarks exercise the client's whole HTTP path:
 timeouts, status codes, headers, broken bodies and dropped connections. Paths are matched by suffix, so Azure-style
 URLs (`/openai/deployments/<name>/chat/completions?api-version=...`) work too.
 
@@ -16,10 +17,15 @@ request, thread-safely, so tests can count hits in total and per prompt.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import itertools
 import json
+import math
+import re
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -30,7 +36,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal
 
-Endpoint = Literal["chat", "completions", "models"]
+Endpoint = Literal["chat", "completions", "models", "embeddings"]
+EMBEDDING_DIMENSIONS = 64  # of `/v1/embeddings` answers, unless the request asks for `dimensions`
+
+
+def hashing_embedding(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """The server's embedding of `text`: each lower-cased word adds 1 at the index its sha256 picks, then the
+    vector is scaled to length 1 (all zeros for a text without words). Tests compute it to predict similarities."""
+    vector = [0.0] * dimensions
+    for word in re.findall(r"[a-z0-9]+", text.lower()):
+        vector[int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "big") % dimensions] += 1.0
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm else vector
 
 
 @dataclass(frozen=True)
@@ -237,10 +254,11 @@ class ScriptedOpenAIServer:
         with self._lock:
             return list(self._requests)
 
-    def hits(self, prompt: str | None = None) -> int:
-        """POST requests received, in total or for one prompt (see `prompt_of`)."""
+    def hits(self, prompt: str | None = None, *, endpoint: Endpoint | None = None) -> int:
+        """POST requests received, in total, for one prompt (see `prompt_of`) and/or to one endpoint."""
         return sum(1 for request in self.requests
-                   if request.endpoint != "models" and (prompt is None or request.prompt == prompt))
+                   if request.endpoint != "models" and (prompt is None or request.prompt == prompt)
+                   and (endpoint is None or request.endpoint == endpoint))
 
     @property
     def max_in_flight(self) -> int:
@@ -323,7 +341,7 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         endpoint = _endpoint_of(self.path)
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if endpoint not in ("chat", "completions"):
+        if endpoint not in ("chat", "completions", "embeddings"):
             self._send_json(404, _error_body(f"no route for POST {self.path}", 404))
             return
         try:
@@ -352,6 +370,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if reply.status != 200:
             self._send_json(reply.status, _error_body(reply.error_message or "error", reply.status), reply.headers)
+            return
+        if endpoint == "embeddings":  # the reply's text is not used: vectors follow from the input
+            self._send_json(200, _embeddings_body(body), reply.headers)
             return
         self._send_json(200, self._answer_body(reply, endpoint, body), reply.headers)
 
@@ -385,8 +406,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def _embeddings_body(body: dict[str, Any]) -> dict[str, Any]:
+    inputs = body.get("input")
+    texts = [inputs] if isinstance(inputs, str) else [str(text) for text in inputs or []]
+    dimensions = body.get("dimensions") if isinstance(body.get("dimensions"), int) else EMBEDDING_DIMENSIONS
+    data: list[dict[str, Any]] = []
+    for index, text in enumerate(texts):
+        vector: Any = hashing_embedding(text, dimensions)
+        if body.get("encoding_format") == "base64":  # what the openai client asks for unless told otherwise
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = sum(_word_count(text) for text in texts)
+    return {"object": "list", "data": data, "model": body.get("model") or "scripted-model",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
 def _endpoint_of(path: str) -> Endpoint | None:
     route = path.split("?", 1)[0].rstrip("/")
+    if route.endswith("/embeddings"):
+        return "embeddings"
     if route.endswith("/chat/completions"):
         return "chat"
     if route.endswith("/completions"):
