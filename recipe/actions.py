@@ -518,18 +518,18 @@ class ActionServer:
             status = response.status_code
             if status == 200:
                 return self._parsed(response, call)
-            error = _error_body(response)
-            if status == 400 and error.get("action_name"):  # rasa-sdk: ActionExecutionRejection
-                return {"events": [], "responses": [], "rejected": str(error.get("error") or "rejected")}
+            answer = _error_body(response)
+            if status == 400 and answer.get("action_name"):  # rasa-sdk: ActionExecutionRejection
+                return {"events": [], "responses": [], "rejected": str(answer.get("error") or "rejected")}
             if status == 404:
-                if error.get("action_name"):
+                if answer.get("action_name"):
                     raise ConfigError(
                         f"custom action `{call.action}` is not on the action server at {self.url} "
                         "(404 action not found); register it there, or stub it in the test"
                     )
                 raise ConfigError(f"the action server at {self.url} answered 404 Not Found; is that its webhook URL "
                                   "(e.g. http://localhost:5055/webhook)?")  # fmt: skip
-            detail = str(error.get("error") or response.text[:200]).strip().splitlines()
+            detail = str(answer.get("error") or response.text[:200]).strip().splitlines()
             failure = f"HTTP {status}" + (f": {detail[0]}" if detail else "")
             if status >= 500 or status in RETRYABLE_STATUS:
                 continue

@@ -281,11 +281,11 @@ def assertion_problems(turn: Turn) -> list[str]:
         # Like the runtime's checks: did a slot event of this turn set it (a later reset does not undo that)?
         for name, value in check.slots:
             actual = set_values.get(name)
-            happened = was_set(name, value)
-            if check.was_set and not happened:
+            did_set = was_set(name, value)
+            if check.was_set and not did_set:
                 problems.append(f"{check.location}: slot_was_set {name}={value if value is not NO_VALUE else ''}, "
                                 f"tracker set {actual!r}")  # fmt: skip
-            if not check.was_set and happened:
+            if not check.was_set and did_set:
                 problems.append(f"{check.location}: slot_was_not_set {name}, tracker set it to {actual!r}")
     return problems
 

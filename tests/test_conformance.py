@@ -94,6 +94,7 @@ def test_nlu_commands_change_the_state_and_train_nothing(tmp_path):
     project, cases = cases_of("nlu_slots", "dialogue_understanding_tests")
     turns = replay_test_case(project, cases[0])
     assert [w for turn in turns for w in turn.warnings] == []
+    assert turns[1].state.flow_starts == (("transfer_money", 1),)  # after the first user message: for retrieval
     after_nlu = prompt_variables(project, turns[2].state, turns[2].text, None)
     assert next(s for s in after_nlu["flow_slots"] if s["name"] == "account_type")["value"] == "savings"
     annotation = annotate_from_assertions(project, cases[0])

@@ -8,8 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from recipe.cli._common import (
+    add_action_server_arguments,
     add_project_arguments,
     add_prompt_arguments,
+    connect_action_server,
     load_project_from_args,
     parse_datetime_flag,
     setup_logging,
@@ -84,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--worst", type=int, default=10, help="worst turns listed per model (default: 10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_project_arguments(parser)
+    add_action_server_arguments(parser)
     add_prompt_arguments(parser)
     parser.set_defaults(run=run, models=[])
 
@@ -122,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--concurrency and --max-tokens must be at least 1, --worst at least 0")
     project = load_project_from_args(args, flow_retrieval=True)
     check_inputs(project, args.inputs)  # a missing test path or bad row fails before any model is loaded
+    connect_action_server(args, project, args.out / "cache" / "actions")  # replays run the custom actions too
     template_path = args.prompt_template
     if template_path is not None and all(spec.endswith(".jsonl") for spec in args.inputs):
         print("--prompt-template is ignored for .jsonl inputs: their prompts are already rendered", file=sys.stderr)
