@@ -258,3 +258,23 @@ def test_state_disagreements_are_counted_and_their_rows_left_out(tmp_path):
     what = left["recipe"]["per_test_case"]["e2e_tests/evidence.yml::transfer that goes through"]["state_disagreements"]
     assert "the test expects `utter_card_fine` after turn 1" in what[1][0]
     assert kept["num_ft_data_points"] == left["num_ft_data_points"] + 1
+
+
+# ---------------------------------------------------------------------------------------------- every case
+
+
+def _tests_of(root: Path) -> list[str]:
+    return [str(folder) for folder in (root / "e2e_tests", root / "dialogue_understanding_tests") if folder.is_dir()]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CORPUS.iterdir() if p.is_dir()))
+def test_every_case_reads_with_exit_0_and_replays_without_disagreement(name, tmp_path, capsys):
+    root = CORPUS / name
+    assert main(["coverage", *_tests_of(root), "--project", str(root), "-o", str(tmp_path / "coverage")]) == 0
+    report = json.loads((tmp_path / "coverage" / "coverage.json").read_text(encoding="utf-8"))
+    assert report["state_disagreements"] == {}
+    assert main(["prepare-data", *_tests_of(root), "--project", str(root), "--offline", "--no-progress",
+                 "--num-rephrases", "1", "-o", str(tmp_path / "out")]) == 0  # fmt: skip
+    summary = read_yaml(tmp_path / "out" / "result_summary.yaml")
+    assert summary["recipe"]["state_disagreements"] == 0 and summary["num_ft_data_points"] > 0
+    assert "Traceback" not in capsys.readouterr().err
