@@ -213,8 +213,11 @@ def _stack_json(stack: tuple[FrameView, ...]) -> list[dict[str, Any]]:
 
 def tracker_json(call: ActionCall, slot_names: list[str]) -> dict[str, Any]:
     """What the server's `Tracker.from_dict` reads, rebuilt from the replay: every domain slot (None when unset),
-    the transcript as user/bot events, and the current slot values as slot events after the latest user message
-    (where the turn's commands put them), so `tracker.get_slot`, `latest_message` and `events` work in user code."""
+    the transcript as user/bot events, the values held before this turn as slot events at the session start, and
+    this turn's slot events after the latest user message, so `tracker.get_slot`, `latest_message`, `events` and
+    `slots_to_validate()` (this turn's slots) work in user code."""
+    set_this_turn = {name for name, _ in call.turn_slots}
+    held_before = [(name, value) for name, value in call.slots.items() if name not in set_this_turn]
     slots: dict[str, Any] = {name: None for name in slot_names}
     slots.update(call.slots)
     clock = iter(range(1_000_000))
@@ -228,6 +231,8 @@ def tracker_json(call: ActionCall, slot_names: list[str]) -> dict[str, Any]:
 
     action("action_session_start")
     add({"event": "session_started"})
+    for name, value in held_before:
+        add({"event": "slot", "name": name, "value": value})
     action("action_listen")
     last_user = max((i for i, line in enumerate(call.transcript) if line.speaker == "USER"), default=-1)
     latest_message: dict[str, Any] = {}
@@ -241,7 +246,7 @@ def tracker_json(call: ActionCall, slot_names: list[str]) -> dict[str, Any]:
                  "message_id": f"message_{index}", "metadata": {}})  # fmt: skip
             if index == last_user:
                 latest_message = parse_data
-                for name, value in call.slots.items():
+                for name, value in call.turn_slots:
                     add({"event": "slot", "name": name, "value": value})
         else:
             action(line.utter or "action_bot_message")
@@ -250,9 +255,6 @@ def tracker_json(call: ActionCall, slot_names: list[str]) -> dict[str, Any]:
                                                                 for b in line.buttons] or None}  # fmt: skip
             add({"event": "bot", "text": line.text, "data": data,
                  "metadata": {"utter_action": line.utter} if line.utter else {}})  # fmt: skip
-    if last_user < 0:
-        for name, value in call.slots.items():  # fixtures before the first message
-            add({"event": "slot", "name": name, "value": value})
     latest_action = next((e["name"] for e in reversed(events) if e["event"] == "action"), "action_listen")
     return {
         "sender_id": call.conversation_id,

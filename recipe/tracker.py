@@ -150,6 +150,7 @@ class ActionCall:
     transcript: tuple[TranscriptLine, ...]  # up to and including the current user message
     latest_message: str | None  # the current user message (None before the first one)
     stack: tuple[FrameView, ...]
+    turn_slots: tuple[tuple[str, Any], ...] = ()  # the slot events of the current turn so far, in order
 
 
 @dataclass(frozen=True)
@@ -714,6 +715,7 @@ class DialogueTracker:
             action=action, conversation_id=self.conversation_id, slots=copy.deepcopy(self.slots),
             transcript=tuple(self.transcript), latest_message=latest,
             stack=tuple(FrameView(f.flow_id, f.kind, f.step_id) for f in self.stack),
+            turn_slots=tuple(self.events.slots_set),
         )  # fmt: skip
 
     def _apply_outcome(self, frame: Frame, outcome: ActionOutcome) -> None:

@@ -138,6 +138,13 @@ def test_rasa_sdk_reads_the_tracker_we_send(action_server, tmp_path):
     assert validate["event_types"] == ["action", "session_started", "action", "user", "action", "bot", "action",
                                        "bot", "action", "user", "slot"]  # fmt: skip
     assert search["slots"] == {"city": "New York", "city_ok": True}
+    # rasa-sdk's `slots_to_validate()` sees this turn's slot events only, as a validation action expects.
+    assert validate["to_validate"] == ["city"] and search["to_validate"] == ["city", "city_ok"]
+    again = cases(project)["unknown city then Paris"]
+    replay_test_case(project, again)
+    second = [c for c in action_server.calls() if c["sender"] == again.id and c["action"] == "action_validate_city"][-1]
+    assert second["slots"] == {"city": "Paris", "city_ok": False}  # `city_ok` is from the turn before
+    assert second["to_validate"] == ["city"]
 
     # The tracker JSON is deterministic (it is the cache key) and carries the stack as rasa-sdk's frames.
     call = ActionCall(

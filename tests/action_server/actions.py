@@ -34,6 +34,7 @@ def _record(name: str, tracker: Tracker, **extra: Any) -> None:
         "slots": {key: value for key, value in tracker.slots.items() if value is not None},
         "event_types": [event.get("event") for event in tracker.events],
         "stack": [frame.get("flow_id") for frame in tracker.stack],
+        "to_validate": sorted(tracker.slots_to_validate()),  # what this turn set: validation actions read it
         **extra,
     }
     path = os.environ.get("RECIPE_TEST_ACTIONS_LOG")
