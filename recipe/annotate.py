@@ -18,18 +18,21 @@ from datetime import datetime
 from typing import Any
 
 from recipe.commands import (
+    NEWEST_RASA_VERSION,
     CancelFlow,
     ChitChat,
     Clarify,
     Command,
     HumanHandoff,
     Knowledge,
+    RasaVersion,
     RepeatLastBotMessages,
     SetSlot,
     SkipQuestion,
     StartFlow,
     Syntax,
     parse_model_output,
+    unsupported_reason,
 )
 from recipe.conversation import (
     Turn,
@@ -77,12 +80,17 @@ class TurnAnnotation:
         return self.commands is not None and self.source not in ("payload", "nlu")
 
 
-def _known_turn(step: UserStep, number: int) -> TurnAnnotation | None:
-    """A turn whose commands need no annotator: a button payload, a turn NLU answered, or written commands."""
+def _known_turn(step: UserStep, number: int, version: RasaVersion = NEWEST_RASA_VERSION) -> TurnAnnotation | None:
+    """A turn whose commands need no annotator: a button payload, a turn NLU answered, or written commands. A
+    written command the target Rasa release no longer parses (`hand over` from 3.16 on) makes the turn unknown: the
+    runtime would drop it and answer `cannot handle`, so neither the label nor the state after it is the runtime's."""
     if is_button_payload(step.text):
         return TurnAnnotation(number, [], "payload", PAYLOAD_REASON)
     if step.commands is not None and step.nlu_commands:
         return TurnAnnotation(number, list(step.commands), "nlu", NLU_REASON)
+    unsupported = [reason for c in step.commands or [] if (reason := unsupported_reason(c, version))]
+    if unsupported:
+        return TurnAnnotation(number, None, "test", unsupported[0])
     if step.commands is not None:
         return TurnAnnotation(number, list(step.commands), "test")
     return None
@@ -184,7 +192,7 @@ def annotate_from_assertions(project: Project, test_case: TestCase) -> TestAnnot
     annotation = TestAnnotation(test_case)
     for walk in user_turns(test_case):
         step, number, following = walk.step, walk.number, walk.following
-        result = _known_turn(step, number) or _derive_turn(project, tracker, step, number, following)
+        result = _known_turn(step, number, project.rasa_version) or _derive_turn(project, tracker, step, number, following)
         show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, result.commands or [],
                                                                     turn_evidence(walk)))
         annotation.turns.append(result)
@@ -243,7 +251,8 @@ def _derive_turn(project: Project, tracker: DialogueTracker, step: UserStep, num
         return TurnAnnotation(number, None, "assertions", "the test's expectations imply no command")
     for command in commands:
         # What the test asserts may be a value the assistant rejects, as the user said it: a valid label.
-        problem = command_problem(command, project, from_any_source=True)
+        problem = command_problem(command, project, from_any_source=True) or unsupported_reason(
+            command, project.rasa_version)
         if problem:
             return TurnAnnotation(number, None, "assertions", f"derived command {command.as_dict()}: {problem}")
     return TurnAnnotation(number, [canonical_command(c, project) for c in commands], "assertions")
@@ -279,7 +288,7 @@ async def annotate_with_teacher(
     for walk in user_turns(test_case):
         step, number, following = walk.step, walk.number, walk.following
         replay_commands: list[Command] = []
-        known = _known_turn(step, number)
+        known = _known_turn(step, number, project.rasa_version)
         if known is not None:
             result = known
         else:
@@ -305,7 +314,7 @@ async def annotate_with_teacher(
 def _judge_teacher_answer(project: Project, tracker: DialogueTracker, step: UserStep, number: int, following: list,
                           text: str, syntax: Syntax) -> TurnAnnotation:  # fmt: skip
     """Accept the teacher's answer only if it parses, fits the assistant and reproduces the test's assertions."""
-    parsed = parse_model_output(text, syntax)
+    parsed = parse_model_output(text, syntax, custom=project.custom_commands)
     if parsed.unparsed_lines:
         return TurnAnnotation(number, None, "llm", f"teacher answer not parseable: {parsed.unparsed_lines[0]!r}")
     commands = list(parsed.commands)

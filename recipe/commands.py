@@ -13,7 +13,7 @@ exactly (`C++` stays `C++`), reject trailing junk, and read one command per line
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar, Iterable
 
@@ -140,6 +140,113 @@ COMMAND_KINDS: tuple[str, ...] = (
 CORE_COMMAND_KINDS: tuple[str, ...] = COMMAND_KINDS[:10]
 
 
+# ---------------------------------------------------------------------------------------------- Rasa versions
+
+
+@dataclass(frozen=True, order=True)
+class RasaVersion:
+    """The Rasa Pro release a model is trained for: its command parser decides which commands exist."""
+
+    major: int
+    minor: int
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+
+OLDEST_RASA_VERSION = RasaVersion(3, 10)
+NEWEST_RASA_VERSION = RasaVersion(3, 21)  # the newest release whose parser we have checked
+HANDOFF_REMOVED_IN = RasaVersion(3, 16)  # `hand over` / `HumanHandoff()` no longer parse: the line is dropped
+AGENTS_ADDED_IN = RasaVersion(3, 14)  # `continue agent` / `restart agent`, `call:` to sub-agents and MCP tools
+
+
+def parse_rasa_version(text: str) -> RasaVersion:
+    """`3.21`, `3.21.0` or `3.21.0rc1` -> 3.21; a release outside 3.10..newest is refused with what is supported."""
+    match = re.fullmatch(r"\s*(\d+)\.(\d+)(?:\.\d+)?(?:[a-z]+\d*)?\s*", str(text))
+    if not match:
+        raise ValueError(f"`{text}` is not a Rasa Pro version; expected e.g. {NEWEST_RASA_VERSION}")
+    version = RasaVersion(int(match.group(1)), int(match.group(2)))
+    if not OLDEST_RASA_VERSION <= version <= NEWEST_RASA_VERSION:
+        raise ValueError(f"Rasa Pro {version} is not supported; expected {OLDEST_RASA_VERSION} to {NEWEST_RASA_VERSION}")
+    return version
+
+
+def version_kinds(version: RasaVersion) -> frozenset[str]:
+    """The command kinds the runtime's parser of `version` reads from an LLM's answer (`cannot handle` never is,
+    but recipe's own abstention rows use it, and the runtime ends there when nothing parses)."""
+    kinds = set(COMMAND_KINDS)
+    if version >= HANDOFF_REMOVED_IN:
+        kinds.discard(HumanHandoff.kind)
+    if version < AGENTS_ADDED_IN:
+        kinds -= {ContinueAgent.kind, RestartAgent.kind}
+    return frozenset(kinds)
+
+
+def unsupported_reason(command: Command, version: RasaVersion) -> str | None:
+    """Why the runtime of `version` never sees `command` from the LLM (None when it does)."""
+    if isinstance(command, CustomCommand) or command.kind in version_kinds(version):
+        return None
+    if command.kind == HumanHandoff.kind:
+        return (f"`{command.kind}` is not a command in Rasa Pro {version} (removed in {HANDOFF_REMOVED_IN}: the "
+                "runtime drops the line and the turn becomes `cannot handle`); pass --rasa-version 3.15 or older "
+                "to train it")  # fmt: skip
+    return f"`{command.kind}` is not a command before Rasa Pro {AGENTS_ADDED_IN} (target: {version})"
+
+
+# ---------------------------------------------------------------------------------------------- custom commands
+
+_ARG_PATTERNS = {"flow": r"[A-Za-z0-9_-]+", "slot": r"[A-Za-z_][A-Za-z0-9_-]*", "agent": r"[A-Za-z0-9_-]+",
+                 "value": r".+?"}  # fmt: skip
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class CustomCommandSpec:
+    """A project's own command (a command class of the project, parsed through the generator's additional
+    commands), declared in `custom_commands.yml`: its name, typed arguments and its form in each dialect."""
+
+    name: str  # the JSON `command`, e.g. `check balance`
+    arguments: tuple[tuple[str, str], ...]  # (argument, flow | slot | agent | value), in order
+    forms: tuple[tuple[Syntax, str], ...]  # (dialect, `check balance {account}`)
+    description: str | None = None  # what our templates' command lists say it is for
+
+    def form(self, syntax: Syntax) -> str:
+        forms = dict(self.forms)
+        return forms.get(syntax) or forms.get(Syntax.V2) or forms[Syntax.V3]
+
+    def template_line(self, syntax: Syntax) -> str | None:
+        """The command-list line of our templates: `check balance ACCOUNT: ...` (v1: `CheckBalance(account): ...`)."""
+        if not self.description:
+            return None
+        shown = _PLACEHOLDER.sub(lambda m: m.group(1) if syntax is Syntax.V1 else m.group(1).upper(), self.form(syntax))
+        return f"{shown}: {self.description}"
+
+    def regex(self, syntax: Syntax) -> re.Pattern[str]:
+        form, parts, at = self.form(syntax), [], 0
+        types = dict(self.arguments)
+        for match in _PLACEHOLDER.finditer(form):
+            parts.append(re.escape(form[at:match.start()]).replace(r"\ ", r"\s+"))
+            parts.append(f"(?P<{match.group(1)}>{_ARG_PATTERNS[types[match.group(1)]]})")
+            at = match.end()
+        parts.append(re.escape(form[at:]).replace(r"\ ", r"\s+"))
+        return re.compile("".join(parts))
+
+
+@dataclass(frozen=True)
+class CustomCommand(Command):
+    """An instance of a project's own command: its spec and argument values."""
+
+    spec: CustomCommandSpec = field(repr=False)
+    values: tuple[tuple[str, str], ...] = ()
+
+    @property  # type: ignore[override]
+    def kind(self) -> str:
+        return self.spec.name
+
+    def as_dict(self) -> dict:
+        return {"command": self.spec.name, **dict(self.values)}
+
+
 class CommandParseError(ValueError):
     """A line that is not a command in the expected syntax. The message says what was expected."""
 
@@ -194,6 +301,8 @@ def format_command(command: Command, syntax: Syntax) -> str:
             return " ".join([prefix, *options])
         case RestartAgent(agent=agent):
             return f"RestartAgent({agent})" if syntax is Syntax.V1 else f"restart agent {agent}"
+        case CustomCommand(spec=spec, values=values):
+            return _PLACEHOLDER.sub(lambda m: dict(values)[m.group(1)], spec.form(syntax))
     words = _BARE_WORDS[syntax].get(type(command)) or _BARE_WORDS[Syntax.V2][type(command)]
     return words
 
@@ -302,14 +411,30 @@ def _clean_line(line: str) -> str:
     return line
 
 
-def parse_command(line: str, syntaxes: Iterable[Syntax] = ALL_SYNTAXES) -> Command:
-    """Parse one command line in any of `syntaxes`; raise CommandParseError saying what was expected."""
+def _parse_custom(line: str, syntax: Syntax, custom: Iterable[CustomCommandSpec]) -> Command | None:
+    text = " ".join(line.split())
+    for spec in custom:
+        match = spec.regex(syntax).fullmatch(text)
+        if match:
+            values = tuple((name, _unquote(match.group(name))) for name, _ in spec.arguments)
+            return CustomCommand(spec=spec, values=values)
+    return None
+
+
+def parse_command(line: str, syntaxes: Iterable[Syntax] = ALL_SYNTAXES,
+                  custom: Iterable[CustomCommandSpec] = ()) -> Command:  # fmt: skip
+    """Parse one command line in any of `syntaxes` (built-in commands first, then the project's `custom` ones, as
+    the runtime tries its default commands before the additional ones); raise CommandParseError saying what was
+    expected."""
     cleaned = _clean_line(line)
     if not cleaned:
         raise CommandParseError("empty command")
     allowed = tuple(syntaxes)
+    custom = tuple(custom)
     for syntax in allowed:
         command = _parse_v1(cleaned) if syntax is Syntax.V1 else _parse_words(cleaned, syntax)
+        if command is None and custom:
+            command = _parse_custom(cleaned, syntax, custom)
         if command is not None:
             return command
     examples = ", ".join(dict.fromkeys(f"`{format_command(StartFlow('flow_id'), s)}`" for s in allowed))
@@ -343,18 +468,27 @@ class ParsedOutput:
         return not self.unparsed_lines
 
 
-def parse_model_output(text: str, syntax: Syntax) -> ParsedOutput:
-    """Parse an LLM's answer line by line in one syntax. Blank lines and code fences are ignored."""
+def parse_model_output(text: str, syntax: Syntax, version: RasaVersion | None = None,
+                       custom: Iterable[CustomCommandSpec] = ()) -> ParsedOutput:  # fmt: skip
+    """Parse an LLM's answer line by line in one syntax. Blank lines and code fences are ignored. With `version`, a
+    command that release's parser does not know (`hand over` from 3.16 on) is an unparsed line, as the runtime drops
+    it."""
     commands: list[Command] = []
     unparsed: list[str] = []
+    custom = tuple(custom)
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("```"):
             continue
         try:
-            commands.append(parse_command(line, _compatible(syntax)))
+            command = parse_command(line, _compatible(syntax), custom)
         except CommandParseError:
             unparsed.append(line)
+            continue
+        if version is not None and unsupported_reason(command, version):
+            unparsed.append(line)
+        else:
+            commands.append(command)
     return ParsedOutput(tuple(commands), tuple(unparsed))
 
 
@@ -383,6 +517,8 @@ def command_key(command: Command) -> tuple:
             return (command.kind, options)
         case RestartAgent(agent=agent):
             return (command.kind, agent)
+        case CustomCommand(values=values):
+            return (command.kind, tuple((name, _normal_value(value)) for name, value in values))
     return (command.kind,)
 
 

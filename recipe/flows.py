@@ -107,6 +107,10 @@ class _FlowReader:
                     raise self.error(item, "`set_slots` entries must be single {slot: value} mappings", kind)
                 ((slot, slot_value),) = entry.items()
                 step.set_slots.append((str(slot), plain(slot_value)))
+        elif kind == "call":
+            step.mcp_server = None if item.get("mcp_server") is None else str(item["mcp_server"])
+            step.mapping = plain(item["mapping"]) if isinstance(item.get("mapping"), dict) else None
+            step.exit_if = [_condition_text(c) for c in item.get("exit_if") or []]
         elif kind == "noop" and "next" not in item:
             raise self.error(item, f"flow `{self.flow_id}`: a `noop` step needs `next`")
         self.steps[step_id] = step

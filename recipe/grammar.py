@@ -29,14 +29,18 @@ from recipe.commands import (
     ChitChat,
     Clarify,
     Command,
+    ContinueAgent,
+    CustomCommandSpec,
     HumanHandoff,
     Knowledge,
     RepeatLastBotMessages,
+    RestartAgent,
     SetSlot,
     SkipQuestion,
     StartFlow,
     Syntax,
     format_command,
+    version_kinds,
 )
 from recipe.errors import ConfigError
 from recipe.project import Project
@@ -44,7 +48,8 @@ from recipe.project import Project
 if TYPE_CHECKING:
     import torch
 
-# Commands without arguments that a command generator may answer with (agent commands are left out: no agents here).
+# Commands without arguments that a command generator may answer with (those of the target Rasa release; agent
+# commands only in projects with sub-agents, see `command_line_node`).
 BARE_COMMANDS: tuple[type[Command], ...] = (
     CancelFlow, ChitChat, Knowledge, SkipQuestion, RepeatLastBotMessages, HumanHandoff, CannotHandle,
 )  # fmt: skip
@@ -214,12 +219,40 @@ def command_line_node(project: Project, syntax: Syntax, kinds: Iterable[str] | N
         before, separator, after = _parts(format_command(Clarify((_PLACEHOLDER_A, _PLACEHOLDER_B)), syntax))
         more = Repeat(Seq((Literal(separator), flow_choice)), 1, min(len(flows), MAX_CLARIFY_OPTIONS) - 1)
         lines.append(Seq((Literal(before), flow_choice, more, Literal(after))))
+    offered = version_kinds(project.rasa_version)
     for command_type in BARE_COMMANDS:
-        if wanted is None or command_type.kind in wanted:
+        if (wanted is None or command_type.kind in wanted) and command_type.kind in offered:
             lines.append(Literal(format_command(command_type(), syntax)))
+    agents = sorted(project.agents) if ContinueAgent.kind in offered else []
+    if agents and (wanted is None or ContinueAgent.kind in wanted):
+        lines.append(Literal(format_command(ContinueAgent(), syntax)))
+    if agents and (wanted is None or RestartAgent.kind in wanted):
+        before, after = _parts(format_command(RestartAgent(_PLACEHOLDER_A), syntax))
+        lines.append(Seq((Literal(before), _choice(agents), Literal(after))))
+    for spec in project.custom_commands:
+        if wanted is None or spec.name in wanted:
+            lines.append(_custom_node(project, spec, syntax, flows, agents))
     if not lines:
         raise ConfigError("no command is possible for this assistant with the commands asked for")
     return Alt(tuple(lines))
+
+
+def _custom_node(project: Project, spec: CustomCommandSpec, syntax: Syntax, flows: Sequence[str],
+                 agents: Sequence[str]) -> Node:  # fmt: skip
+    """A project's own command as its declared form prints it, each argument from its type's language."""
+    from recipe.commands import _PLACEHOLDER
+
+    form, parts, at = spec.form(syntax), [], 0
+    types = dict(spec.arguments)
+    text = Seq((TEXT_FIRST, Repeat(TEXT_CHAR, 0, MAX_TEXT_VALUE - 1)))
+    for match in _PLACEHOLDER.finditer(form):
+        parts.append(Literal(form[at:match.start()]))
+        kind = types[match.group(1)]
+        parts.append({"flow": _choice(flows), "slot": _choice(fillable_slots(project)),
+                      "agent": _choice(agents or sorted(project.agents))}.get(kind, text))  # fmt: skip
+        at = match.end()
+    parts.append(Literal(form[at:]))
+    return Seq(tuple(part for part in parts if not (isinstance(part, Literal) and not part.text)))
 
 
 def answer_node(line: Node, max_lines: int = MAX_LINES) -> Node:

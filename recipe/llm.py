@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -39,14 +40,29 @@ from recipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-Provider = Literal["openai", "azure", "self-hosted"]
-PROVIDERS: tuple[str, ...] = ("openai", "azure", "self-hosted")
+Provider = Literal["openai", "azure", "self-hosted", "vllm", "hosted_vllm", "ollama", "anthropic", "bedrock",
+                   "aws_bedrock"]
+# The providers of Rasa Pro's docs. OpenAI-compatible ones go through the `openai` SDK; Anthropic and Bedrock through
+# their native APIs (recipe/providers.py). `aws_bedrock` and `hosted_vllm` are accepted spellings of `bedrock`, `vllm`.
+PROVIDERS: tuple[str, ...] = ("openai", "azure", "self-hosted", "vllm", "hosted_vllm", "ollama", "anthropic",
+                              "bedrock", "aws_bedrock")
+OPENAI_COMPATIBLE_PROVIDERS = frozenset({"openai", "azure", "self-hosted", "vllm", "hosted_vllm", "ollama"})
+NO_KEY_PROVIDERS = frozenset({"self-hosted", "vllm", "hosted_vllm", "ollama"})  # local servers: a key is optional
+OLLAMA_API_BASE = "http://localhost:11434/v1"
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
-# Environment variables searched for the key when the config names none (`api_key_env`), in order.
+# Environment variables searched for the key when the config names none (`api_key_env`), in order: the ones Rasa
+# (litellm) reads for the provider.
 DEFAULT_KEY_ENV_VARS: dict[str, tuple[str, ...]] = {
     "openai": ("OPENAI_API_KEY",),
     "azure": ("AZURE_API_KEY", "AZURE_OPENAI_API_KEY"),
-    "self-hosted": ("SELF_HOSTED_API_KEY",),
+    "self-hosted": ("SELF_HOSTED_API_KEY", "HOSTED_VLLM_API_KEY"),
+    "vllm": ("HOSTED_VLLM_API_KEY", "SELF_HOSTED_API_KEY"),
+    "hosted_vllm": ("HOSTED_VLLM_API_KEY", "SELF_HOSTED_API_KEY"),
+    "ollama": ("OLLAMA_API_KEY",),
+    "anthropic": ("ANTHROPIC_API_KEY",),
+    "bedrock": ("AWS_BEARER_TOKEN_BEDROCK", "AWS_SECRET_ACCESS_KEY"),
+    "aws_bedrock": ("AWS_BEARER_TOKEN_BEDROCK", "AWS_SECRET_ACCESS_KEY"),
 }
 SELF_HOSTED_DUMMY_KEY = "EMPTY"  # vLLM and friends accept any key unless started with --api-key
 
@@ -61,6 +77,10 @@ PRICES_PER_MILLION_TOKENS: dict[str, tuple[float, float]] = {
 }
 
 RETRYABLE_STATUS_CODES = frozenset({408, 409, 429})  # plus every 5xx
+# Failed calls in a row (each after its retries) after which a client stops calling its endpoint: the rest of the
+# run goes on without that role instead of paying for, and waiting on, calls that will fail the same way.
+MAX_CONSECUTIVE_FAILURES = 20
+TRUNCATED_RETRIES = 1  # a cut answer is asked again once only: at a low temperature it is cut the same way again
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -79,6 +99,8 @@ class LLMConfig:
     temperature: float = 0.0
     max_completion_tokens: int | None = None
     api_key_env: str | None = None
+    reasoning_effort: str | None = None  # sent as is (OpenAI-compatible) or as a thinking budget (Anthropic)
+    aws_region_name: str | None = None  # Bedrock; else AWS_REGION / AWS_DEFAULT_REGION
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, source: str) -> LLMConfig:
@@ -108,8 +130,8 @@ class LLMConfig:
             for key in ("api_base", "api_version"):
                 if getattr(self, key) is None:
                     raise ConfigError(f"{source}: provider 'azure' needs {key!r}")
-        if self.provider == "self-hosted" and self.api_base is None:
-            raise ConfigError(f"{source}: provider 'self-hosted' needs 'api_base' (e.g. http://localhost:8000/v1)")
+        if self.provider in ("self-hosted", "vllm", "hosted_vllm") and self.api_base is None:
+            raise ConfigError(f"{source}: provider {self.provider!r} needs 'api_base' (e.g. http://localhost:8000/v1)")
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key from the environment; a `ConfigError` when a provider that needs one has none."""
@@ -118,7 +140,7 @@ class LLMConfig:
         for name in names:
             if environ.get(name):
                 return environ[name]
-        if self.provider == "self-hosted" and not self.api_key_env:
+        if self.provider in NO_KEY_PROVIDERS and not self.api_key_env:
             return SELF_HOSTED_DUMMY_KEY
         raise ConfigError(f"no API key for provider {self.provider!r}: set {' or '.join(names)}")
 
@@ -140,7 +162,11 @@ def _checked_value(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, str) or not value.strip():
             raise fail("a non-empty string")
         return value
-    if key in ("api_base", "api_version", "api_key_env"):
+    if key == "reasoning_effort":
+        if value is not None and value not in REASONING_EFFORTS:
+            raise fail(f"one of {', '.join(REASONING_EFFORTS)}")
+        return value
+    if key in ("api_base", "api_version", "api_key_env", "aws_region_name"):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise fail("a non-empty string")
         return value
@@ -198,10 +224,13 @@ class LLMResult:
 class LLMCallFailed(Exception):
     """A call that did not succeed: retries exhausted, or an error that retrying cannot fix (400/401/403/404)."""
 
-    def __init__(self, last_error: str, *, attempts: int, status_code: int | None = None):
+    def __init__(self, last_error: str, *, attempts: int, status_code: int | None = None, endpoint: str = "",
+                 sent: bool = True):
         self.last_error = last_error
         self.attempts = attempts
         self.status_code = status_code
+        self.sent = sent  # False: refused before sending, because the endpoint was marked down
+        self.endpoint = endpoint  # "<role>: <provider> <model> at <api_base>", for messages that must name it
         super().__init__(f"LLM call failed after {attempts} attempt(s): {last_error}")
 
     @property
@@ -216,15 +245,17 @@ class LLMUsage:
     cache_hits: int = 0
     api_calls: int = 0  # HTTP requests sent, retries included
     retries: int = 0
-    failures: int = 0  # `chat` calls that raised LLMCallFailed
+    failures: int = 0  # `chat` calls that raised LLMCallFailed (not_sent included)
     truncated: int = 0  # answers with finish_reason "length"
+    empty_answers: int = 0  # answers with no text (refused as incomplete where the client is told so)
+    not_sent: int = 0  # calls refused without sending because the endpoint was marked down
     prompt_tokens: int = 0  # tokens of answers fetched in this run (cache hits cost nothing)
     completion_tokens: int = 0
 
 
 def price_per_million_tokens(config: LLMConfig) -> tuple[float, float] | None:
     """(input, output) USD per 1M tokens for OpenAI models, by the longest matching name; None when unknown."""
-    if config.provider == "self-hosted":
+    if config.provider not in ("openai", "azure"):
         return None
     matches = [name for name in PRICES_PER_MILLION_TOKENS if config.model == name or config.model.startswith(name + "-")]
     return PRICES_PER_MILLION_TOKENS[max(matches, key=len)] if matches else None
@@ -287,6 +318,10 @@ class _MalformedAnswer(Exception):
     """The server answered 200 with something that is not a usable completion."""
 
 
+class _IncompleteAnswer(_MalformedAnswer):
+    """An empty answer, or one cut at the token limit, from a client that must not accept those."""
+
+
 @dataclass(frozen=True)
 class _Answer:
     text: str
@@ -301,6 +336,12 @@ class LLMClient:
     Create it, use it and close it inside one event loop (one `asyncio.run` per run). Backoff before retry n
     (0-based) is `min(backoff_cap_s, backoff_base_s * 2**n)` plus up to `backoff_base_s` of jitter, unless the server
     says how long to wait (`Retry-After`, `retry-after-ms`; capped at `max_retry_after_s`).
+
+    With `refuse_incomplete`, an empty answer or one cut at the token limit is retried, counted, never cached, and
+    in the end a failure naming the limit to raise (data generation needs whole answers; `evaluate` scores them).
+    After `max_consecutive_failures` failed calls in a row (or as many calls' worth of failed attempts, since
+    concurrent calls interleave their retries), or one 401/403/404, the client is `down`: later calls and retries
+    fail at once without being sent. Error texts never carry the API key (`redact`).
     """
 
     def __init__(
@@ -315,6 +356,9 @@ class LLMClient:
         max_retry_after_s: float = 60.0,
         seed: int | None = None,
         environ: Mapping[str, str] | None = None,
+        role: str = "llm",
+        refuse_incomplete: bool = False,
+        max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
     ):
         if max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -331,7 +375,26 @@ class LLMClient:
         self._jitter = random.Random(seed)
         self._response_format_supported = True  # set to False the first time the endpoint rejects JSON mode
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sdk = _make_sdk_client(config, config.api_key(environ))
+        self.role = role
+        self.refuse_incomplete = refuse_incomplete
+        self.max_consecutive_failures = max_consecutive_failures
+        self.down: str | None = None  # why the client stopped calling its endpoint; None while it calls
+        self._consecutive_failures = 0
+        self._failed_attempts_in_a_row = 0  # calls interleave their retries: this trips long before calls end
+        api_key = config.api_key(environ)
+        self._secret_patterns = _secret_patterns(api_key)
+        self._sdk = _make_sdk_client(config, api_key)
+
+    @property
+    def endpoint(self) -> str:
+        """`<role>: <provider> <model> at <api_base>`: what a message about this client's calls names."""
+        return f"the {self.role} ({self.config.provider} {self.config.model} at {self.config.api_base or 'the default endpoint'})"
+
+    def redact(self, text: str) -> str:
+        """`text` with anything that looks like the configured API key replaced (servers echo keys in errors)."""
+        for pattern in self._secret_patterns:
+            text = pattern.sub("[redacted]", text)
+        return text
 
     async def __aenter__(self) -> LLMClient:
         return self
@@ -366,6 +429,8 @@ class LLMClient:
                                             use_completions_endpoint=use_completions_endpoint)
         key = request_key(request)
         stored = self.cache.get(key) if self.cache is not None else None
+        if stored is not None and self.refuse_incomplete and _incomplete(stored["text"], stored.get("finish_reason")):
+            stored = None  # written by an older version or another caller: ask again rather than train on it
         if stored is not None:
             self.usage.cache_hits += 1
             return LLMResult(text=stored["text"], finish_reason=stored.get("finish_reason"),
@@ -373,9 +438,19 @@ class LLMClient:
                              cached=True, latency_s=time.monotonic() - started)
         try:
             answer = await self._call_with_retries(request)
-        except LLMCallFailed:
+        except LLMCallFailed as error:
             self.usage.failures += 1
+            if not error.sent:
+                self.usage.not_sent += 1
+                raise
+            self._consecutive_failures += 1
+            if self.down is None and (error.fails_every_call
+                                      or self._consecutive_failures >= self.max_consecutive_failures):
+                self.down = (f"{self._consecutive_failures} call(s) in a row failed, the last with {error.last_error}"
+                             if not error.fails_every_call else error.last_error)
+                log.error("%s is down and is no longer called: %s", self.endpoint, self.down)
             raise
+        self._consecutive_failures = 0
         self.usage.prompt_tokens += answer.prompt_tokens
         self.usage.completion_tokens += answer.completion_tokens
         self.usage.truncated += answer.finish_reason == "length"
@@ -402,9 +477,9 @@ class LLMClient:
         """Everything that determines the answer: the cache key material, and what `_send_once` sends."""
         if use_completions_endpoint and len(messages) != 1:
             raise ValueError("use_completions_endpoint needs exactly one message (its content is the raw prompt)")
+        # Not the api_base: the same model behind another host or port gives the same answers and must not pay again.
         return {
             "provider": self.config.provider,
-            "api_base": self.config.api_base,
             "api_version": self.config.api_version,
             "model": self.config.model,
             "endpoint": "completions" if use_completions_endpoint else "chat",
@@ -413,35 +488,92 @@ class LLMClient:
             "response_format": response_format,
             "messages": messages,
             "sample_index": sample_index,
+            # only when set, so the cache keys of configs without it stay what they were
+            **({"reasoning_effort": self.config.reasoning_effort} if self.config.reasoning_effort else {}),
         }
 
     async def _call_with_retries(self, request: dict[str, Any]) -> _Answer:
         attempts = 0
         retries_left = self.max_retries
+        truncated_retries_left = TRUNCATED_RETRIES
         while True:
             attempts += 1
             send_response_format = self._response_format_supported and request["response_format"] is not None
             try:
                 async with self._semaphore:
+                    if self.down is not None:  # checked once a slot is free: calls queued behind are not sent
+                        raise LLMCallFailed(f"not sent: {self.down}", attempts=attempts - 1, endpoint=self.endpoint,
+                                            sent=False)
                     self.usage.api_calls += 1
-                    return await self._send_once(request, send_response_format=send_response_format)
+                    answer = await self._send_once(request, send_response_format=send_response_format)
+                if self.refuse_incomplete and _incomplete(answer.text, answer.finish_reason):
+                    cut = answer.finish_reason == "length"
+                    self.usage.truncated += cut
+                    self.usage.empty_answers += not cut and not answer.text.strip()
+                    if cut and truncated_retries_left == 0:
+                        retries_left = 0
+                    truncated_retries_left -= cut
+                    raise _IncompleteAnswer(self._incomplete_message(request, answer))
+                self._failed_attempts_in_a_row = 0
+                return answer
             except openai.BadRequestError as error:
                 if send_response_format and _mentions_json_mode(error):
                     # The endpoint has no JSON mode: ask again without it, and never send it again from this client.
-                    log.warning("endpoint rejected response_format; retrying without it: %s", _describe(error))
+                    log.warning("endpoint rejected response_format; retrying without it: %s", self._describe(error))
                     self._response_format_supported = False
                     self.usage.retries += 1
                     continue
-                raise LLMCallFailed(_describe(error), attempts=attempts, status_code=error.status_code) from error
+                raise LLMCallFailed(self._describe(error), attempts=attempts, status_code=error.status_code,
+                                    endpoint=self.endpoint) from error
             except (openai.OpenAIError, json.JSONDecodeError, _MalformedAnswer) as error:
                 status_code = getattr(error, "status_code", None)
+                self._failed_attempts_in_a_row += 1
+                if self.down is None and self._failed_attempts_in_a_row >= self.max_consecutive_failures * (
+                        self.max_retries + 1):
+                    self.down = (f"{self._failed_attempts_in_a_row} attempts in a row failed, the last with "
+                                 f"{self._describe(error)}")
+                    log.error("%s is down and is no longer called: %s", self.endpoint, self.down)
                 if not _is_retryable(error) or retries_left == 0:
-                    raise LLMCallFailed(_describe(error), attempts=attempts, status_code=status_code) from error
+                    raise LLMCallFailed(self._describe(error), attempts=attempts, status_code=status_code,
+                                        endpoint=self.endpoint) from error
                 delay = self._retry_delay(error, retry_number=self.max_retries - retries_left)
-                log.info("LLM call failed (%s); retry in %.2fs", _describe(error), delay)
+                log.info("LLM call failed (%s); retry in %.2fs", self._describe(error), delay)
                 retries_left -= 1
                 self.usage.retries += 1
                 await asyncio.sleep(delay)
+
+    def _incomplete_message(self, request: Mapping[str, Any], answer: _Answer) -> str:
+        if answer.finish_reason == "length":
+            limit = request["max_completion_tokens"]
+            return (f"answer cut at the token limit (finish_reason length after {answer.completion_tokens} tokens, "
+                    f"max_completion_tokens {limit if limit is not None else 'the server default'}): raise "
+                    f"max_completion_tokens in the {self.role}'s LLM config")
+        return f"empty answer (no text; finish_reason {answer.finish_reason})"
+
+    def _describe(self, error: Exception) -> str:
+        return self.redact(_describe(error))
+
+    async def check_endpoint(self, timeout_s: float = 10.0) -> str | None:
+        """One cheap, unpaid call (the model list) before any work: why every call would fail (bad key, unknown model,
+        endpoint unreachable), in a few words, else None. Inconclusive answers (no model list, 5xx) pass:
+        the run itself then stops at the first 401/403/404."""
+        try:
+            listing = await self._sdk.with_options(timeout=min(timeout_s, self.config.timeout)).models.list()
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+            key_from = self.config.api_key_env or " or ".join(DEFAULT_KEY_ENV_VARS[self.config.provider])
+            return f"{self._describe(error)}; check the API key ({key_from})"
+        except openai.APIConnectionError as error:
+            return f"cannot be reached ({self._describe(error)}); check api_base and the network"
+        except (openai.OpenAIError, ValueError) as error:  # no /models route, a 5xx, a body we cannot read
+            log.info("%s: model list not available (%s); not checked", self.endpoint, self._describe(error))
+            return None
+        served = [getattr(model, "id", None) for model in getattr(listing, "data", None) or []]
+        served = [name for name in served if isinstance(name, str)]
+        # Azure lists base models, not the deployment names its config gives as `model`.
+        if self.config.provider != "azure" and served and self.config.model not in served:
+            shown = ", ".join(sorted(served)[:8]) + (", ..." if len(served) > 8 else "")
+            return f"the endpoint does not serve model {self.config.model!r} (it serves: {shown})"
+        return None
 
     def _retry_delay(self, error: Exception, *, retry_number: int) -> float:
         response = getattr(error, "response", None)
@@ -462,6 +594,8 @@ class LLMClient:
                 common["max_completion_tokens"] = request["max_completion_tokens"]
             if send_response_format:
                 common["response_format"] = request["response_format"]
+            if request.get("reasoning_effort") and self.config.provider in OPENAI_COMPATIBLE_PROVIDERS:
+                common["reasoning_effort"] = request["reasoning_effort"]
             response = await self._sdk.chat.completions.create(messages=request["messages"], **common)
         return _answer_from(response, completions_endpoint=request["endpoint"] == "completions")
 
@@ -488,10 +622,35 @@ class LLMClient:
 
 def _make_sdk_client(config: LLMConfig, api_key: str) -> openai.AsyncOpenAI:
     # max_retries=0: our own loop retries, with our backoff, accounting and cache.
+    if config.provider not in OPENAI_COMPATIBLE_PROVIDERS:
+        return _native_client(config, api_key)  # type: ignore[return-value]  # shaped like the SDK client
+    if config.provider == "ollama":
+        return openai.AsyncOpenAI(base_url=config.api_base or OLLAMA_API_BASE, api_key=api_key,
+                                  timeout=config.timeout, max_retries=0)  # fmt: skip
     if config.provider == "azure":
         return openai.AsyncAzureOpenAI(azure_endpoint=config.api_base, api_version=config.api_version,
                                        api_key=api_key, timeout=config.timeout, max_retries=0)
     return openai.AsyncOpenAI(base_url=config.api_base, api_key=api_key, timeout=config.timeout, max_retries=0)
+
+
+def _native_client(config: LLMConfig, api_key: str) -> Any:
+    """Anthropic's messages API or Bedrock's Converse API, keys and region from Rasa's environment variables."""
+    from recipe.providers import ANTHROPIC_API_BASE, AnthropicClient, BedrockClient
+
+    if config.provider == "anthropic":
+        return AnthropicClient(api_base=config.api_base or ANTHROPIC_API_BASE, timeout=config.timeout,
+                               api_key=api_key, reasoning_effort=config.reasoning_effort)  # fmt: skip
+    region = config.aws_region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    bearer = os.environ.get("AWS_BEARER_TOKEN_BEDROCK") if not config.api_key_env else None
+    if not bearer and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        raise ConfigError("provider 'bedrock' signs with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or uses "
+                          "AWS_BEARER_TOKEN_BEDROCK); AWS_ACCESS_KEY_ID is not set")  # fmt: skip
+    return BedrockClient(
+        api_base=config.api_base or f"https://bedrock-runtime.{region}.amazonaws.com", timeout=config.timeout,
+        region=region, bearer_token=bearer or None, access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=None if bearer else api_key, session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        reasoning_effort=config.reasoning_effort,
+    )  # fmt: skip
 
 
 def _answer_from(response: Any, *, completions_endpoint: bool) -> _Answer:
@@ -507,6 +666,18 @@ def _answer_from(response: Any, *, completions_endpoint: bool) -> _Answer:
         prompt_tokens=getattr(usage, "prompt_tokens", None) or 0,
         completion_tokens=getattr(usage, "completion_tokens", None) or 0,
     )
+
+
+def _incomplete(text: str, finish_reason: str | None) -> bool:
+    return finish_reason == "length" or not text.strip()
+
+
+def _secret_patterns(api_key: str) -> list[re.Pattern[str]]:
+    """The key, whole or cut, and the masked forms servers echo (`sk-proj-****wxyz`): its first 8 characters and
+    what follows them, and stars followed by its last 4."""
+    if not api_key or api_key == SELF_HOSTED_DUMMY_KEY or len(api_key) < 8:
+        return []
+    return [re.compile(re.escape(api_key[:8]) + r"\S*"), re.compile(r"\S*\*{3,}" + re.escape(api_key[-4:]))]
 
 
 def _is_retryable(error: Exception) -> bool:

@@ -30,7 +30,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from recipe.commands import Clarify, Command, SetSlot, StartFlow, Syntax, parse_model_output
+from recipe.commands import (
+    Clarify,
+    Command,
+    ContinueAgent,
+    RestartAgent,
+    SetSlot,
+    StartFlow,
+    Syntax,
+    parse_model_output,
+)
 from recipe.errors import ConfigError, RecipeError
 from recipe.finetune.train import INFO_FILE, MERGED
 from recipe.grammar import (
@@ -44,7 +53,14 @@ from recipe.grammar import (
     token_constraint,
 )
 from recipe.project import Project, command_problem
-from recipe.prompt import PromptRenderer, PromptTemplate, choose_syntax, choose_template, load_template, prompt_variables
+from recipe.prompt import (
+    PromptRenderer,
+    PromptTemplate,
+    choose_syntax,
+    choose_template,
+    load_template,
+    prompt_variables,
+)
 from recipe.tracker import DialogueState, FrameView, TranscriptLine, startable_flows
 
 if TYPE_CHECKING:
@@ -421,11 +437,24 @@ def validate_commands(commands: Sequence[Command], project: Project, state: Dial
             reason = f"flow `{command.flow}` cannot be started: {why_not}"
         if reason is None and isinstance(command, SetSlot) and command.slot not in fillable:
             reason = f"slot `{command.slot}` is not filled by the command generator (no flow collects it from the LLM)"
+        if reason is None and state is not None:
+            reason = _agent_command_problem(command, state)
         if reason is None:
             kept.append(command)
         else:
             dropped.append(Dropped(command, reason))
     return kept, dropped
+
+
+def _agent_command_problem(command: Command, state: DialogueState) -> str | None:
+    """As the runtime's command clean-up: `continue agent` needs a running agent, `restart agent x` a completed x."""
+    if isinstance(command, ContinueAgent) and state.active_agent is None:
+        return "`continue agent` while no agent is running; the runtime drops it"
+    if isinstance(command, RestartAgent):
+        last = {agent: kind for kind, agent, _ in state.agent_log}
+        if last.get(command.agent) != "completed":
+            return f"`restart agent {command.agent}`: the agent has not completed; the runtime drops it"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- generator
@@ -582,7 +611,7 @@ class CommandGenerator:
     def _answer(self, prompt: str, state: DialogueState | None, render_s: float) -> Prediction:
         completion = self.backend.complete(prompt, grammar=self.grammar(state) if self.constrained else None)
         started = time.perf_counter()
-        parsed = parse_model_output(completion.text, self.syntax)
+        parsed = parse_model_output(completion.text, self.syntax, custom=self.project.custom_commands)
         kept, invalid = validate_commands(parsed.commands, self.project, state, self._fillable)
         unparsed = [Dropped(line, f"not a command in {self.syntax.value} syntax") for line in parsed.unparsed_lines]
         return Prediction(

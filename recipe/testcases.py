@@ -233,7 +233,7 @@ def _read_commands(node: Any, step: Any, path: str, project: Project,
             if text is None:
                 raise InputError(path, line, "each command must be one line of text, e.g. `start flow book_hotel`")
             try:
-                command = parse_command(text)
+                command = parse_command(text, custom=project.custom_commands)
             except CommandParseError as error:
                 raise InputError(path, line, f"{error}") from None
             problem = command_problem(command, project, from_any_source=True)

@@ -26,9 +26,11 @@ from recipe.commands import (
     ChitChat,
     Clarify,
     Command,
+    ContinueAgent,
     HumanHandoff,
     Knowledge,
     RepeatLastBotMessages,
+    RestartAgent,
     SetSlot,
     SkipQuestion,
     StartFlow,
@@ -36,7 +38,17 @@ from recipe.commands import (
 from recipe.conditions import ConditionError, evaluate
 from recipe.domain import BUILTIN_SLOTS
 from recipe.project import Project, canonical_slot_value
-from recipe.types import END, Branch, Button, Flow, Location, ResponseVariation, Slot, Step, Stub
+from recipe.types import (
+    END,
+    Branch,
+    Button,
+    Flow,
+    Location,
+    ResponseVariation,
+    Slot,
+    Step,
+    Stub,
+)
 
 # Our wording for the built-in responses; a project overrides any of them by defining the response in its domain.
 DEFAULT_RESPONSES: dict[str, str] = {
@@ -80,6 +92,7 @@ class TranscriptLine:
     text: str | None
     buttons: tuple[Button, ...] = ()
     utter: str | None = None  # the response name of a bot line, when known (kept when the bot repeats itself)
+    agent: str | None = None  # said by this sub-agent (the transcript shows its name instead of `AI`)
 
 
 @dataclass
@@ -135,6 +148,9 @@ class DialogueState:
     # Every start of a user flow (restarts and links included) with the number of transcript lines before it: flow
     # retrieval lists the flows started within the last messages, latest first.
     flow_starts: tuple[tuple[str, int], ...] = ()
+    active_agent: tuple[str, str] | None = None  # (agent, flow that called it) while a sub-agent runs
+    # ("started" | "completed", agent, flow) in order, as the runtime's AgentStarted / AgentCompleted events
+    agent_log: tuple[tuple[str, str, str], ...] = ()
 
     def slot_value(self, name: str) -> Any:
         return self.slots.get(name)
@@ -252,6 +268,9 @@ class DialogueTracker:
             name: slot.initial_value for name, slot in project.domain.slots.items() if slot.initial_value is not None
         }
         self.stack: list[Frame] = []
+        self.active_agent: tuple[str, str] | None = None  # (agent, calling flow) of the sub-agent running now
+        self.agent_log: list[tuple[str, str, str]] = []
+        self._agent_addressed = False  # did this user turn go to the active agent (`continue agent`)?
         self._startable: set[str] = set()
         self.transcript: list[TranscriptLine] = []
         self.events = TurnEvents()
@@ -276,6 +295,8 @@ class DialogueTracker:
             transcript=tuple(self.transcript),
             started_flows=tuple(self.started_flows),
             flow_starts=tuple(self.flow_starts),
+            active_agent=self.active_agent,
+            agent_log=tuple(self.agent_log),
         )
 
     def flow(self, flow_id: str) -> Flow:
@@ -300,15 +321,21 @@ class DialogueTracker:
             commands = [SetSlot(name, value) for name, value in payload]
         elif is_button_payload(text):
             commands = self._intent_commands(text.strip()[1:].split("(")[0].split("{")[0])
+        # As the runtime's command processor: with an agent running, a turn without commands continues it.
+        self._agent_addressed = self.active_agent is not None and (
+            not commands or any(isinstance(c, ContinueAgent) for c in commands))
         self._apply_commands(commands)
         self._advance()
+        if self.active_agent is not None and not self._agent_addressed and not self._agent_waits_in_call():
+            self._complete_agent()  # a restarted agent the user has moved on from
         return self.events
 
     def replace_bot_messages(self, messages: list[BotMessage]) -> None:
         """Make the transcript show `messages` as the bot's answer to the last user turn (the test is authority)."""
         while self.transcript and self.transcript[-1].speaker == "AI":
             self.transcript.pop()
-        self.transcript.extend(TranscriptLine("AI", m.text, m.buttons, m.utter) for m in messages)
+        agent = self.active_agent[0] if self.active_agent else None
+        self.transcript.extend(TranscriptLine("AI", m.text, m.buttons, m.utter, agent) for m in messages)
 
     def _intent_commands(self, intent: str) -> list[Command]:
         return [StartFlow(flow.id) for flow in self.project.user_flows if intent in flow.nlu_triggers][:1]
@@ -350,6 +377,8 @@ class DialogueTracker:
                     self._push_pattern("pattern_repeat_bot_messages")
                 case CannotHandle():
                     self._push_pattern("pattern_cannot_handle")
+                case RestartAgent(agent=agent):
+                    self._restart_agent(agent)
         if not commands and not self.stack:
             self._push_pattern("pattern_cannot_handle")
 
@@ -584,6 +613,14 @@ class DialogueTracker:
             if not target.is_pattern:
                 self._record_start(target.id)
             return False
+        elif step.kind == "call" and step.mcp_server is not None:
+            # An MCP tool (3.14+): nothing runs it here; its output slots are read from the test, as for an action.
+            self.events.actions.append(step.call or "")
+            self.events.warnings.append(f"MCP tool `{step.call}` of server `{step.mcp_server}` is not run; its "
+                                        "output slots are read from the test")  # fmt: skip
+            self._infer_action_effects(step.call or "")
+        elif step.kind == "call" and step.call in self.project.agents:
+            return self._run_agent(frame, step)
         elif step.kind == "call":
             frame.step_done = False
             target = self.flow(step.call or "")
@@ -592,6 +629,52 @@ class DialogueTracker:
             return False
         frame.step_done = True
         return False
+
+    # ------------------------------------------------------------------------------------------ sub-agents
+
+    def _run_agent(self, frame: Frame, step: Step) -> bool:
+        """A `call:` step to a sub-agent. The agent talks to the user (its messages are the test's bot turns) until
+        its `exit_if` conditions hold; without them, until a user turn is not for it (`continue agent`). True while
+        the bot waits for the user."""
+        agent = step.call or ""
+        if self.active_agent != (agent, frame.flow_id):
+            self.active_agent = (agent, frame.flow_id)
+            self.agent_log.append(("started", agent, frame.flow_id))
+            return True
+        if self._agent_addressed:
+            # The agent answered this turn: the slots it set (its output) are unknown here, as for an action nothing
+            # runs, and are read from the test's slot checks and bot texts of the turn.
+            self._infer_action_effects(agent)
+        done = all(evaluate(c, self.slots) for c in step.exit_if) if step.exit_if else not self._agent_addressed
+        if not done:
+            self._agent_addressed = False  # one user turn answered; the next one decides again
+            return True
+        self._complete_agent()
+        frame.step_done = True
+        return False
+
+    def _agent_waits_in_call(self) -> bool:
+        if self.active_agent is None or not self.stack:
+            return False
+        top = self.stack[-1]
+        step = self.flow(top.flow_id).steps.get(top.step_id)
+        return top.flow_id == self.active_agent[1] and step is not None and step.call == self.active_agent[0]
+
+    def _complete_agent(self) -> None:
+        assert self.active_agent is not None
+        agent, flow_id = self.active_agent
+        self.agent_log.append(("completed", agent, flow_id))
+        self.active_agent = None
+
+    def _restart_agent(self, agent: str) -> None:
+        """`restart agent x` (valid only for an agent that completed): it runs again in the flow that called it."""
+        finished = [flow for kind, name, flow in self.agent_log if kind == "completed" and name == agent]
+        if not finished or self.active_agent is not None:
+            self.events.warnings.append(f"`restart agent {agent}`: the agent has not completed; the runtime drops it")
+            return
+        self.active_agent = (agent, finished[-1])
+        self.agent_log.append(("started", agent, finished[-1]))
+        self._agent_addressed = True
 
     def _run_collect(self, frame: Frame, step: Step) -> bool:
         slot = step.collect or ""
@@ -794,7 +877,8 @@ class DialogueTracker:
     def _emit(self, *messages: BotMessage) -> None:
         for message in messages:
             self.events.bot_messages.append(message)
-            self.transcript.append(TranscriptLine("AI", message.text, message.buttons, message.utter))
+            agent = self.active_agent[0] if self.active_agent else None
+            self.transcript.append(TranscriptLine("AI", message.text, message.buttons, message.utter, agent))
 
 
 def _variation_fits(variation: ResponseVariation, slots: dict[str, Any]) -> bool:

@@ -50,7 +50,10 @@ class Step:
     action: str | None = None
     set_slots: list[tuple[str, Any]] = field(default_factory=list)
     link: str | None = None
-    call: str | None = None
+    call: str | None = None  # a flow, a sub-agent (3.14+) or, with `mcp_server`, an MCP tool
+    mcp_server: str | None = None
+    mapping: dict[str, Any] | None = None  # MCP tool: `input:` / `output:` slot mappings
+    exit_if: list[str] = field(default_factory=list)  # sub-agent: slot conditions that end it
 
 
 @dataclass
@@ -214,8 +217,8 @@ class TestFile:
 
 def relative(path: Path, root: Path | None = None) -> str:
     """A path as the user would like to read it: relative to `root` (or the cwd) when below it."""
-    base = (root or Path.cwd()).resolve()
     try:
+        base = (root or Path.cwd()).resolve()
         return str(path.resolve().relative_to(base))
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):  # not below it, or a symlink loop: the path as given
         return str(path)

@@ -254,7 +254,7 @@ def test_a_tight_token_budget_still_ends_with_a_complete_answer(grammars, tiny, 
     grammar = grammars[Syntax.V2]
     constraint = token_constraint(grammar, tokenizer, [tokenizer.eos_token_id])
     shortest = int(grammar.matcher().bytes_to_accept(grammar.matcher().start))
-    assert shortest == len("hand over")
+    assert shortest == len("cancel flow")  # the shortest command of Rasa Pro 3.21 (`hand over` is gone since 3.16)
     answer = _generate(model, tokenizer, prompts[0], shortest + 1,
                        lambda length: CommandLogitsProcessor(constraint, length, shortest + 1))  # fmt: skip
     assert grammar.matcher().fullmatch(answer), answer

@@ -314,7 +314,7 @@ def test_config_errors_are_one_line_and_name_source_and_key() -> None:
     assert "'api_base'" in one_line_config_error({"provider": "self-hosted"})
     assert "api_key_env" in one_line_config_error({"api_key": "sk-123"})
     assert "'timeout'" in one_line_config_error({"timeout": "soon"})
-    assert "'provider'" in one_line_config_error({"provider": "anthropic"})
+    assert "'provider'" in one_line_config_error({"provider": "watsonx"})  # anthropic is a provider since issue 11
     assert "'max_completion_tokens'" in one_line_config_error({"max_completion_tokens": True})
     assert "model_name" in one_line_config_error({"model": "a", "model_name": "b"})
 

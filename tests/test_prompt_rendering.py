@@ -434,8 +434,15 @@ def test_our_templates_offer_every_command_in_the_syntax_the_labels_use(capsys, 
     prompt = _render_cli(capsys, *CASES["inside_flow"], "--command-syntax", syntax, "--no-datetime")
     assert knowledge in prompt
     # each command kind the bundled tests teach, in the words its completion is written in
-    for command in (CancelFlow(), ChitChat(), Knowledge(), SkipQuestion(), RepeatLastBotMessages(), HumanHandoff()):
+    for command in (CancelFlow(), ChitChat(), Knowledge(), SkipQuestion(), RepeatLastBotMessages()):
         assert format_command(command, Syntax(syntax)) in prompt, command
+    # the handoff command only for releases whose parser reads it (up to 3.15)
+    handoff = format_command(HumanHandoff(), Syntax(syntax))
+    assert handoff not in prompt
+    older = _render_cli(capsys, *CASES["inside_flow"], "--command-syntax", syntax, "--no-datetime",
+                        "--rasa-version", "3.15")  # fmt: skip
+    assert older.replace(handoff + (": the user wants a human" if syntax == "v1" else ": the user asks for a human")
+                         + "\n", "") == prompt
     for command in (StartFlow("x"), SetSlot("x", "y"), Clarify(("a", "b"))):
         text = format_command(command, Syntax(syntax))  # StartFlow(x) / start flow x, disambiguate flows a b, ...
         keyword = text.split("(")[0] if syntax == "v1" else " ".join(text.split()[:2])
