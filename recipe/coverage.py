@@ -25,6 +25,7 @@ from recipe.commands import (
     Syntax,
     detect_syntax,
     format_command,
+    version_kinds,
 )
 from recipe.conversation import replay_test_case
 from recipe.project import Project
@@ -286,8 +287,11 @@ def coverage_report(project: Project, test_files: list[TestFile]) -> CoverageRep
     cases = [case for test_file in test_files for case in test_file.test_cases]
     for test_case in cases:
         _tally_test_case(project, test_case, syntax, tally)
-    # Every core kind, zeros included; agent commands only when the tests use them.
-    kinds = [kind for kind in COMMAND_KINDS if kind in CORE_COMMAND_KINDS or tally.written[kind] + tally.derived[kind]]
+    # Every core kind of the target Rasa release, zeros included; others (agent commands, `hand over` from 3.16 on)
+    # only when the tests use them.
+    offered = version_kinds(project.rasa_version)
+    kinds = [kind for kind in COMMAND_KINDS
+             if (kind in CORE_COMMAND_KINDS and kind in offered) or tally.written[kind] + tally.derived[kind]]
     return CoverageReport(
         syntax=syntax,
         syntax_source=source,
@@ -331,9 +335,31 @@ def _aligned(rows: list[list[str]], numeric_from: int = 1) -> list[str]:
     ]
 
 
+# What each command kind is called in a syntax, where it is not the kind itself: tables that say "v2" show v2's words.
+_LABELS: dict[Syntax, dict[str, str]] = {
+    Syntax.V1: {"start flow": "StartFlow", "set slot": "SetSlot", "cancel flow": "CancelFlow", "clarify": "Clarify",
+                "chitchat": "ChitChat", "knowledge": "SearchAndReply", "skip question": "SkipQuestion",
+                "repeat": "RepeatLastBotMessages", "human handoff": "HumanHandoff", "cannot handle": "CannotHandle",
+                "continue agent": "ContinueAgent", "restart agent": "RestartAgent"},
+    Syntax.V2: {"clarify": "disambiguate flows", "chitchat": "offtopic reply", "knowledge": "provide info",
+                "repeat": "repeat message", "human handoff": "hand over"},
+}  # fmt: skip
+_LABELS[Syntax.V3] = _LABELS[Syntax.V2] | {"knowledge": "search and reply"}
+
+
+def command_label(kind: str, syntax: Syntax) -> str:
+    """The command's name in `syntax` (`knowledge` is `provide info` in v2, `SearchAndReply` in v1)."""
+    return _LABELS.get(syntax, _LABELS[Syntax.V2]).get(kind, kind)
+
+
+def _labels(kinds: list[str], syntax: Syntax) -> list[str]:
+    return [command_label(kind, syntax) for kind in kinds]
+
+
 def command_table(report: CoverageReport) -> list[str]:
     rows = [["command type", "written", "derived", "total"]]
-    rows += [[c.kind, str(c.written), str(c.derived), str(c.total)] for c in report.command_types]
+    rows += [[command_label(c.kind, report.syntax), str(c.written), str(c.derived), str(c.total)]
+             for c in report.command_types]  # fmt: skip
     return _aligned(rows)
 
 
@@ -386,7 +412,7 @@ def summary_lines(report: CoverageReport) -> list[str]:
         f"{_plural(len(report.state_disagreements), 'test case')}; read from the tests' bot turns: "
         f"{report.state_inferences}",
         "gaps:",
-        f"  command types never used: {', '.join(report.unused_command_types) or 'none'}",
+        f"  command types never used: {', '.join(_labels(report.unused_command_types, report.syntax)) or 'none'}",
         f"  user flows never started by a command: {', '.join(report.flows_never_started) or 'none'}",
         f"  collected slots never set by a command: {', '.join(report.slots_never_set) or 'none'}",
     ]
@@ -439,7 +465,8 @@ def coverage_markdown(report: CoverageReport) -> str:
         "![command types](command_types.png)",
         "",
         *_md_table(["command type", "written", "derived", "total"],
-                   [[c.kind, c.written, c.derived, c.total] for c in report.command_types]),  # fmt: skip
+                   [[command_label(c.kind, report.syntax), c.written, c.derived, c.total]
+                    for c in report.command_types]),  # fmt: skip
         "",
         "## User flows",
         "",
@@ -506,26 +533,45 @@ def coverage_markdown(report: CoverageReport) -> str:
 
 
 def _bar_chart(path: Path, labels: list[str], stacks: list[tuple[str, list[int]]], title: str, xlabel: str) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = bar_figure(labels, stacks, title, xlabel)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def bar_figure(labels: list[str], stacks: list[tuple[str, list[int]]], title: str, xlabel: str) -> Any:
+    """Horizontal stacked bars of counts: integer ticks, zero bars said in red, the legend above the plot."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(figsize=(8, 0.4 * len(labels) + 1.5))
+    figure, axes = plt.subplots(figsize=(8, 0.4 * len(labels) + 1.8))
     left = [0] * len(labels)
     for name, values in stacks:
         axes.barh(labels, values, left=left, label=name)
         left = [a + b for a, b in zip(left, values)]
     for index, total in enumerate(left):
-        axes.text(total, index, f" {total}", va="center")
+        if total:
+            axes.text(total, index, f" {total}", va="center")
+        else:  # a zero bar has no width: say it in red, so a gap is seen rather than missed
+            axes.text(0, index, " 0 (none)", va="center", color="tab:red", fontweight="bold")
+    for tick, total in zip(axes.get_yticklabels(), left):
+        if not total:
+            tick.set_color("tab:red")
+    axes.set_xlim(0, max(max(left, default=0), 1) * 1.15)  # room for the count after the longest bar
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5 ticks
     axes.invert_yaxis()  # first label on top, as in the tables
-    axes.set_title(title)
     axes.set_xlabel(xlabel)
-    if len(stacks) > 1:
-        axes.legend(loc="lower right")
+    if len(stacks) > 1:  # above the plot, where it covers no bar
+        axes.set_title(title, pad=26)
+        axes.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(stacks), frameon=False)
+    else:
+        axes.set_title(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return figure
 
 
 def write_coverage(report: CoverageReport, out_dir: Path) -> list[Path]:
@@ -536,7 +582,7 @@ def write_coverage(report: CoverageReport, out_dir: Path) -> list[Path]:
              out_dir / "flow_starts.png"]  # fmt: skip
     write_atomic(paths[0], coverage_markdown(report))
     write_json(paths[1], report.as_dict())
-    kinds = [c.kind for c in report.command_types]
+    kinds = [command_label(c.kind, report.syntax) for c in report.command_types]
     _bar_chart(paths[2], kinds, [("written", [c.written for c in report.command_types]),
                                  ("derived", [c.derived for c in report.command_types])],
                "Command types in the tests", "commands")  # fmt: skip

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from recipe.commands import (
     Command,
@@ -35,6 +36,7 @@ from recipe.commands import (
     detect_syntax,
     format_commands,
     parse_model_output,
+    unsupported_reason,
 )
 from recipe.errors import ConfigError, InputError
 from recipe.project import Project
@@ -88,6 +90,7 @@ class LeftOut:
     test_cases: int = 0  # test cases with no scored turn left because of derived turns
     payload_turns: int = 0
     nlu_turns: int = 0
+    rasa_version_turns: int = 0  # labelled with a command the target release drops, or after such a turn
 
     def message(self) -> str:
         parts = []
@@ -95,6 +98,10 @@ class LeftOut:
             parts.append(f"left out {self.turns} turn(s) ({self.test_cases} test case(s) entirely) whose commands are "
                          "derived from the tests' assertions, not written as `commands:`; --include-derived scores "
                          "them too")  # fmt: skip
+        if self.rasa_version_turns:
+            parts.append(f"left out {self.rasa_version_turns} turn(s) labelled with a command the target Rasa Pro "
+                         "release no longer parses (`hand over` from 3.16 on; the runtime drops it and answers "
+                         "`cannot handle`), or coming after such a turn; --rasa-version 3.15 scores them")  # fmt: skip
         if self.payload_turns:
             parts.append(f"left out {self.payload_turns} payload turn(s): button payloads never reach the command "
                          "generator")  # fmt: skip
@@ -105,7 +112,8 @@ class LeftOut:
 
     def as_dict(self) -> dict[str, Any]:
         return {"turns": self.turns, "test_cases": self.test_cases, "reason": "assertions",
-                "payload_turns": self.payload_turns, "nlu_turns": self.nlu_turns}  # fmt: skip
+                "payload_turns": self.payload_turns, "nlu_turns": self.nlu_turns,
+                "rasa_version_turns": self.rasa_version_turns}  # fmt: skip
 
 
 def scoring_key(command: Command, float_slots: frozenset[str] = frozenset()) -> tuple:
@@ -153,6 +161,10 @@ def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
                     left_out.append((f"{test_case.id}#{turn.number}", label.source))
                 continue
             if label.commands is None:
+                if left_out is not None and label.source == "test":
+                    # written commands become unknown only through the target release (`hand over` from 3.16 on),
+                    # and the turns after such a turn with them
+                    left_out.append((f"{test_case.id}#{turn.number}", "rasa-version"))
                 continue
             if label.source not in wanted:
                 if left_out is not None and label.source == "assertions":
@@ -167,8 +179,11 @@ def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
     return cases
 
 
-def cases_from_jsonl(path: Path, syntax: Syntax) -> list[Case]:
-    """Rows of a split file, read as finetune reads them: `{"prompt", "completion"}` or `{"messages": [...]}`."""
+def cases_from_jsonl(path: Path, syntax: Syntax, project: Project | None = None,
+                     left_out: list[tuple[str, str]] | None = None) -> list[Case]:  # fmt: skip
+    """Rows of a split file, read as finetune reads them: `{"prompt", "completion"}` or `{"messages": [...]}`. With
+    `project`, its custom commands are read, and a row whose answer holds a command the target Rasa release no
+    longer parses (`hand over` from 3.16 on) is left out (appended to `left_out`): the runtime would drop it."""
     _check_jsonl(path)
     cases: list[Case] = []
     for example in _read_rows(path):
@@ -176,10 +191,16 @@ def cases_from_jsonl(path: Path, syntax: Syntax) -> list[Case]:
             raise InputError(str(path), example.line, "expected one user message before the answer, as Rasa sends it")
         prompt = example.prompt[0]["content"]
         first_line = next((line for line in example.completion.splitlines() if line.strip()), "")
-        parsed = parse_model_output(example.completion, detect_syntax(first_line) or syntax)
+        custom = project.custom_commands if project is not None else ()
+        parsed = parse_model_output(example.completion, detect_syntax(first_line) or syntax, custom=custom)
         if not parsed.fully_parsed:
             raise InputError(str(path), example.line, f"completion line `{parsed.unparsed_lines[0]}` is not a command "
                              f"in {syntax.value} syntax")  # fmt: skip
+        dropped = [r for c in parsed.commands if project is not None and (r := unsupported_reason(c, project.rasa_version))]
+        if dropped:
+            if left_out is not None:
+                left_out.append((f"{path.name}:{example.line}", "rasa-version"))
+            continue
         cases.append(Case(id=f"{path.name}:{example.line}", test_case=None, user_message=_latest_message(prompt),
                           expected=parsed.commands, flow=_flow_of(parsed.commands, None, None), source="val",
                           prompt=prompt))  # fmt: skip
@@ -427,13 +448,37 @@ class ModelSpec:
         return Path(self.model).name if self.model is not None else str(self.endpoint_model)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def default_api_key_envs(endpoint: str) -> tuple[str, ...]:
+    """The provider's usual key variables for an endpoint without --api-key-env (the same names as LLM configs use):
+    none on a loopback host (a local `recipe serve` or vLLM), Azure's on *.openai.azure.com, else OpenAI's and then
+    the self-hosted one, since OpenAI-compatible servers elsewhere mostly take one of them."""
+    host = (urlsplit(endpoint).hostname or "").lower()
+    if host in LOOPBACK_HOSTS or host.startswith("127."):
+        return ()
+    if host.endswith(".openai.azure.com"):
+        return ("AZURE_API_KEY", "AZURE_OPENAI_API_KEY")
+    if host == "api.openai.com":
+        return ("OPENAI_API_KEY",)
+    return ("OPENAI_API_KEY", "SELF_HOSTED_API_KEY")
+
+
 def _api_key(spec: ModelSpec) -> str | None:
     if spec.api_key_env:
         key = os.environ.get(spec.api_key_env)
         if not key:
             raise ConfigError(f"--api-key-env {spec.api_key_env}: the variable is not set")
         return key
-    return os.environ.get("OPENAI_API_KEY") if "api.openai.com" in (spec.endpoint or "") else None
+    names = default_api_key_envs(spec.endpoint or "")
+    key = next((os.environ[name] for name in names if os.environ.get(name)), None)
+    if key is None and "SELF_HOSTED_API_KEY" not in names and names:
+        # OpenAI and Azure answer no key with a 401, after the local models are loaded: say so now. A server of
+        # one's own elsewhere may well take no key.
+        raise ConfigError(f"--endpoint {spec.endpoint}: no API key; set {' or '.join(names)}, or name the variable "
+                          "holding it with --api-key-env VAR after the --endpoint")  # fmt: skip
+    return key
 
 
 def build_generator(spec: ModelSpec, project: Project, *, template_path: Path | None = None, syntax: str | None = None,
@@ -472,7 +517,7 @@ def load_cases(project: Project, inputs: Sequence[str], policy: DatetimePolicy, 
     are scored as numbers. The ids of derived turns left out (without `include_derived`) are appended to `left_out`."""
     rows = [spec for spec in inputs if spec.endswith(".jsonl")]
     tests = [spec for spec in inputs if not spec.endswith(".jsonl")]
-    cases = [case for spec in rows for case in cases_from_jsonl(Path(spec), syntax)]
+    cases = [case for spec in rows for case in cases_from_jsonl(Path(spec), syntax, project, left_out)]
     if tests:
         cases += cases_from_tests(project, tests, policy, include_derived, left_out)
     float_slots = frozenset(name for name, slot in project.domain.slots.items() if slot.type == "float")
@@ -485,7 +530,8 @@ def left_out_summary(cases: Sequence[Case], left_out: Sequence[tuple[str, str]])
     derived = [turn_id for turn_id, why in left_out if why == "assertions"]
     return LeftOut(turns=len(derived), test_cases=len({i.rsplit("#", 1)[0] for i in derived} - scored),
                    payload_turns=sum(why == "payload" for _, why in left_out),
-                   nlu_turns=sum(why == "nlu" for _, why in left_out))  # fmt: skip
+                   nlu_turns=sum(why == "nlu" for _, why in left_out),
+                   rasa_version_turns=sum(why == "rasa-version" for _, why in left_out))  # fmt: skip
 
 
 def evaluate_model(spec: ModelSpec, generator: CommandGenerator, cases: Sequence[Case], *, concurrency: int = 1,
@@ -585,7 +631,7 @@ def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases
     header = ["command", *(f"{label} {column}" for label in labels for column in ("TP/FP/FN", "P", "R", "F1"))]
     rows = []
     for kind in kinds:
-        row = [kind]
+        row = [_command_name(kind, results)]
         for result in results:
             c = result.metrics["per_command"].get(kind)
             row += [f"{c['tp']}/{c['fp']}/{c['fn']}", _number(c["precision"], 2), _number(c["recall"], 2),
@@ -604,6 +650,19 @@ def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases
         for turn in result.metrics["worst_turns"]:
             parts.append(_worst_turn_markdown(turn))
     return "".join(parts)
+
+
+def _command_name(kind: str, results: Sequence[ModelResult]) -> str:
+    """The command's words in the models' syntax (`provide info` in v2, not the internal `knowledge`)."""
+    from recipe.coverage import command_label
+
+    syntaxes = {result.syntax for result in results}
+    if len(syntaxes) != 1 or kind == NAME_ONLY:
+        return kind
+    try:
+        return command_label(kind, Syntax(syntaxes.pop()))
+    except ValueError:
+        return kind
 
 
 def _flow_cell(entry: dict[str, Any] | None) -> str:
@@ -644,16 +703,24 @@ def plot_f1(path: Path, results: Sequence[ModelResult]) -> list[Path]:
     if not kinds:
         return []
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(kinds) * max(1, len(results)) ** 0.5), 4.0))
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(kinds) * max(1, len(results)) ** 0.5), 4.4))
     width = 0.8 / len(results)
     for index, result in enumerate(results):
         values = [(result.metrics["per_command"].get(k) or {}).get("f1") or 0.0 for k in kinds]
-        axes.bar([i + index * width for i in range(len(kinds))], values, width, label=result.label)
-    axes.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(kinds))], kinds, rotation=30, ha="right")
-    axes.set_ylim(0, 1.05)
+        positions = [i + index * width for i in range(len(kinds))]
+        bars = axes.bar(positions, values, width, label=result.label)
+        for position, value, bar in zip(positions, values, bars):
+            # a zero bar has no height: write the 0 where it would be, in the bar's colour, so it is seen
+            axes.text(position, value + 0.01, f"{value:.2f}" if value else "0", ha="center", va="bottom", fontsize=7,
+                      color=bar.get_facecolor() if not value else "black", fontweight="bold" if not value else None)
+    axes.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(kinds))],
+                    [_command_name(kind, results) for kind in kinds], rotation=30, ha="right")  # fmt: skip
+    axes.set_ylim(0, 1.08)
     axes.set_ylabel("F1")
-    axes.set_title("F1 per command type")
-    axes.legend()
+    axes.set_title("F1 per command type" + (f": {results[0].label}" if len(results) == 1 else ""),
+                   pad=22 if len(results) > 1 else 6)  # fmt: skip
+    if len(results) > 1:  # above the plot, where it covers no bar
+        axes.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(results), frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -670,10 +737,15 @@ def plot_latency(path: Path, results: Sequence[ModelResult]) -> list[Path]:
     for label, values in series.items():
         if values:
             axes.hist(values, bins=20, alpha=0.6, label=label)
+    from matplotlib.ticker import MaxNLocator
+
     axes.set_xlabel("latency per turn (s)")
     axes.set_ylabel("turns")
-    axes.set_title("Model call latency")
-    axes.legend()
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of turns: no 0.5 ticks
+    axes.set_title("Model call latency" + (f": {next(iter(series))}" if len(series) == 1 else ""),
+                   pad=22 if len(series) > 1 else 6)  # fmt: skip
+    if len(series) > 1:
+        axes.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(series), frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

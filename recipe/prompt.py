@@ -8,6 +8,7 @@ the prompt, in file order (the runtime with retrieval off); with it, the flows r
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import logging
 import random
@@ -19,15 +20,32 @@ from typing import Any
 import jinja2
 import jinja2.meta
 
-from recipe.commands import Syntax
+from recipe.commands import (
+    AGENTS_ADDED_IN,
+    HANDOFF_REMOVED_IN,
+    NEWEST_RASA_VERSION,
+    RasaVersion,
+    Syntax,
+)
 from recipe.errors import ConfigError
 from recipe.project import Project
 from recipe.tracker import DialogueState, TranscriptLine, startable_flows
-from recipe.types import Flow, Slot, Step
+from recipe.types import Button, Flow, Slot, Step
 
 log = logging.getLogger("recipe")
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+
+def bundled_prompts_dir() -> Path:
+    """Our templates: `recipe/prompts/` in an installed wheel (package data: the build maps the top-level prompts/
+    folder there), else the checkout's top-level prompts/ beside the package (editable installs, a source tree)."""
+    installed = importlib.resources.files("recipe") / "prompts"
+    if installed.is_dir():
+        return Path(str(installed))
+    return Path(__file__).resolve().parent.parent / "prompts"
+
+
+PROMPTS_DIR = bundled_prompts_dir()
 DEFAULT_TEMPLATES = {
     Syntax.V1: "command_prompt_v1.jinja2",
     Syntax.V2: "command_prompt_v2.jinja2",
@@ -49,23 +67,168 @@ class PromptTemplate:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
+def bundled_template(name: str) -> PromptTemplate:
+    """One of our templates (`command_prompt_v2.jinja2`, `rephrase.jinja2`, ...), wherever the package is installed."""
+    return load_template(PROMPTS_DIR / name)
+
+
 def load_template(path: Path) -> PromptTemplate:
     try:
         return PromptTemplate(text=path.read_text(encoding="utf-8"), path=str(path))
     except OSError as error:
         raise ConfigError(f"{path}: cannot read prompt template ({error.strerror}); expected a Jinja2 file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: the prompt template is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
 
-def choose_template(project: Project, syntax: Syntax, explicit: Path | None = None) -> PromptTemplate:
-    """`--prompt-template` wins, then the project's config.yml, then our default for the syntax."""
+def choose_template(project: Project, syntax: Syntax, explicit: Path | str | None = None) -> PromptTemplate:
+    """`--prompt-template` wins (`rasa:<file>` reads that template of the installed Rasa Pro), then the project's
+    config.yml (its `prompt_template`; else, with Rasa Pro installed, the template Rasa picks for the generator's
+    model), then our default for the syntax, with the command list of `project.rasa_version` and the project's
+    custom commands."""
+    users = _users_template(project, explicit)
+    if users is not None:
+        for warning in template_command_warnings(users, project, syntax):
+            log.warning(warning)
+        return users
+    ours = bundled_template(DEFAULT_TEMPLATES[syntax])
+    return PromptTemplate(text=command_list_for(ours.text, project, syntax), path=ours.path)
+
+
+def _users_template(project: Project, explicit: Path | str | None) -> PromptTemplate | None:
     if explicit is not None:
-        return load_template(explicit)
+        if str(explicit).startswith(RASA_TEMPLATE_PREFIX):
+            return rasa_template(str(explicit)[len(RASA_TEMPLATE_PREFIX):])
+        return load_template(Path(explicit))
     if project.config.prompt_template is not None:
         if not project.config.prompt_template.is_file():
             raise ConfigError(f"{project.config.prompt_template_where}: prompt template "
                               f"`{project.config.prompt_template}` not found")  # fmt: skip
         return load_template(project.config.prompt_template)
-    return load_template(PROMPTS_DIR / DEFAULT_TEMPLATES[syntax])
+    if project.config.generator in RASA_GENERATOR_SYNTAX and installed_rasa_folder() is not None:
+        name = rasa_default_template_name(project.config.generator, project.config.llm, bool(project.agents))
+        log.info("%s: no prompt_template; using Rasa Pro's %s for this generator and model, as Rasa does",
+                 project.config.generator_where, name)  # fmt: skip
+        return rasa_template(name)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the user's Rasa
+
+RASA_TEMPLATE_PREFIX = "rasa:"
+RASA_GENERATOR_SYNTAX = {"SingleStepLLMCommandGenerator": Syntax.V1, "CompactLLMCommandGenerator": Syntax.V2,
+                         "SearchReadyLLMCommandGenerator": Syntax.V3}  # fmt: skip
+_RASA_TEMPLATE_FOLDERS = ("dialogue_understanding/generator/prompt_templates",
+                          "dialogue_understanding/generator/single_step")  # fmt: skip
+# Which template Rasa Pro 3.21 picks by `provider/model` (file-name stems: facts of its model-to-template table).
+_RASA_MODEL_TEMPLATES = {
+    "openai/gpt-4o-2024-11-20": "gpt_4o_2024_11_20", "azure/gpt-4o-2024-11-20": "gpt_4o_2024_11_20",
+    "openai/gpt-5.1-2025-11-13": "gpt_5_1_2025_11_13", "azure/gpt-5.1-2025-11-13": "gpt_5_1_2025_11_13",
+    "openai/gpt-5.2-2025-12-11": "gpt_5_2_2025_12_11", "azure/gpt-5.2-2025-12-11": "gpt_5_2_2025_12_11",
+    "anthropic/claude-3-5-sonnet-20240620": "claude_3_5_sonnet_20240620",
+    "bedrock/anthropic.claude-3-5-sonnet-20240620-v1:0": "claude_3_5_sonnet_20240620",
+    "anthropic/claude-sonnet-4-5-20250929": "claude_sonnet_4_5_20250929",
+    "bedrock/anthropic.claude-sonnet-4-5-20250929-v1:0": "claude_sonnet_4_5_20250929",
+    "anthropic/claude-sonnet-4-6": "claude_sonnet_4_5_20250929",
+    "bedrock/anthropic.claude-sonnet-4-6": "claude_sonnet_4_5_20250929",
+}  # fmt: skip
+_RASA_FALLBACK_TEMPLATE = "gpt_5_1_2025_11_13"  # default and fallback (any other model, a finetuned one included)
+
+
+def installed_rasa_folder() -> Path | None:
+    """The folder of the installed `rasa` package (Rasa Pro), found without importing it; None when absent."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("rasa")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def rasa_default_template_name(generator: str, llm: dict[str, Any] | None, has_agents: bool) -> str:
+    """The file name of the template Rasa Pro uses for `generator` and its `llm:` config when none is named."""
+    if RASA_GENERATOR_SYNTAX[generator] is Syntax.V1:
+        return "command_prompt_template.jinja2"
+    config = dict(llm or {})
+    if isinstance(config.get("models"), list) and config["models"]:
+        config = dict(config["models"][0])
+    provider, model = config.get("provider"), config.get("model")
+    stem = _RASA_FALLBACK_TEMPLATE
+    if model:
+        full = str(model) if provider and str(provider) in str(model) else f"{provider}/{model}"
+        stem = _RASA_MODEL_TEMPLATES.get(full, _RASA_FALLBACK_TEMPLATE)
+    version = RASA_GENERATOR_SYNTAX[generator].value
+    return f"{'agent_' if has_agents else ''}command_prompt_{version}_{stem}_template.jinja2"
+
+
+def rasa_template(name: str) -> PromptTemplate:
+    """The template `name` of the user's installed Rasa Pro, read at run time (recipe never ships it)."""
+    folder = installed_rasa_folder()
+    where = " or ".join(f"rasa/{sub}/" for sub in _RASA_TEMPLATE_FOLDERS)
+    if folder is None:
+        raise ConfigError(f"{RASA_TEMPLATE_PREFIX}{name}: Rasa Pro is not installed in this environment; pass the "
+                          f"file itself instead: --prompt-template path/to/{name} (in {where} of a Rasa Pro "
+                          "install)")  # fmt: skip
+    for sub in _RASA_TEMPLATE_FOLDERS:
+        if (folder / sub / name).is_file():
+            return load_template(folder / sub / name)
+    raise ConfigError(f"{RASA_TEMPLATE_PREFIX}{name}: the installed Rasa Pro ({folder}) has no such template in "
+                      f"{where}; pass its file with --prompt-template FILE")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- command lists
+
+# Our templates' lines for commands that only some releases or projects have (the files hold the 3.21 set).
+_HANDOFF_LINES = {Syntax.V1: "HumanHandoff(): the user wants a human", Syntax.V2: "hand over: the user asks for a human"}
+_LAST_COMMAND_LINE = {Syntax.V1: "RepeatLastBotMessages(): ", Syntax.V2: "repeat message: "}
+_AGENT_LINES = {
+    Syntax.V1: ("{% if active_agent %}\nContinueAgent(): the user answers the active agent "
+                "{{ active_agent.name }}{% endif %}{% if completed_agents %}\nRestartAgent(agent_name): the user "
+                "wants to redo a finished agent's task (finished: {{ completed_agents | map(attribute='name') | "
+                "join(', ') }}){% endif %}"),
+    Syntax.V2: ("{% if active_agent %}\ncontinue agent: the user answers the active agent "
+                "{{ active_agent.name }}{% endif %}{% if completed_agents %}\nrestart agent AGENT_NAME: the user "
+                "wants to redo a finished agent's task (finished: {{ completed_agents | map(attribute='name') | "
+                "join(', ') }}){% endif %}"),
+}  # fmt: skip
+
+
+def command_list_for(text: str, project: Project, syntax: Syntax) -> str:
+    """One of our templates with the command list of the target release and project: `hand over` before 3.16,
+    agent commands (shown while an agent is active / after one finished) for projects with sub-agents on 3.14+,
+    and a line for each custom command that has a description."""
+    dialect = Syntax.V1 if syntax is Syntax.V1 else Syntax.V2
+    lines = text.split("\n")
+    at = next((i for i, line in enumerate(lines) if line.startswith(_LAST_COMMAND_LINE[dialect])), None)
+    if at is None:
+        return text
+    before: list[str] = []
+    after: list[str] = []
+    if project.rasa_version < HANDOFF_REMOVED_IN:
+        (after if dialect is Syntax.V1 else before).append(_HANDOFF_LINES[dialect])
+    after += [line for spec in project.custom_commands if (line := spec.template_line(syntax))]
+    agent_suffix = _AGENT_LINES[dialect] if project.agents and project.rasa_version >= AGENTS_ADDED_IN else ""
+    if after:
+        after[-1] += agent_suffix
+    else:
+        lines[at] += agent_suffix
+    return "\n".join(lines[:at] + before + [lines[at]] + after + lines[at + 1:])
+
+
+def template_command_warnings(template: PromptTemplate, project: Project, syntax: Syntax) -> list[str]:
+    """Commands a template offers that the target release drops, and custom commands it never mentions."""
+    warnings = []
+    if project.rasa_version >= HANDOFF_REMOVED_IN and any(w in template.text for w in ("hand over", "HumanHandoff(")):
+        warnings.append(f"{template.path} offers the handoff command, which Rasa Pro {project.rasa_version} no "
+                        f"longer parses (removed in {HANDOFF_REMOVED_IN}); remove it or pass --rasa-version")
+    for spec in project.custom_commands:
+        first_word = spec.form(syntax).split("{")[0].split("(")[0].strip()
+        if first_word and first_word not in template.text:
+            warnings.append(f"{template.path} never mentions the custom command `{spec.name}` (`{spec.form(syntax)}`)")
+    return warnings
 
 
 def choose_syntax(project: Project, explicit: str | None = None) -> Syntax:
@@ -96,10 +259,12 @@ def jinja_environment() -> jinja2.Environment:
     return environment
 
 
-# What the runtime passes to a command-generator template (rasa-formats.md §6).
+# What the runtime passes to a command-generator template (rasa-formats.md §6; Rasa Pro 3.21's single-step
+# generators): `active_agent` and `completed_agents` only in projects with sub-agents (None / [] otherwise here).
 COMMAND_PROMPT_VARIABLES = frozenset({
     "available_flows", "current_conversation", "current_flow", "current_slot", "current_slot_description",
-    "flow_slots", "user_message", "current_datetime",
+    "current_slot_type", "current_slot_allowed_values", "flow_slots", "user_message", "current_datetime",
+    "active_agent", "completed_agents",
 })  # fmt: skip
 
 
@@ -196,24 +361,40 @@ def _value_text(value: Any) -> str:
     return "undefined" if value is None else str(value)
 
 
-def transcript_lines(lines: tuple[TranscriptLine, ...] | list[TranscriptLine]) -> list[str]:
-    """`USER: ...` and `AI: ...` lines as the runtime writes them (buttons appended, empty bot messages left out)."""
+def _buttons_text(buttons: tuple[Button, ...], version: RasaVersion) -> str:
+    if version < HANDOFF_REMOVED_IN:  # before 3.16: every button, its title as written
+        return ", ".join(f'button {i}: "{b.title}"' for i, b in enumerate(buttons, start=1))
+    # 3.16+: newlines in titles become spaces, a button with an empty title is left out (the others keep their
+    # position number: `button 1`, `button 3`)
+    return ", ".join(f'button {i}: "{_one_line(b.title)}"' for i, b in enumerate(buttons, start=1)
+                     if _one_line(b.title or ""))  # fmt: skip
+
+
+def transcript_lines(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], *,
+                     version: RasaVersion = NEWEST_RASA_VERSION, highlight_agents: bool = False) -> list[str]:  # fmt: skip
+    """`USER: ...` and `AI: ...` lines as the runtime writes them (buttons appended, empty bot messages left out).
+    With `highlight_agents` (a project with sub-agents) a sub-agent's messages carry its name instead of `AI`."""
     rendered = []
     for line in lines:
         text = _one_line(line.text) if line.text else ""
+        speaker = line.speaker
         if line.speaker == "AI":
-            if not text and not line.buttons:
-                continue  # a bot message with neither text nor buttons is not shown
-            if line.buttons:
-                suffix = ", ".join(f'button {i}: "{b.title}"' for i, b in enumerate(line.buttons, start=1))
-                text = f"{text} {suffix}" if text else suffix
-        rendered.append(f"{line.speaker}: {text}")
+            buttons = _buttons_text(line.buttons, version) if line.buttons else ""
+            if buttons:
+                text = f"{text} {buttons}" if text else buttons
+            if not text:
+                continue  # a bot message with neither text nor (titled) buttons is not shown
+            if highlight_agents and line.agent:
+                speaker = line.agent
+        rendered.append(f"{speaker}: {text}")
     return rendered
 
 
-def transcript_text(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], user_message: str) -> str:
+def transcript_text(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], user_message: str, *,
+                    version: RasaVersion = NEWEST_RASA_VERSION, highlight_agents: bool = False) -> str:  # fmt: skip
     """The last 20 lines of the conversation, then the new user message after a newline."""
-    history = "\n".join(transcript_lines(lines)[-TRANSCRIPT_LINES:])
+    shown = transcript_lines(lines, version=version, highlight_agents=highlight_agents)
+    history = "\n".join(shown[-TRANSCRIPT_LINES:])
     return f"{history}\nUSER: {_one_line(user_message)}"
 
 
@@ -226,6 +407,7 @@ def prompt_variables(
 ) -> dict[str, Any]:
     """Every variable the runtime passes to the command generator's template."""
     slots = state.slots
+    has_agents = bool(project.agents) and project.rasa_version >= AGENTS_ADDED_IN
     available_flows = []
     flows = startable_flows(project, slots)
     if project.flow_retrieval is not None:  # the runtime's selection and order (recipe/retrieval.py)
@@ -238,7 +420,12 @@ def prompt_variables(
                 flow_slot_entries.append(
                     {"name": slot.name, "description": step.description, "allowed_values": _allowed_values(slot)}
                 )
-        available_flows.append({"name": flow.id, "description": flow.description, "slots": flow_slot_entries})
+        entry = {"name": flow.id, "description": flow.description, "slots": flow_slot_entries}
+        agent_info = [_agent_entry(project, agent) for kind, agent, flow_id in state.agent_log
+                      if kind == "started" and flow_id == flow.id and agent in project.agents]  # fmt: skip
+        if agent_info and has_agents:
+            entry["agent_info"] = agent_info  # one per start of an agent by this flow, as the runtime lists them
+        available_flows.append(entry)
 
     current_flow = None
     for frame in reversed(state.stack):
@@ -252,6 +439,7 @@ def prompt_variables(
         step = flow.steps.get(top.step_id) if flow else None
         if step is not None and step.kind == "collect":
             current_slot, current_slot_description = step.collect, step.description
+    asked = project.domain.slots.get(current_slot) if current_slot else None
 
     flow_slots = []
     if current_flow in project.flows:
@@ -271,16 +459,43 @@ def prompt_variables(
                     "description": step.description,
                 }
             )
-    return {
+    variables = {
         "available_flows": available_flows,
-        "current_conversation": transcript_text(state.transcript, user_message),
+        "current_conversation": transcript_text(state.transcript, user_message, version=project.rasa_version,
+                                                highlight_agents=has_agents),
         "current_flow": current_flow,
         "current_slot": current_slot,
         "current_slot_description": current_slot_description,
+        "current_slot_type": asked.type if asked is not None else None,
+        "current_slot_allowed_values": _allowed_values(asked) if asked is not None else None,
         "flow_slots": flow_slots,
         "user_message": _one_line(user_message),
         "current_datetime": current_datetime,
     }
+    if has_agents:
+        variables["active_agent"] = (
+            _agent_entry(project, state.active_agent[0])
+            if state.active_agent is not None and state.active_agent[1] == current_flow else None
+        )
+        variables["completed_agents"] = _completed_agents(project, state)
+    return variables
+
+
+def _agent_entry(project: Project, agent: str) -> dict[str, str]:
+    return {"name": agent, "description": project.agents[agent].description}
+
+
+def _completed_agents(project: Project, state: DialogueState) -> list[dict[str, str]]:
+    """Agents that completed in the top user flow and are not running again (the runtime collects them in a set:
+    its order is arbitrary; ours is the order they first completed in)."""
+    top = next((frame.flow_id for frame in reversed(state.stack) if frame.kind == "user"), None)
+    if top is None:
+        return []
+    last: dict[str, str] = {}
+    for kind, agent, flow_id in state.agent_log:
+        last[agent] = kind
+    names = [agent for kind, agent, flow_id in state.agent_log if kind == "completed" and flow_id == top]
+    return [_agent_entry(project, a) for a in dict.fromkeys(names) if last.get(a) == "completed" and a in project.agents]
 
 
 # ---------------------------------------------------------------------------------------------- date and time

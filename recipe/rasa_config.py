@@ -14,7 +14,7 @@ from typing import Any
 
 from recipe.commands import Syntax
 from recipe.errors import ConfigError
-from recipe.prompt import load_template
+from recipe.prompt import PROMPTS_DIR, load_template
 from recipe.yamlio import dump_yaml
 
 GENERATOR_FOR_SYNTAX = {
@@ -37,8 +37,10 @@ class RasaConfig:
 
 def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any] | None, prompt_template: str | None,
                 syntax: str | None, group_id: str = "finetuned_command_generator", max_tokens: int = 256,
-                api_key_env: str | None = None, use_completions: bool = False) -> RasaConfig:  # fmt: skip
-    """The endpoints.yml model group and config.yml pipeline entry for `model_name` served at `api_base`."""
+                api_key_env: str | None = None, use_completions: bool = False,
+                project_dir: Path = Path(".")) -> RasaConfig:  # fmt: skip
+    """The endpoints.yml model group and config.yml pipeline entry for `model_name` served at `api_base`
+    (`prompt_template` relative to the assistant's `project_dir`, as Rasa reads it)."""
     info = training_info or {}
     if not api_base.startswith(("http://", "https://")):
         raise ConfigError(f"--api-base {api_base!r}: expected the server's URL, e.g. http://llm-host:8000/v1")
@@ -62,10 +64,10 @@ def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any]
         template = f"prompts/{Path(template).name}"
         notes.append(f"copy the template the model was trained with to {template} in the assistant project, or use "
                      "--write-template FILE to write the exact trained text and point prompt_template at it")  # fmt: skip
-    elif not Path(template).is_file():
+    elif not (project_dir / template).is_file():
         notes.append(f"copy {template} into the assistant project and point prompt_template at the copy "
                      "(or use --write-template FILE)")  # fmt: skip
-    elif info.get("prompt_template_sha256") and load_template(Path(template)).sha256 != info["prompt_template_sha256"]:
+    elif info.get("prompt_template_sha256") and load_template(project_dir / template).sha256 != info["prompt_template_sha256"]:
         notes.append(f"WARNING: {template} is not the template the model was trained with (sha256 differs); use "
                      "--write-template FILE to write that one")  # fmt: skip
     model: dict[str, Any] = {"provider": "self-hosted", "model": model_name, "api_base": api_base.rstrip("/"),
@@ -105,6 +107,9 @@ def write_trained_template(training_info: dict[str, Any] | None, path: Path) -> 
     text = (training_info or {}).get("prompt_template_text")
     if not text:
         raise ConfigError("--write-template needs --model with training info that records the template text")
+    if path.resolve().is_relative_to(PROMPTS_DIR.resolve()):
+        raise ConfigError(f"{path}: that is recipe's own template folder ({PROMPTS_DIR}), not the assistant's; write "
+                          "the copy into the assistant project (--project DIR --write-template prompts/NAME.jinja2)")
     if path.exists() and path.read_text(encoding="utf-8") != text:
         raise ConfigError(f"{path}: exists with other content; choose another file or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)

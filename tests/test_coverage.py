@@ -160,12 +160,20 @@ def test_dialects_per_file_equal_the_yaml(report, expected):
 
 
 def test_terminal_shows_every_command_type_with_its_count(run, report):
+    from recipe.commands import Syntax
+    from recipe.coverage import command_label
+
     stdout = run[1]
+    assert "commands shown in v2" in stdout
     for row in report["command_types"]:
-        pattern = rf"^{re.escape(row['kind'])} +{row['written']} +{row['derived']} +{row['total']}$"
+        label = command_label(row["kind"], Syntax.V2)  # the table says v2, so it shows v2's words
+        pattern = rf"^{re.escape(label)} +{row['written']} +{row['derived']} +{row['total']}$"
         assert re.search(pattern, stdout, re.MULTILINE), row["kind"]
+    for internal, v2 in (("knowledge", "provide info"), ("clarify", "disambiguate flows"), ("chitchat", "offtopic reply")):
+        assert not re.search(rf"^{internal} ", stdout, re.MULTILINE) and re.search(rf"^{v2} ", stdout, re.MULTILINE)
     unused = [row["kind"] for row in report["command_types"] if row["total"] == 0]
-    assert f"command types never used: {', '.join(unused) or 'none'}" in stdout
+    shown = ", ".join(command_label(kind, Syntax.V2) for kind in unused)
+    assert f"command types never used: {shown or 'none'}" in stdout
     assert report["gaps"]["unused_command_types"] == unused
 
 

@@ -12,7 +12,11 @@ import nbformat
 import pytest
 from finetune_rows import example_rows
 from nbclient import NotebookClient
-from tiny_model import build_tiny_model, write_cpu_finetune_config
+from tiny_model import (
+    CPU_FINETUNE_SETTINGS,
+    build_tiny_model,
+    write_cpu_finetune_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "finetune" / "finetune.ipynb"
@@ -50,11 +54,28 @@ def inputs(tmp_path) -> dict:
     }
 
 
-def test_notebook_runs_end_to_end_and_leaves_plots_and_model(inputs, tmp_path):
+def repeat_setup_cell(notebook: nbformat.NotebookNode) -> None:
+    """Run the install/set-up cell a second time right after the first, as a user re-running it would, and check
+    that it changed neither the kernel's working folder nor the paths it resolved."""
+    index = next(i for i, cell in enumerate(notebook.cells) if "find_repository" in cell.source)
+    check = ("import os as _os\n_before = (_os.getcwd(), REPO, DATA_PATH, CONFIG_PATH)\n" + notebook.cells[index].source
+             + "\nassert (_os.getcwd(), REPO, DATA_PATH, CONFIG_PATH) == _before, 'the set-up cell is not idempotent'")
+    cell = nbformat.v4.new_code_cell(check)
+    cell["id"] = "setup-again"
+    notebook.cells.insert(index + 1, cell)
+
+
+@pytest.mark.parametrize("start_in", ["finetune", "repository root"])
+def test_notebook_runs_end_to_end_and_leaves_plots_and_model(inputs, tmp_path, start_in):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    if start_in == "repository root":
+        # relative paths (to the repository root) and the repository found on its own, set-up cell run twice
+        inputs = inputs | {"CONFIG": "finetune/config.yaml", "OVERRIDES": {**CPU_FINETUNE_SETTINGS, "num_train_epochs": 1.0}}
+        del inputs["REPO_DIR"]
+        repeat_setup_cell(notebook)
     inject_parameters(notebook, inputs)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    start = NOTEBOOK.parent if start_in == "finetune" else REPO
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(start)}})
     try:
         client.execute()
     finally:

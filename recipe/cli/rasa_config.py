@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from recipe.cli._common import setup_logging
@@ -25,8 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-template", metavar="PATH", help="template path to write into config.yml "
                         "(default: prompts/<name of the trained template>, with a note to copy it there)")
     parser.add_argument("--write-template", type=Path, metavar="FILE",
-                        help="write the exact template text the model was trained with to FILE (e.g. in the "
-                             "assistant project) and point prompt_template at it")  # fmt: skip
+                        help="write the exact template text the model was trained with to FILE, relative to "
+                             "--project (e.g. prompts/cmdgen.jinja2), and point prompt_template at it")  # fmt: skip
+    parser.add_argument("--project", type=Path, default=Path("."), metavar="DIR",
+                        help="the assistant project that --write-template writes into; prompt_template is written "
+                             "relative to it, as Rasa reads it (default: the current folder)")  # fmt: skip
     parser.add_argument("--command-syntax", choices=["v1", "v2", "v3"], help="default: from the training info; "
                         "a syntax contradicting the training info is an error")
     parser.add_argument("--group-id", default="finetuned_command_generator", help="model group id (default: finetuned_command_generator)")
@@ -51,10 +55,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.model}: no recipe_training_info.json; pass --prompt-template and --command-syntax")
     template = args.prompt_template
     if args.write_template is not None:
-        template = str(write_trained_template(info, args.write_template))
+        target = args.write_template if args.write_template.is_absolute() else args.project / args.write_template
+        written = write_trained_template(info, target)
+        inside = written.resolve().is_relative_to(args.project.resolve())
+        template = os.path.relpath(written.resolve(), args.project.resolve()) if inside else str(written)
     config = rasa_config(model_name=args.model_name, api_base=args.api_base, training_info=info,
                          prompt_template=template, syntax=args.command_syntax, group_id=args.group_id,
                          max_tokens=args.max_tokens, api_key_env=args.api_key_env,
-                         use_completions=args.use_completions)  # fmt: skip
+                         use_completions=args.use_completions, project_dir=args.project)  # fmt: skip
     print(config.render(), end="")
     return 0

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the dialogue state tracker with their commands (written in the test, or derived from its assertions).",
     )
     parser.add_argument("test", metavar="TESTS::TEST_CASE", help="a test file and the test case's name, e.g. "
-                        "e2e_tests/hotels/hotel_du.yml::book a hotel (the name may be left out if the file has one)")
+                        "'e2e_tests/hotels/hotel_du.yml::hotel step by step with a pinned date' (the name may be "
+                        "left out if the file has one)")
     parser.add_argument("--step", type=int, required=True, metavar="N", help="the user turn, 1-based")
     parser.add_argument("--state", action="store_true", help="print the tracker's state before that turn (JSON)")
     add_project_arguments(parser)

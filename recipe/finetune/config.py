@@ -56,6 +56,8 @@ class FinetuneConfig:
     gradient_accumulation_steps: int = 2
     per_device_eval_batch_size: int = 8
     max_length: int | None = None
+    max_train_rows: int | None = None
+    max_val_rows: int | None = None
     group_by_length: bool = True
     gradient_checkpointing: bool = True
     precision: str = "auto"
@@ -101,6 +103,9 @@ class FinetuneConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("max_train_rows", "max_val_rows"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive or null (every row), got {getattr(self, name)}")
         if self.max_length is not None and self.max_length <= 0:
             raise ConfigError(f"max_length: must be positive or null (computed from the data), got {self.max_length}")
         if not 0 <= self.lora_dropout < 1:
@@ -128,7 +133,7 @@ def looks_like_path(value: str) -> bool:
 
 def check_model_path(model: str) -> None:
     """A model that looks like a local path must be a folder, else the hub client answers with a confusing error."""
-    if not looks_like_path(model):
+    if model == "recipe:tiny" or not looks_like_path(model):  # recipe:tiny: built offline (recipe/finetune/tiny.py)
         return
     path = Path(model).expanduser()
     if path.is_dir():

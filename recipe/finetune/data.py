@@ -146,6 +146,15 @@ def read_examples(path: Path, allow_empty: bool = False) -> list[Example]:
     return examples
 
 
+def shortest(examples: list[Example], limit: int | None) -> list[Example]:
+    """The `limit` shortest rows (by characters, ties in file order), in file order; every row without a limit."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    size = {id(example): sum(len(m["content"]) for m in example.prompt) + len(example.completion) for example in examples}
+    kept = {id(example) for example in sorted(examples, key=lambda example: size[id(example)])[:limit]}
+    return [example for example in examples if id(example) in kept]
+
+
 def example_from_row(row: Any, path: str, line: int) -> Example:
     """Convert one row of either format; the answer must be non-empty text."""
 

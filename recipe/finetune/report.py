@@ -78,8 +78,14 @@ def _loss(value: float | None) -> str | None:
     return None if value is None else f"{value:.4f}"
 
 
-def model_card(info: dict[str, Any]) -> str:
-    """README.md for the output folder: everything needed to serve the model on the prompts it was trained on."""
+SERVED_NAME = "cmdgen"  # the model name the card's commands serve under
+
+
+def model_card(info: dict[str, Any], vllm_commands: dict[str, str] | None = None) -> str:
+    """README.md for the output folder: everything needed to serve the model on the prompts it was trained on.
+
+    `vllm_commands` ("merged", "adapter") are what `recipe serve --print-vllm-command [--vllm-adapter]` prints for
+    this folder, so the card and the tool never disagree."""
     training = info["training"]
     data = training["data"]
     hyper = training["hyperparameters"]
@@ -153,16 +159,29 @@ def model_card(info: dict[str, Any]) -> str:
                + [(key, value) for key, value in training["hardware"].items()]),
         "## Use",
         "Files: the adapter (`adapter_model.safetensors`, `adapter_config.json`) and the tokenizer at the top level"
-        + (", the merged model in `merged/`" if training["merged"] else "") + ". Serve with vLLM:\n\n```bash\n"
-        f"vllm serve {training['base_model']} --enable-lora --lora-modules cmdgen=<this folder> "
-        f"--max-lora-rank {hyper['lora_r']} --max-model-len {training['max_length'] + 256}\n```\n\n"
-        "and point Rasa Pro at it (rasa-formats.md §8): a model group with `provider: self-hosted`, `model: cmdgen`, "
-        "`temperature: 0.0`, "
-        + ("the chat-completions endpoint (the default), "
-           if training["prompt_format"] == "chat" else "`use_chat_completions_endpoint: false` (raw prompts), ")
-        + "and the generator's `prompt_template` set to the template above.",
+        + (", the merged model in `merged/`" if training["merged"] else "") + ".",
+        _use_section(training, vllm_commands or {}),
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def _use_section(training: dict[str, Any], vllm_commands: dict[str, str]) -> str:
+    folder = "<this folder>"
+    lines = ["On a CPU or a small GPU:", "", "```bash", f"recipe serve --model {folder} --name {SERVED_NAME}", "```", ""]
+    for variant in ("merged", "adapter"):  # the merged model first: unmerged LoRA is slower per token
+        if variant not in vllm_commands:
+            continue
+        which = "the merged model" if variant == "merged" else "the base model with the adapter"
+        flag = " --vllm-adapter" if variant == "adapter" and "merged" in vllm_commands else ""
+        printed = f"`recipe serve --model {folder} --name {SERVED_NAME} --print-vllm-command{flag}`"
+        lines += [f"With vLLM, {which} ({printed} printed this on the training machine):", "", "```bash",
+                  vllm_commands[variant], "```", ""]
+    chat = training["prompt_format"] == "chat"
+    lines += ["Then `recipe rasa-config --model <this folder> --model-name cmdgen --api-base http://HOST:8000/v1` prints "
+              "the `endpoints.yml` model group (`provider: self-hosted`, `model: cmdgen`, `temperature: 0.0`"
+              + ("" if chat else ", `use_chat_completions_endpoint: false` (raw prompts)")
+              + ") and the `config.yml` generator with the `prompt_template` the model was trained with."]
+    return "\n".join(lines)
 
 
 def _span(stats: dict[str, Any]) -> str:

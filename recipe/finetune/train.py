@@ -22,6 +22,7 @@ from recipe import __version__
 from recipe.errors import ConfigError
 from recipe.finetune import data, model, report, upload
 from recipe.finetune.config import FinetuneConfig
+from recipe.finetune.tiny import resolve_tiny_model
 
 if TYPE_CHECKING:
     from trl import SFTTrainer
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "recipe_training_info.json"
 CHECKPOINTS = "checkpoints"
+RUN_IN_PROGRESS = ".run_in_progress"  # in the output folder from the start of a run until its outputs are written
 MERGED = "merged"
 # Keys of prepare-data's dataset_info.json; null in our info file when the data came without it.
 DATASET_INFO_KEYS = ("prompt_template", "prompt_template_sha256", "prompt_template_text", "command_syntax",
@@ -86,6 +88,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     started = time.monotonic()
     run = prepare(config)
     trainer = run.trainer
+    if trainer.is_world_process_zero():  # from the first step until the outputs are written: an interrupted run
+        (run.local_dir / RUN_IN_PROGRESS).write_text("training; removed once the outputs are written\n")
     trainer.train(resume_from_checkpoint=last_checkpoint(run.local_dir) if config.resume else None)
     trainer.save_model(str(run.local_dir))  # adapter + tokenizer; collective under FSDP, so every process calls it
     if not trainer.is_world_process_zero():
@@ -106,6 +110,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         model.merge_adapter(run.config.model, run.local_dir, merged_dir, model.torch_dtype(run.precision), run.tokenizer)
     info = training_info(run, final_losses, padding, merged=merged_dir is not None, duration_s=time.monotonic() - started)
     write_outputs(run.local_dir, info, log_history)
+    (run.local_dir / RUN_IN_PROGRESS).unlink(missing_ok=True)
     if upload.is_remote(config.output_dir):
         upload.upload_directory(run.local_dir, config.output_dir, exclude=(CHECKPOINTS,))
     end_distributed_run()
@@ -129,8 +134,8 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     config.validate()
     local_dir = prepare_output_dir(config)
     files = fetch_data_files(config)
-    train_examples = data.read_examples(files.train)
-    val_examples = data.read_examples(files.val, allow_empty=True) if files.val else []
+    train_examples = data.shortest(data.read_examples(files.train), config.max_train_rows)
+    val_examples = data.shortest(data.read_examples(files.val, allow_empty=True), config.max_val_rows) if files.val else []
     without_val = data.validation_warning(files, len(val_examples))
     if without_val:
         log.warning(without_val)
@@ -139,7 +144,10 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     backend = model.resolve_backend(config.backend)
     if backend == "unsloth":
         model.import_unsloth()  # before anything imports transformers, trl or peft
-    config = dataclasses.replace(config, model=absolute_model_id(config.model))
+    from recipe.finetune.progress import quiet_library_bars
+
+    quiet_library_bars()
+    config = dataclasses.replace(config, model=absolute_model_id(resolve_tiny_model(config.model)))
     tokenizer = model.load_tokenizer(config.model)
     prompt_format = data.choose_prompt_format(tokenizer, config.prompt_format, train_examples[0])
     train_rows = data.encode_examples(tokenizer, train_examples, prompt_format)
@@ -148,7 +156,12 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     max_length = data.resolve_max_length(config.max_length, train_examples + val_examples, train_rows + val_rows)
 
     precision = model.resolve_precision(config.precision)
+    slow = slow_setup_reason(config, backend)
+    if slow:
+        log.warning("%s; the expected time follows after the first step", slow)
     from transformers import set_seed
+
+    from recipe.finetune.progress import LogLineCallback
 
     set_seed(config.seed)  # LoRA initialisation and dropout
     base = model.load_base_model(config, backend, model.torch_dtype(precision), max_length)
@@ -159,16 +172,27 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
 
     speed = throughput.ThroughputCallback()
     trainer = build_trainer(config, peft_model, tokenizer, train_rows, val_rows, max_length, precision,
-                            local_dir / CHECKPOINTS, [speed])
+                            local_dir / CHECKPOINTS, [speed], LogLineCallback(slow))
     if len(trainer.train_dataset) != len(train_rows):
         raise RuntimeError(f"the trainer kept {len(trainer.train_dataset)} of {len(train_rows)} training rows")
     return PreparedRun(config, local_dir, files, dataset_info, train_examples, val_examples, train_rows, val_rows,
                        prompt_format, max_length, backend, precision, base, tokenizer, trainer, speed)
 
 
+def slow_setup_reason(config: FinetuneConfig, backend: str) -> str | None:
+    """Why this run will be very slow, when it will: 8-bit on a CPU (bitsandbytes' int8 matmuls crawl there; a
+    tiny model on 3,000-token rows was measured at 6 h 40 min)."""
+    if config.quantization == "8bit" and not model.cuda_available():
+        return (f"8-bit quantization on a CPU ({config.model}): bitsandbytes' int8 matmuls are very slow there; "
+                "--no-quantization is faster where the 32-bit weights fit in memory")  # fmt: skip
+    return None
+
+
 def sft_config(config: FinetuneConfig, max_length: int, precision: str, checkpoints_dir: Path, has_val: bool) -> Any:
     """TRL's arguments: ours, plus the settings that keep TRL's defaults from hurting (known-weaknesses B.2)."""
     from trl import SFTConfig
+
+    from recipe.finetune.progress import on_a_terminal
 
     return SFTConfig(
         output_dir=str(checkpoints_dir),
@@ -201,16 +225,19 @@ def sft_config(config: FinetuneConfig, max_length: int, precision: str, checkpoi
         logging_first_step=True,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
+        disable_tqdm=not on_a_terminal(),  # a bar redrawn into a log file is noise; our LogLineCallback says it once
         ddp_find_unused_parameters=False,  # frozen base weights are not unused parameters
     )
 
 
 def build_trainer(config: FinetuneConfig, peft_model: Any, tokenizer: Any, train_rows: list[data.Encoded],
                   val_rows: list[data.Encoded], max_length: int, precision: str, checkpoints_dir: Path,
-                  callbacks: list[Any]) -> SFTTrainer:
+                  callbacks: list[Any], line_callback: Any = None) -> SFTTrainer:
     from trl import SFTTrainer
 
-    return SFTTrainer(
+    from recipe.finetune.progress import LogLineCallback, quiet_trainer_output
+
+    trainer = SFTTrainer(
         model=peft_model,
         args=sft_config(config, max_length, precision, checkpoints_dir, has_val=bool(val_rows)),
         train_dataset=data.to_dataset(train_rows),
@@ -218,6 +245,8 @@ def build_trainer(config: FinetuneConfig, peft_model: Any, tokenizer: Any, train
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    quiet_trainer_output(trainer, line_callback or LogLineCallback())
+    return trainer
 
 
 def absolute_model_id(model_id: str) -> str:
@@ -235,10 +264,19 @@ def prepare_output_dir(config: FinetuneConfig) -> Path:
         raise ConfigError(f"{config.output_dir}: only local folders, gs:// and s3:// are supported")
     else:
         local_dir = Path(config.output_dir).expanduser()
+    interrupted = (local_dir / RUN_IN_PROGRESS).exists()
+    checkpoint = last_checkpoint(local_dir)
     if config.resume:
-        if last_checkpoint(local_dir) is None:
+        if checkpoint is None and not interrupted:
             raise ConfigError(f"{local_dir}: --resume, but there is no checkpoint in {local_dir / CHECKPOINTS}")
+        if checkpoint is None:
+            # Interrupted before its first checkpoint: nothing to continue from, so the run starts again in place.
+            log.warning("%s: the interrupted run saved no checkpoint; starting it again in place", local_dir)
     # Only the main process checks: in a distributed run the others may look after it has started writing.
+    elif model.is_main_process() and interrupted:
+        how = (f"--resume continues it from {Path(checkpoint).name}" if checkpoint is not None
+               else "it saved no checkpoint; --resume starts it again in place")
+        raise ConfigError(f"{local_dir}: holds an interrupted run; {how} (or choose a new output folder)")
     elif model.is_main_process() and local_dir.exists() and any(local_dir.iterdir()):
         raise ConfigError(f"{local_dir}: output folder is not empty; choose a new one, or --resume a run there")
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -347,7 +385,17 @@ def write_outputs(local_dir: Path, info: dict[str, Any], log_history: list[dict[
     (local_dir / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     report.write_logs(log_history, local_dir)
     report.plot_losses(log_history, local_dir / report.LOSS_PNG, title=f"{Path(info['training']['base_model']).name} + LoRA")
-    (local_dir / report.MODEL_CARD).write_text(report.model_card(info), encoding="utf-8")
+    (local_dir / report.MODEL_CARD).write_text(report.model_card(info, vllm_commands(local_dir, info)), encoding="utf-8")
+
+
+def vllm_commands(local_dir: Path, info: dict[str, Any]) -> dict[str, str]:
+    """What `recipe serve --print-vllm-command` (merged) and `... --vllm-adapter` (adapter) print for this folder."""
+    from recipe.serve import format_command_line, vllm_serve_command
+
+    commands = {"adapter": format_command_line(vllm_serve_command(local_dir, served_name=report.SERVED_NAME, merged=False))}
+    if info["training"].get("merged"):
+        commands["merged"] = format_command_line(vllm_serve_command(local_dir, served_name=report.SERVED_NAME, merged=True))
+    return commands
 
 
 def read_training_info(model_dir: Path) -> dict[str, Any]:
