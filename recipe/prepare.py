@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -41,7 +42,7 @@ from recipe.annotate import (
 from recipe.commands import Command, SetSlot, Syntax, format_command, format_commands
 from recipe.conversation import mocked_datetime, replay_test_case
 from recipe.errors import ConfigError
-from recipe.llm import LLMClient, LLMConfig
+from recipe.llm import LLMCallFailed, LLMClient, LLMConfig
 from recipe.project import Project
 from recipe.prompt import (
     COMMAND_PROMPT_VARIABLES,
@@ -57,6 +58,7 @@ from recipe.rephrase import (
     MessageToRephrase,
     RephraseOutcome,
     rephrase_conversation,
+    rephrase_prompt,
     rule_based_rephrasings,
 )
 from recipe.retrieval import flow_retrieval_info
@@ -83,6 +85,8 @@ from recipe.yamlio import (
 )
 
 STAGE_DIRS = ("1_command_annotations", "2_rephrasings", "3_llm_finetune_data", "4_train_test_split")
+RUN_FILES = (*STAGE_DIRS, "params.yaml", "result_summary.yaml")  # what one run writes; OUT/cache is shared
+STAGING_DIR, PREVIOUS_DIR = ".staging", ".previous"  # under OUT: the run being written, the run being replaced
 DEFAULT_REPHRASE_MODEL = LLMConfig(provider="openai", model="gpt-4o-mini", temperature=1.0)
 DEFAULT_TEACHER_MODEL = LLMConfig(provider="openai", model="gpt-4o", temperature=0.0)
 _LOSSY_AT_RUNTIME = re.compile(r"\W$")  # v2/v3 runtime parsers strip trailing non-word characters from values
@@ -270,8 +274,21 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
     progress.done("stitch")
     disagreements = {turn.number: turn.disagreements for turn in turns if turn.disagreements}
     inferences = {turn.number: turn.inferences for turn in turns if turn.inferences}
+    errors.extend(_failed_call_errors(annotation, verdicts))
     return TestCaseResult(test_case, annotation, verdicts, rows, outcome, messages, errors, warnings, disagreements,
                           inferences, disagreeing)  # fmt: skip
+
+
+def _failed_call_errors(annotation: TestAnnotation, verdicts: dict[int, list[Verdict]]) -> list[str]:
+    """One error per role whose calls failed in this test case (the rephraser records its own)."""
+    found = []
+    teacher = [f"turn {t.number}: {t.reason}" for t in annotation.turns if (t.reason or "").startswith("teacher call failed")]
+    oracle = [f"turn {n}: {v.reason}" for n, vs in verdicts.items() for v in vs
+              if (v.reason or "").startswith("oracle call failed")]  # fmt: skip
+    for role, failures in (("teacher", teacher), ("oracle", oracle)):
+        if failures:
+            found.append(f"{role}: {len(failures)} call(s) failed after retries; first: {failures[0]}")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -430,30 +447,107 @@ def _params(project: Project, config: PrepareConfig, files: list[TestFile]) -> d
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def _clear_stage_outputs(out: Path) -> None:
-    # A run's outputs describe that run only (stale files never mix in); the LLM cache is kept.
-    for name in STAGE_DIRS:
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("params.yaml", "result_summary.yaml"):
-        (out / name).unlink(missing_ok=True)
+def check_output_folder(out: Path, tests: list[str], project_root: Path) -> None:
+    """`-o` must be a folder we can write, and outside every tests folder (else a re-run reads its own split suites
+    back in as tests); a `ConfigError` before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {out}: is a file; expected a folder (new or from an earlier run)")
+    existing = next((folder for folder in (out, *out.absolute().parents) if folder.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"-o {out}: {existing} is not a folder; expected a folder path we can create")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"-o {out}: {existing} is not writable; expected a folder we can write to")
+    resolved = out.resolve()
+    for spec in tests:
+        base = Path(spec.split("::", 1)[0])
+        for folder in (base, project_root / base):
+            if folder.is_dir() and resolved.is_relative_to(folder.resolve()):
+                raise ConfigError(f"-o {out}: is inside the tests folder {spec}; a later run would read this run's "
+                                  "split suites as tests; expected an output folder outside the tests")
 
 
-async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[TestCase]) -> tuple[
-        list[TestCaseResult], dict[str, Any]]:  # fmt: skip
-    cache = config.out / "cache" / "llm"
+def _check_templates(project: Project, config: PrepareConfig, cases: list[TestCase]) -> None:
+    """Render each template once on a real state (the first user turn), before anything is written or paid for."""
+    case = next((c for c in cases if c.user_steps), None)
+    if case is None:
+        return
+    when = config.datetime_policy.for_conversation(case.id, mocked_datetime(case))
+    annotation = annotate_from_assertions(project, case)
+    turns = replay_test_case(project, case, annotation.commands_for)
+    checks = [(config.template, lambda: PromptRenderer(config.template, COMMAND_PROMPT_VARIABLES).render(
+        prompt_variables(project, turns[0].state, turns[0].step.text, when)))]  # fmt: skip
+    if config.rephrase_template is not None and config.rephrase_llm is not None and not config.offline:
+        messages = [MessageToRephrase(1, 1, turns[0].step.text)]
+        checks.append((config.rephrase_template, lambda: rephrase_prompt(
+            PromptRenderer(config.rephrase_template, REPHRASE_PROMPT_VARIABLES), case.name, whole_transcript(turns),
+            messages, max(config.num_rephrases, 1))))  # fmt: skip
+    for template, render in checks:
+        try:
+            render()
+        except ConfigError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a template calling something on a wrong-typed value: one line
+            raise ConfigError(f"{template.path}: the template fails to render: {type(error).__name__}: {error}") from None
 
-    def client(llm: LLMConfig | None) -> LLMClient | None:
+
+def _role_clients(config: PrepareConfig, cache: Path | None) -> _Clients:
+    def client(role: str, llm: LLMConfig | None) -> LLMClient | None:
         if llm is None or config.offline:
             return None
         return LLMClient(llm, cache_dir=cache, max_concurrency=config.max_concurrency, seed=config.seed,
-                         backoff_base_s=config.backoff_base_s, backoff_cap_s=max(30 * config.backoff_base_s, 0.5))
+                         backoff_base_s=config.backoff_base_s, backoff_cap_s=max(30 * config.backoff_base_s, 0.5),
+                         role=role, refuse_incomplete=True)  # fmt: skip
 
     rephrase_needed = config.num_rephrases > 0
-    clients = _Clients(
-        rephraser=client(config.rephrase_llm) if rephrase_needed else None,
-        teacher=client(config.teacher_llm) if config.annotator in ("auto", "llm") else None,
-        oracle=client(config.oracle_llm) if rephrase_needed else None,
+    return _Clients(
+        rephraser=client("rephraser", config.rephrase_llm) if rephrase_needed else None,
+        teacher=client("teacher", config.teacher_llm) if config.annotator in ("auto", "llm") else None,
+        oracle=client("oracle", config.oracle_llm) if rephrase_needed else None,
     )
+
+
+async def check_llm_endpoints(config: PrepareConfig) -> None:
+    """One unpaid call per configured endpoint before any work: a bad key, an unknown model or an unreachable
+    endpoint ends the run with one line naming the role (a `ConfigError`)."""
+    clients = _role_clients(config, cache=None)
+    checked: dict[tuple, str | None] = {}
+    try:
+        for llm_client in vars(clients).values():
+            if llm_client is None:
+                continue
+            same = (llm_client.config, llm_client.config.api_key())
+            if same not in checked:
+                checked[same] = await llm_client.check_endpoint()
+            if checked[same] is not None:
+                raise ConfigError(f"{llm_client.endpoint}: {checked[same]}")
+    finally:
+        for llm_client in vars(clients).values():
+            if llm_client is not None:
+                await llm_client.aclose()
+
+
+def _stopping_error(errors: BaseExceptionGroup) -> BaseException:
+    """The one error to report from a failed run: a call that fails every call (bad key, unknown model) first."""
+    leaves: list[BaseException] = []
+
+    def flatten(group: BaseExceptionGroup) -> None:
+        for error in group.exceptions:
+            flatten(error) if isinstance(error, BaseExceptionGroup) else leaves.append(error)
+
+    flatten(errors)
+    for error in leaves:
+        if isinstance(error, LLMCallFailed) and error.fails_every_call:
+            return ConfigError(f"{error.endpoint or 'an LLM'}: {error.last_error}; stopped at once, since every "
+                               "call would fail the same way (answers received so far are cached)")
+    for error in leaves:
+        if not isinstance(error, LLMCallFailed):
+            return error
+    return leaves[0]
+
+
+async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[TestCase], work: Path) -> tuple[
+        list[TestCaseResult], dict[str, Any]]:  # fmt: skip
+    clients = _role_clients(config, config.out / "cache" / "llm")
     renderer = PromptRenderer(config.template, COMMAND_PROMPT_VARIABLES)
     rephrase_renderer = (PromptRenderer(config.rephrase_template, REPHRASE_PROMPT_VARIABLES)
                          if config.rephrase_template else None)  # fmt: skip
@@ -463,35 +557,72 @@ async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[T
 
     async def one(case: TestCase) -> TestCaseResult:
         result = await prepare_test_case(project, config, renderer, rephrase_renderer, clients, case, progress)
-        write_test_case_records(config.out, result, config.syntax)
+        write_test_case_records(work, result, config.syntax)
         return result
 
     try:
-        results = await asyncio.gather(*(one(case) for case in cases))
+        # A task group: the first error that stops the run (a rejected key) cancels the other test cases cleanly.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(case)) for case in cases]
+    except BaseExceptionGroup as errors:
+        raise _stopping_error(errors) from None
     finally:
         progress.close()
         usage = {}
         for role, llm_client in vars(clients).items():
             if llm_client is not None:
                 usage[role] = llm_client.usage_summary()
+                if llm_client.down is not None:
+                    usage[role]["down"] = llm_client.down
                 await llm_client.aclose()
-    return list(results), usage
+    return [task.result() for task in tasks], usage
+
+
+def _fresh_staging(out: Path) -> Path:
+    """An empty folder for this run's outputs; what an interrupted run left there is dropped (its answers are in
+    OUT/cache)."""
+    for name in (STAGING_DIR, PREVIOUS_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    staging = out / STAGING_DIR
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace the previous run's outputs with this run's: moved aside, moved in, then the old ones deleted."""
+    previous = out / PREVIOUS_DIR
+    previous.mkdir(exist_ok=True)
+    for name in RUN_FILES:
+        if (out / name).exists():
+            os.replace(out / name, previous / name)
+    for name in RUN_FILES:
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
+    shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
-    """Run every stage and write the outputs; see the module docstring for the layout."""
+    """Run every stage and write the outputs; see the module docstring for the layout.
+
+    Every input is checked (tests, output folder, templates rendered once, each LLM endpoint called once) before
+    `config.out` is touched; the run is written into OUT/.staging and swapped in at the end, so a failed or
+    interrupted run leaves the previous run's outputs as they were."""
     files = load_tests(config.tests, project)
     cases = all_test_cases(files)
-    config.out.mkdir(parents=True, exist_ok=True)
-    _clear_stage_outputs(config.out)
-    write_yaml(config.out / "params.yaml", _params(project, config, files))
+    check_output_folder(config.out, config.tests, project.root)
+    _check_templates(project, config, cases)
+    if not config.offline:
+        asyncio.run(check_llm_endpoints(config))
+    work = _fresh_staging(config.out)
+    write_yaml(work / "params.yaml", _params(project, config, files))
 
-    results, usage = asyncio.run(_run_test_cases(project, config, cases))
+    results, usage = asyncio.run(_run_test_cases(project, config, cases, work))
 
     # Rows in input order: originals of a test case before its synthetic conversations.
     all_rows = [row for result in results for row in result.rows]
     rows, duplicates = deduplicate(all_rows, lambda row: format_commands(row.commands, config.syntax))
-    write_jsonl(config.out / STAGE_DIRS[2] / "llm_ft_data.jsonl", [ft_data_row(r, config.syntax) for r in rows])
+    write_jsonl(work / STAGE_DIRS[2] / "llm_ft_data.jsonl", [ft_data_row(r, config.syntax) for r in rows])
 
     features = {}
     for result in results:
@@ -504,7 +635,7 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
     train_prompts = {row.prompt for row in train_rows}
     val_candidates = [row for row in rows if row.test_id not in train_ids]
     val_rows = [row for row in val_candidates if row.prompt not in train_prompts]
-    splits_dir = config.out / STAGE_DIRS[3] / "ft_splits"
+    splits_dir = work / STAGE_DIRS[3] / "ft_splits"
     write_jsonl(splits_dir / "train.jsonl", [split_row(r, config.syntax, config.output_format) for r in train_rows])
     write_jsonl(splits_dir / "val.jsonl", [split_row(r, config.syntax, config.output_format) for r in val_rows])
     write_json(splits_dir / "dataset_info.json", {
@@ -512,6 +643,7 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
         "prompt_template_sha256": config.template.sha256,
         "prompt_template_text": config.template.text,
         "command_syntax": config.syntax.value,
+        "rasa_version": str(project.rasa_version),  # the release whose commands the rows use (--rasa-version)
         "output_format": config.output_format,
         "include_date_time": config.datetime_policy.include,
         # How the prompts listed flows: serve with the same flow retrieval (rasa-config writes it).
@@ -521,13 +653,17 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
         "seed": config.seed,
         "recipe_version": __version__,
     })  # fmt: skip
-    suites = write_split_suites(config.out, [f for f in files if f.test_cases], split, config.syntax)
+    suites = write_split_suites(work, [f for f in files if f.test_cases], split, config.syntax)
 
+    if config.abstention_rows and not any(c.kind == "cannot handle" for row in rows for c in row.commands):
+        logging.getLogger("recipe").warning("--abstention-rows: no turn has empty commands (`commands: []`), so no "
+                                            "`cannot handle` row was made")  # fmt: skip
     summary = _summary(results, rows, duplicates, split, train_rows, val_rows, len(val_candidates) - len(val_rows),
                        suites, usage, config)  # fmt: skip
     if project.action_server is not None:
         summary["recipe"]["action_server"] = project.action_server.usage_summary()
-    write_yaml(config.out / "result_summary.yaml", summary)
+    write_yaml(work / "result_summary.yaml", summary)
+    _swap_in(work, config.out)
     return PrepareResult(out=config.out, summary=summary, train_rows=len(train_rows), val_rows=len(val_rows))
 
 
@@ -617,11 +753,36 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
             "values_the_runtime_would_alter": lossy,
             "tracker_warnings": dict(warnings.most_common()),
             "errors": [f"{r.test_case.id}: {e}" for r in results for e in r.errors],
+            # Every call that failed after its retries, per role (each makes the run exit 1), and roles that stopped
+            # being called; empty or cut answers are retried and counted in llm_usage, never kept.
+            "failed_llm_calls": {role: u.get("failures", 0) for role, u in usage.items()},
+            "llm_roles_down": {role: u["down"] for role, u in usage.items() if u.get("down")},
             "llm_usage": usage,
             "estimated_cost_usd": round(sum(u.get("estimated_cost_usd", 0) or 0 for u in usage.values()), 4),
             "per_test_case": per_test,
         },
     }
+
+
+def failure_lines(summary: dict[str, Any]) -> list[str]:
+    """What failed, per role, for stderr: empty when every LLM call succeeded."""
+    extra = summary["recipe"]
+    lines = []
+    for role, failed in extra.get("failed_llm_calls", {}).items():
+        usage = extra["llm_usage"].get(role, {})
+        if not failed:
+            continue
+        incomplete = []
+        if usage.get("truncated"):
+            incomplete.append(f"{usage['truncated']} answer(s) cut at the token limit: raise max_completion_tokens "
+                              f"in the {role}'s LLM config")
+        if usage.get("empty_answers"):
+            incomplete.append(f"{usage['empty_answers']} empty answer(s)")
+        down = extra.get("llm_roles_down", {}).get(role)
+        lines.append(f"{role}: {failed} LLM call(s) failed after retries"
+                     + (f" ({usage.get('not_sent', 0)} not sent: the {role} is down: {down})" if down else "")
+                     + (f"; {'; '.join(incomplete)}" if incomplete else ""))
+    return lines
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -658,9 +819,21 @@ def load_rephrase_config(path: Path, project_root: Path) -> tuple[LLMConfig, Pro
         template_path = Path(data["prompt_template"])
         if not template_path.is_absolute():
             template_path = (path.parent / template_path) if (path.parent / template_path).exists() else template_path
-        template = load_template(template_path)
+        template = load_template(check_utf8_file(template_path, f"{path}: prompt_template"))
     llm = resolve_llm_mapping(data.get("llm") or {}, str(path), project_root, DEFAULT_REPHRASE_MODEL)
     return llm, template
+
+
+def check_utf8_file(path: Path, what: str) -> Path:
+    """`path`, once it is known to be readable UTF-8 text (a `ConfigError` naming it otherwise)."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text ({error.reason} at byte {error.start}); expected a "
+                          "UTF-8 Jinja2 file") from None
+    except OSError:
+        pass  # missing or unreadable: the loader says so in its own words
+    return path
 
 
 def load_llm_role_config(path: Path, project_root: Path, default: LLMConfig) -> LLMConfig:
@@ -674,13 +847,22 @@ def load_llm_role_config(path: Path, project_root: Path, default: LLMConfig) -> 
 
 def resolve_llm_mapping(data: dict[str, Any], source: str, project_root: Path, default: LLMConfig) -> LLMConfig:
     """An inline model config, or `model_group: <id>` resolved from the project's endpoints.yml."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: `llm` must be a mapping (provider, model, ... or model_group), got "
+                          f"{type(data).__name__}")
     if "model_group" in data:
         endpoints = project_root / "endpoints.yml"
-        groups = (plain(load_yaml(endpoints)) or {}).get("model_groups", []) if endpoints.is_file() else []
+        content = (plain(load_yaml(endpoints)) or {}) if endpoints.is_file() else {}
+        groups = content.get("model_groups", []) if isinstance(content, dict) else []
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise ConfigError(f"{endpoints}: `model_groups` must be a list of groups (`- id: ...`, `models: [...]`), "
+                              f"got {type(groups).__name__}")
         group = next((g for g in groups if g.get("id") == data["model_group"]), None)
-        if not group or not group.get("models"):
-            raise ConfigError(f"{source}: model_group `{data['model_group']}` not found in {endpoints}")
-        data = {k: v for k, v in group["models"][0].items() if k in LLMConfig.__dataclass_fields__ or k in (
+        models = group.get("models") if group else None
+        if not models or not isinstance(models, list) or not isinstance(models[0], dict):
+            raise ConfigError(f"{source}: model_group `{data['model_group']}` not found in {endpoints} (expected it "
+                              "with a list of `models`)")
+        data = {k: v for k, v in models[0].items() if k in LLMConfig.__dataclass_fields__ or k in (
             "model_name",)}  # fmt: skip
     merged = {k: v for k, v in vars(default).items() if v is not None} | dict(data)
     return LLMConfig.from_mapping(merged, source=source)

@@ -11,6 +11,7 @@ For production throughput use vLLM (`vllm_serve_command` builds its command line
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations (`Request`, imported lazily inside
 # `create_app` so the module imports without the [serve] extra) as real objects.
+import asyncio
 import hmac
 import json
 import logging
@@ -25,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recipe.errors import ConfigError
 from recipe.commands import Syntax
+from recipe.errors import ConfigError
+from recipe.finetune.train import MERGED
 from recipe.grammar import CommandGrammar, build_grammar, grammar_from_regex
 from recipe.project import Project
-from recipe.finetune.train import MERGED
 from recipe.runtime import LocalModelBackend, read_training_info
 
 if TYPE_CHECKING:
@@ -50,11 +51,21 @@ class ServeLimits:
     max_tokens: int = 512  # the most answer tokens a request may ask for
     default_max_tokens: int = 256  # when a request names none (Rasa Pro's examples send 256)
     max_pending: int = 32  # requests waiting or running; more are refused with 503 and Retry-After
+    # A client must send its request line and headers within header_timeout_s of connecting (else the connection is
+    # closed) and its whole body within body_timeout_s (else 408): slow clients cannot hold connections open.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 256  # open connections; more are answered 503 by the HTTP server
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_pending"):
+        for name in ("max_request_bytes", "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_pending",
+                     "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive number of seconds, got "
+                                  f"{getattr(self, name)}")
         if self.default_max_tokens > self.max_tokens:
             raise ConfigError(f"default max tokens {self.default_max_tokens} exceeds the limit {self.max_tokens}")
 
@@ -118,6 +129,8 @@ class ModelServer:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ApiError(400, f"request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise ApiError(400, "request body is not usable JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         return body
@@ -250,8 +263,10 @@ def create_app(server: ModelServer) -> "FastAPI":
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="recipe serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.limits = server.limits  # uvicorn_server reads the connection limits from here
 
     def error_response(error: ApiError) -> JSONResponse:
         headers = {"Retry-After": "1"} if error.status == 503 else None
@@ -273,11 +288,29 @@ def create_app(server: ModelServer) -> "FastAPI":
 
     async def read_body(request: Request) -> dict[str, Any]:
         server.check_key(request.headers.get("authorization"))
+        limit = server.limits.max_request_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > server.limits.max_request_bytes:
-            raise ApiError(413, f"request body has {declared} bytes, the limit is {server.limits.max_request_bytes}",
-                           code="request_too_large")  # fmt: skip
-        return server.parse_body(await request.body())
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body has {declared} bytes, the limit is {limit}", code="request_too_large")
+        # Read chunk by chunk and stop at the limit: a chunked body declares no length, and must never be held whole.
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            async with asyncio.timeout(server.limits.body_timeout_s):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise ApiError(413, f"request body has more than {limit} bytes, the limit",
+                                       code="request_too_large")  # fmt: skip
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {server.limits.body_timeout_s:g} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:
+            log.warning("client %s hung up while sending its request body (%d bytes received)",
+                        _peer(request), received)  # fmt: skip
+            raise ApiError(400, "client disconnected") from None
+        return server.parse_body(b"".join(chunks))
 
     async def complete(kind: str, body: dict[str, Any]) -> dict[str, Any]:
         with server.slot():
@@ -306,11 +339,42 @@ def create_app(server: ModelServer) -> "FastAPI":
     return app
 
 
+def _peer(request: Any) -> str:
+    client = getattr(request, "client", None)
+    return f"{client.host}:{client.port}" if client else "?"
+
+
+def _timed_protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers take over `header_timeout_s`
+    (uvicorn itself only times out idle keep-alive connections, so a slow client could hold one open forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._headers_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _headers_too_slow(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                log.warning("client %s sent no complete request headers within %g s; connection closed",
+                            ":".join(map(str, self.client or ("?",))), header_timeout_s)  # fmt: skip
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headers_timer.cancel()
+            super().connection_lost(exc)
+
+    return TimedH11Protocol
+
+
 def uvicorn_server(app: "FastAPI", host: str, port: int) -> Any:
     import uvicorn
 
+    limits = getattr(app.state, "limits", None) or ServeLimits()
     # One worker process: the model lives in this process; requests queue on the model's lock.
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                         http=_timed_protocol(limits.header_timeout_s),
+                                         limit_concurrency=limits.max_connections, timeout_keep_alive=5))
 
 
 @contextmanager

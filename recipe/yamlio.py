@@ -65,22 +65,64 @@ def _yaml_problem(error: MarkedYAMLError) -> tuple[int | None, str]:
     return problem_line or context_line, problem
 
 
+# Aliases let a small file stand for a huge document (`a: &a [x, x]`, `b: &b [*a, *a]`, ...: the "billion laughs"):
+# whatever walks the data afterwards would walk every copy. A real test suite expands to far less.
+MAX_EXPANDED_NODES = 1_000_000
+
+
 def load_yaml(path: Path) -> Any:
-    """Parse a YAML file; a syntax error becomes `path:line: invalid YAML: ...`."""
+    """Parse a YAML file; a syntax error becomes `path:line: invalid YAML: ...`, as do nesting too deep to read and
+    aliases that expand to more than `MAX_EXPANDED_NODES` values."""
     shown = relative(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(shown, None, "file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(shown, None, f"cannot read file: {error}") from None
+    except UnicodeDecodeError as error:
+        raise InputError(shown, None, f"cannot read file: not UTF-8 text ({error.reason} at byte {error.start}); "
+                                      "expected a UTF-8 YAML file") from None
+    except OSError as error:
+        raise InputError(shown, None, f"cannot read file: {error.strerror or error}") from None
     try:
-        return _reader().load(text)
+        data = _reader().load(text)
     except MarkedYAMLError as error:
         line, problem = _yaml_problem(error)
         raise InputError(shown, line, f"invalid YAML: {problem}; expected well-formed YAML") from None
     except YAMLError as error:
         raise InputError(shown, None, f"invalid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise InputError(shown, None, "invalid YAML: nested too deeply to read; expected at most a few hundred "
+                                      "levels of nesting") from None
+    problem = _expansion_problem(data)
+    if problem:
+        raise InputError(shown, None, f"invalid YAML: {problem}")
+    return data
+
+
+def _expansion_problem(data: Any) -> str | None:
+    """Why the document is too big once its aliases are expanded (or refers to itself), else None. Counts each
+    shared container once per use, in time linear in the distinct containers, without recursion."""
+    expanded: dict[int, int] = {}  # id of a container -> values it stands for, aliases expanded
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not isinstance(node, (dict, list)) or (id(node) in expanded and not children_done):
+            continue
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if children_done:
+            on_path.discard(id(node))
+            expanded[id(node)] = 1 + sum(expanded.get(id(child), 1) for child in children)
+            if expanded[id(node)] > MAX_EXPANDED_NODES:
+                return (f"its aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?); expected "
+                        "a document whose anchors are reused a reasonable number of times")
+            continue
+        if id(node) in on_path:
+            return "an alias refers to the mapping or list it is inside of; expected aliases to earlier values only"
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if isinstance(child, (dict, list)))
+    return None
 
 
 def line_of(node: Any, key: Any = None) -> int | None:

@@ -8,6 +8,7 @@ function from the parsed namespace to an exit code). A subcommand imports its li
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import signal
@@ -18,6 +19,20 @@ from recipe.errors import EXIT_INPUT_ERROR, InputErrors, RecipeError
 
 # The order subcommands are listed in `--help` (the order users run them in); any other module comes after.
 ORDER = ["coverage", "render_prompt", "prepare_data", "finetune", "evaluate", "serve", "rasa_config"]
+
+
+# What an interrupt (Ctrl-C) leaves behind, per subcommand, and how to go on. `finetune` says it itself (it knows
+# whether a checkpoint was saved).
+INTERRUPTED = {
+    "prepare-data": "interrupted: the previous outputs in the -o folder are unchanged, and every LLM answer received "
+    "so far is cached in its cache/ folder; run the same command again to resume without paying twice",
+    "evaluate": "interrupted: no report was written; run the same command again",
+    "coverage": "interrupted: the coverage report was not written; run the same command again",
+    "serve": "server stopped",
+    "render-prompt": "interrupted",
+    "rasa-config": "interrupted: nothing was written; run the same command again",
+    "finetune": "interrupted: run the same command with --resume to continue from the last checkpoint",
+}
 
 
 def _subcommand_modules() -> list[str]:
@@ -53,8 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(error, file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except RuntimeError as error:
+        if not str(error).startswith("Symlink loop from"):  # pathlib's words for a link that leads back to itself
+            raise
+        path = str(error).removeprefix("Symlink loop from").strip(" '\"")
+        print(f"{path}: a symbolic link that leads back to itself; expected a file or folder", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        print(f"{error.filename}: too many levels of symbolic links; expected a file or folder", file=sys.stderr)
+        return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
-        print("interrupted; completed LLM calls are cached, run the same command again to resume", file=sys.stderr)
+        print(INTERRUPTED.get(args.command, "interrupted: nothing was finished; run the same command again"),
+              file=sys.stderr)  # fmt: skip
         return 130
 
 

@@ -20,6 +20,10 @@ def add_project_arguments(parser: argparse.ArgumentParser) -> None:
                        help="flows file or folder, instead of discovery (repeatable)")
     group.add_argument("--domain", type=Path, action="append", metavar="PATH",
                        help="domain file or folder, instead of discovery (repeatable)")
+    group.add_argument("--rasa-version", metavar="X.Y", default=None,
+                       help="the Rasa Pro release the assistant runs, 3.10 to 3.21: its command parser decides which "
+                            "commands are offered, trained and scored (3.16+ has no `hand over`; 3.14+ has agent "
+                            "commands) (default: the newest, 3.21)")  # fmt: skip
     group.add_argument("--max-errors", type=int, default=50, metavar="N",
                        help="input problems listed before stopping; every file is read first, then every problem is "
                             "printed as path:line, sorted; 0 lists all (default: 50)")  # fmt: skip
@@ -31,8 +35,9 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
                        help="command dialect of the completions (default: from config.yml's command generator, "
                             "else v2)")  # fmt: skip
     group.add_argument("--prompt-template", type=Path, metavar="FILE",
-                       help="Jinja2 template of the command prompt (default: config.yml's prompt_template, else "
-                            "ours for the syntax, in prompts/)")  # fmt: skip
+                       help="Jinja2 template of the command prompt, or rasa:<file> for a template of your installed "
+                            "Rasa Pro (default: config.yml's prompt_template; else, with Rasa Pro installed, the one "
+                            "it picks for config.yml's generator and model; else ours for the syntax, in prompts/)")  # fmt: skip
     group.add_argument("--no-datetime", action="store_true",
                        help="leave the date and time out of prompts (serve with include_date_time: false)")
     group.add_argument("--datetime", metavar="ISO",
@@ -50,12 +55,25 @@ def load_project_from_args(args: argparse.Namespace, *, flow_retrieval: bool = F
     from recipe.project import load_project
 
     project = load_project(args.project, flows=args.flows, domain=args.domain)
+    project.rasa_version = rasa_version_from_args(args)
     if flow_retrieval:
         from recipe.retrieval import flow_retrieval_for
 
         cache = cache_dir / "embeddings" if cache_dir is not None else None
         project.flow_retrieval = flow_retrieval_for(project, getattr(args, "embeddings_config", None), cache_dir=cache)
     return project
+
+
+def rasa_version_from_args(args: argparse.Namespace):
+    from recipe.commands import NEWEST_RASA_VERSION, parse_rasa_version
+
+    text = getattr(args, "rasa_version", None)
+    if text is None:
+        return NEWEST_RASA_VERSION
+    try:
+        return parse_rasa_version(text)
+    except ValueError as error:
+        raise ConfigError(f"--rasa-version {text}: {error}") from None
 
 
 def parse_datetime_flag(value: str | None) -> datetime | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 from recipe.errors import ConfigError
@@ -32,7 +34,8 @@ FLAG_FIELDS = {
 
 EPILOG = """\
 examples:
-  recipe finetune --config finetune/config.yaml --data out/4_train_test_split/ft_splits -o runs/cmdgen
+  recipe finetune --smoke --data output/4_train_test_split/ft_splits -o runs/smoke     # on a CPU, in minutes
+  recipe finetune --config finetune/config.yaml --data output/4_train_test_split/ft_splits -o runs/cmdgen
   recipe finetune --data train.jsonl val.jsonl --model Qwen/Qwen2.5-1.5B-Instruct --no-quantization -o runs/qwen
   recipe finetune --data gs://bucket/ft_splits -o gs://bucket/models/cmdgen --merge
   accelerate launch --config_file finetune/accelerate/ddp.yaml -m recipe finetune --backend hf ...
@@ -53,6 +56,10 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--config", metavar="YAML", help="config file (default: built-in defaults, the same as "
                         "finetune/config.yaml)")
+    parser.add_argument("--smoke", action="store_const", const=True, help="try the whole path on a CPU in minutes: "
+                        "a tiny model built offline (recipe:tiny), the 48 shortest train and 8 shortest val rows, no "
+                        "quantization, merged; the settings of finetune/cpu-smoke.yaml. It proves the plumbing "
+                        "(train, save, serve, evaluate), not the quality (default: off)")
     parser.add_argument("--data", nargs="+", metavar="PATH", help="the ft_splits folder (train.jsonl, val.jsonl, "
                         "dataset_info.json), or TRAIN.jsonl [VAL.jsonl]; local, gs:// or s3:// folder (required, "
                         "here or as data: in --config; no default)")
@@ -100,8 +107,14 @@ def register(subparsers: Any) -> None:
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The config file (or defaults) with every flag the user gave applied on top."""
-    given = {key: value for key, value in vars(args).items() if key not in ("config", "run", "command")}
+    given = {key: value for key, value in vars(args).items() if key not in ("config", "run", "command", "smoke")}
     overrides = {FLAG_FIELDS.get(key, key): value for key, value in given.items()}
+    if getattr(args, "smoke", False):
+        if getattr(args, "config", None):
+            raise ConfigError("--smoke and --config: choose one (--smoke is finetune/cpu-smoke.yaml's settings)")
+        from recipe.finetune.tiny import SMOKE_SETTINGS
+
+        overrides = dict(SMOKE_SETTINGS) | overrides
     if "data" in overrides:
         paths = overrides.pop("data")
         if len(paths) > 2:
@@ -116,7 +129,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from recipe.finetune import finetune
 
-    result = finetune(config)
+    try:
+        result = finetune(config)
+    except KeyboardInterrupt:
+        print(_interrupted(config), file=sys.stderr)
+        return 130
     if not result.main_process:
         return 0  # under accelerate launch / torchrun, the main process reports
     print(f"finetuned {result.info.get('training', {}).get('base_model', config.model)} in {result.duration_s:.0f} s: "
@@ -125,6 +142,21 @@ def run(args: argparse.Namespace) -> int:
     remote = result.output_dir != str(result.local_dir) and "://" in result.output_dir
     print(f"output: {result.output_dir}" + (f" (local copy: {result.local_dir})" if remote else ""))
     return 0
+
+
+def _interrupted(config) -> str:
+    """What an interrupted finetune left, and the command that goes on from there."""
+    from recipe.finetune.train import last_checkpoint
+
+    if "://" in config.output_dir:
+        return ("interrupted: nothing was uploaded; run the same command with --resume to continue from the last "
+                "checkpoint of the local copy, if one was saved")
+    checkpoint = last_checkpoint(Path(config.output_dir).expanduser())
+    if checkpoint is None:
+        return (f"interrupted: no checkpoint was saved yet in {config.output_dir} (one is saved per epoch); run the "
+                "same command with --resume to start again in place")
+    return (f"interrupted: the last checkpoint is {checkpoint}; run the same command with --resume to continue "
+            "from it")
 
 
 def _loss(value: float | None) -> str:

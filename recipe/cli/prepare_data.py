@@ -61,7 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "contradict (left out by default; result_summary.yaml lists them)")  # fmt: skip
     parser.add_argument("--train-frac", type=float, default=0.8, help="share of test cases in train, in (0, 1] (default: 0.8)")
     parser.add_argument("--output-format", choices=["instruction", "conversational"], default="instruction",
-                        help="rows as prompt/completion, or as user/assistant messages (default: instruction)")
+                        help="rows as prompt/completion (recipe finetune, TRL), or as user/assistant messages "
+                             "(Rasa's finetuning notebook reads examples[\"messages\"]: use conversational) "
+                             "(default: instruction)")  # fmt: skip
     parser.add_argument("--max-concurrency", type=int, default=16, help="LLM calls in flight per role: rephraser, teacher, oracle (default: 16)")
     parser.add_argument("--offline", action="store_true",
                         help="no LLM at all: assertion annotator, rule-based paraphrases, lexical check")
@@ -85,6 +87,10 @@ def _check_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: file not found")
+    if args.prompt_template is not None:
+        from recipe.prepare import check_utf8_file
+
+        check_utf8_file(args.prompt_template, "--prompt-template")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,22 +98,24 @@ def run(args: argparse.Namespace) -> int:
         DEFAULT_REPHRASE_MODEL,
         DEFAULT_TEACHER_MODEL,
         PrepareConfig,
+        check_output_folder,
+        failure_lines,
         load_llm_role_config,
         load_rephrase_config,
         prepare_data,
         summary_lines,
     )
     from recipe.prompt import (
-        PROMPTS_DIR,
         DatetimePolicy,
+        bundled_template,
         choose_syntax,
         choose_template,
-        load_template,
         syntax_mismatch,
     )
 
     setup_logging()
     _check_args(args)
+    check_output_folder(args.out, args.tests, args.project)  # before anything (embeddings, actions) caches there
     project = load_project_from_args(args, flow_retrieval=True, cache_dir=args.out / "cache")
     action_server = connect_action_server(args, project, args.out / "cache" / "actions")
     syntax = choose_syntax(project, args.command_syntax)
@@ -120,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     configured = any([args.rephrase_config, args.teacher_config, args.oracle_config, os.environ.get("OPENAI_API_KEY")])
     offline = args.offline or not configured or (args.annotator == "assertions" and args.num_rephrases == 0)
     rephrase_llm = teacher_llm = oracle_llm = None
-    rephrase_template = load_template(PROMPTS_DIR / "rephrase.jinja2")
+    rephrase_template = bundled_template("rephrase.jinja2")
     if not offline:
         if args.rephrase_config:
             rephrase_llm, custom = load_rephrase_config(args.rephrase_config, project.root)
@@ -181,10 +189,13 @@ def run(args: argparse.Namespace) -> int:
     if action_server is not None:
         print(action_server.summary_line())
     errors = result.summary["recipe"]["errors"]
-    if errors:
-        print(f"{len(errors)} LLM call(s) failed after retries (see result_summary.yaml); the rows that did not need "
-              "them are written. Run the same command again to retry only those: answers already received are cached.",
-              file=sys.stderr)  # fmt: skip
+    failed = sum(result.summary["recipe"].get("failed_llm_calls", {}).values())
+    if errors or failed:
+        for line in failure_lines(result.summary):
+            print(line, file=sys.stderr)
+        print(f"{failed or len(errors)} LLM call(s) failed after retries (see errors and failed_llm_calls in "
+              "result_summary.yaml); the rows that did not need them are written. Run the same command again to retry "
+              "only those: answers already received are cached.", file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

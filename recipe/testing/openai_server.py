@@ -26,6 +26,7 @@ import math
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -184,7 +185,9 @@ class ScriptedOpenAIServer:
     """An OpenAI-compatible server on 127.0.0.1 (ephemeral port) in a background thread; use it as a context manager.
 
     `latency_s` is added to every POST (for concurrency benchmarks); `reject_response_format=True` answers 400 to any
-    request carrying `response_format`, like an endpoint without JSON mode.
+    request carrying `response_format`, like an endpoint without JSON mode. With `api_key` set, a request carrying
+    another bearer key gets OpenAI's 401 (whose message echoes the key, masked); with `only_model=True`, a POST or
+    `GET /models/<id>` naming another model than `model` gets OpenAI's 404 `model_not_found`.
     """
 
     def __init__(
@@ -194,8 +197,12 @@ class ScriptedOpenAIServer:
         latency_s: float = 0.0,
         reject_response_format: bool = False,
         model: str = "scripted-model",
+        api_key: str | None = None,
+        only_model: bool = False,
     ):
         self._responder: Responder = responder or echo_answer
+        self.api_key = api_key
+        self.only_model = only_model
         self.latency_s = latency_s
         self.reject_response_format = reject_response_format
         self.model = model
@@ -317,6 +324,11 @@ class _HTTPServer(ThreadingHTTPServer):
         self.owner = owner
         super().__init__(address, handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # a client that hung up (timed out, was cancelled or killed) is part of what tests script
+        super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like real endpoints
@@ -328,8 +340,29 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
         pass
 
+    def _refused(self, model: object) -> bool:
+        """Answer 401/404 as OpenAI does for a wrong key or an unknown model; True when answered."""
+        owner = self.server.owner
+        if owner.api_key is not None:
+            given = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+            if given != owner.api_key:
+                masked = given[:8] + "*" * max(len(given) - 12, 0) + given[-4:]
+                message = (f"Incorrect API key provided: {masked}. You can find your API key at "
+                           f"https://platform.openai.com/account/api-keys. (sent: {given})")
+                self._send_json(401, {"error": {"message": message, "type": "invalid_request_error",
+                                                "param": None, "code": "invalid_api_key"}})
+                return True
+        if owner.only_model and model is not None and model != owner.model:
+            self._send_json(404, {"error": {"message": f"The model `{model}` does not exist or you do not have "
+                                            "access to it.", "type": "invalid_request_error", "param": None,
+                                            "code": "model_not_found"}})  # fmt: skip
+            return True
+        return False
+
     def do_GET(self) -> None:
         owner = self.server.owner
+        if self._refused(None):
+            return
         if _endpoint_of(self.path) != "models":
             self._send_json(404, _error_body(f"no route for GET {self.path}", 404))
             return
@@ -348,6 +381,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except json.JSONDecodeError:
             self._send_json(400, _error_body("request body is not JSON", 400))
+            return
+        if self._refused(body.get("model") if isinstance(body, dict) else None):
             return
         with owner._counting_in_flight():
             owner._record(RecordedRequest(endpoint, self.path, body, dict(self.headers), prompt_of(body)))
