@@ -129,21 +129,9 @@ def _checked(name: str, value: Any, source: str) -> Any:
 
 def load_embeddings_config(path: str | Path) -> EmbeddingsConfig:
     """Read `--embeddings-config FILE`: the keys at top level, or under `embeddings:`."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
+    from recipe.yamlio import load_config_section
 
-    path = Path(path)
-    try:
-        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read: {error}") from None
-    except YAMLError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid YAML"
-        raise ConfigError(f"{path}: invalid YAML: {first_line}") from None
-    if isinstance(data, Mapping) and "embeddings" in data:
-        data = data["embeddings"]
+    data = load_config_section(path, "embeddings")
     return EmbeddingsConfig.from_mapping(data if data is not None else {}, source=str(path))
 
 

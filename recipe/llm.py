@@ -187,23 +187,9 @@ def _checked_value(key: str, value: Any, source: str) -> Any:
 
 def load_llm_config(path: str | Path) -> LLMConfig:
     """Read an LLM config from YAML: the keys at top level, or under `llm:` (siblings belong to the caller)."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
+    from recipe.yamlio import load_config_section
 
-    path = Path(path)
-    try:
-        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read: {error}") from None
-    except YAMLError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid YAML"
-        raise ConfigError(f"{path}: invalid YAML: {first_line}") from None
-    if data is None:
-        data = {}
-    if isinstance(data, Mapping) and "llm" in data:
-        data = data["llm"]
+    data = load_config_section(path, "llm")
     return LLMConfig.from_mapping(data, source=str(path))
 
 
@@ -359,6 +345,7 @@ class LLMClient:
         role: str = "llm",
         refuse_incomplete: bool = False,
         max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
+        in_flight: dict[str, asyncio.Future] | None = None,
     ):
         if max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -381,6 +368,9 @@ class LLMClient:
         self.down: str | None = None  # why the client stopped calling its endpoint; None while it calls
         self._consecutive_failures = 0
         self._failed_attempts_in_a_row = 0  # calls interleave their retries: this trips long before calls end
+        # request key -> the answer of the identical call now in flight; clients sharing a cache may share it too,
+        # so a request asked twice at once is paid once (the second waits, and counts as a cache hit)
+        self._in_flight: dict[str, asyncio.Future] = {} if in_flight is None else in_flight
         api_key = config.api_key(environ)
         self._secret_patterns = _secret_patterns(api_key)
         self._sdk = _make_sdk_client(config, api_key)
@@ -436,6 +426,28 @@ class LLMClient:
             return LLMResult(text=stored["text"], finish_reason=stored.get("finish_reason"),
                              prompt_tokens=stored["prompt_tokens"], completion_tokens=stored["completion_tokens"],
                              cached=True, latency_s=time.monotonic() - started)
+        shared = self._in_flight.get(key)
+        if shared is not None:
+            # shield: a cancelled waiter must not cancel the call it waits on; None: that call failed or was
+            # cancelled, so this one asks on its own (with its own retries and accounting)
+            leader = await asyncio.shield(shared)
+            if leader is not None:
+                self.usage.cache_hits += 1
+                return dataclasses.replace(leader, cached=True, latency_s=time.monotonic() - started)
+        shared = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = shared
+        try:
+            result = await self._fetch(key, request, started)
+            shared.set_result(result)
+            return result
+        finally:
+            if not shared.done():
+                shared.set_result(None)
+            if self._in_flight.get(key) is shared:
+                del self._in_flight[key]
+
+    async def _fetch(self, key: str, request: dict[str, Any], started: float) -> LLMResult:
+        """The answer from the model (retried), accounted for and cached."""
         try:
             answer = await self._call_with_retries(request)
         except LLMCallFailed as error:

@@ -19,7 +19,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from recipe.errors import InputError
+from recipe.errors import ConfigError, InputError
 from recipe.types import relative
 
 
@@ -123,6 +123,24 @@ def _expansion_problem(data: Any) -> str | None:
         stack.append((node, True))
         stack.extend((child, False) for child in children if isinstance(child, (dict, list)))
     return None
+
+
+def load_config_section(path: str | Path, section: str) -> Any:
+    """A small YAML config file (an LLM or embeddings config): its keys under `section:`, or at top level; every
+    way it can be unreadable is one `ConfigError` line."""
+    path = Path(path)
+    try:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read: {error}") from None
+    except YAMLError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid YAML"
+        raise ConfigError(f"{path}: invalid YAML: {first_line}") from None
+    if isinstance(data, dict) and section in data:
+        data = data[section]
+    return {} if data is None else data
 
 
 def line_of(node: Any, key: Any = None) -> int | None:
