@@ -32,7 +32,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the library, and the tiny mod
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-VARIANTS = {"recipe": "recipe finetune", "recipe-random": "recipe, random batches", "trl": "plain TRL"}
+VARIANTS = {"recipe": "recipe finetune", "recipe-random": "recipe, random batches", "trl": "plain TRL",
+            "trl-grouped": "plain TRL, group_by_length"}  # the last: TRL's own length grouping, the fair baseline
 
 
 def parse_args() -> argparse.Namespace:
@@ -104,8 +105,10 @@ def run_recipe(args: argparse.Namespace, model: str, data: Path, out: Path, grou
     }
 
 
-def run_plain_trl(args: argparse.Namespace, model: str, data: Path, out: Path, max_length: int) -> dict[str, Any]:
-    """What a user following TRL's docs writes: conversational prompt/completion rows, SFTTrainer with a LoRA config."""
+def run_plain_trl(args: argparse.Namespace, model: str, data: Path, out: Path, max_length: int,
+                  group_by_length: bool = False) -> dict[str, Any]:
+    """What a user following TRL's docs writes: conversational prompt/completion rows, SFTTrainer with a LoRA config;
+    with `group_by_length`, TRL's (transformers') own length-grouped sampler, one flag away for any TRL user."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -142,6 +145,7 @@ def run_plain_trl(args: argparse.Namespace, model: str, data: Path, out: Path, m
             bf16=cuda, use_cpu=not cuda, gradient_checkpointing=settings["gradient_checkpointing"],
             eval_strategy="epoch", save_strategy="no", logging_steps=10, report_to="none",
             include_num_input_tokens_seen="non_padding",
+            train_sampling_strategy="group_by_length" if group_by_length else "random",
         ),
         train_dataset=dataset["train"],
         eval_dataset=dataset["validation"],
@@ -218,8 +222,9 @@ def main() -> int:
         for repeat in range(args.repeats):  # interleaved, so drift on the machine hits every variant alike
             for variant in args.variants:
                 out = scratch / f"{variant}-{repeat}"
-                if variant == "trl":
-                    result = run_plain_trl(args, model, data, out, max_length or longest_row(model, data))
+                if variant.startswith("trl"):
+                    result = run_plain_trl(args, model, data, out, max_length or longest_row(model, data),
+                                           group_by_length=variant == "trl-grouped")
                 else:
                     result = run_recipe(args, model, data, out, group_by_length=variant == "recipe")
                     max_length = result["max_length"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import re
@@ -491,12 +492,14 @@ def _check_templates(project: Project, config: PrepareConfig, cases: list[TestCa
 
 
 def _role_clients(config: PrepareConfig, cache: Path | None) -> _Clients:
+    in_flight: dict = {}  # shared, like the cache: an identical request from two roles at once is paid once
+
     def client(role: str, llm: LLMConfig | None) -> LLMClient | None:
         if llm is None or config.offline:
             return None
         return LLMClient(llm, cache_dir=cache, max_concurrency=config.max_concurrency, seed=config.seed,
                          backoff_base_s=config.backoff_base_s, backoff_cap_s=max(30 * config.backoff_base_s, 0.5),
-                         role=role, refuse_incomplete=True)  # fmt: skip
+                         role=role, refuse_incomplete=True, in_flight=in_flight)  # fmt: skip
 
     rephrase_needed = config.num_rephrases > 0
     return _Clients(
@@ -624,10 +627,11 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
     rows, duplicates = deduplicate(all_rows, lambda row: format_commands(row.commands, config.syntax))
     write_jsonl(work / STAGE_DIRS[2] / "llm_ft_data.jsonl", [ft_data_row(r, config.syntax) for r in rows])
 
+    rows_per_test = Counter(row.test_id for row in rows)  # counted once: a scan per test case is quadratic
     features = {}
     for result in results:
         commands = [c for turn in result.annotation.turns for c in (turn.commands or [])]
-        if any(row.test_id == result.test_case.id for row in rows):
+        if rows_per_test[result.test_case.id]:
             features[result.test_case.id] = coverage_features(commands)
     split = split_test_cases(features, config.train_frac, config.seed)
     train_ids = set(split.train)
@@ -659,7 +663,7 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
         logging.getLogger("recipe").warning("--abstention-rows: no turn has empty commands (`commands: []`), so no "
                                             "`cannot handle` row was made")  # fmt: skip
     summary = _summary(results, rows, duplicates, split, train_rows, val_rows, len(val_candidates) - len(val_rows),
-                       suites, usage, config)  # fmt: skip
+                       suites, usage, config, rows_per_test)  # fmt: skip
     if project.action_server is not None:
         summary["recipe"]["action_server"] = project.action_server.usage_summary()
     write_yaml(work / "result_summary.yaml", summary)
@@ -667,9 +671,137 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
     return PrepareResult(out=config.out, summary=summary, train_rows=len(train_rows), val_rows=len(val_rows))
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or error}); expected the output folder of a "
+                          "finished `recipe prepare-data` run") from None
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _shard_features(shard: Path, syntax: Syntax, project: Project) -> dict[str, set[str]]:
+    """Test case id -> coverage features, read back from a shard's command annotations (every turn's commands)."""
+    from recipe.commands import CommandParseError, parse_command
+
+    features: dict[str, set[str]] = {}
+    for record in sorted((shard / STAGE_DIRS[0]).rglob("*.yaml")):
+        for conversation in (plain(load_yaml(record)) or {}).get("conversations", []):
+            lines = [line for step in conversation.get("steps", []) for line in step.get("llm_commands") or []]
+            try:
+                commands = [parse_command(line, [syntax], project.custom_commands) for line in lines]
+            except CommandParseError as error:
+                raise ConfigError(f"{record}: {error}") from None
+            features[conversation["original_test_case"]] = coverage_features(commands)
+    return features
+
+
+def merge_prepared(project: Project, shards: list[Path], out: Path, tests: list[str], train_frac: float = 0.8,
+                   seed: int = 42) -> PrepareResult:  # fmt: skip
+    """One data set from the output folders of several `prepare-data` runs (shards of the tests, e.g. one test file
+    each, each with its own cache): rows concatenated in shard order and deduplicated, then split and written as
+    one run writes them (`tests`: every shard's tests, read for the split suites). Sharding by test file in the
+    order one run reads the files gives byte-identical train/val files to that one run."""
+    if not shards:
+        raise ConfigError("--merge: expected the output folders of one or more prepare-data runs")
+    infos = []
+    for shard in shards:
+        info_path = shard / STAGE_DIRS[3] / "ft_splits" / "dataset_info.json"
+        if not info_path.is_file():
+            raise ConfigError(f"{info_path}: not found; expected the output folder of a finished prepare-data run")
+        infos.append(json.loads(info_path.read_text(encoding="utf-8")))
+    for key in ("command_syntax", "prompt_template_sha256", "output_format", "include_date_time", "rasa_version"):
+        values = {str(info.get(key)) for info in infos}
+        if len(values) > 1:
+            raise ConfigError(f"--merge: the shards differ in {key} ({', '.join(sorted(values))}); expected shards "
+                              "prepared with the same options")
+    syntax, output_format = Syntax(infos[0]["command_syntax"]), infos[0]["output_format"]
+    check_output_folder(out, tests, project.root)
+    all_rows: list[dict[str, Any]] = []
+    features_of: dict[str, set[str]] = {}
+    for shard in shards:
+        all_rows.extend(_read_jsonl(shard / STAGE_DIRS[2] / "llm_ft_data.jsonl"))
+        features_of |= _shard_features(shard, syntax, project)
+    seen: set[tuple[str, str]] = set()
+    rows = []
+    for row in all_rows:  # the first of every (prompt, completion) pair, as one run keeps it
+        if (row["prompt"], row["output"]) not in seen:
+            seen.add((row["prompt"], row["output"]))
+            rows.append(row)
+    rows_per_test = Counter(row["original_test_name"] for row in rows)
+    missing = [test_id for test_id in rows_per_test if test_id not in features_of]
+    if missing:
+        raise ConfigError(f"--merge: test case {missing[0]} has rows but no annotation record in any shard; expected "
+                          "complete output folders")
+    features = {test_id: features_of[test_id] for test_id in rows_per_test}  # first-row order = input order
+    split = split_test_cases(features, train_frac, seed)
+    files = load_tests(tests, project)
+    known = {case.id for f in files for case in f.test_cases}
+    unknown = [test_id for test_id in features if test_id not in known]
+    if unknown:
+        raise ConfigError(f"--merge: test case {unknown[0]} of a shard is not among the tests given "
+                          f"({', '.join(tests)}); expected every shard's tests, named as the shards were run")
+
+    work = _fresh_staging(out)
+    for stage in STAGE_DIRS[:2]:  # one record per test case, under its own path: shards never collide
+        for shard in shards:
+            if (shard / stage).is_dir():
+                shutil.copytree(shard / stage, work / stage, dirs_exist_ok=True)
+    write_jsonl(work / STAGE_DIRS[2] / "llm_ft_data.jsonl", rows)
+    train_ids = set(split.train)
+    train_rows = [row for row in rows if row["original_test_name"] in train_ids]
+    train_prompts = {row["prompt"] for row in train_rows}
+    val_candidates = [row for row in rows if row["original_test_name"] not in train_ids]
+    val_rows = [row for row in val_candidates if row["prompt"] not in train_prompts]
+
+    def split_line(row: dict[str, Any]) -> dict[str, Any]:
+        if output_format == "conversational":
+            return {"messages": [{"role": "user", "content": row["prompt"]},
+                                 {"role": "assistant", "content": row["output"]}]}  # fmt: skip
+        return {"prompt": row["prompt"], "completion": row["output"]}
+
+    splits_dir = work / STAGE_DIRS[3] / "ft_splits"
+    write_jsonl(splits_dir / "train.jsonl", [split_line(r) for r in train_rows])
+    write_jsonl(splits_dir / "val.jsonl", [split_line(r) for r in val_rows])
+    write_json(splits_dir / "dataset_info.json", infos[0] | {"num_train_rows": len(train_rows),
+                                                              "num_val_rows": len(val_rows), "seed": seed})
+    suites = write_split_suites(work, [f for f in files if f.test_cases], split, syntax)
+    shard_summaries = [plain(load_yaml(shard / "result_summary.yaml")) or {} for shard in shards]
+    summary = {
+        "merged_from": [str(shard) for shard in shards],
+        "num_input_e2e_tests": sum(s.get("num_input_e2e_tests", 0) for s in shard_summaries),
+        "num_annotated_conversations": sum(s.get("num_annotated_conversations", 0) for s in shard_summaries),
+        "num_ft_data_points": len(rows),
+        "num_train_data_points": len(train_rows),
+        "num_val_data_points": len(val_rows),
+        "recipe": {
+            "rows": {"before_dedup": len(all_rows), "duplicates_dropped": len(all_rows) - len(rows),
+                     "validation_rows_dropped_as_in_train": len(val_candidates) - len(val_rows)},
+            "split": {"train_test_cases": len(split.train), "validation_test_cases": len(split.validation),
+                      "covering_test_cases": split.cover, "validation_lacks": split.validation_lacks,
+                      "train_suites_test_cases": suites["train"],
+                      "validation_suites_test_cases": suites["validation"]},
+            "errors": [e for s in shard_summaries for e in (s.get("recipe") or {}).get("errors", [])],
+            "estimated_cost_usd": round(sum((s.get("recipe") or {}).get("estimated_cost_usd", 0) or 0
+                                            for s in shard_summaries), 4),
+            "per_test_case": {test_id: {"rows": rows_per_test[test_id], "split": "train" if test_id in train_ids
+                                        else "validation"} for test_id in features},
+        },
+    }  # fmt: skip
+    write_yaml(work / "params.yaml", {"merged_from": [str(shard) for shard in shards], "tests": list(tests),
+                                      "train_frac": train_frac, "seed": seed,
+                                      "shards": [plain(load_yaml(shard / "params.yaml")) for shard in shards]})
+    write_yaml(work / "result_summary.yaml", summary)
+    _swap_in(work, out)
+    return PrepareResult(out=out, summary=summary, train_rows=len(train_rows), val_rows=len(val_rows))
+
+
 def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, split: Split, train_rows: list[Row],
              val_rows: list[Row], leaked: int, suites: dict[str, int], usage: dict[str, Any],
-             config: PrepareConfig) -> dict[str, Any]:  # fmt: skip
+             config: PrepareConfig, rows_per_test: Counter | None = None) -> dict[str, Any]:  # fmt: skip
+    if rows_per_test is None:
+        rows_per_test = Counter(row.test_id for row in rows)
+    train_ids, validation_ids = set(split.train), set(split.validation)
     verdicts = [v for r in results for vs in r.verdicts.values() for v in vs]
     annotated = [r for r in results if any(t.commands for t in r.annotation.turns)]
     skipped = [
@@ -699,9 +831,9 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
             "nlu_turns": sum(1 for t in r.annotation.turns if t.source == "nlu"),
             "rephrasings_passing": sum(v.passed for vs in r.verdicts.values() for v in vs),
             "rephrasings_failing": sum(not v.passed for vs in r.verdicts.values() for v in vs),
-            "rows": sum(1 for row in rows if row.test_id == r.test_case.id),
-            "split": "train" if r.test_case.id in split.train else (
-                "validation" if r.test_case.id in split.validation else "none (no rows)"),
+            "rows": rows_per_test[r.test_case.id],
+            "split": "train" if r.test_case.id in train_ids else (
+                "validation" if r.test_case.id in validation_ids else "none (no rows)"),
             **({"state_disagreements": dict(r.disagreements)} if r.disagreements else {}),
             **({"state_inferences": dict(r.inferences)} if r.inferences else {}),
             **({"errors": r.errors} if r.errors else {}),

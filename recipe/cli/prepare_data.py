@@ -68,6 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--offline", action="store_true",
                         help="no LLM at all: assertion annotator, rule-based paraphrases, lexical check")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="SHARD_OUT",
+                        help="instead of a run: merge the output folders of runs over shards of the tests (e.g. one "
+                             "test file each, each with its own -o) into one data set in -o, deduplicated and split "
+                             "once (TESTS: every shard's tests, for the split suites; --train-frac and --seed apply)")  # fmt: skip
     add_project_arguments(parser)
     add_prompt_arguments(parser)
     add_action_server_arguments(parser)
@@ -115,6 +119,17 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     _check_args(args)
+    if args.merge:
+        from recipe.prepare import merge_prepared
+
+        project = load_project_from_args(args)
+        result = merge_prepared(project, args.merge, args.out, args.tests, args.train_frac, args.seed)
+        summary = result.summary
+        print(f"merged {len(args.merge)} shard(s): {summary['num_ft_data_points']} rows "
+              f"({summary['recipe']['rows']['duplicates_dropped']} duplicates dropped); split: "
+              f"{result.train_rows} train rows / {result.val_rows} val rows")
+        print(f"train/val files: {result.out / '4_train_test_split' / 'ft_splits'}")
+        return 0
     check_output_folder(args.out, args.tests, args.project)  # before anything (embeddings, actions) caches there
     project = load_project_from_args(args, flow_retrieval=True, cache_dir=args.out / "cache")
     action_server = connect_action_server(args, project, args.out / "cache" / "actions")
@@ -178,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         oracle_llm=oracle_llm,
         show_progress=not args.no_progress,
         parameters={key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-                    if key not in ("run", "command")} | {
+                    if key not in ("run", "command", "merge")} | {
             "flows": [str(p) for p in args.flows or []], "domain": [str(p) for p in args.domain or []],
             "project": str(args.project), "offline": offline},
     )  # fmt: skip
