@@ -28,6 +28,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from recipe.commands import (
+    CannotHandle,
+    Clarify,
     Command,
     SetSlot,
     StartFlow,
@@ -104,7 +106,8 @@ class LeftOut:
                          "`cannot handle`), or coming after such a turn; --rasa-version 3.15 scores them")  # fmt: skip
         if self.payload_turns:
             parts.append(f"left out {self.payload_turns} payload turn(s): button payloads never reach the command "
-                         "generator")  # fmt: skip
+                         "generator (`rasa test du` scores those with written commands, as answered by the runtime: "
+                         "the Rasa rows and table count them)")  # fmt: skip
         if self.nlu_turns:
             parts.append(f"left out {self.nlu_turns} NLU turn(s): their commands set slots the command generator does "
                          "not fill")  # fmt: skip
@@ -141,10 +144,12 @@ def _flow_of(expected: Sequence[Command], state: DialogueState | None, project: 
 
 
 def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy, include_derived: bool = False,
-                     left_out: list[tuple[str, str]] | None = None) -> list[Case]:  # fmt: skip
+                     left_out: list[tuple[str, str]] | None = None,
+                     runtime_turns: list[Case] | None = None) -> list[Case]:  # fmt: skip
     """Each command-generator turn with commands written in the test (and, with `include_derived`, those derived
     from its assertions), with the state before it from replaying the whole test case. Turns left out are appended
-    to `left_out` as (turn id, why): "assertions" (derived), "payload" or "nlu"."""
+    to `left_out` as (turn id, why): "assertions" (derived), "payload" or "nlu". Payload and NLU turns whose test
+    writes commands are appended to `runtime_turns` (source "payload" or "nlu"): `rasa test du` scores them too."""
     from recipe.annotate import annotate_from_assertions
     from recipe.conversation import mocked_datetime, replay_test_case
     from recipe.testcases import all_test_cases, load_tests
@@ -159,6 +164,12 @@ def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
             if label.source in ("payload", "nlu"):
                 if left_out is not None:
                     left_out.append((f"{test_case.id}#{turn.number}", label.source))
+                if runtime_turns is not None and turn.step.commands:
+                    written = tuple(turn.step.commands)
+                    runtime_turns.append(Case(
+                        id=f"{test_case.id}#{turn.number}", test_case=test_case.id, user_message=turn.text,
+                        expected=written, flow=_flow_of(written, turn.state, project), source=label.source,
+                    ))  # fmt: skip
                 continue
             if label.commands is None:
                 if left_out is not None and label.source == "test":
@@ -333,8 +344,150 @@ def _slot_name(command: Command) -> tuple:
     return (command.kind, command.slot)
 
 
-def model_metrics(outcomes: Sequence[Outcome], worst: int = 10, syntax: Syntax = Syntax.V2) -> dict[str, Any]:
-    """Everything the report shows for one model, as plain JSON data."""
+# ---------------------------------------------------------------------------------------------- Rasa's counting
+#
+# `rasa test du` (Rasa Pro's dialogue-understanding tests) counts differently from the default above, by design of
+# its own: it scores every user step whose test writes non-empty `commands:`, payload and NLU turns included (their
+# commands come from the runtime's payload and NLU paths, not from the LLM); it compares every command the command
+# generators output, so a command the runtime's validation would drop (a categorical value outside the slot's values)
+# is a false positive there; an answer with nothing parsed is the generator's `cannot handle`; and a command counts
+# as found when an equal one is anywhere in the other list (presence, not multisets). A step passes when both lists
+# are as long and every expected command is present; a test case passes when all its steps do, and then all its
+# commands are true positives. Ratios with a zero denominator are 0.0. Commands are keyed `start_flow`, `set_slot`, ...
+
+
+def rasa_predicted(outcome: Outcome) -> tuple[Command, ...]:
+    """What `rasa test du` compares for a model's turn: what Rasa's command parser returns, i.e. every parsed
+    command, the validator's later drops included (a value outside a categorical slot's values, a slot no flow
+    collects, a flow whose guard fails), except what the parser itself drops: `start flow` of an unknown or pattern
+    flow, clarify options that are no flow (rasa-formats §5.2, 5-6). An answer with nothing parsed is `cannot
+    handle`, as the runtime's command generator answers it. A failed call predicts nothing."""
+    if outcome.prediction is None:
+        return ()
+    parsed = outcome.prediction.commands + tuple(d.item for d in outcome.prediction.dropped
+                                                 if isinstance(d.item, Command) and not _parser_drops(d))  # fmt: skip
+    return parsed or (CannotHandle(),)
+
+
+def _parser_drops(dropped: Any) -> bool:
+    # Our validator keeps a clarification's valid options (the command is in `commands`) and lists each bad one.
+    return isinstance(dropped.item, Clarify) or (isinstance(dropped.item, StartFlow)
+                                                 and dropped.reason.startswith("unknown flow"))  # fmt: skip
+
+
+def rasa_command_name(command: Command) -> str:
+    return command.kind.replace(" ", "_")
+
+
+def _rasa_equal(first: Command, second: Command, key: Callable[[Command], tuple]) -> bool:
+    # options are optional in a DU test's clarify: without options it matches any clarify
+    if isinstance(first, Clarify) and isinstance(second, Clarify) and (not first.options or not second.options):
+        return True
+    return key(first) == key(second)
+
+
+def _present(command: Command, commands: Sequence[Command], key: Callable[[Command], tuple]) -> bool:
+    return any(_rasa_equal(command, other, key) for other in commands)
+
+
+def rasa_step_passed(expected: Sequence[Command], predicted: Sequence[Command],
+                     key: Callable[[Command], tuple] = command_key) -> bool:  # fmt: skip
+    return len(expected) == len(predicted) and all(_present(c, predicted, key) for c in expected)
+
+
+@dataclass(frozen=True)
+class RasaStep:
+    case: Case
+    predicted: tuple[Command, ...]
+    component: str  # who answered: the model's label, or the runtime's payload / NLU path
+
+    def key(self, command: Command) -> tuple:
+        return scoring_key(command, self.case.float_slots)
+
+    @property
+    def passed(self) -> bool:
+        return rasa_step_passed(self.case.expected, self.predicted, self.key)
+
+
+def rasa_steps(outcomes: Sequence[Outcome], runtime_turns: Sequence[Case] = (), component: str = "model"
+               ) -> list[RasaStep]:  # fmt: skip
+    """The steps `rasa test du` scores, in test order: turns with expected commands (a turn expecting none is not a
+    step there), and the payload and NLU turns, assumed answered by the runtime with exactly the test's commands."""
+    steps = [RasaStep(o.case, rasa_predicted(o), component) for o in outcomes if o.case.expected]
+    steps += [RasaStep(case, case.expected, f"runtime ({case.source})") for case in runtime_turns if case.expected]
+    order = {case_id: index for index, case_id in enumerate(sorted({s.case.id for s in steps}, key=_turn_order))}
+    return sorted(steps, key=lambda step: order[step.case.id])
+
+
+def _turn_order(case_id: str) -> tuple[str, int]:
+    head, _, number = case_id.rpartition("#")
+    return (head, int(number)) if number.isdigit() else (case_id, 0)
+
+
+def rasa_metrics(steps: Sequence[RasaStep], syntax: Syntax = Syntax.V2) -> dict[str, Any]:
+    """`rasa test du`'s report numbers and its results file's layout (accuracy, passed/failed counts, per-command
+    tp/fp/fn/precision/recall/f1_score/total_count, passed and failed test names, failed steps)."""
+    by_test: dict[str, list[RasaStep]] = defaultdict(list)
+    for step in steps:
+        by_test[step.case.test_case or step.case.id].append(step)  # a val row is a test case of one step
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for test_steps in by_test.values():
+        passed = all(step.passed for step in test_steps)
+        for step in test_steps:
+            for command in step.case.expected:
+                name = rasa_command_name(command)
+                counts[name]["total_count"] += 1
+                counts[name]["tp" if passed or _present(command, step.predicted, step.key) else "fn"] += 1
+            if not passed:
+                for command in step.predicted:
+                    if not _present(command, step.case.expected, step.key):
+                        counts[rasa_command_name(command)]["fp"] += 1
+
+    def safe(numerator: float, denominator: float) -> float:
+        return numerator / denominator if denominator > 0 else 0.0
+
+    command_metrics = {}
+    for name in sorted(counts):
+        tp, fp, fn = counts[name]["tp"], counts[name]["fp"], counts[name]["fn"]
+        precision, recall = safe(tp, tp + fp), safe(tp, tp + fn)
+        command_metrics[name] = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
+                                 "f1_score": safe(2 * precision * recall, precision + recall),
+                                 "total_count": counts[name]["total_count"]}  # fmt: skip
+    passed_tests = [name for name, test_steps in by_test.items() if all(s.passed for s in test_steps)]
+    failed_tests = [name for name in by_test if name not in passed_tests]
+    passed_steps = sum(step.passed for step in steps)
+    return {
+        "accuracy": {"test_cases": safe(len(passed_tests), len(by_test)), "user_utterances": safe(passed_steps, len(steps))},
+        "number_of_passed_tests": len(passed_tests),
+        "number_of_failed_tests": len(failed_tests),
+        "number_of_passed_user_utterances": passed_steps,
+        "number_of_failed_user_utterances": len(steps) - passed_steps,
+        "command_metrics": command_metrics,
+        "names_of_passed_tests": passed_tests,
+        "names_of_failed_tests": failed_tests,
+        "failed_test_steps": [_rasa_failed_step(step, syntax) for step in steps if not step.passed],
+    }
+
+
+def _rasa_failed_step(step: RasaStep, syntax: Syntax) -> dict[str, Any]:
+    file, _, name = (step.case.test_case or step.case.id).partition("::")
+    return {
+        "file": file,
+        "test_case": name or file,
+        "failed_user_utterance": step.case.user_message,
+        "error_line": -1,  # not tracked per turn here; Rasa writes -1 when it does not know the line either
+        "pass_status": False,
+        "expected_commands": [format_commands([c], syntax) for c in step.case.expected],
+        "predicted_commands": [{"component": step.component,
+                                "commands": [format_commands([c], syntax) for c in step.predicted]}]
+        if step.predicted else [],
+    }  # fmt: skip
+
+
+def model_metrics(outcomes: Sequence[Outcome], worst: int = 10, syntax: Syntax = Syntax.V2,
+                  runtime_turns: Sequence[Case] = (), component: str = "model") -> dict[str, Any]:  # fmt: skip
+    """Everything the report shows for one model, as plain JSON data; `rasa` is the same turns counted as
+    `rasa test du` counts them (with the payload and NLU turns in `runtime_turns`)."""
     predictions = [o.prediction for o in outcomes if o.prediction is not None]
     by_test: dict[str, list[bool]] = defaultdict(list)
     by_flow: dict[str, list[bool]] = defaultdict(list)
@@ -355,8 +508,10 @@ def model_metrics(outcomes: Sequence[Outcome], worst: int = 10, syntax: Syntax =
         "correct_test_cases": sum(all(results) for results in by_test.values()),
         "test_case_accuracy": _ratio(sum(all(results) for results in by_test.values()), len(by_test)),
         "errors": len(outcomes) - len(predictions),
-        "unparseable_turns": sum(not p.parseable for p in predictions),
-        "unparseable_rate": _ratio(sum(not p.parseable for p in predictions), len(predictions)),
+        "empty_turns": sum(_empty(p) for p in predictions),
+        "empty_rate": _ratio(sum(_empty(p) for p in predictions), len(predictions)),
+        "unparseable_turns": sum(_unparseable(p) for p in predictions),
+        "unparseable_rate": _ratio(sum(_unparseable(p) for p in predictions), len(predictions)),
         "truncated_turns": sum(p.finish_reason == "length" for p in predictions),
         "emitted_commands": emitted,
         "invalid_commands": len(invalid),
@@ -377,7 +532,17 @@ def model_metrics(outcomes: Sequence[Outcome], worst: int = 10, syntax: Syntax =
             "per_turn_s": latencies,
         },
         "worst_turns": [_turn_record(o, syntax) for o in worst_outcomes(outcomes, worst)],
+        "rasa": rasa_metrics(rasa_steps(outcomes, runtime_turns, component), syntax),
     }
+
+
+def _empty(prediction: Prediction) -> bool:
+    """An answer with no text at all: not unparseable (nothing was written to parse), counted apart."""
+    return not prediction.raw_text.strip()
+
+
+def _unparseable(prediction: Prediction) -> bool:
+    return not _empty(prediction) and any(d.unparsed for d in prediction.dropped)
 
 
 def _names_unknown_flow(reason: str) -> bool:
@@ -512,15 +677,20 @@ def check_inputs(project: Project, inputs: Sequence[str]) -> None:
 
 
 def load_cases(project: Project, inputs: Sequence[str], policy: DatetimePolicy, syntax: Syntax,
-               include_derived: bool = False, left_out: list[tuple[str, str]] | None = None) -> list[Case]:  # fmt: skip
+               include_derived: bool = False, left_out: list[tuple[str, str]] | None = None,
+               runtime_turns: list[Case] | None = None) -> list[Case]:  # fmt: skip
     """`.jsonl` inputs are split rows; anything else is a test file, folder or `file::test case`. Float slots' values
-    are scored as numbers. The ids of derived turns left out (without `include_derived`) are appended to `left_out`."""
+    are scored as numbers. The ids of derived turns left out (without `include_derived`) are appended to `left_out`,
+    payload and NLU turns with written commands to `runtime_turns` (for Rasa's counting)."""
     rows = [spec for spec in inputs if spec.endswith(".jsonl")]
     tests = [spec for spec in inputs if not spec.endswith(".jsonl")]
     cases = [case for spec in rows for case in cases_from_jsonl(Path(spec), syntax, project, left_out)]
+    answered_elsewhere: list[Case] = []
     if tests:
-        cases += cases_from_tests(project, tests, policy, include_derived, left_out)
+        cases += cases_from_tests(project, tests, policy, include_derived, left_out, answered_elsewhere)
     float_slots = frozenset(name for name, slot in project.domain.slots.items() if slot.type == "float")
+    if runtime_turns is not None:
+        runtime_turns += [replace(case, float_slots=float_slots) for case in answered_elsewhere]
     return [replace(case, float_slots=float_slots) for case in cases]
 
 
@@ -535,13 +705,14 @@ def left_out_summary(cases: Sequence[Case], left_out: Sequence[tuple[str, str]])
 
 
 def evaluate_model(spec: ModelSpec, generator: CommandGenerator, cases: Sequence[Case], *, concurrency: int = 1,
-                   worst: int = 10, progress: Callable[[], None] | None = None) -> ModelResult:  # fmt: skip
+                   worst: int = 10, progress: Callable[[], None] | None = None,
+                   runtime_turns: Sequence[Case] = ()) -> ModelResult:  # fmt: skip
     outcomes = run_model(generator, cases, concurrency=concurrency, progress=progress)
     setup = generator.setup
     return ModelResult(
         label=spec.name, description=spec.description, template=setup.template.path,
         template_sha256=setup.template.sha256, syntax=setup.syntax.value, constrained=generator.constrained,
-        warnings=setup.warnings, metrics=model_metrics(outcomes, worst, setup.syntax),
+        warnings=setup.warnings, metrics=model_metrics(outcomes, worst, setup.syntax, runtime_turns, spec.name),
     )  # fmt: skip
 
 
@@ -560,10 +731,24 @@ class ModelResult:
     metrics: dict[str, Any]
 
 
+def rasa_report_name(label: str) -> str:
+    """`rasa_du_results_<label>.yml`: one results file per model, in `rasa test du`'s layout."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label) or "model"
+    return f"rasa_du_results_{safe}.yml"
+
+
 def write_report(out: Path, results: Sequence[ModelResult], inputs: Sequence[str], cases: Sequence[Case],
-                 left_out: LeftOut = LeftOut()) -> list[Path]:  # fmt: skip
-    """report.md, report.json and the plots in `out`; returns the files written."""
+                 left_out: LeftOut = LeftOut(), scoring: str = "recipe") -> list[Path]:  # fmt: skip
+    """report.md, report.json and the plots in `out` (with `scoring="rasa"` also each model's results file in
+    `rasa test du`'s YAML layout); returns the files written."""
+    from recipe.yamlio import dump_yaml
+
     out.mkdir(parents=True, exist_ok=True)
+    rasa_files = []
+    if scoring == "rasa":
+        for result in results:
+            rasa_files.append(out / rasa_report_name(result.label))
+            write_atomic(rasa_files[-1], dump_yaml(result.metrics["rasa"]))
     data = {
         "inputs": list(inputs),
         "cases": len(cases),
@@ -577,7 +762,7 @@ def write_report(out: Path, results: Sequence[ModelResult], inputs: Sequence[str
     written += plot_latency(out / LATENCY_PNG, results)
     write_atomic(out / REPORT_MD, report_markdown(results, inputs, cases, [p.name for p in written if p.suffix == ".png"],
                                                       left_out))  # fmt: skip
-    return [out / REPORT_MD, *written]
+    return [out / REPORT_MD, *written, *rasa_files]
 
 
 def _percent(value: float | None) -> str:
@@ -602,6 +787,9 @@ def _summary_rows(results: Sequence[ModelResult]) -> list[list[str]]:
         row("turn accuracy", lambda m: f"{_percent(m['turn_accuracy'])} ({m['correct_turns']}/{m['turns']})"),
         row("test case accuracy", lambda m: f"{_percent(m['test_case_accuracy'])} "
                                             f"({m['correct_test_cases']}/{m['test_cases']})"),  # fmt: skip
+        row("user utterance accuracy, as `rasa test du`", lambda m: _rasa_accuracy(m, "user_utterances")),
+        row("test case accuracy, as `rasa test du`", lambda m: _rasa_accuracy(m, "test_cases")),
+        row("empty answers", lambda m: f"{_percent(m['empty_rate'])} ({m['empty_turns']})"),
         row("unparseable answers", lambda m: f"{_percent(m['unparseable_rate'])} ({m['unparseable_turns']})"),
         row("invalid commands", lambda m: f"{_percent(m['invalid_command_rate'])} "
                                           f"({m['invalid_commands']}/{m['emitted_commands']})"),  # fmt: skip
@@ -612,6 +800,33 @@ def _summary_rows(results: Sequence[ModelResult]) -> list[list[str]]:
         row("tokens per second", lambda m: _number(m["latency"]["tokens_per_second"], 1)),
         row("overhead p50 (render, parse, validate)", lambda m: f"{_number(m['latency']['overhead_p50_ms'], 2)} ms"),
     ]
+
+
+def _rasa_accuracy(metrics: dict[str, Any], which: str) -> str:
+    rasa = metrics["rasa"]
+    passed, failed = ((rasa["number_of_passed_user_utterances"], rasa["number_of_failed_user_utterances"])
+                      if which == "user_utterances" else (rasa["number_of_passed_tests"], rasa["number_of_failed_tests"]))
+    return f"{_percent(rasa['accuracy'][which])} ({passed}/{passed + failed})"  # fmt: skip
+
+
+def _rasa_section(results: Sequence[ModelResult]) -> str:
+    labels = [r.label for r in results]
+    text = ("\n## Per command type, as `rasa test du` counts\n\nRasa Pro's dialogue-understanding test report: steps "
+            "with written commands only, payload and NLU turns included (answered by the runtime, not the model), "
+            "commands the validator drops counted as predicted (false positives), an answer with nothing parsed as "
+            "`cannot handle`, a command found when an equal one is anywhere in the other list. `--scoring rasa` writes "
+            "the same numbers in its results-file layout.\n\n")  # fmt: skip
+    names = sorted({n for r in results for n in r.metrics["rasa"]["command_metrics"]})
+    header = ["command", *(f"{label} {column}" for label in labels for column in ("TP/FP/FN", "P", "R", "F1"))]
+    rows = []
+    for name in names:
+        row = [name]
+        for result in results:
+            c = result.metrics["rasa"]["command_metrics"].get(name)
+            row += [f"{c['tp']}/{c['fp']}/{c['fn']}", f"{c['precision']:.2f}", f"{c['recall']:.2f}",
+                    f"{c['f1_score']:.2f}"] if c else ["—"] * 4  # fmt: skip
+        rows.append(row)
+    return text + _table(header, rows)
 
 
 def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases: Sequence[Case],
@@ -626,7 +841,9 @@ def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases
     for result in results:
         parts += [f"\n**Warning ({result.label}):** {warning}\n" for warning in result.warnings]
     parts.append("\n## Summary\n\n" + _table(["metric", *labels], _summary_rows(results)))
-    parts.append("\n## Per command type\n\nMatched per turn as multisets; `set slot (name only)` ignores values.\n\n")
+    parts.append("\n## Per command type\n\nMatched per turn as multisets; `set slot (name only)` ignores values; a "
+                 "command the validator drops is not counted as predicted (it is under invalid commands), and payload "
+                 "turns are not scored. The next table counts as `rasa test du` does.\n\n")  # fmt: skip
     kinds = sorted({k for r in results for k in r.metrics["per_command"]}, key=lambda k: (k == NAME_ONLY, k))
     header = ["command", *(f"{label} {column}" for label in labels for column in ("TP/FP/FN", "P", "R", "F1"))]
     rows = []
@@ -638,6 +855,7 @@ def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases
                     _number(c["f1"], 2)] if c else ["—"] * 4  # fmt: skip
         rows.append(row)
     parts.append(_table(header, rows))
+    parts.append(_rasa_section(results))
     flows = sorted({f for r in results for f in r.metrics["per_flow"]})
     parts.append("\n## Per flow\n\nA turn belongs to the flow it starts, else to the flow in progress.\n\n")
     parts.append(_table(["flow", *labels], [[flow, *(_flow_cell(r.metrics["per_flow"].get(flow)) for r in results)]

@@ -14,7 +14,7 @@ import logging
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import jinja2
@@ -501,6 +501,17 @@ def _completed_agents(project: Project, state: DialogueState) -> list[dict[str, 
 # ---------------------------------------------------------------------------------------------- date and time
 
 
+def conversation_date_key(conversation_id: str) -> str:
+    """What a test case's date is derived from: `<file name>::<test case>[#n]`, without the folders. prepare-data
+    writes the split suites to another folder (and may re-root them), so a key with the path would give the
+    validation suite other dates than `val.jsonl`; the file name and the test case's name survive every copy. Two
+    test cases of one name in files of one name share a date, which only costs a little variety."""
+    file, separator, name = conversation_id.partition("::")
+    if not separator:
+        return conversation_id
+    return f"{PureWindowsPath(file).name}::{name}"  # splits at `/` and `\\` alike
+
+
 def conversation_datetime(conversation_id: str, seed: int, mocked: Any = None) -> datetime:
     """A date for a conversation's prompts: the `mocked_datetime` fixture if set, else one derived from the seed.
 
@@ -510,7 +521,7 @@ def conversation_datetime(conversation_id: str, seed: int, mocked: Any = None) -
     if mocked is not None:
         value = mocked if isinstance(mocked, datetime) else datetime.fromisoformat(str(mocked))
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{conversation_date_key(conversation_id)}".encode()).digest()
     rng = random.Random(digest)
     start = datetime(2025, 1, 1, tzinfo=timezone.utc)
     return start + timedelta(days=rng.randrange(3 * 365), seconds=rng.randrange(8 * 3600, 22 * 3600))

@@ -135,9 +135,15 @@ class ModelSource:
 
 def resolve_model(model: str | Path, *, base_model: str | None = None, variant: str = "auto") -> ModelSource:
     """Find the weights behind `--model`: a `recipe finetune` folder (its merged model or adapter), an adapter folder
-    (detected by adapter_config.json; base from it or `base_model`), a model folder, or a hub id."""
+    (detected by adapter_config.json; base from it or `base_model`), a model folder, a `.gguf` file, or a hub id."""
     if variant not in ("auto", "merged", "adapter"):
         raise ConfigError(f"model variant {variant!r}: expected auto, merged or adapter")
+    from recipe.finetune.gguf import is_gguf, resolve_gguf_model
+
+    if base_model is not None and is_gguf(base_model):
+        base_model = resolve_gguf_model(base_model)
+    if is_gguf(model):  # a .gguf base model: its converted Hugging Face folder (made once, then reused)
+        model = Path(resolve_gguf_model(str(model)))
     text = str(model)
     path = Path(text).expanduser()
     if not path.exists():
@@ -297,7 +303,8 @@ def _load(source: ModelSource, dtype: str) -> Finetuned:
         where = "" if Path(source.weights).exists() else " (not a local folder, nor a model in the hub cache)"
         raise ConfigError(f"model {source.weights}{where}: cannot load it: {first_line(error)}") from None
     if training.get("prompt_format") and training.get("end_token"):
-        prompt_format = data.PromptFormat(training["prompt_format"], training["end_token"])
+        prompt_format = data.PromptFormat(training["prompt_format"], training["end_token"],
+                                          training.get("answer_prefix") or "")  # fmt: skip
     else:
         probe = data.Example(prompt=({"role": "user", "content": "hello"},), completion="cancel flow", path="", line=0)
         prompt_format = data.choose_prompt_format(tokenizer, "auto", probe)

@@ -496,7 +496,7 @@ def test_a_model_path_that_does_not_exist_is_a_one_line_error(model, splits, tmp
     out = tmp_path / "out"
     assert run_cli("--data", str(splits), "--model", model, "-o", str(out)) == 2
     assert capsys.readouterr().err.strip() == (
-        f"--model {model}: folder not found; expected a local model folder or a hub id like "
+        f"--model {model}: folder not found; expected a local model folder, a .gguf file or a hub id like "
         "meta-llama/Llama-3.1-8B-Instruct")
     assert not out.exists()  # checked before the output folder, tokenizer or model
     for hub_id in ("meta-llama/Llama-3.1-8B-Instruct", "gpt2"):

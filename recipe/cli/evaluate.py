@@ -75,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--constrained", action="store_true",
                         help="constrain answers to the assistant's command grammar (local: logits processor; "
                              "endpoints: vLLM structured_outputs)")  # fmt: skip
+    parser.add_argument("--scoring", choices=("recipe", "rasa"), default="recipe",
+                        help="recipe (default): per turn as multisets, payload turns and dropped commands left out; "
+                             "rasa: also write each model's rasa_du_results_<label>.yml in `rasa test du`'s layout, "
+                             "and print and --fail-under its user-utterance accuracy (report.md shows both)")  # fmt: skip
     parser.add_argument("--include-derived", action="store_true",
                         help="also score turns whose commands are derived from the test's assertions")
     parser.add_argument("--max-tokens", type=int, default=64, help="answer token bound (default: 64)")
@@ -145,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
               "(include_date_time: true): the prompts will differ from training", file=sys.stderr)  # fmt: skip
     policy = DatetimePolicy(include=include, fixed=parse_datetime_flag(args.datetime), seed=args.seed)
     skipped: list[tuple[str, str]] = []
-    cases = load_cases(project, args.inputs, policy, generators[0].syntax, args.include_derived, skipped)
+    runtime_turns: list = []  # payload and NLU turns: only Rasa's counting scores them
+    cases = load_cases(project, args.inputs, policy, generators[0].syntax, args.include_derived, skipped, runtime_turns)
     left_out = left_out_summary(cases, skipped)
     if not cases:
         raise ConfigError(f"{', '.join(args.inputs)}: no turns with commands to score (DU tests give `commands:`; "
@@ -155,19 +160,28 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=len(cases), desc=spec.name, unit="turn", disable=args.no_progress, file=sys.stderr) as bar:
             concurrency = args.concurrency if spec.endpoint else 1
             results.append(evaluate_model(spec, generator, cases, concurrency=concurrency, worst=args.worst,
-                                          progress=lambda: bar.update(1)))  # fmt: skip
-    written = write_report(args.out, results, args.inputs, cases, left_out)
+                                          progress=lambda: bar.update(1), runtime_turns=runtime_turns))  # fmt: skip
+    written = write_report(args.out, results, args.inputs, cases, left_out, scoring=args.scoring)
     for result in results:
         metrics = result.metrics
+        rasa = metrics["rasa"]
+        if args.scoring == "rasa":
+            steps = rasa["number_of_passed_user_utterances"] + rasa["number_of_failed_user_utterances"]
+            tests = rasa["number_of_passed_tests"] + rasa["number_of_failed_tests"]
+            print(f"{result.label} (as rasa test du): user utterances {_pct(rasa['accuracy']['user_utterances'])} "
+                  f"({rasa['number_of_passed_user_utterances']}/{steps}), test cases "
+                  f"{_pct(rasa['accuracy']['test_cases'])} ({rasa['number_of_passed_tests']}/{tests})")  # fmt: skip
         print(f"{result.label}: turn accuracy {_pct(metrics['turn_accuracy'])} ({metrics['correct_turns']}/"
-              f"{metrics['turns']}), test cases {_pct(metrics['test_case_accuracy'])}, unparseable "
-              f"{_pct(metrics['unparseable_rate'])}, invalid commands {_pct(metrics['invalid_command_rate'])}, "
-              f"p50 {metrics['latency']['p50_s'] or 0:.3f} s")  # fmt: skip
+              f"{metrics['turns']}), test cases {_pct(metrics['test_case_accuracy'])}, empty "
+              f"{_pct(metrics['empty_rate'])}, unparseable {_pct(metrics['unparseable_rate'])}, invalid commands "
+              f"{_pct(metrics['invalid_command_rate'])}, p50 {metrics['latency']['p50_s'] or 0:.3f} s")  # fmt: skip
     if left_out.message():
         print(left_out.message())
     print(f"report: {written[0]}")
     if threshold is not None:
-        failing = [r.label for r in results if not passes(r.metrics, threshold)]
+        metrics_of = (lambda r: {"turn_accuracy": r.metrics["rasa"]["accuracy"]["user_utterances"]}) \
+            if args.scoring == "rasa" else (lambda r: r.metrics)
+        failing = [r.label for r in results if not passes(metrics_of(r), threshold)]
         if failing:
             print(f"below --fail-under {threshold:.0%}: {', '.join(failing)}", file=sys.stderr)
             return EXIT_BELOW_THRESHOLD

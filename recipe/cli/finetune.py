@@ -79,10 +79,15 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="chat: the tokenizer's chat template (what "
                         "Rasa Pro's chat-completions call gets); raw: prompt string + completion + eos; auto: chat "
                         f"when the tokenizer has a template (default: {DEFAULTS.prompt_format})")
+    parser.add_argument("--template-answer-text", choices=("prompt", "train", "error"),
+                        help="text the chat template writes into every answer (a Qwen3-style empty <think> block): "
+                             "prompt: give it in the prompt, train only the commands; train: train it too; error: "
+                             f"stop (default: {DEFAULTS.template_answer_text})")  # fmt: skip
     parser.add_argument("--lora-r", type=int, help=f"LoRA rank (default: {DEFAULTS.lora_r})")
     parser.add_argument("--lora-alpha", type=int, help=f"LoRA alpha; the update is scaled by alpha/r "
                         f"(default: {DEFAULTS.lora_alpha})")
-    parser.add_argument("--lora-dropout", type=float, help=f"dropout on the LoRA input (default: {DEFAULTS.lora_dropout})")
+    parser.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default: 0 on unsloth, whose "
+                        "fast path needs it, 0.05 on hf)")
     parser.add_argument("--lora-target-modules", nargs="+", metavar="NAME", help="layers that get adapters "
                         f"(default: {' '.join(ALL_PROJECTIONS)})")
     parser.add_argument("--lr", type=float, help=f"peak learning rate (default: {DEFAULTS.learning_rate})")

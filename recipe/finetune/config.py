@@ -39,10 +39,11 @@ class FinetuneConfig:
     quantization: str = "8bit"
     quantization_fallback: str = "4bit"
     prompt_format: str = "auto"
+    template_answer_text: str = "prompt"  # text a chat template injects into answers: prompt | train | error
     # LoRA.
     lora_r: int = 16
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float | None = None  # None: 0 on unsloth (its fast path), 0.05 on hf (`resolved_lora_dropout`)
     lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     # Optimisation.
     learning_rate: float = 2e-4
@@ -87,6 +88,7 @@ class FinetuneConfig:
             "quantization": QUANTIZATIONS,
             "quantization_fallback": QUANTIZATION_FALLBACKS,
             "prompt_format": PROMPT_FORMATS,
+            "template_answer_text": ("prompt", "train", "error"),
             "precision": PRECISIONS,
             "lr_scheduler_type": LR_SCHEDULERS,
         }
@@ -108,7 +110,7 @@ class FinetuneConfig:
                 raise ConfigError(f"{name}: must be positive or null (every row), got {getattr(self, name)}")
         if self.max_length is not None and self.max_length <= 0:
             raise ConfigError(f"max_length: must be positive or null (computed from the data), got {self.max_length}")
-        if not 0 <= self.lora_dropout < 1:
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
@@ -119,6 +121,17 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+HF_LORA_DROPOUT = 0.05
+
+
+def resolved_lora_dropout(requested: float | None, backend: str) -> float:
+    """The dropout a run uses: the one asked for, else 0 on Unsloth (any other value puts its LoRA layers on a slower
+    path) and 0.05 on transformers + PEFT."""
+    if requested is not None:
+        return requested
+    return 0.0 if backend == "unsloth" else HF_LORA_DROPOUT
 
 
 def looks_like_path(value: str) -> bool:
@@ -136,10 +149,10 @@ def check_model_path(model: str) -> None:
     if model == "recipe:tiny" or not looks_like_path(model):  # recipe:tiny: built offline (recipe/finetune/tiny.py)
         return
     path = Path(model).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file()):  # a GGUF file: recipe/finetune/gguf.py
         return
     problem = "not a folder" if path.exists() else "folder not found"
-    raise ConfigError(f"--model {model}: {problem}; expected a local model folder or a hub id like "
+    raise ConfigError(f"--model {model}: {problem}; expected a local model folder, a .gguf file or a hub id like "
                       "meta-llama/Llama-3.1-8B-Instruct")
 
 

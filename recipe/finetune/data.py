@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from recipe.errors import ConfigError, InputError
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
@@ -63,6 +66,10 @@ class PromptFormat:
 
     kind: str
     end_token: str
+    # Text the chat template writes at the start of every assistant answer (a Qwen3-style template's empty
+    # `<think>\n\n</think>\n\n`). Moved into the prompt: encoded after the generation prompt, never trained on,
+    # so the model learns the DSL lines only and the runtime parses what it generates.
+    answer_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,8 +202,48 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return added | set(tokenizer.all_special_ids)
 
 
-def choose_prompt_format(tokenizer: PreTrainedTokenizerBase, requested: str, probe: Example) -> PromptFormat:
-    """The tokenizer's chat template when it has one (what Rasa Pro's chat-completions call gets), else raw strings."""
+TEMPLATE_ANSWER_TEXT = ("prompt", "train", "error")
+
+
+@dataclass(frozen=True)
+class TemplateInjection:
+    """What a chat template adds around an assistant answer: before it, and after it (before the end token)."""
+
+    prefix: str
+    suffix: str
+
+    def describe(self) -> str:
+        parts = [f"{json.dumps(text)} {where}" for text, where in ((self.prefix, "before"), (self.suffix, "after"))
+                 if text]  # fmt: skip
+        return " and ".join(parts) + " every answer"
+
+
+def template_injection(tokenizer: PreTrainedTokenizerBase, probe: Example) -> TemplateInjection | None:
+    """Render a probe conversation with and without its answer and compare the answer part with the answer: None
+    when the template writes the answer as given; else what it injects (None too where the answer is not found in
+    it at all: then the template rewrites answers, which encode_example's own checks report)."""
+    prompt_ids = encode_prompt(tokenizer, probe.prompt, "chat")
+    full_ids = _render_chat(tokenizer, [*probe.prompt, {"role": "assistant", "content": probe.completion}])
+    answer_ids = full_ids[_common_prefix(prompt_ids, full_ids):]
+    specials = special_token_ids(tokenizer)
+    end = next((index for index, token_id in enumerate(answer_ids) if token_id in specials), len(answer_ids))
+    text = tokenizer.decode(answer_ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if text == probe.completion:
+        return None
+    at = text.find(probe.completion)
+    if at < 0:
+        return None
+    return TemplateInjection(prefix=text[:at], suffix=text[at + len(probe.completion):])
+
+
+def choose_prompt_format(tokenizer: PreTrainedTokenizerBase, requested: str, probe: Example,
+                         template_answer_text: str = "prompt") -> PromptFormat:  # fmt: skip
+    """The tokenizer's chat template when it has one (what Rasa Pro's chat-completions call gets), else raw strings.
+
+    A template that injects text into the assistant turn (Qwen3's empty think block) would train that text before
+    every answer, and the runtime would then read its lines as unparseable. `template_answer_text` says what to do:
+    "prompt" (default) moves the injected prefix into the prompt (`PromptFormat.answer_prefix`: given to the model
+    at generation, never trained), "train" trains it as rendered, "error" stops. Each warns or says why."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if requested == "chat" and not has_template:
         raise ConfigError("prompt_format: chat, but the tokenizer has no chat template; use auto or raw")
@@ -215,7 +262,26 @@ def choose_prompt_format(tokenizer: PreTrainedTokenizerBase, requested: str, pro
             "the chat template does not close the assistant turn with a special token, so the model could not "
             "learn to stop; set prompt_format: raw"
         )
-    return PromptFormat(kind="chat", end_token=tokenizer.convert_ids_to_tokens(end_ids[0]))
+    end_token = tokenizer.convert_ids_to_tokens(end_ids[0])
+    injection = template_injection(tokenizer, probe)
+    if injection is None:
+        return PromptFormat(kind="chat", end_token=end_token)
+    what = f"the chat template writes {injection.describe()}"
+    if template_answer_text == "error":
+        raise ConfigError(f"{what}; set template_answer_text: prompt (give it to the model as part of the prompt) or "
+                          "train (train it), or use another chat template")  # fmt: skip
+    if template_answer_text == "train":
+        log.warning("%s: training it as rendered (template_answer_text: train); the runtime will read those lines "
+                    "as unparseable unless the model is served with the same template", what)  # fmt: skip
+        return PromptFormat(kind="chat", end_token=end_token)
+    if injection.suffix.strip():
+        log.warning("%s: the text after the answer is trained as rendered; only a prefix can move into the prompt",
+                    what)  # fmt: skip
+    if injection.prefix:
+        log.warning("%s: the prefix is given to the model after the generation prompt instead of trained, in "
+                    "training, evaluate and serve alike (template_answer_text: prompt). Another server (vLLM) must "
+                    "render it too: for Qwen3, chat_template_kwargs {\"enable_thinking\": false}", what)  # fmt: skip
+    return PromptFormat(kind="chat", end_token=end_token, answer_prefix=injection.prefix)
 
 
 def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
@@ -232,10 +298,15 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return length
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: tuple[dict[str, str], ...] | list, kind: str) -> list[int]:
-    """Token ids the model sees before it answers: in training, in `generate_completions`, and when served."""
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: tuple[dict[str, str], ...] | list, kind: str,
+                  answer_prefix: str = "") -> list[int]:  # fmt: skip
+    """Token ids the model sees before it answers: in training, in `generate_completions`, and when served (then
+    the template's injected answer prefix, if any)."""
     if kind == "chat":
-        return _render_chat(tokenizer, list(prompt), add_generation_prompt=True)
+        ids = _render_chat(tokenizer, list(prompt), add_generation_prompt=True)
+        if answer_prefix:
+            ids += list(tokenizer(answer_prefix, add_special_tokens=False)["input_ids"])
+        return ids
     if len(prompt) != 1:
         raise ConfigError("raw prompts must be a single message; multi-message rows need a chat template")
     return list(tokenizer(prompt[0]["content"])["input_ids"])
@@ -243,9 +314,14 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: tuple[dict[str, st
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, prompt_format: PromptFormat) -> Encoded:
     """Prompt ids, then the answer ids up to and including the end-of-turn token; the mask marks the answer."""
-    prompt_ids = encode_prompt(tokenizer, example.prompt, prompt_format.kind)
+    prompt_ids = encode_prompt(tokenizer, example.prompt, prompt_format.kind, prompt_format.answer_prefix)
     end_id = tokenizer.convert_tokens_to_ids(prompt_format.end_token)
-    if prompt_format.kind == "chat":
+    if prompt_format.kind == "chat" and prompt_format.answer_prefix:
+        # The prompt ends with the template's injected prefix, as at generation; the answer is what the model will
+        # generate after it: the completion's own tokens and the end token (the full render's tokens could merge
+        # across the prefix's end, e.g. "\n\nstart", which generation never sees).
+        answer_ids = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"]) + [end_id]
+    elif prompt_format.kind == "chat":
         full_ids = _render_chat(tokenizer, [*example.prompt, {"role": "assistant", "content": example.completion}])
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise InputError(

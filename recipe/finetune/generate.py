@@ -34,7 +34,7 @@ class Finetuned:
 
     def encode(self, prompt: Prompt) -> list[int]:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return data.encode_prompt(self.tokenizer, messages, self.prompt_format.kind)
+        return data.encode_prompt(self.tokenizer, messages, self.prompt_format.kind, self.prompt_format.answer_prefix)
 
     def generate_ids(self, prompts: Sequence[Prompt], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
         """New token ids per prompt, through the stop token where the model stopped (none where it ran out)."""

@@ -115,6 +115,8 @@ def model_card(info: dict[str, Any], vllm_commands: dict[str, str] | None = None
                 if training["prompt_format"] == "chat" else "(raw prompt string: serve through /v1/completions)")),
             ("chat template sha256", training.get("chat_template_sha256")),
             ("end-of-answer token", training["end_token"]),
+            ("text the template injects before answers (given in the prompt, not trained)",
+             json.dumps(training["answer_prefix"]) if training.get("answer_prefix") else "none"),
         ])
         + "\n" + template_block,
         "## Data",

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from recipe import __version__
 from recipe.errors import ConfigError
 from recipe.finetune import data, model, report, upload
-from recipe.finetune.config import FinetuneConfig
+from recipe.finetune.config import FinetuneConfig, resolved_lora_dropout
+from recipe.finetune.gguf import resolve_gguf_model
 from recipe.finetune.tiny import resolve_tiny_model
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class PreparedRun:
     tokenizer: Any
     trainer: SFTTrainer | None
     speed: Any  # throughput.ThroughputCallback (that module imports transformers, so it is imported late)
+    requested_model: str | None = None  # --model as given (a hub id, a folder, a .gguf file, recipe:tiny)
 
     def release_model(self) -> None:
         """Drop the trained model and trainer to free (GPU) memory, e.g. before merging."""
@@ -90,25 +92,28 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     trainer = run.trainer
     if trainer.is_world_process_zero():  # from the first step until the outputs are written: an interrupted run
         (run.local_dir / RUN_IN_PROGRESS).write_text("training; removed once the outputs are written\n")
-    trainer.train(resume_from_checkpoint=last_checkpoint(run.local_dir) if config.resume else None)
+    checkpoint = last_checkpoint(run.local_dir) if config.resume else None
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(run.local_dir))  # adapter + tokenizer; collective under FSDP, so every process calls it
     if not trainer.is_world_process_zero():
         end_distributed_run()  # waits for the main process to finish writing
         return FinetuneResult(config.output_dir, run.local_dir, None, None, None, time.monotonic() - started, {},
                               main_process=False)
     (run.local_dir / "training_args.bin").unlink(missing_ok=True)  # pickled arguments: not portable, not needed
+    loaded_as = record_adapter_base(run.local_dir, run.config.model)
     log_history = trainer.state.log_history
     from recipe.finetune.throughput import padding_share
 
     padding = padding_share(trainer)
-    final_losses = final_loss_values(log_history)
+    final_losses = final_loss_values(log_history, checkpoint_step(checkpoint))
     del trainer
     run.release_model()
     merged_dir = None
     if config.merge:
         merged_dir = run.local_dir / MERGED
         model.merge_adapter(run.config.model, run.local_dir, merged_dir, model.torch_dtype(run.precision), run.tokenizer)
-    info = training_info(run, final_losses, padding, merged=merged_dir is not None, duration_s=time.monotonic() - started)
+    info = training_info(run, final_losses, padding, merged=merged_dir is not None, duration_s=time.monotonic() - started,
+                         loaded_as=loaded_as)  # fmt: skip
     write_outputs(run.local_dir, info, log_history)
     (run.local_dir / RUN_IN_PROGRESS).unlink(missing_ok=True)
     if upload.is_remote(config.output_dir):
@@ -142,14 +147,18 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     dataset_info = data.read_dataset_info(files.dataset_info)
 
     backend = model.resolve_backend(config.backend)
+    config = dataclasses.replace(config, lora_dropout=resolved_lora_dropout(config.lora_dropout, backend))
     if backend == "unsloth":
         model.import_unsloth()  # before anything imports transformers, trl or peft
     from recipe.finetune.progress import quiet_library_bars
 
     quiet_library_bars()
-    config = dataclasses.replace(config, model=absolute_model_id(resolve_tiny_model(config.model)))
+    requested_model = config.model
+    # recipe:tiny is built offline, a .gguf file converted once to a Hugging Face folder: both then load as folders
+    config = dataclasses.replace(config, model=absolute_model_id(resolve_gguf_model(resolve_tiny_model(config.model))))
     tokenizer = model.load_tokenizer(config.model)
-    prompt_format = data.choose_prompt_format(tokenizer, config.prompt_format, train_examples[0])
+    prompt_format = data.choose_prompt_format(tokenizer, config.prompt_format, train_examples[0],
+                                              config.template_answer_text)  # fmt: skip
     train_rows = data.encode_examples(tokenizer, train_examples, prompt_format)
     val_rows = data.encode_examples(tokenizer, val_examples, prompt_format)
     # Before the (slow) model load: a row that would be cut stops the run here.
@@ -176,7 +185,8 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     if len(trainer.train_dataset) != len(train_rows):
         raise RuntimeError(f"the trainer kept {len(trainer.train_dataset)} of {len(train_rows)} training rows")
     return PreparedRun(config, local_dir, files, dataset_info, train_examples, val_examples, train_rows, val_rows,
-                       prompt_format, max_length, backend, precision, base, tokenizer, trainer, speed)
+                       prompt_format, max_length, backend, precision, base, tokenizer, trainer, speed,
+                       requested_model=requested_model)  # fmt: skip
 
 
 def slow_setup_reason(config: FinetuneConfig, backend: str) -> str | None:
@@ -304,15 +314,43 @@ def fetch_data_files(config: FinetuneConfig) -> data.DataFiles:
     return data.resolve_data_files(str(local), config.val_data)
 
 
-def final_loss_values(log_history: list[dict[str, Any]]) -> dict[str, float | None]:
-    """train_last: the last logged step's train loss; train_run_mean: the trainer's mean over the run (its final
-    `train_loss` entry); val: the last val evaluation."""
+def checkpoint_step(checkpoint: str | None) -> int:
+    """The global step a resumed run started from (`checkpoint-N`), 0 for a fresh run."""
+    if checkpoint is None:
+        return 0
+    _, _, number = Path(checkpoint).name.rpartition("-")
+    return int(number) if number.isdigit() else 0
+
+
+def final_loss_values(log_history: list[dict[str, Any]], resumed_from_step: int = 0) -> dict[str, float | None]:
+    """train_last: the last logged step's train loss; train_run_mean: the trainer's mean over this run's steps (its
+    final `train_loss` entry); val: the last val evaluation. After --resume the trainer sums the losses of the steps
+    run since the checkpoint but divides by every step, so its mean is scaled back to the steps it summed."""
     table = report.log_table(log_history)
     train = [row["train_loss"] for row in table if row["train_loss"] is not None]
     val = [row["eval_loss"] for row in table if row["eval_loss"] is not None]
-    means = [entry["train_loss"] for entry in log_history if "train_loss" in entry]
-    return {"train_last": train[-1] if train else None, "train_run_mean": means[-1] if means else None,
-            "val": val[-1] if val else None}
+    finals = [entry for entry in log_history if "train_loss" in entry]
+    mean = finals[-1]["train_loss"] if finals else None
+    if mean is not None and resumed_from_step:
+        steps = int(finals[-1].get("step") or 0)
+        mean = mean * steps / (steps - resumed_from_step) if steps > resumed_from_step else None
+    return {"train_last": train[-1] if train else None, "train_run_mean": mean, "val": val[-1] if val else None}
+
+
+def record_adapter_base(local_dir: Path, base_model: str) -> str | None:
+    """The adapter names the base model the user asked for (a hub id, or the absolute folder): Unsloth loads a
+    renamed copy (`unsloth/...-bnb-4bit`) and PEFT records that name, which would then be served instead. Returns
+    the name it had when it differed."""
+    path = local_dir / "adapter_config.json"
+    if not path.is_file():
+        return None
+    adapter = json.loads(path.read_text(encoding="utf-8"))
+    recorded = adapter.get("base_model_name_or_path")
+    if recorded == base_model:
+        return None
+    adapter["base_model_name_or_path"] = base_model
+    path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return recorded
 
 
 def package_versions() -> dict[str, str]:
@@ -344,7 +382,7 @@ def hardware() -> dict[str, Any]:
 
 
 def training_info(run: PreparedRun, final_losses: dict[str, float | None], padding: float, merged: bool,
-                  duration_s: float) -> dict[str, Any]:
+                  duration_s: float, loaded_as: str | None = None) -> dict[str, Any]:
     """prepare-data's dataset_info.json (its keys at the top, null when unknown) extended with the training facts."""
     source = run.dataset_info or {}
     info: dict[str, Any] = {key: source.get(key) for key in DATASET_INFO_KEYS} | source
@@ -352,6 +390,8 @@ def training_info(run: PreparedRun, final_losses: dict[str, float | None], paddi
     info["output_dir"] = run.config.output_dir
     info["training"] = {
         "base_model": run.config.model,
+        "base_model_requested": run.requested_model or run.config.model,  # as given: hub id, folder, .gguf, recipe:tiny
+        "base_model_loaded_as": loaded_as,  # the name the backend loaded it under, where it differs (Unsloth)
         "backend": run.backend,
         "quantization": run.base.quantization,
         "quantization_check": run.base.check.describe(),
@@ -359,6 +399,7 @@ def training_info(run: PreparedRun, final_losses: dict[str, float | None], paddi
         "prompt_format": run.prompt_format.kind,
         "chat_template_sha256": data.sha256_text(chat_template) if chat_template else None,
         "end_token": run.prompt_format.end_token,
+        "answer_prefix": run.prompt_format.answer_prefix,  # the template's injected text, given in the prompt
         "max_length": run.max_length,
         "hyperparameters": run.config.to_dict(),
         "data": {
@@ -370,7 +411,8 @@ def training_info(run: PreparedRun, final_losses: dict[str, float | None], paddi
             "commands": data.command_counts(run.train_examples),
         },
         "throughput": {"tokens_per_second": run.speed.tokens_per_second, "train_tokens": run.speed.tokens,
-                       "train_seconds": run.speed.train_seconds, "padding_share": padding},
+                       "train_seconds": run.speed.train_seconds, "padding_share": padding,
+                       "peak_gpu_memory_gib": peak_gpu_memory_gib()},
         "final_losses": final_losses,
         "merged": merged,
         "versions": package_versions(),
@@ -379,6 +421,13 @@ def training_info(run: PreparedRun, final_losses: dict[str, float | None], paddi
         "command": " ".join(sys.argv),
     }
     return info
+
+
+def peak_gpu_memory_gib() -> float | None:
+    """The most GPU memory torch held during the run (None without CUDA)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 def write_outputs(local_dir: Path, info: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
