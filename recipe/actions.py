@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from recipe.cache import JsonCache
 from recipe.domain import BUILTIN_SLOTS
 from recipe.errors import ConfigError
 from recipe.tracker import (
@@ -344,42 +344,15 @@ def _message(response: Mapping[str, Any], action: str, slots: dict[str, Any], do
 # ---------------------------------------------------------------------------------------------- cache
 
 
-class ActionCache:
-    """Answers on disk, one JSON file per request key (`<dir>/<first 2 hex>/<key>.json`), written atomically.
+class ActionCache(JsonCache):
+    """Action-server answers on disk (see `JsonCache`): events and responses."""
 
-    The layout of `recipe.llm.ResponseCache`, whose reader checks LLM answer fields (and whose module imports the
-    OpenAI client, a second at start-up that coverage and render-prompt need not pay)."""
+    kind = "action cache"
+    json_default = str
 
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def path_for(self, key: str) -> Path:
-        return self.directory / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        path = self.path_for(key)
-        try:
-            answer = json.loads(path.read_text(encoding="utf-8"))["answer"]
-            if not isinstance(answer, dict) or not isinstance(answer.get("events", []), list):
-                raise TypeError("bad answer")
-            return answer
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning("ignoring unreadable action cache entry %s: %s", path, error)
-            return None
-
-    def put(self, key: str, request: Mapping[str, Any], answer: Mapping[str, Any]) -> None:
-        path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump({"key": key, "request": request, "answer": answer}, file, ensure_ascii=False, default=str)
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+    def check_answer(self, answer: Any) -> None:
+        if not isinstance(answer, dict) or not isinstance(answer.get("events", []), list):
+            raise TypeError("bad answer")
 
 
 # ---------------------------------------------------------------------------------------------- the runner

@@ -13,7 +13,6 @@ A misconfigured endpoint (bad key, unknown model or route, nothing listening) is
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,12 +25,12 @@ from typing import Any
 
 import openai
 
+from recipe.cache import JsonCache
 from recipe.errors import ConfigError
 from recipe.llm import (
     DEFAULT_KEY_ENV_VARS,
     PROVIDERS,
     SELF_HOSTED_DUMMY_KEY,
-    ResponseCache,
     _describe,
     _is_retryable,
     _retry_after_seconds,
@@ -135,21 +134,19 @@ def load_embeddings_config(path: str | Path) -> EmbeddingsConfig:
     return EmbeddingsConfig.from_mapping(data if data is not None else {}, source=str(path))
 
 
-class EmbeddingCache(ResponseCache):
-    """The LLM answer cache's layout and atomic writes, holding one vector per entry."""
+class EmbeddingCache(JsonCache):
+    """Embeddings on disk (see `JsonCache`): one vector per entry."""
+
+    kind = "embeddings cache"
+
+    def check_answer(self, answer: Any) -> None:
+        vector = answer["embedding"]
+        if not isinstance(vector, list) or not vector or not all(isinstance(x, (int, float)) for x in vector):
+            raise TypeError("not a list of numbers")
 
     def get_vector(self, key: str) -> list[float] | None:
-        path = self.path_for(key)
-        try:
-            vector = json.loads(path.read_text(encoding="utf-8"))["answer"]["embedding"]
-            if not isinstance(vector, list) or not vector or not all(isinstance(x, (int, float)) for x in vector):
-                raise TypeError("not a list of numbers")
-            return [float(x) for x in vector]
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning("ignoring unreadable embeddings cache entry %s: %s", path, error)
-            return None
+        answer = self.get(key)
+        return None if answer is None else [float(x) for x in answer["embedding"]]
 
 
 class _Malformed(Exception):

@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any, Literal, TypeVar
 import openai
 from tqdm import tqdm
 
+from recipe.cache import JsonCache
 from recipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -251,43 +251,15 @@ def price_per_million_tokens(config: LLMConfig) -> tuple[float, float] | None:
 # Cache
 
 
-class ResponseCache:
-    """Answers on disk, one JSON file per request key: `<dir>/<first 2 hex>/<key>.json`, written atomically."""
+class ResponseCache(JsonCache):
+    """LLM answers on disk (see `JsonCache`): text and token counts."""
 
-    def __init__(self, directory: Path):
-        self.directory = directory
+    kind = "LLM cache"
 
-    def path_for(self, key: str) -> Path:
-        return self.directory / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The stored answer, or None when absent or unreadable (a corrupted entry is a miss and gets rewritten)."""
-        path = self.path_for(key)
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-            answer = entry["answer"]
-            if not (isinstance(answer["text"], str) and isinstance(answer["prompt_tokens"], int)
-                    and isinstance(answer["completion_tokens"], int)):
-                raise TypeError("bad field types")
-            return answer
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning("ignoring unreadable LLM cache entry %s: %s", path, error)
-            return None
-
-    def put(self, key: str, request: Mapping[str, Any], answer: Mapping[str, Any]) -> None:
-        path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Readers see either no file or a complete one: write a temp file next to it, then rename over.
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump({"key": key, "request": request, "answer": answer}, file, ensure_ascii=False)
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+    def check_answer(self, answer: Any) -> None:
+        if not (isinstance(answer["text"], str) and isinstance(answer["prompt_tokens"], int)
+                and isinstance(answer["completion_tokens"], int)):
+            raise TypeError("bad field types")
 
 
 def request_key(request: Mapping[str, Any]) -> str:
