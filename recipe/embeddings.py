@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -30,10 +29,10 @@ from recipe.errors import ConfigError
 from recipe.llm import (
     DEFAULT_KEY_ENV_VARS,
     PROVIDERS,
-    SELF_HOSTED_DUMMY_KEY,
     _describe,
     _is_retryable,
     _retry_after_seconds,
+    key_from_environment,
     request_key,
 )
 
@@ -87,13 +86,10 @@ class EmbeddingsConfig:
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key from the environment; a `ConfigError` when a provider that needs one has none."""
-        environ = os.environ if environ is None else environ
         names = (self.api_key_env,) if self.api_key_env else DEFAULT_KEY_ENV_VARS[self.provider]
-        for name in names:
-            if environ.get(name):
-                return environ[name]
-        if self.provider == "self-hosted" and not self.api_key_env:
-            return SELF_HOSTED_DUMMY_KEY
+        key = key_from_environment(names, environ, keyless=self.provider == "self-hosted" and not self.api_key_env)
+        if key is not None:
+            return key
         raise ConfigError(f"{self.source}: no API key for the embeddings ({self.provider} {self.model}): set "
                           f"{' or '.join(names)}")  # fmt: skip
 

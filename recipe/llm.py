@@ -135,14 +135,22 @@ class LLMConfig:
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key from the environment; a `ConfigError` when a provider that needs one has none."""
-        environ = os.environ if environ is None else environ
         names = (self.api_key_env,) if self.api_key_env else DEFAULT_KEY_ENV_VARS[self.provider]
-        for name in names:
-            if environ.get(name):
-                return environ[name]
-        if self.provider in NO_KEY_PROVIDERS and not self.api_key_env:
-            return SELF_HOSTED_DUMMY_KEY
-        raise ConfigError(f"no API key for provider {self.provider!r}: set {' or '.join(names)}")
+        key = key_from_environment(names, environ, keyless=self.provider in NO_KEY_PROVIDERS and not self.api_key_env)
+        if key is None:
+            raise ConfigError(f"no API key for provider {self.provider!r}: set {' or '.join(names)}")
+        return key
+
+
+def key_from_environment(names: Sequence[str], environ: Mapping[str, str] | None = None, *,
+                         keyless: bool = False) -> str | None:  # fmt: skip
+    """The first of `names` set in the environment; for an endpoint that needs no key (`keyless`), a dummy one
+    (the SDK refuses an empty key); None when a key is needed and none is set."""
+    environ = os.environ if environ is None else environ
+    for name in names:
+        if environ.get(name):
+            return environ[name]
+    return SELF_HOSTED_DUMMY_KEY if keyless else None
 
 
 def _checked_value(key: str, value: Any, source: str) -> Any:
