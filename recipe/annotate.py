@@ -46,7 +46,7 @@ from recipe.conversation import (
 from recipe.llm import LLMCallFailed, LLMClient
 from recipe.project import Project, canonical_command, command_problem
 from recipe.prompt import PromptRenderer, prompt_variables
-from recipe.tracker import DialogueTracker, is_button_payload, startable_flows
+from recipe.tracker import DialogueTracker, is_button_payload, says, startable_flows
 from recipe.types import NO_VALUE, BotStep, SlotCheckStep, TestCase, UserStep
 
 PATTERN_COMMANDS: dict[str, Command] = {
@@ -178,11 +178,9 @@ def _simulate(tracker: DialogueTracker, text: str, commands: list[Command], step
         slot_checks=[s for s in following if isinstance(s, SlotCheckStep)], slots_after=dict(trial.slots),
     )  # fmt: skip
     misses = len(assertion_problems(turn))
-    said = [m.utter for m in events.bot_messages]
-    texts = [m.text for m in events.bot_messages]
     for expected in following:
         if isinstance(expected, BotStep):
-            misses += (expected.utter not in said) if expected.utter else (expected.text not in texts)
+            misses += not any(says(message, expected.utter, expected.text) for message in events.bot_messages)
     return misses, trial
 
 

@@ -25,6 +25,7 @@ from recipe.tracker import (
     TurnEvidence,
     is_button_payload,
     render_response,
+    says,
 )
 from recipe.types import NO_VALUE, BotStep, SlotCheckStep, TestCase, UserStep
 
@@ -83,7 +84,7 @@ def listed_bot_messages(project: Project, step: UserStep, bot_steps: list[BotSte
     for bot_step in bot_steps:
         for index in range(position, len(simulated)):
             said = simulated[index]
-            if (said.utter == bot_step.utter) if bot_step.utter else (said.text == bot_step.text):
+            if says(said, bot_step.utter, bot_step.text):
                 matched.append(said)
                 position = index + 1
                 break

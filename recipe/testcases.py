@@ -287,8 +287,9 @@ def _check_assertion(kind: str, data: Any, path: str, line: int | None, project:
             flow_ids = [str(item) for item in data.get("flow_ids") or []]
     elif kind in ("flow_completed", "flow_cancelled"):
         flow_ids = [str(data.get("flow_id"))] if isinstance(data, dict) else [str(data)]
+    names = flow_ids_by_name(project) if kind == "pattern_clarification_contains" else {}
     for flow_id in flow_ids:
-        if kind == "pattern_clarification_contains" and flow_id in flow_ids_by_name(project):
+        if flow_id in names:
             continue
         if not project.is_known_flow(flow_id):
             raise InputError(path, line, f"assertion `{kind}` names unknown flow `{flow_id}`")

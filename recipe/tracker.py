@@ -965,12 +965,17 @@ def render_response(project: Project, utter: str, slots: dict[str, Any], context
     return None
 
 
+def says(message: BotMessage, utter: str | None, text: str | None) -> bool:
+    """Is `message` the expected one: the response `utter` when the test names one, else the exact `text`?"""
+    return message.utter == utter if utter else message.text == text
+
+
 def _matched_in_order(expected: list[tuple[str | None, str | None]], said: list[BotMessage]) -> int:
     """How many of the expected messages appear among `said`, in order."""
     matched, position = 0, 0
     for utter, text in expected:
         for index in range(position, len(said)):
-            if (said[index].utter == utter) if utter else (said[index].text == text):
+            if says(said[index], utter, text):
                 matched, position = matched + 1, index + 1
                 break
     return matched
