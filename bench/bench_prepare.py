@@ -5,12 +5,19 @@ sequential tool pays). Every run starts with an empty cache. The server runs in 
 not compete with the pipeline for the interpreter lock.
 
     python bench/bench_prepare.py --latency 0.1 --concurrency 1 4 16 32
+    python bench/bench_prepare.py --latency 0 --concurrency 64 --profile 25   # where the CPU per call goes
+
+`cpu s` is the pipeline's own CPU time (the server's is in its process); `floor s` = max(ideal, cpu s): no run can
+beat the latency-bound ideal or its own CPU work on one interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import os
+import pstats
 import multiprocessing
 import sys
 import tempfile
@@ -19,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import openai  # noqa: E402, F401  # imported up front: a one-time cost (~1 s), not CPU per call
 from prepare_llm import ScriptedAssistantLLM  # noqa: E402
 
 from recipe.commands import Syntax  # noqa: E402
@@ -37,7 +46,7 @@ def serve(tests: list[str], latency: float, urls: multiprocessing.Queue, stop: m
         stop.wait()
 
 
-def run_once(project, tests: list[str], latency: float, concurrency: int, rephrases: int) -> dict:
+def run_once(project, tests: list[str], latency: float, concurrency: int, rephrases: int, profile: int = 0) -> dict:
     urls: multiprocessing.Queue = multiprocessing.Queue()
     stop = multiprocessing.Event()
     process = multiprocessing.Process(target=serve, args=(tests, latency, urls, stop), daemon=True)
@@ -51,11 +60,19 @@ def run_once(project, tests: list[str], latency: float, concurrency: int, rephra
             rephrase_template=load_template(PROMPTS_DIR / "rephrase.jinja2"), teacher_llm=llm, oracle_llm=llm,
             max_concurrency=concurrency, show_progress=False,
         )  # fmt: skip
-        start = time.perf_counter()
+        profiler = cProfile.Profile(time.process_time) if profile else None
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if profiler:
+            profiler.enable()
         result = prepare_data(project, config)
-        wall = time.perf_counter() - start
+        if profiler:
+            profiler.disable()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     stop.set()
     process.join(timeout=10)
+    if profiler:
+        print(f"--- CPU profile, concurrency {concurrency}: top {profile} by own time ---")
+        pstats.Stats(profiler).sort_stats(os.environ.get("BENCH_SORT", "tottime")).print_stats(profile)
     usage = result.summary["recipe"]["llm_usage"]
     calls = sum(role["api_calls"] for role in usage.values())
     return {
@@ -63,6 +80,10 @@ def run_once(project, tests: list[str], latency: float, concurrency: int, rephra
         "calls": calls,
         "wall_s": round(wall, 2),
         "ideal_s": round(calls * latency / concurrency, 2),
+        "cpu_s": round(cpu, 2),
+        "cpu_ms_per_call": round(1000 * cpu / max(calls, 1), 2),
+        "floor_s": round(max(calls * latency / concurrency, cpu), 2),
+        "wall_vs_floor": round(wall / max(calls * latency / concurrency, cpu), 2),
         "sequential_s": round(calls * latency, 2),
         "speedup_vs_sequential": round(calls * latency / wall, 1),
         "rows": result.summary["num_ft_data_points"],
@@ -76,13 +97,23 @@ def main() -> None:
     parser.add_argument("--rephrases", type=int, default=3)
     parser.add_argument("--tests", nargs="+", default=["e2e_tests/"])
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--copies", type=int, default=1, help="the tests copied N times (bench/scale_tests.py)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N functions by CPU time")
     args = parser.parse_args()
     project = load_project(ROOT)
-    results = [run_once(project, args.tests, args.latency, c, args.rephrases) for c in args.concurrency]
-    print(f"latency per call: {args.latency} s, {args.rephrases} paraphrases per message, tests: {args.tests}")
-    print(f"{'concurrency':>11} {'calls':>6} {'wall s':>8} {'ideal s':>8} {'sequential s':>13} {'speedup':>8}")
+    tests = args.tests
+    if args.copies > 1:
+        from scale_tests import copied_tests
+
+        tests = copied_tests(Path(tempfile.mkdtemp(prefix="bench_prepare.")), args.copies)
+    results = [run_once(project, tests, args.latency, c, args.rephrases, args.profile) for c in args.concurrency]
+    print(f"latency per call: {args.latency} s, {args.rephrases} paraphrases per message, tests: {args.tests} "
+          f"x{args.copies}")
+    print(f"{'concurrency':>11} {'calls':>6} {'wall s':>8} {'ideal s':>8} {'cpu s':>7} {'ms/call':>8} "
+          f"{'wall/floor':>10} {'sequential s':>13} {'speedup':>8}")
     for r in results:
-        print(f"{r['concurrency']:>11} {r['calls']:>6} {r['wall_s']:>8} {r['ideal_s']:>8} {r['sequential_s']:>13} "
+        print(f"{r['concurrency']:>11} {r['calls']:>6} {r['wall_s']:>8} {r['ideal_s']:>8} {r['cpu_s']:>7} "
+              f"{r['cpu_ms_per_call']:>8} {r['wall_vs_floor']:>10} {r['sequential_s']:>13} "
               f"{r['speedup_vs_sequential']:>7}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -52,9 +52,11 @@ class JsonCache:
         # Readers see either no file or a complete one: write a temp file next to it, then rename over.
         handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
         try:
+            # Encoded in one piece and written at once: json.dump to a file writes every token on its own.
+            text = json.dumps({"key": key, "request": request, "answer": answer}, ensure_ascii=False,
+                              default=self.json_default)  # fmt: skip
             with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump({"key": key, "request": request, "answer": answer}, file, ensure_ascii=False,
-                          default=self.json_default)  # fmt: skip
+                file.write(text)
             os.replace(temp_name, path)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)

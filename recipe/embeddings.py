@@ -20,9 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from recipe.cache import JsonCache
 from recipe.errors import ConfigError
@@ -35,6 +33,9 @@ from recipe.llm import (
     key_from_environment,
     request_key,
 )
+
+if TYPE_CHECKING:  # imported on first use: the offline path never needs it
+    import openai
 
 log = logging.getLogger("recipe")
 
@@ -163,6 +164,7 @@ class EmbeddingsClient:
     def __init__(self, config: EmbeddingsConfig, *, cache_dir: str | Path | None, max_retries: int = 4,
                  backoff_base_s: float = 0.5, backoff_cap_s: float = 8.0, max_retry_after_s: float = 30.0,
                  environ: Mapping[str, str] | None = None, seed: int | None = None):  # fmt: skip
+        import openai  # imported on first use: the offline path never needs it
         self.config = config
         self.cache = EmbeddingCache(Path(cache_dir)) if cache_dir is not None else None
         self.max_retries = max_retries
@@ -215,6 +217,7 @@ class EmbeddingsClient:
         return [self._memory[text] for text in texts]
 
     def _fetch(self, batch: list[str]) -> list[list[float]]:
+        import openai  # imported on first use: the offline path never needs it
         retries_left = self.max_retries
         attempts = 0
         while True:
@@ -258,6 +261,7 @@ class EmbeddingsClient:
         return vectors
 
     def _config_error(self, error: Exception, attempts: int) -> ConfigError:
+        import openai  # imported on first use: the offline path never needs it
         where = f"{self.config.source}: embeddings {self.config.provider} {self.config.model!r} at " \
                 f"{self.config.api_base or 'the OpenAI API'}"  # fmt: skip
         status = getattr(error, "status_code", None)

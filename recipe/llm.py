@@ -30,13 +30,15 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import openai
 from tqdm import tqdm
 
 from recipe.cache import JsonCache
 from recipe.errors import ConfigError
+
+if TYPE_CHECKING:  # imported on first use: the offline path never needs it
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -485,6 +487,7 @@ class LLMClient:
         }
 
     async def _call_with_retries(self, request: dict[str, Any]) -> _Answer:
+        import openai  # imported on first use: the offline path never needs it
         attempts = 0
         retries_left = self.max_retries
         truncated_retries_left = TRUNCATED_RETRIES
@@ -549,6 +552,7 @@ class LLMClient:
         """One cheap, unpaid call (the model list) before any work: why every call would fail (bad key, unknown model,
         endpoint unreachable), in a few words, else None. Inconclusive answers (no model list, 5xx) pass:
         the run itself then stops at the first 401/403/404."""
+        import openai  # imported on first use: the offline path never needs it
         try:
             listing = await self._sdk.with_options(timeout=min(timeout_s, self.config.timeout)).models.list()
         except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
@@ -614,14 +618,15 @@ class LLMClient:
 
 def _make_sdk_client(config: LLMConfig, api_key: str) -> openai.AsyncOpenAI:
     # max_retries=0: our own loop retries, with our backoff, accounting and cache.
+    import openai  # imported on first use: the offline path never needs it
     if config.provider not in OPENAI_COMPATIBLE_PROVIDERS:
         return _native_client(config, api_key)  # type: ignore[return-value]  # shaped like the SDK client
-    if config.provider == "ollama":
-        return openai.AsyncOpenAI(base_url=config.api_base or OLLAMA_API_BASE, api_key=api_key,
-                                  timeout=config.timeout, max_retries=0)  # fmt: skip
     if config.provider == "azure":
         return openai.AsyncAzureOpenAI(azure_endpoint=config.api_base, api_version=config.api_version,
                                        api_key=api_key, timeout=config.timeout, max_retries=0)
+    if config.provider == "ollama":
+        return openai.AsyncOpenAI(base_url=config.api_base or OLLAMA_API_BASE, api_key=api_key,
+                                  timeout=config.timeout, max_retries=0)  # fmt: skip
     return openai.AsyncOpenAI(base_url=config.api_base, api_key=api_key, timeout=config.timeout, max_retries=0)
 
 
@@ -673,6 +678,7 @@ def _secret_patterns(api_key: str) -> list[re.Pattern[str]]:
 
 
 def _is_retryable(error: Exception) -> bool:
+    import openai  # imported on first use: the offline path never needs it
     if isinstance(error, openai.APIStatusError):
         return error.status_code in RETRYABLE_STATUS_CODES or error.status_code >= 500
     # Timeouts and dropped connections (APITimeoutError is an APIConnectionError), and broken bodies.

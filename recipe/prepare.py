@@ -19,14 +19,18 @@ Output layout (compatible with Rasa Pro's tool; see rasa-formats.md §7):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
+import tempfile
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +39,7 @@ from typing import Any
 from tqdm import tqdm
 
 from recipe import __version__
+from recipe.agents import CUSTOM_COMMANDS_FILE, SUB_AGENTS_FOLDER
 from recipe.annotate import (
     TestAnnotation,
     annotate_from_assertions,
@@ -64,7 +69,7 @@ from recipe.rephrase import (
 )
 from recipe.retrieval import flow_retrieval_info
 from recipe.split import Split, coverage_features, split_test_cases
-from recipe.stitch import Row, conversation_rows, deduplicate
+from recipe.stitch import Row, conversation_rows
 from recipe.testcases import all_test_cases, load_tests
 from recipe.tracker import TranscriptLine
 from recipe.types import BotStep, TestCase, TestFile, UserStep
@@ -77,11 +82,12 @@ from recipe.validate import (
 )
 from recipe.yamlio import (
     dump_yaml,
+    jsonl_line,
     load_yaml,
+    open_atomic,
     plain,
     write_atomic,
     write_json,
-    write_jsonl,
     write_yaml,
 )
 
@@ -90,6 +96,7 @@ RUN_FILES = (*STAGE_DIRS, "params.yaml", "result_summary.yaml")  # what one run 
 STAGING_DIR, PREVIOUS_DIR = ".staging", ".previous"  # under OUT: the run being written, the run being replaced
 DEFAULT_REPHRASE_MODEL = LLMConfig(provider="openai", model="gpt-4o-mini", temperature=1.0)
 DEFAULT_TEACHER_MODEL = LLMConfig(provider="openai", model="gpt-4o", temperature=0.0)
+TEST_CASES_IN_FLIGHT_PER_CALL = 4  # test cases started per LLM call allowed in flight (--max-concurrency)
 _LOSSY_AT_RUNTIME = re.compile(r"\W$")  # v2/v3 runtime parsers strip trailing non-word characters from values
 
 
@@ -134,6 +141,7 @@ class TestCaseResult:
     disagreements: dict[int, list[str]] = field(default_factory=dict)  # turn -> where the replay contradicts the test
     inferences: dict[int, list[str]] = field(default_factory=dict)  # turn -> what was read from the test's bot turns
     rows_left_out_disagreeing: int = 0
+    reused: bool = False  # taken from OUT/cache: its inputs did not change since the run that made it
 
     __test__ = False
 
@@ -336,9 +344,15 @@ def annotated_conversation(result: TestCaseResult, syntax: Syntax, with_rephrasi
     return {"conversations": [{"original_test_case": result.test_case.id, "steps": steps}]}
 
 
-def write_test_case_records(out: Path, result: TestCaseResult, syntax: Syntax) -> None:
-    write_yaml(_record_path(out / STAGE_DIRS[0], result.test_case), annotated_conversation(result, syntax, False))
-    write_yaml(_record_path(out / STAGE_DIRS[1], result.test_case), annotated_conversation(result, syntax, True))
+def test_case_records(result: TestCaseResult, syntax: Syntax) -> tuple[str, str]:
+    """The YAML texts of a test case's command annotation and rephrasings records."""
+    return (dump_yaml(annotated_conversation(result, syntax, False)),
+            dump_yaml(annotated_conversation(result, syntax, True)))  # fmt: skip
+
+
+def write_test_case_records(out: Path, test_case: TestCase, records: tuple[str, str]) -> None:
+    for stage, text in zip(STAGE_DIRS[:2], records, strict=True):
+        write_atomic(_record_path(out / stage, test_case), text)
 
 
 def ft_data_row(row: Row, syntax: Syntax) -> dict[str, Any]:
@@ -351,13 +365,6 @@ def ft_data_row(row: Row, syntax: Syntax) -> dict[str, Any]:
         "turn": row.turn,
         "variant": row.variant,
     }
-
-
-def split_row(row: Row, syntax: Syntax, output_format: str) -> dict[str, Any]:
-    completion = format_commands(row.commands, syntax)
-    if output_format == "conversational":
-        return {"messages": [{"role": "user", "content": row.prompt}, {"role": "assistant", "content": completion}]}
-    return {"prompt": row.prompt, "completion": completion}
 
 
 def _tests_root(files: list[TestFile]) -> Path:
@@ -443,6 +450,199 @@ def _params(project: Project, config: PrepareConfig, files: list[TestFile]) -> d
             "input_sha256": _file_hashes([f.path for f in files] + project.flow_files + project.domain.files),
         },
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- unchanged work
+
+
+def _run_fingerprint(project: Project, config: PrepareConfig) -> str:
+    """What a test case's result depends on besides the test case itself: recipe's own code, the options that change
+    results, the LLM roles and the assistant's files. Its LLM and action answers are cached apart."""
+    package = Path(__file__).parent
+    code = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(package.rglob("*.py")))).hexdigest()
+    root = project.root
+    project_files = [*project.flow_files, *project.domain.files,
+                     *(str(root / name) for name in ("config.yml", "endpoints.yml", CUSTOM_COMMANDS_FILE)),
+                     *(str(path) for path in sorted((root / SUB_AGENTS_FOLDER).glob("*/config.yml")))]  # fmt: skip
+    policy = config.datetime_policy
+    material = {
+        "recipe": [__version__, code],
+        "options": [config.syntax.value, config.template.sha256, config.rephrase_template and
+                    config.rephrase_template.sha256, policy.include, str(policy.fixed), policy.seed,
+                    config.num_rephrases, config.seed, config.annotator, config.validation, config.abstention_rows,
+                    config.keep_disagreeing, config.offline],  # fmt: skip
+        "llms": [None if llm is None else vars(llm) for llm in (config.rephrase_llm, config.teacher_llm,
+                                                                config.oracle_llm)],  # fmt: skip
+        "project": [_file_hashes(project_files), str(project.rasa_version), project.mcp_servers,
+                    flow_retrieval_info(project.flow_retrieval), getattr(project.action_server, "url", None)],
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class TestCaseReuse:
+    """Finished test cases, kept in OUT/cache by everything their result depends on: a re-run neither replays,
+    renders nor writes again a test case whose inputs did not change (a failed call is never kept, so it is asked
+    again). The test case's own part of the key is its parsed form (steps, fixtures, stubs, metadata, lines).
+
+    Entries are pickles: they hold the commands' exact types, and only this tool writes them, into the run's own
+    output folder. One that cannot be read is a miss."""
+
+    __test__ = False
+    FORMAT = 1
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.directory = directory
+        self.fingerprint = fingerprint
+
+    def key(self, case: TestCase) -> str:
+        return hashlib.sha256(f"{self.FORMAT}\0{self.fingerprint}\0{case!r}".encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.pickle"
+
+    def get(self, key: str) -> tuple[TestCaseResult, tuple[str, str]] | None:
+        try:
+            result, records = pickle.loads(self._path(key).read_bytes())
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # noqa: BLE001 - a truncated or stale entry is a miss, and gets rewritten
+            logging.getLogger("recipe").warning("ignoring unreadable cache entry %s: %s", self._path(key), error)
+            return None
+        return result, records
+
+    def put(self, key: str, result: TestCaseResult, records: tuple[str, str]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                pickle.dump((result, records), handle, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# ---------------------------------------------------------------------------------------------- rows on disk
+
+
+@dataclass(frozen=True)
+class SpooledRow:
+    """One row on its way to disk: its `llm_ft_data.jsonl` record and what the summary counts about it."""
+
+    record: dict[str, Any]  # ft_data_row()
+    kinds: tuple[str, ...] = ()  # the kind of each of its commands
+    lossy: tuple[str, ...] = ()  # its values the runtime would alter
+
+
+def spooled_row(row: Row, syntax: Syntax) -> SpooledRow:
+    lossy = tuple(
+        f"{row.test_id} turn {row.turn}: {c.slot}={c.value!r}" for c in row.commands
+        if isinstance(c, SetSlot) and c.value and syntax is not Syntax.V1 and _LOSSY_AT_RUNTIME.search(c.value)
+    )  # fmt: skip
+    return SpooledRow(ft_data_row(row, syntax), tuple(c.kind for c in row.commands), lossy)
+
+
+class RowSpool:
+    """Each test case's rows go to disk the moment it is done and come back in input order: a run holds the rows of
+    the test cases in flight, not all of them (peak memory does not grow with the number of rows)."""
+
+    def __init__(self, path: Path):
+        self._file = path.open("w+b")
+        self._blocks: dict[int, tuple[int, int]] = {}  # test case position -> (offset, size)
+
+    def add(self, position: int, rows: list[SpooledRow]) -> None:
+        data = b"".join(json.dumps([r.record, r.kinds, r.lossy], ensure_ascii=False).encode() + b"\n" for r in rows)
+        offset = self._file.seek(0, os.SEEK_END)
+        self._file.write(data)
+        self._blocks[position] = (offset, len(data))
+
+    def rows(self) -> Iterator[SpooledRow]:
+        for position in sorted(self._blocks):
+            offset, size = self._blocks[position]
+            self._file.seek(offset)
+            for line in self._file.read(size).split(b"\n")[:-1]:
+                record, kinds, lossy = json.loads(line)
+                yield SpooledRow(record, tuple(kinds), tuple(lossy))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class SplitRows:
+    """What `write_rows_and_split` wrote and counted."""
+
+    split: Split
+    before_dedup: int
+    kept: int
+    train_rows: int
+    val_rows: int
+    leaked: int  # validation rows dropped because their prompt is also a train prompt
+    rows_per_test: Counter  # kept rows per test case id, in input order
+    per_command: Counter  # commands of the kept rows, by kind
+    lossy: list[str]
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def split_record(record: dict[str, Any], output_format: str) -> dict[str, Any]:
+    """A train/val line from an `llm_ft_data.jsonl` record."""
+    if output_format == "conversational":
+        return {"messages": [{"role": "user", "content": record["prompt"]},
+                             {"role": "assistant", "content": record["output"]}]}  # fmt: skip
+    return {"prompt": record["prompt"], "completion": record["output"]}
+
+
+def write_rows_and_split(rows: Iterable[SpooledRow], features_of: Mapping[str, set[str]], work: Path,
+                         output_format: str, train_frac: float, seed: int) -> SplitRows:  # fmt: skip
+    """Deduplicate `rows` (input order; the first of every (prompt, completion) pair is kept) into
+    llm_ft_data.jsonl, split the test cases that have rows, and write train.jsonl and val.jsonl; a validation row
+    whose prompt is a train prompt is dropped. Streams: only a digest per row stays in memory."""
+    ft_path = work / STAGE_DIRS[2] / "llm_ft_data.jsonl"
+    seen: set[bytes] = set()
+    kept: list[tuple[str, bytes]] = []  # (test case id, prompt digest) of every kept row, in file order
+    per_command: Counter = Counter()
+    lossy: set[str] = set()
+    before = 0
+    with open_atomic(ft_path) as ft:
+        for row in rows:
+            before += 1
+            key = _digest(f"{row.record['prompt']}\0{row.record['output']}")
+            if key in seen:
+                continue
+            seen.add(key)
+            ft.write(jsonl_line(row.record))
+            kept.append((row.record["original_test_name"], _digest(row.record["prompt"])))
+            per_command.update(row.kinds)
+            lossy.update(row.lossy)
+    del seen
+    rows_per_test = Counter(test_id for test_id, _ in kept)  # counted once: a scan per test case is quadratic
+    missing = [test_id for test_id in rows_per_test if test_id not in features_of]
+    if missing:
+        raise ConfigError(f"--merge: test case {missing[0]} has rows but no annotation record in any shard; expected "
+                          "complete output folders")
+    split = split_test_cases({test_id: features_of[test_id] for test_id in rows_per_test}, train_frac, seed)
+    train_ids = set(split.train)
+    splits_dir = work / STAGE_DIRS[3] / "ft_splits"
+    train_prompts: set[bytes] = set()
+    counts = {"train": 0, "val": 0, "leaked": 0}
+    for side in ("train", "val"):
+        with open_atomic(splits_dir / f"{side}.jsonl") as out, ft_path.open(encoding="utf-8", newline="") as ft:
+            for (test_id, prompt_key), line in zip(kept, ft, strict=True):
+                if (test_id in train_ids) != (side == "train"):
+                    continue
+                if side == "train":
+                    train_prompts.add(prompt_key)
+                elif prompt_key in train_prompts:
+                    counts["leaked"] += 1
+                    continue
+                out.write(jsonl_line(split_record(json.loads(line), output_format)))
+                counts[side] += 1
+    return SplitRows(split, before, len(kept), counts["train"], counts["val"], counts["leaked"], rows_per_test,
+                     per_command, sorted(lossy))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -548,9 +748,10 @@ def _stopping_error(errors: BaseExceptionGroup) -> BaseException:
     return leaves[0]
 
 
-async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[TestCase], work: Path) -> tuple[
-        list[TestCaseResult], dict[str, Any]]:  # fmt: skip
+async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[TestCase], work: Path,
+                          spool: RowSpool) -> tuple[list[TestCaseResult], dict[str, Any]]:  # fmt: skip
     clients = _role_clients(config, config.out / "cache" / "llm")
+    reuse = TestCaseReuse(config.out / "cache" / "test_cases", _run_fingerprint(project, config))
     renderer = PromptRenderer(config.template, COMMAND_PROMPT_VARIABLES)
     rephrase_renderer = (PromptRenderer(config.rephrase_template, REPHRASE_PROMPT_VARIABLES)
                          if config.rephrase_template else None)  # fmt: skip
@@ -558,15 +759,36 @@ async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[T
     for stage in ("annotate", "rephrase", "stitch"):
         progress.add(stage, len(cases))
 
-    async def one(case: TestCase) -> TestCaseResult:
-        result = await prepare_test_case(project, config, renderer, rephrase_renderer, clients, case, progress)
-        write_test_case_records(work, result, config.syntax)
-        return result
+    # Test cases in flight are bounded: each holds its replayed states and rows until it is done, so memory follows
+    # this bound, not the number of test cases. Enough of them keep every role's calls in flight (a test case's
+    # calls form a chain: annotate, rephrase, then validate).
+    in_flight = asyncio.Semaphore(TEST_CASES_IN_FLIGHT_PER_CALL * max(config.max_concurrency, 1))
+
+    async def one(position: int, case: TestCase) -> TestCaseResult:
+        key = reuse.key(case)
+        async with in_flight:
+            reused = reuse.get(key)
+            if reused is not None:
+                result, records = reused
+                # The live test case replaces the stored copy (equal by the key), which is then freed.
+                result = dataclasses.replace(result, test_case=case,
+                                             annotation=dataclasses.replace(result.annotation, test_case=case))
+                for stage in ("annotate", "rephrase", "stitch"):
+                    progress.done(stage)
+            else:
+                result = await prepare_test_case(project, config, renderer, rephrase_renderer, clients, case,
+                                                 progress)  # fmt: skip
+                records = test_case_records(result, config.syntax)
+                if not result.errors:  # a failed call is asked again next run
+                    reuse.put(key, result, records)
+            write_test_case_records(work, case, records)
+            spool.add(position, [spooled_row(row, config.syntax) for row in result.rows])
+        return dataclasses.replace(result, rows=[], reused=reused is not None)  # its rows are on disk now
 
     try:
         # A task group: the first error that stops the run (a rejected key) cancels the other test cases cleanly.
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(case)) for case in cases]
+            tasks = [group.create_task(one(position, case)) for position, case in enumerate(cases)]
     except BaseExceptionGroup as errors:
         raise _stopping_error(errors) from None
     finally:
@@ -620,28 +842,17 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
     work = _fresh_staging(config.out)
     write_yaml(work / "params.yaml", _params(project, config, files))
 
-    results, usage = asyncio.run(_run_test_cases(project, config, cases, work))
-
-    # Rows in input order: originals of a test case before its synthetic conversations.
-    all_rows = [row for result in results for row in result.rows]
-    rows, duplicates = deduplicate(all_rows, lambda row: format_commands(row.commands, config.syntax))
-    write_jsonl(work / STAGE_DIRS[2] / "llm_ft_data.jsonl", [ft_data_row(r, config.syntax) for r in rows])
-
-    rows_per_test = Counter(row.test_id for row in rows)  # counted once: a scan per test case is quadratic
-    features = {}
-    for result in results:
-        commands = [c for turn in result.annotation.turns for c in (turn.commands or [])]
-        if rows_per_test[result.test_case.id]:
-            features[result.test_case.id] = coverage_features(commands)
-    split = split_test_cases(features, config.train_frac, config.seed)
-    train_ids = set(split.train)
-    train_rows = [row for row in rows if row.test_id in train_ids]
-    train_prompts = {row.prompt for row in train_rows}
-    val_candidates = [row for row in rows if row.test_id not in train_ids]
-    val_rows = [row for row in val_candidates if row.prompt not in train_prompts]
+    spool = RowSpool(work / ".rows")
+    try:
+        results, usage = asyncio.run(_run_test_cases(project, config, cases, work, spool))
+        features = {result.test_case.id: coverage_features([c for turn in result.annotation.turns
+                                                             for c in turn.commands or []]) for result in results}
+        rows = write_rows_and_split(spool.rows(), features, work, config.output_format, config.train_frac,
+                                    config.seed)  # fmt: skip
+    finally:
+        spool.close()
+    split = rows.split
     splits_dir = work / STAGE_DIRS[3] / "ft_splits"
-    write_jsonl(splits_dir / "train.jsonl", [split_row(r, config.syntax, config.output_format) for r in train_rows])
-    write_jsonl(splits_dir / "val.jsonl", [split_row(r, config.syntax, config.output_format) for r in val_rows])
     write_json(splits_dir / "dataset_info.json", {
         "prompt_template": config.template.path,
         "prompt_template_sha256": config.template.sha256,
@@ -652,32 +863,29 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
         "include_date_time": config.datetime_policy.include,
         # How the prompts listed flows: serve with the same flow retrieval (rasa-config writes it).
         "flow_retrieval": flow_retrieval_info(project.flow_retrieval),
-        "num_train_rows": len(train_rows),
-        "num_val_rows": len(val_rows),
+        "num_train_rows": rows.train_rows,
+        "num_val_rows": rows.val_rows,
         "seed": config.seed,
         "recipe_version": __version__,
     })  # fmt: skip
     suites = write_split_suites(work, [f for f in files if f.test_cases], split, config.syntax)
 
-    if config.abstention_rows and not any(c.kind == "cannot handle" for row in rows for c in row.commands):
+    if config.abstention_rows and not rows.per_command["cannot handle"]:
         logging.getLogger("recipe").warning("--abstention-rows: no turn has empty commands (`commands: []`), so no "
                                             "`cannot handle` row was made")  # fmt: skip
-    summary = _summary(results, rows, duplicates, split, train_rows, val_rows, len(val_candidates) - len(val_rows),
-                       suites, usage, config, rows_per_test)  # fmt: skip
+    summary = _summary(results, rows, suites, usage, config)
     if project.action_server is not None:
         summary["recipe"]["action_server"] = project.action_server.usage_summary()
     write_yaml(work / "result_summary.yaml", summary)
     _swap_in(work, config.out)
-    return PrepareResult(out=config.out, summary=summary, train_rows=len(train_rows), val_rows=len(val_rows))
+    return PrepareResult(out=config.out, summary=summary, train_rows=rows.train_rows, val_rows=rows.val_rows)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read ({error.strerror or error}); expected the output folder of a "
-                          "finished `recipe prepare-data` run") from None
-    return [json.loads(line) for line in lines if line.strip()]
+def _shard_rows(path: Path) -> Iterator[SpooledRow]:
+    with path.open(encoding="utf-8", newline="") as lines:
+        for line in lines:
+            if line.strip():
+                yield SpooledRow(json.loads(line))
 
 
 def _shard_features(shard: Path, syntax: Syntax, project: Project) -> dict[str, set[str]]:
@@ -717,27 +925,15 @@ def merge_prepared(project: Project, shards: list[Path], out: Path, tests: list[
                               "prepared with the same options")
     syntax, output_format = Syntax(infos[0]["command_syntax"]), infos[0]["output_format"]
     check_output_folder(out, tests, project.root)
-    all_rows: list[dict[str, Any]] = []
     features_of: dict[str, set[str]] = {}
     for shard in shards:
-        all_rows.extend(_read_jsonl(shard / STAGE_DIRS[2] / "llm_ft_data.jsonl"))
         features_of |= _shard_features(shard, syntax, project)
-    seen: set[tuple[str, str]] = set()
-    rows = []
-    for row in all_rows:  # the first of every (prompt, completion) pair, as one run keeps it
-        if (row["prompt"], row["output"]) not in seen:
-            seen.add((row["prompt"], row["output"]))
-            rows.append(row)
-    rows_per_test = Counter(row["original_test_name"] for row in rows)
-    missing = [test_id for test_id in rows_per_test if test_id not in features_of]
-    if missing:
-        raise ConfigError(f"--merge: test case {missing[0]} has rows but no annotation record in any shard; expected "
-                          "complete output folders")
-    features = {test_id: features_of[test_id] for test_id in rows_per_test}  # first-row order = input order
-    split = split_test_cases(features, train_frac, seed)
+        if not (shard / STAGE_DIRS[2] / "llm_ft_data.jsonl").is_file():
+            raise ConfigError(f"{shard / STAGE_DIRS[2] / 'llm_ft_data.jsonl'}: not found; expected the output folder "
+                              "of a finished prepare-data run")
     files = load_tests(tests, project)
     known = {case.id for f in files for case in f.test_cases}
-    unknown = [test_id for test_id in features if test_id not in known]
+    unknown = [test_id for test_id in features_of if test_id not in known]
     if unknown:
         raise ConfigError(f"--merge: test case {unknown[0]} of a shard is not among the tests given "
                           f"({', '.join(tests)}); expected every shard's tests, named as the shards were run")
@@ -747,36 +943,28 @@ def merge_prepared(project: Project, shards: list[Path], out: Path, tests: list[
         for shard in shards:
             if (shard / stage).is_dir():
                 shutil.copytree(shard / stage, work / stage, dirs_exist_ok=True)
-    write_jsonl(work / STAGE_DIRS[2] / "llm_ft_data.jsonl", rows)
-    train_ids = set(split.train)
-    train_rows = [row for row in rows if row["original_test_name"] in train_ids]
-    train_prompts = {row["prompt"] for row in train_rows}
-    val_candidates = [row for row in rows if row["original_test_name"] not in train_ids]
-    val_rows = [row for row in val_candidates if row["prompt"] not in train_prompts]
-
-    def split_line(row: dict[str, Any]) -> dict[str, Any]:
-        if output_format == "conversational":
-            return {"messages": [{"role": "user", "content": row["prompt"]},
-                                 {"role": "assistant", "content": row["output"]}]}  # fmt: skip
-        return {"prompt": row["prompt"], "completion": row["output"]}
-
+    shard_rows = (row for shard in shards for row in _shard_rows(shard / STAGE_DIRS[2] / "llm_ft_data.jsonl"))
+    try:
+        rows = write_rows_and_split(shard_rows, features_of, work, output_format, train_frac, seed)
+    except ConfigError:
+        shutil.rmtree(work, ignore_errors=True)  # nothing was swapped in: the previous outputs stay
+        raise
+    split, rows_per_test, train_ids = rows.split, rows.rows_per_test, set(rows.split.train)
     splits_dir = work / STAGE_DIRS[3] / "ft_splits"
-    write_jsonl(splits_dir / "train.jsonl", [split_line(r) for r in train_rows])
-    write_jsonl(splits_dir / "val.jsonl", [split_line(r) for r in val_rows])
-    write_json(splits_dir / "dataset_info.json", infos[0] | {"num_train_rows": len(train_rows),
-                                                              "num_val_rows": len(val_rows), "seed": seed})
+    write_json(splits_dir / "dataset_info.json", infos[0] | {"num_train_rows": rows.train_rows,
+                                                              "num_val_rows": rows.val_rows, "seed": seed})
     suites = write_split_suites(work, [f for f in files if f.test_cases], split, syntax)
     shard_summaries = [plain(load_yaml(shard / "result_summary.yaml")) or {} for shard in shards]
     summary = {
         "merged_from": [str(shard) for shard in shards],
         "num_input_e2e_tests": sum(s.get("num_input_e2e_tests", 0) for s in shard_summaries),
         "num_annotated_conversations": sum(s.get("num_annotated_conversations", 0) for s in shard_summaries),
-        "num_ft_data_points": len(rows),
-        "num_train_data_points": len(train_rows),
-        "num_val_data_points": len(val_rows),
+        "num_ft_data_points": rows.kept,
+        "num_train_data_points": rows.train_rows,
+        "num_val_data_points": rows.val_rows,
         "recipe": {
-            "rows": {"before_dedup": len(all_rows), "duplicates_dropped": len(all_rows) - len(rows),
-                     "validation_rows_dropped_as_in_train": len(val_candidates) - len(val_rows)},
+            "rows": {"before_dedup": rows.before_dedup, "duplicates_dropped": rows.before_dedup - rows.kept,
+                     "validation_rows_dropped_as_in_train": rows.leaked},
             "split": {"train_test_cases": len(split.train), "validation_test_cases": len(split.validation),
                       "covering_test_cases": split.cover, "validation_lacks": split.validation_lacks,
                       "train_suites_test_cases": suites["train"],
@@ -785,7 +973,7 @@ def merge_prepared(project: Project, shards: list[Path], out: Path, tests: list[
             "estimated_cost_usd": round(sum((s.get("recipe") or {}).get("estimated_cost_usd", 0) or 0
                                             for s in shard_summaries), 4),
             "per_test_case": {test_id: {"rows": rows_per_test[test_id], "split": "train" if test_id in train_ids
-                                        else "validation"} for test_id in features},
+                                        else "validation"} for test_id in rows_per_test},
         },
     }  # fmt: skip
     write_yaml(work / "params.yaml", {"merged_from": [str(shard) for shard in shards], "tests": list(tests),
@@ -793,14 +981,12 @@ def merge_prepared(project: Project, shards: list[Path], out: Path, tests: list[
                                       "shards": [plain(load_yaml(shard / "params.yaml")) for shard in shards]})
     write_yaml(work / "result_summary.yaml", summary)
     _swap_in(work, out)
-    return PrepareResult(out=out, summary=summary, train_rows=len(train_rows), val_rows=len(val_rows))
+    return PrepareResult(out=out, summary=summary, train_rows=rows.train_rows, val_rows=rows.val_rows)
 
 
-def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, split: Split, train_rows: list[Row],
-             val_rows: list[Row], leaked: int, suites: dict[str, int], usage: dict[str, Any],
-             config: PrepareConfig, rows_per_test: Counter | None = None) -> dict[str, Any]:  # fmt: skip
-    if rows_per_test is None:
-        rows_per_test = Counter(row.test_id for row in rows)
+def _summary(results: list[TestCaseResult], rows: SplitRows, suites: dict[str, int], usage: dict[str, Any],
+             config: PrepareConfig) -> dict[str, Any]:  # fmt: skip
+    split, rows_per_test = rows.split, rows.rows_per_test
     train_ids, validation_ids = set(split.train), set(split.validation)
     verdicts = [v for r in results for vs in r.verdicts.values() for v in vs]
     annotated = [r for r in results if any(t.commands for t in r.annotation.turns)]
@@ -813,11 +999,6 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
         {"test": r.test_case.id, "turn": t.number, "reason": t.reason, "source": t.source}
         for r in results for t in r.annotation.turns if t.source in ("payload", "nlu")
     ]  # fmt: skip
-    per_command = Counter(c.kind for row in rows for c in row.commands)
-    lossy = sorted({
-        f"{row.test_id} turn {row.turn}: {c.slot}={c.value!r}" for row in rows for c in row.commands
-        if isinstance(c, SetSlot) and c.value and config.syntax is not Syntax.V1 and _LOSSY_AT_RUNTIME.search(c.value)
-    })  # fmt: skip
     warnings = Counter()
     for result in results:
         warnings.update(result.tracker_warnings)
@@ -847,10 +1028,12 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
         "num_user_messages_to_rephrase_across_conversations": sum(len(r.messages) for r in results),
         "num_passing_rephrased_user_messages": sum(v.passed for v in verdicts),
         "num_failing_rephrased_user_messages": sum(not v.passed for v in verdicts),
-        "num_ft_data_points": len(rows),
-        "num_train_data_points": len(train_rows),
-        "num_val_data_points": len(val_rows),
+        "num_ft_data_points": rows.kept,
+        "num_train_data_points": rows.train_rows,
+        "num_val_data_points": rows.val_rows,
         "recipe": {
+            # Test cases whose result came from OUT/cache: nothing they depend on changed since it was made.
+            "test_cases_reused": sum(r.reused for r in results),
             # Turns after which the replayed state contradicts the test's own bot turns or assertions.
             "state_disagreements": sum(len(r.disagreements) for r in results),
             "rows_left_out_disagreeing": sum(r.rows_left_out_disagreeing for r in results),
@@ -863,10 +1046,10 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
                 "check": config.validation if config.oracle_llm and not config.offline else LEXICAL,
             },
             "rows": {
-                "before_dedup": len(rows) + duplicates,
-                "duplicates_dropped": duplicates,
-                "validation_rows_dropped_as_in_train": leaked,
-                "per_command_type": dict(sorted(per_command.items())),
+                "before_dedup": rows.before_dedup,
+                "duplicates_dropped": rows.before_dedup - rows.kept,
+                "validation_rows_dropped_as_in_train": rows.leaked,
+                "per_command_type": dict(sorted(rows.per_command.items())),
             },
             "split": {
                 "train_test_cases": len(split.train),
@@ -882,7 +1065,7 @@ def _summary(results: list[TestCaseResult], rows: list[Row], duplicates: int, sp
                 "nlu": sum(1 for t in not_generator if t["source"] == "nlu"),
             },
             "nlu_turns": [{k: v for k, v in t.items() if k != "source"} for t in not_generator if t["source"] == "nlu"],
-            "values_the_runtime_would_alter": lossy,
+            "values_the_runtime_would_alter": rows.lossy,
             "tracker_warnings": dict(warnings.most_common()),
             "errors": [f"{r.test_case.id}: {e}" for r in results for e in r.errors],
             # Every call that failed after its retries, per role (each makes the run exit 1), and roles that stopped
@@ -921,7 +1104,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     """A short human summary for the terminal."""
     extra = summary["recipe"]
     return [
-        f"test cases: {summary['num_input_e2e_tests']} ({summary['num_annotated_conversations']} annotated)",
+        f"test cases: {summary['num_input_e2e_tests']} ({summary['num_annotated_conversations']} annotated"
+        + (f"; {extra['test_cases_reused']} unchanged since the last run, taken from the cache" if extra.get(
+            "test_cases_reused") else "") + ")",
         f"rephrasings: {extra['rephrasings']['passing']} passing, {extra['rephrasings']['failing']} failing "
         f"({extra['rephrasings']['check']} check)",
         f"rows: {summary['num_ft_data_points']} ({extra['rows']['duplicates_dropped']} duplicates dropped)",

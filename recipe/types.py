@@ -166,7 +166,25 @@ class SlotCheckStep:
     slots: list[tuple[str, Any]]
 
 
-NO_VALUE = object()  # a slot check that names the slot without a value
+class _NoValue:
+    """A slot check that names the slot without a value. One instance, with a stable repr (keys of cached results
+    are built from test cases' reprs) that survives pickling as itself (`is NO_VALUE` holds after a cache hit)."""
+
+    _instance: _NoValue | None = None
+
+    def __new__(cls) -> _NoValue:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NO_VALUE"
+
+    def __reduce__(self) -> str:
+        return "NO_VALUE"
+
+
+NO_VALUE = _NoValue()
 
 TestStep = UserStep | BotStep | SlotCheckStep
 

@@ -6,13 +6,15 @@ so that every error can name `path:line`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -198,6 +200,24 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def open_atomic(path: Path) -> Iterator[TextIO]:
+    """A text file written in pieces that readers see whole or not at all (`write_atomic` for streams)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def jsonl_line(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
 def write_yaml(path: Path, data: Any) -> None:
     write_atomic(path, dump_yaml(data))
 
@@ -207,4 +227,4 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_atomic(path, "".join(jsonl_line(row) for row in rows))

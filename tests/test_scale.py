@@ -118,3 +118,77 @@ def test_merge_refuses_shards_of_other_options_and_missing_folders(tmp_path: Pat
     assert main(["prepare-data", "--merge", str(v2), str(tmp_path / "nothing"), "-o", str(tmp_path / "m"), test]) == 2
     assert "dataset_info.json: not found" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def _reused(out: Path) -> int:
+    from recipe.yamlio import load_yaml, plain
+
+    return plain(load_yaml(out / "result_summary.yaml"))["recipe"]["test_cases_reused"]
+
+
+def test_a_rerun_takes_unchanged_test_cases_from_the_cache_and_redoes_changed_ones(tmp_path: Path) -> None:
+    import shutil
+
+    project = tmp_path / "assistant"
+    shutil.copytree(ROOT / "flows", project / "flows")
+    shutil.copytree(ROOT / "e2e_tests", project / "e2e_tests")
+    out = tmp_path / "out"
+    argv = ["prepare-data", "--offline", "--no-progress", "--project", str(project), "-o", str(out),
+            str(project / "e2e_tests")]  # fmt: skip
+    assert main(argv) == 0
+    first = _tree(out)
+    assert _reused(out) == 0
+
+    assert main(argv) == 0  # nothing changed: every test case comes from the cache, the files are the same
+    total = plain_summary(out)["num_input_e2e_tests"]
+    assert _reused(out) == total
+    again = _tree(out)
+    assert [name for name in first if name != "result_summary.yaml" and again.get(name) != first[name]] == []
+
+    # One test case changes: it is made again, every other one (its file's included) is taken from the cache.
+    changed = sorted((project / "e2e_tests").rglob("*_du.yml"))[0]
+    text = changed.read_text(encoding="utf-8")
+    assert "- user: " in text
+    changed.write_text(text.replace("- user: ", "- user: well, ", 1), encoding="utf-8")
+    assert main(argv) == 0
+    assert _reused(out) == total - 1
+
+    # The assistant changes (a flow or domain file): nothing is reused.
+    flow_file = sorted((project / "flows").rglob("*.yml"))[0]
+    flow_file.write_text(flow_file.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+    assert main(argv) == 0
+    assert _reused(out) == 0
+
+
+def plain_summary(out: Path) -> dict:
+    from recipe.yamlio import load_yaml, plain
+
+    return plain(load_yaml(out / "result_summary.yaml"))
+
+
+def test_the_offline_path_never_imports_the_openai_sdk(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = ("import sys; from recipe.cli import main; "
+              f"code = main(['prepare-data', '--offline', '--no-progress', '-o', {str(tmp_path / 'out')!r}, "
+              "'e2e_tests/hotels/hotel_du.yml']); "
+              "print('openai' in sys.modules); sys.exit(code)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_rows_come_back_from_the_spool_in_input_order_whatever_order_test_cases_finish(tmp_path: Path) -> None:
+    from recipe.prepare import RowSpool, SpooledRow
+
+    spool = RowSpool(tmp_path / "rows")
+    try:
+        for position in (2, 0, 3, 1):  # finishing order
+            spool.add(position, [SpooledRow({"n": f"{position}.{i}", "text": "a\nb\u2028c"}, ("start flow",))
+                                 for i in range(position)])  # fmt: skip
+        rows = list(spool.rows())
+    finally:
+        spool.close()
+    assert [row.record["n"] for row in rows] == ["1.0", "2.0", "2.1", "3.0", "3.1", "3.2"]
+    assert rows[0].record["text"] == "a\nb\u2028c" and rows[0].kinds == ("start flow",)
