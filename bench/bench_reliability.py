@@ -35,15 +35,32 @@ def run(folder: Path, faults, name: str, out: Path | None = None) -> dict:
         out = out or folder / name
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(["prepare-data", *TESTS, "-o", str(out), "--no-progress", "--num-rephrases", "3",
-                         "--rephrase-config", str(config), "--teacher-config", str(config)])  # fmt: skip
+            code = main(
+                [
+                    "prepare-data",
+                    *TESTS,
+                    "-o",
+                    str(out),
+                    "--no-progress",
+                    "--num-rephrases",
+                    "3",
+                    "--rephrase-config",
+                    str(config),
+                    "--teacher-config",
+                    str(config),
+                ]
+            )
         hits = server.hits()
     summary_path = out / "result_summary.yaml"
     summary = YAML(typ="safe").load(summary_path.read_text()) if summary_path.exists() else {}
-    return {"code": code, "rows": summary.get("num_ft_data_points"), "hits": hits,
-            "errors": len(summary.get("recipe", {}).get("errors", [])) if summary else None,
-            "failed": sum((summary.get("recipe", {}).get("failed_llm_calls") or {}).values()) if summary else None,
-            "stderr_lines": len(err.getvalue().strip().splitlines())}  # fmt: skip
+    return {
+        "code": code,
+        "rows": summary.get("num_ft_data_points"),
+        "hits": hits,
+        "errors": len(summary.get("recipe", {}).get("errors", [])) if summary else None,
+        "failed": sum((summary.get("recipe", {}).get("failed_llm_calls") or {}).values()) if summary else None,
+        "stderr_lines": len(err.getvalue().strip().splitlines()),
+    }
 
 
 def main_bench() -> None:
@@ -53,20 +70,24 @@ def main_bench() -> None:
         print(f"healthy run: {clean}")
         scenarios = {
             "oracle 400 on every call": lambda k, p, h: Reply.error(400) if _is_oracle(p) else None,
-            "teacher 400 on every call": lambda k, p, h: Reply.error(400) if k == "commands" and not _is_oracle(p)
-            else None,
-            "oracle answers cut at the token limit": lambda k, p, h: Reply.text("start fl", finish_reason="length")
-            if _is_oracle(p) else None,
+            "teacher 400 on every call": lambda k, p, h: (
+                Reply.error(400) if k == "commands" and not _is_oracle(p) else None
+            ),
+            "oracle answers cut at the token limit": lambda k, p, h: (
+                Reply.text("start fl", finish_reason="length") if _is_oracle(p) else None
+            ),
         }
         for name, faults in scenarios.items():
             slug = name.replace(" ", "_")
             broken = run(folder, faults, slug)
             again = run(folder, None, slug + "_again", out=folder / slug)  # the same -o, a healthy server
             lost = (1 - broken["rows"] / clean["rows"]) if broken["rows"] is not None else None
-            print(f"{name}: exit {broken['code']}, rows {broken['rows']}/{clean['rows']} "
-                  f"({lost:.0%} lost), errors listed {broken['errors']}, failed calls counted {broken['failed']}, "
-                  f"stderr lines {broken['stderr_lines']}, requests {broken['hits']}; "
-                  f"re-run on a healthy server: exit {again['code']}, rows {again['rows']}, calls {again['hits']}")
+            print(
+                f"{name}: exit {broken['code']}, rows {broken['rows']}/{clean['rows']} "
+                f"({lost:.0%} lost), errors listed {broken['errors']}, failed calls counted {broken['failed']}, "
+                f"stderr lines {broken['stderr_lines']}, requests {broken['hits']}; "
+                f"re-run on a healthy server: exit {again['code']}, rows {again['rows']}, calls {again['hits']}"
+            )
 
 
 def _is_oracle(prompt: str) -> bool:

@@ -78,9 +78,11 @@ def main() -> None:
                         replayed += 1
         replay_s = time.perf_counter() - start
 
-        print(f"{name}: render {rendered / render_s:,.0f} prompts/s ({render_s / rendered * 1e6:.0f} µs each, "
-              f"{characters // rendered:,} characters on average); "
-              f"replay+render {replayed / replay_s:,.0f} prompts/s")  # fmt: skip
+        print(
+            f"{name}: render {rendered / render_s:,.0f} prompts/s ({render_s / rendered * 1e6:.0f} µs each, "
+            f"{characters // rendered:,} characters on average); "
+            f"replay+render {replayed / replay_s:,.0f} prompts/s"
+        )
 
 
 if __name__ == "__main__":

@@ -114,8 +114,9 @@ def latency_summary(latencies: list[float], tokens: int, wall_s: float) -> dict[
     }
 
 
-def measure_serving(project: Any, cases: list[Any], turns: int, max_tokens: int, clients: int,
-                    threads: int) -> dict[str, Any]:  # fmt: skip
+def measure_serving(
+    project: Any, cases: list[Any], turns: int, max_tokens: int, clients: int, threads: int
+) -> dict[str, Any]:
     import openai
     from rt_artifacts import finetuned_folder
 
@@ -146,8 +147,9 @@ def measure_serving(project: Any, cases: list[Any], turns: int, max_tokens: int,
 
             def ask(prompt: str) -> tuple[float, int]:
                 began = time.perf_counter()
-                response = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
-                                                          temperature=0, max_tokens=max_tokens)  # fmt: skip
+                response = client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_tokens
+                )
                 return time.perf_counter() - began, response.usage.completion_tokens
 
             ask(prompts[0])
@@ -176,7 +178,9 @@ def measure_serving(project: Any, cases: list[Any], turns: int, max_tokens: int,
         "answer_tokens": max_tokens,
         "in_process": latency_summary([s for s, _ in local], sum(c.completion_tokens for _, c in local), local_wall),
         "served_1_client": latency_summary([s for s, _ in served], sum(n for _, n in served), served_wall),
-        f"served_{clients}_clients": latency_summary([s for s, _ in results], sum(n for _, n in results), concurrent_wall),
+        f"served_{clients}_clients": latency_summary(
+            [s for s, _ in results], sum(n for _, n in results), concurrent_wall
+        ),
     }
 
 
@@ -189,16 +193,25 @@ def main() -> None:
     for name, values in overhead.items():
         print(f"  {name:<18} {values['median_us']:8.1f} {values['p95_us']:8.1f}")
     serving = measure_serving(project, cases, args.turns, args.max_tokens, args.clients, args.threads)
-    print(f"\nserving the tiny model on CPU: {serving['prompt_tokens_mean']:.0f} prompt tokens on average, "
-          f"{args.max_tokens} answer tokens")  # fmt: skip
+    print(
+        f"\nserving the tiny model on CPU: {serving['prompt_tokens_mean']:.0f} prompt tokens on average, "
+        f"{args.max_tokens} answer tokens"
+    )
     print(f"  {'':<18} {'p50 ms':>8} {'p95 ms':>8} {'tok/s':>8} {'req/s':>8}")
     for name, values in serving.items():
         if isinstance(values, dict):
-            print(f"  {name:<18} {values['p50_ms']:8.1f} {values['p95_ms']:8.1f} {values['tokens_per_s']:8.1f} "
-                  f"{values['requests_per_s']:8.2f}")  # fmt: skip
+            print(
+                f"  {name:<18} {values['p50_ms']:8.1f} {values['p95_ms']:8.1f} {values['tokens_per_s']:8.1f} "
+                f"{values['requests_per_s']:8.2f}"
+            )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    facts = {"machine": platform.platform(), "cpu_cores": os.cpu_count(), "load_average": os.getloadavg()[0],
-             "turns": len(cases), "torch_threads": args.threads}  # fmt: skip
+    facts = {
+        "machine": platform.platform(),
+        "cpu_cores": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "turns": len(cases),
+        "torch_threads": args.threads,
+    }
     args.json.write_text(json.dumps({"facts": facts, "overhead": overhead, "serving": serving}, indent=2) + "\n")
     print(f"\nwritten: {args.json}")
 

@@ -24,10 +24,27 @@ from scale_tests import ROOT, copied_tests
 
 def timed_run(tests: list[str], out: Path, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".time") as times:
-        command = ["/usr/bin/time", "-f", "%e %M", "-o", times.name, sys.executable, "-m", "recipe",
-                   "prepare-data", "--offline", "--no-progress", "-o", str(out), *extra, *tests]  # fmt: skip
+        command = [
+            "/usr/bin/time",
+            "-f",
+            "%e %M",
+            "-o",
+            times.name,
+            sys.executable,
+            "-m",
+            "recipe",
+            "prepare-data",
+            "--offline",
+            "--no-progress",
+            "-o",
+            str(out),
+            *extra,
+            *tests,
+        ]
         started = time.perf_counter()
-        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=os.environ | {"PYTHONHASHSEED": "0"})
+        subprocess.run(
+            command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=os.environ | {"PYTHONHASHSEED": "0"}
+        )
         wall = time.perf_counter() - started
         _, rss_kb = Path(times.name).read_text().split()[-2:]
     return {"wall_s": round(wall, 2), "peak_rss_mb": round(int(rss_kb) / 1024)}
@@ -57,8 +74,10 @@ def main() -> None:
         r["time_ratio_vs_first"] = round(r["wall_s"] / base["wall_s"], 1)
     print(f"{'copies':>6} {'wall s':>8} {'x first':>8} {'peak RSS MB':>12}" + (" rerun s" if args.rerun else ""))
     for r in results:
-        print(f"{r['copies']:>6} {r['wall_s']:>8} {r['time_ratio_vs_first']:>8} {r['peak_rss_mb']:>12}"
-              + (f" {r['rerun_wall_s']:>7}" if args.rerun else ""))
+        print(
+            f"{r['copies']:>6} {r['wall_s']:>8} {r['time_ratio_vs_first']:>8} {r['peak_rss_mb']:>12}"
+            + (f" {r['rerun_wall_s']:>7}" if args.rerun else "")
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -27,16 +27,37 @@ from action_server.harness import rasa_sdk_python, running_action_server  # noqa
 
 ASSISTANTS = [
     ("bundled example", ROOT, ["e2e_tests"]),
-    *[(f"conformance/{p.name}", p, [t for t in ("e2e_tests", "dialogue_understanding_tests") if (p / t).is_dir()])
-      for p in sorted((ROOT / "tests" / "conformance").iterdir()) if p.is_dir()],
-]  # fmt: skip
+    *[
+        (f"conformance/{p.name}", p, [t for t in ("e2e_tests", "dialogue_understanding_tests") if (p / t).is_dir()])
+        for p in sorted((ROOT / "tests" / "conformance").iterdir())
+        if p.is_dir()
+    ],
+]
 ACTIONS = ROOT / "tests" / "data" / "actions_assistant"
 
 
 def figures(root: Path, tests: list[str], out: Path, *extra: str) -> dict:
-    subprocess.run([sys.executable, "-m", "recipe", "prepare-data", *[str(root / t) for t in tests], "--project",
-                    str(root), "--offline", "--no-progress", "--num-rephrases", "0", "-o", str(out), *extra],
-                   check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipe",
+            "prepare-data",
+            *[str(root / t) for t in tests],
+            "--project",
+            str(root),
+            "--offline",
+            "--no-progress",
+            "--num-rephrases",
+            "0",
+            "-o",
+            str(out),
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     summary = YAML(typ="safe").load((out / "result_summary.yaml").read_text(encoding="utf-8"))
     extra_figures = summary["recipe"]
     return {
@@ -53,14 +74,22 @@ def main() -> None:
     rows: list[tuple[str, dict]] = []
     for name, root, tests in ASSISTANTS:
         rows.append((name, figures(root, tests, scratch / name.replace("/", "_"))))
-    rows.append(("actions assistant, no action server", figures(ACTIONS, ["e2e_tests"], scratch / "offline",
-                                                                "--no-action-server")))  # fmt: skip
+    rows.append(
+        (
+            "actions assistant, no action server",
+            figures(ACTIONS, ["e2e_tests"], scratch / "offline", "--no-action-server"),
+        )
+    )
     workdir = scratch / "actions"
     workdir.mkdir()
     shutil.copy(ROOT / "tests" / "action_server" / "actions.py", workdir / "actions.py")
     with running_action_server(rasa_sdk_python(), workdir) as server:
-        rows.append(("actions assistant, rasa-sdk server", figures(ACTIONS, ["e2e_tests"], scratch / "server",
-                                                                   "--action-endpoint", server.url)))  # fmt: skip
+        rows.append(
+            (
+                "actions assistant, rasa-sdk server",
+                figures(ACTIONS, ["e2e_tests"], scratch / "server", "--action-endpoint", server.url),
+            )
+        )
     columns = list(rows[0][1])
     print("| assistant | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * len(columns))

@@ -54,17 +54,39 @@ CACHE_FORMAT = 1  # bump when the request we send changes in a way the key does 
 EVENT_TIME_ORIGIN = 1_700_000_000.0
 RETRYABLE_STATUS = frozenset({408, 429})  # plus every 5xx
 # Keys of a rasa-sdk `utter_message` dict that are not template variables.
-_MESSAGE_KEYS = {"text", "buttons", "elements", "custom", "template", "response", "image", "attachment",
-                 "quick_replies", "json_message", "recipient_id"}  # fmt: skip
+_MESSAGE_KEYS = {
+    "text",
+    "buttons",
+    "elements",
+    "custom",
+    "template",
+    "response",
+    "image",
+    "attachment",
+    "quick_replies",
+    "json_message",
+    "recipient_id",
+}
 _ENV_VAR = re.compile(r"\$\{([^}]*)\}")
 # Rasa's own actions, which a `FollowupAction` may name: no action server has them, and a replay has no use for them
 # (`action_listen`: the flows wait for the user anyway).
-RASA_DEFAULT_ACTIONS = frozenset({
-    "action_listen", "action_restart", "action_session_start", "action_default_fallback", "action_deactivate_loop",
-    "action_revert_fallback_events", "action_default_ask_affirmation", "action_default_ask_rephrase",
-    "action_two_stage_fallback", "action_unlikely_intent", "action_back", "action_extract_slots",
-    "action_validate_slot_mappings",
-})  # fmt: skip
+RASA_DEFAULT_ACTIONS = frozenset(
+    {
+        "action_listen",
+        "action_restart",
+        "action_session_start",
+        "action_default_fallback",
+        "action_deactivate_loop",
+        "action_revert_fallback_events",
+        "action_default_ask_affirmation",
+        "action_default_ask_rephrase",
+        "action_two_stage_fallback",
+        "action_unlikely_intent",
+        "action_back",
+        "action_extract_slots",
+        "action_validate_slot_mappings",
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------- endpoint config
@@ -136,9 +158,11 @@ def read_action_endpoint(path: Path, environ: Mapping[str, str] | None = None) -
         raise ConfigError(f"{path}: action_endpoint must be a mapping with a `url`")
     if section.get("url") is None:
         if section.get("actions_module"):
-            log.warning("%s: action_endpoint.actions_module runs actions inside Rasa; recipe needs a running server "
-                        "(`rasa run actions`, then --action-endpoint URL); custom actions without stubs are not run",
-                        path)  # fmt: skip
+            log.warning(
+                "%s: action_endpoint.actions_module runs actions inside Rasa; recipe needs a running server "
+                "(`rasa run actions`, then --action-endpoint URL); custom actions without stubs are not run",
+                path,
+            )
         return None
     section = _interpolate(section, f"{path}: action_endpoint", environ)
     headers = section.get("headers") or {}
@@ -152,9 +176,12 @@ def read_action_endpoint(path: Path, environ: Mapping[str, str] | None = None) -
     if isinstance(basic, dict):
         auth = (str(basic.get("username", "")), str(basic.get("password", "")))
     return ActionEndpoint(
-        url=str(section["url"]), source=str(path), headers={str(k): str(v) for k, v in headers.items()},
-        params={str(k): str(v) for k, v in params.items()}, auth=auth,
-    )  # fmt: skip
+        url=str(section["url"]),
+        source=str(path),
+        headers={str(k): str(v) for k, v in headers.items()},
+        params={str(k): str(v) for k, v in params.items()},
+        auth=auth,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- request JSON
@@ -175,12 +202,12 @@ def domain_json(domain: Domain) -> dict[str, Any]:
         slots[name] = entry
     responses = {
         name: [
-            {"text": v.text} | ({"buttons": [{"title": b.title, "payload": b.payload} for b in v.buttons]}
-                                if v.buttons else {})
+            {"text": v.text}
+            | ({"buttons": [{"title": b.title, "payload": b.payload} for b in v.buttons]} if v.buttons else {})
             for v in variations
         ]
         for name, variations in domain.responses.items()
-    }  # fmt: skip
+    }
     return {
         "version": "3.1",
         "session_config": {"session_expiration_time": 60, "carry_over_slots_to_new_session": True},
@@ -240,21 +267,46 @@ def tracker_json(call: ActionCall, slot_names: list[str]) -> dict[str, Any]:
         if line.speaker == "USER":
             if events[-1].get("name") != "action_listen":
                 action("action_listen")
-            parse_data = {"text": line.text, "intent": {}, "entities": [], "intent_ranking": [],
-                          "message_id": f"message_{index}", "metadata": {}}  # fmt: skip
-            add({"event": "user", "text": line.text, "parse_data": parse_data, "input_channel": None,
-                 "message_id": f"message_{index}", "metadata": {}})  # fmt: skip
+            parse_data = {
+                "text": line.text,
+                "intent": {},
+                "entities": [],
+                "intent_ranking": [],
+                "message_id": f"message_{index}",
+                "metadata": {},
+            }
+            add(
+                {
+                    "event": "user",
+                    "text": line.text,
+                    "parse_data": parse_data,
+                    "input_channel": None,
+                    "message_id": f"message_{index}",
+                    "metadata": {},
+                }
+            )
             if index == last_user:
                 latest_message = parse_data
                 for name, value in call.turn_slots:
                     add({"event": "slot", "name": name, "value": value})
         else:
             action(line.utter or "action_bot_message")
-            data: dict[str, Any] = {"elements": None, "quick_replies": None, "attachment": None, "image": None,
-                                    "custom": None, "buttons": [{"title": b.title, "payload": b.payload}
-                                                                for b in line.buttons] or None}  # fmt: skip
-            add({"event": "bot", "text": line.text, "data": data,
-                 "metadata": {"utter_action": line.utter} if line.utter else {}})  # fmt: skip
+            data: dict[str, Any] = {
+                "elements": None,
+                "quick_replies": None,
+                "attachment": None,
+                "image": None,
+                "custom": None,
+                "buttons": [{"title": b.title, "payload": b.payload} for b in line.buttons] or None,
+            }
+            add(
+                {
+                    "event": "bot",
+                    "text": line.text,
+                    "data": data,
+                    "metadata": {"utter_action": line.utter} if line.utter else {},
+                }
+            )
     latest_action = next((e["name"] for e in reversed(events) if e["event"] == "action"), "action_listen")
     return {
         "sender_id": call.conversation_id,
@@ -335,8 +387,9 @@ def _message(response: Mapping[str, Any], action: str, slots: dict[str, Any], do
         return BotMessage(None, utter=str(name))
     buttons = _buttons(response.get("buttons"))
     if response.get("text") is None and not buttons:
-        log.debug("custom action `%s` sent a message without text (image, custom payload); not in the transcript",
-                  action)  # fmt: skip
+        log.debug(
+            "custom action `%s` sent a message without text (image, custom payload); not in the transcript", action
+        )
         return None
     return BotMessage(response.get("text"), buttons)
 
@@ -392,9 +445,11 @@ class ActionServer:
         self._lock = threading.Lock()
         self._counts = {"calls": 0, "from_cache": 0, "requests": 0, "retries": 0, "rejected": 0}
         self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)), headers=dict(self.endpoint.headers),
-            params=dict(self.endpoint.params), auth=self.endpoint.auth,
-        )  # fmt: skip
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            headers=dict(self.endpoint.headers),
+            params=dict(self.endpoint.params),
+            auth=self.endpoint.auth,
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -415,8 +470,10 @@ class ActionServer:
     def summary_line(self) -> str:
         usage = self.usage_summary()
         where = f" (cache: {self.cache.directory})" if self.cache else ""
-        return (f"custom actions: {usage['calls']} run on the action server at {self.url}, {usage['from_cache']} "
-                f"from cache, {usage['retries']} retried{where}")  # fmt: skip
+        return (
+            f"custom actions: {usage['calls']} run on the action server at {self.url}, {usage['from_cache']} "
+            f"from cache, {usage['retries']} retried{where}"
+        )
 
     def _count(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -438,8 +495,12 @@ class ActionServer:
     def run(self, call: ActionCall) -> ActionOutcome:
         """Run `call.action` on the server (or take its answer from the cache) and say what it did."""
         tracker = tracker_json(call, self._slot_names)
-        request = {"format": CACHE_FORMAT, "action": call.action, "tracker": tracker,
-                   "domain_sha256": self._domain_sha256}  # fmt: skip
+        request = {
+            "format": CACHE_FORMAT,
+            "action": call.action,
+            "tracker": tracker,
+            "domain_sha256": self._domain_sha256,
+        }
         key = hashlib.sha256(_canonical(request).encode("utf-8")).hexdigest()
         answer = self._lookup(key)
         if answer is None:
@@ -453,8 +514,12 @@ class ActionServer:
             self._count("from_cache")
         if answer.get("rejected") is not None:
             self._count("rejected")
-            log.warning("custom action `%s` rejected execution on the action server (%s): %s; no events",
-                        call.action, call.conversation_id, answer["rejected"])  # fmt: skip
+            log.warning(
+                "custom action `%s` rejected execution on the action server (%s): %s; no events",
+                call.action,
+                call.conversation_id,
+                answer["rejected"],
+            )
         return outcome_from_answer(answer, call, self.domain)
 
     def _lookup(self, key: str) -> dict[str, Any] | None:
@@ -471,8 +536,13 @@ class ActionServer:
         return min(self.backoff_cap_s, self.backoff_base_s * 2**attempt)
 
     def _post(self, call: ActionCall, tracker: dict[str, Any]) -> dict[str, Any]:
-        payload = {"next_action": call.action, "sender_id": call.conversation_id, "tracker": tracker,
-                   "domain": self._domain_json, "version": PROTOCOL_VERSION}  # fmt: skip
+        payload = {
+            "next_action": call.action,
+            "sender_id": call.conversation_id,
+            "tracker": tracker,
+            "domain": self._domain_json,
+            "version": PROTOCOL_VERSION,
+        }
         body = _canonical(payload).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         failure = ""
@@ -502,8 +572,10 @@ class ActionServer:
                         f"custom action `{call.action}` is not on the action server at {self.url} "
                         "(404 action not found); register it there, or stub it in the test"
                     )
-                raise ConfigError(f"the action server at {self.url} answered 404 Not Found; is that its webhook URL "
-                                  "(e.g. http://localhost:5055/webhook)?")  # fmt: skip
+                raise ConfigError(
+                    f"the action server at {self.url} answered 404 Not Found; is that its webhook URL "
+                    "(e.g. http://localhost:5055/webhook)?"
+                )
             detail = str(answer.get("error") or response.text[:200]).strip().splitlines()
             failure = f"HTTP {status}" + (f": {detail[0]}" if detail else "")
             if status >= 500 or status in RETRYABLE_STATUS:
@@ -514,25 +586,32 @@ class ActionServer:
                 f"custom action `{call.action}` failed on the action server at {self.url} after "
                 f"{self.max_retries + 1} tries ({failure}); fix the action, or stub it in the test"
             )
-        raise ConfigError(f"cannot reach the action server at {self.url} ({failure}); start it with "
-                          f"`rasa run actions` or {self.remedy}")  # fmt: skip
+        raise ConfigError(
+            f"cannot reach the action server at {self.url} ({failure}); start it with "
+            f"`rasa run actions` or {self.remedy}"
+        )
 
     def _parsed(self, response: httpx.Response, call: ActionCall) -> dict[str, Any]:
         try:
             data = response.json()
         except ValueError:
-            raise ConfigError(f"custom action `{call.action}`: the action server at {self.url} answered 200 with "
-                              "a body that is not JSON") from None  # fmt: skip
+            raise ConfigError(
+                f"custom action `{call.action}`: the action server at {self.url} answered 200 with "
+                "a body that is not JSON"
+            ) from None
         if data is None:
             return {"events": [], "responses": []}
         if not isinstance(data, dict) or not isinstance(data.get("events", []), list):
-            raise ConfigError(f"custom action `{call.action}`: the action server at {self.url} answered 200 without "
-                              "an `events` list")  # fmt: skip
+            raise ConfigError(
+                f"custom action `{call.action}`: the action server at {self.url} answered 200 without an `events` list"
+            )
         return {"events": data.get("events") or [], "responses": data.get("responses") or []}
 
     def _unreachable(self, error: httpx.TransportError) -> ConfigError:
-        return ConfigError(f"cannot reach the action server at {self.url} ({_transport_reason(error)}); start it "
-                           f"with `rasa run actions` or {self.remedy}")  # fmt: skip
+        return ConfigError(
+            f"cannot reach the action server at {self.url} ({_transport_reason(error)}); start it "
+            f"with `rasa run actions` or {self.remedy}"
+        )
 
 
 def _transport_reason(error: httpx.TransportError) -> str:

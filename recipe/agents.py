@@ -52,22 +52,36 @@ def read_agents(root: Path, problems: Problems) -> dict[str, Agent]:
         config = entry / "config.yml"
         shown = relative(config)
         if not config.is_file():
-            problems.add(InputError(relative(entry), None, "agent folder without config.yml; expected "
-                                    f"{SUB_AGENTS_FOLDER}/<agent>/config.yml with an `agent:` block"))  # fmt: skip
+            problems.add(
+                InputError(
+                    relative(entry),
+                    None,
+                    "agent folder without config.yml; expected "
+                    f"{SUB_AGENTS_FOLDER}/<agent>/config.yml with an `agent:` block",
+                )
+            )
             continue
         with problems.catch():
             data = load_yaml(config)
             block = data.get("agent") if isinstance(data, dict) else None
             if not isinstance(block, dict) or not block.get("name") or not block.get("description"):
-                raise InputError(shown, line_of(data) if isinstance(data, dict) else None,
-                                 "expected `agent:` with `name` and `description`")  # fmt: skip
+                raise InputError(
+                    shown,
+                    line_of(data) if isinstance(data, dict) else None,
+                    "expected `agent:` with `name` and `description`",
+                )
             name = str(block["name"])
             protocol = str(block.get("protocol", "RASA")).upper()
             if protocol not in ("RASA", "A2A"):
-                raise InputError(shown, line_of(block, "protocol"), f"agent protocol `{protocol}`; expected RASA or A2A")
+                raise InputError(
+                    shown, line_of(block, "protocol"), f"agent protocol `{protocol}`; expected RASA or A2A"
+                )
             if name in agents:
-                raise InputError(shown, line_of(block, "name"),
-                                 f"agent `{name}` is already defined in {agents[name].path}; names must be unique")
+                raise InputError(
+                    shown,
+                    line_of(block, "name"),
+                    f"agent `{name}` is already defined in {agents[name].path}; names must be unique",
+                )
             agents[name] = Agent(name, str(block["description"]), protocol, shown)
     return agents
 
@@ -83,8 +97,11 @@ def read_mcp_servers(root: Path, problems: Problems) -> dict[str, str]:
         listed = data.get("mcp_servers") if isinstance(data, dict) else None
         for server in listed or []:
             if not isinstance(server, dict) or not server.get("name"):
-                raise InputError(relative(path), line_of(server) or line_of(data, "mcp_servers"),
-                                 "each of `mcp_servers` needs a `name` (and `url`, `type`)")  # fmt: skip
+                raise InputError(
+                    relative(path),
+                    line_of(server) or line_of(data, "mcp_servers"),
+                    "each of `mcp_servers` needs a `name` (and `url`, `type`)",
+                )
             servers[str(server["name"])] = str(server.get("url") or "")
     return servers
 
@@ -127,20 +144,29 @@ def _custom_command(entry: Any, shown: str, parent: Any) -> CustomCommandSpec:
         raise InputError(shown, line_of(entry, "arguments"), "`arguments` must map argument name to its type")
     for name, kind in arguments.items():
         if kind not in _ARG_PATTERNS:
-            raise InputError(shown, line_of(arguments, name),
-                             f"argument `{name}` has type `{kind}`; expected one of {', '.join(_ARG_PATTERNS)}")
+            raise InputError(
+                shown,
+                line_of(arguments, name),
+                f"argument `{name}` has type `{kind}`; expected one of {', '.join(_ARG_PATTERNS)}",
+            )
     forms: list[tuple[Syntax, str]] = []
     for dialect, form in entry["syntax"].items():
         try:
             syntax = Syntax(str(dialect))
         except ValueError:
-            raise InputError(shown, line_of(entry["syntax"], dialect),
-                             f"dialect `{dialect}`; expected one of {', '.join(s.value for s in ALL_SYNTAXES)}") from None
+            raise InputError(
+                shown,
+                line_of(entry["syntax"], dialect),
+                f"dialect `{dialect}`; expected one of {', '.join(s.value for s in ALL_SYNTAXES)}",
+            ) from None
         named = _PLACEHOLDER.findall(str(form))
         if sorted(named) != sorted(arguments):
-            raise InputError(shown, line_of(entry["syntax"], dialect),
-                             f"form `{form}` names {named or 'no argument'}; expected each of "
-                             f"{list(arguments) or 'no argument'} once")  # fmt: skip
+            raise InputError(
+                shown,
+                line_of(entry["syntax"], dialect),
+                f"form `{form}` names {named or 'no argument'}; expected each of "
+                f"{list(arguments) or 'no argument'} once",
+            )
         forms.append((syntax, str(form)))
     if not any(s in (Syntax.V2, Syntax.V3) for s, _ in forms) or Syntax.V1 not in dict(forms):
         raise InputError(shown, line_of(entry, "syntax"), "`syntax` needs a v1 and a v2 form")

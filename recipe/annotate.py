@@ -58,8 +58,17 @@ PATTERN_COMMANDS: dict[str, Command] = {
     "pattern_cancel_flow": CancelFlow(),
 }
 _NUMBER_WORDS = {
-    "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
-}  # fmt: skip
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+}
 
 
 NLU_REASON = "set by NLU, not the command generator"
@@ -166,17 +175,32 @@ def _explicit_commands(step: UserStep) -> tuple[list[Command], list[str]]:
     return unique, any_of
 
 
-def _simulate(tracker: DialogueTracker, text: str, commands: list[Command], step: UserStep, number: int,
-              following: list, project: Project) -> tuple[int, DialogueTracker]:  # fmt: skip
+def _simulate(
+    tracker: DialogueTracker,
+    text: str,
+    commands: list[Command],
+    step: UserStep,
+    number: int,
+    following: list,
+    project: Project,
+) -> tuple[int, DialogueTracker]:
     """Replay one turn on a copy of the tracker; the score is how many expectations it misses."""
     trial = tracker.fork()
     state = trial.state()
     events = trial.user_turn(text, commands, turn_evidence(UserTurnSteps(number, 0, step, following)))
     turn = Turn(
-        number=number, step_index=0, step=step, text=text, state=state, commands=commands, is_payload=False,
-        events=events, bot_messages=events.bot_messages,
-        slot_checks=[s for s in following if isinstance(s, SlotCheckStep)], slots_after=dict(trial.slots),
-    )  # fmt: skip
+        number=number,
+        step_index=0,
+        step=step,
+        text=text,
+        state=state,
+        commands=commands,
+        is_payload=False,
+        events=events,
+        bot_messages=events.bot_messages,
+        slot_checks=[s for s in following if isinstance(s, SlotCheckStep)],
+        slots_after=dict(trial.slots),
+    )
     misses = len(assertion_problems(turn))
     for expected in following:
         if isinstance(expected, BotStep):
@@ -190,19 +214,26 @@ def annotate_from_assertions(project: Project, test_case: TestCase) -> TestAnnot
     annotation = TestAnnotation(test_case)
     for walk in user_turns(test_case):
         step, number, following = walk.step, walk.number, walk.following
-        result = _known_turn(step, number, project.rasa_version) or _derive_turn(project, tracker, step, number, following)
-        show_bot_messages(project, tracker, walk, tracker.user_turn(step.text, result.commands or [],
-                                                                    turn_evidence(walk)))
+        result = _known_turn(step, number, project.rasa_version) or _derive_turn(
+            project, tracker, step, number, following
+        )
+        show_bot_messages(
+            project, tracker, walk, tracker.user_turn(step.text, result.commands or [], turn_evidence(walk))
+        )
         annotation.turns.append(result)
     return _uncertain_after_unknown(annotation)
 
 
-def _derive_turn(project: Project, tracker: DialogueTracker, step: UserStep, number: int,
-                 following: list) -> TurnAnnotation:  # fmt: skip
+def _derive_turn(
+    project: Project, tracker: DialogueTracker, step: UserStep, number: int, following: list
+) -> TurnAnnotation:
     slot_commands: list[Command] = []
     unknown_values: list[str] = []
-    expected = [(name, value) for name, value in _expected_slots(step, [s for s in following
-                if isinstance(s, SlotCheckStep)]) if (slot := project.slot(name)) is not None and slot.llm_fillable]
+    expected = [
+        (name, value)
+        for name, value in _expected_slots(step, [s for s in following if isinstance(s, SlotCheckStep)])
+        if (slot := project.slot(name)) is not None and slot.llm_fillable
+    ]
     # Slots set by actions or set_slots steps are left out above: the command generator does not set them.
     nameless = [name for name, value in expected if value is NO_VALUE or value is None]
     numbers = _numbers_in(step.text)
@@ -240,17 +271,20 @@ def _derive_turn(project: Project, tracker: DialogueTracker, step: UserStep, num
     assert best is not None
     misses, commands = best
     if unknown_values:
-        return TurnAnnotation(number, None, "assertions",
-                              f"the test names slot(s) {', '.join(unknown_values)} without a value")  # fmt: skip
+        return TurnAnnotation(
+            number, None, "assertions", f"the test names slot(s) {', '.join(unknown_values)} without a value"
+        )
     if misses:
-        return TurnAnnotation(number, None, "assertions",
-                              f"no command set reproduces the test's expectations ({misses} missed)")  # fmt: skip
+        return TurnAnnotation(
+            number, None, "assertions", f"no command set reproduces the test's expectations ({misses} missed)"
+        )
     if not commands:
         return TurnAnnotation(number, None, "assertions", "the test's expectations imply no command")
     for command in commands:
         # What the test asserts may be a value the assistant rejects, as the user said it: a valid label.
         problem = command_problem(command, project, from_any_source=True) or unsupported_reason(
-            command, project.rasa_version)
+            command, project.rasa_version
+        )
         if problem:
             return TurnAnnotation(number, None, "assertions", f"derived command {command.as_dict()}: {problem}")
     return TurnAnnotation(number, [canonical_command(c, project) for c in commands], "assertions")
@@ -309,8 +343,9 @@ async def annotate_with_teacher(
     return _uncertain_after_unknown(annotation)
 
 
-def _judge_teacher_answer(project: Project, tracker: DialogueTracker, step: UserStep, number: int, following: list,
-                          text: str, syntax: Syntax) -> TurnAnnotation:  # fmt: skip
+def _judge_teacher_answer(
+    project: Project, tracker: DialogueTracker, step: UserStep, number: int, following: list, text: str, syntax: Syntax
+) -> TurnAnnotation:
     """Accept the teacher's answer only if it parses, fits the assistant and reproduces the test's assertions."""
     parsed = parse_model_output(text, syntax, custom=project.custom_commands)
     if parsed.unparsed_lines:
@@ -322,9 +357,11 @@ def _judge_teacher_answer(project: Project, tracker: DialogueTracker, step: User
             return TurnAnnotation(number, None, "llm", f"teacher command {command.as_dict()}: {problem}")
     has_expectations = step.assertions or any(isinstance(s, SlotCheckStep) for s in following)
     if has_expectations:
-        misses, _ = _simulate(tracker, step.text, commands, step, number,
-                              [s for s in following if not isinstance(s, BotStep)], project)  # fmt: skip
+        misses, _ = _simulate(
+            tracker, step.text, commands, step, number, [s for s in following if not isinstance(s, BotStep)], project
+        )
         if misses:
-            return TurnAnnotation(number, None, "llm",
-                                  f"teacher commands disagree with the test's assertions ({misses} missed)")  # fmt: skip
+            return TurnAnnotation(
+                number, None, "llm", f"teacher commands disagree with the test's assertions ({misses} missed)"
+            )
     return TurnAnnotation(number, [canonical_command(c, project) for c in commands], "llm")

@@ -53,8 +53,9 @@ class JsonCache:
         handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
         try:
             # Encoded in one piece and written at once: json.dump to a file writes every token on its own.
-            text = json.dumps({"key": key, "request": request, "answer": answer}, ensure_ascii=False,
-                              default=self.json_default)  # fmt: skip
+            text = json.dumps(
+                {"key": key, "request": request, "answer": answer}, ensure_ascii=False, default=self.json_default
+            )
             with os.fdopen(handle, "w", encoding="utf-8") as file:
                 file.write(text)
             os.replace(temp_name, path)

@@ -13,9 +13,10 @@ exactly (`C++` stays `C++`), reject trailing junk, and read one command per line
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
 
 class Syntax(StrEnum):
@@ -167,7 +168,9 @@ def parse_rasa_version(text: str) -> RasaVersion:
         raise ValueError(f"`{text}` is not a Rasa Pro version; expected e.g. {NEWEST_RASA_VERSION}")
     version = RasaVersion(int(match.group(1)), int(match.group(2)))
     if not OLDEST_RASA_VERSION <= version <= NEWEST_RASA_VERSION:
-        raise ValueError(f"Rasa Pro {version} is not supported; expected {OLDEST_RASA_VERSION} to {NEWEST_RASA_VERSION}")
+        raise ValueError(
+            f"Rasa Pro {version} is not supported; expected {OLDEST_RASA_VERSION} to {NEWEST_RASA_VERSION}"
+        )
     return version
 
 
@@ -187,16 +190,22 @@ def unsupported_reason(command: Command, version: RasaVersion) -> str | None:
     if isinstance(command, CustomCommand) or command.kind in version_kinds(version):
         return None
     if command.kind == HumanHandoff.kind:
-        return (f"`{command.kind}` is not a command in Rasa Pro {version} (removed in {HANDOFF_REMOVED_IN}: the "
-                "runtime drops the line and the turn becomes `cannot handle`); pass --rasa-version 3.15 or older "
-                "to train it")  # fmt: skip
+        return (
+            f"`{command.kind}` is not a command in Rasa Pro {version} (removed in {HANDOFF_REMOVED_IN}: the "
+            "runtime drops the line and the turn becomes `cannot handle`); pass --rasa-version 3.15 or older "
+            "to train it"
+        )
     return f"`{command.kind}` is not a command before Rasa Pro {AGENTS_ADDED_IN} (target: {version})"
 
 
 # ---------------------------------------------------------------------------------------------- custom commands
 
-_ARG_PATTERNS = {"flow": r"[A-Za-z0-9_-]+", "slot": r"[A-Za-z_][A-Za-z0-9_-]*", "agent": r"[A-Za-z0-9_-]+",
-                 "value": r".+?"}  # fmt: skip
+_ARG_PATTERNS = {
+    "flow": r"[A-Za-z0-9_-]+",
+    "slot": r"[A-Za-z_][A-Za-z0-9_-]*",
+    "agent": r"[A-Za-z0-9_-]+",
+    "value": r".+?",
+}
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -225,7 +234,7 @@ class CustomCommandSpec:
         form, parts, at = self.form(syntax), [], 0
         types = dict(self.arguments)
         for match in _PLACEHOLDER.finditer(form):
-            parts.append(re.escape(form[at:match.start()]).replace(r"\ ", r"\s+"))
+            parts.append(re.escape(form[at : match.start()]).replace(r"\ ", r"\s+"))
             parts.append(f"(?P<{match.group(1)}>{_ARG_PATTERNS[types[match.group(1)]]})")
             at = match.end()
         parts.append(re.escape(form[at:]).replace(r"\ ", r"\s+"))
@@ -383,19 +392,19 @@ def _parse_words(line: str, syntax: Syntax) -> Command | None:
         return tuple(words[: len(prefix)]) == prefix
 
     if has_prefix(start):
-        rest = words[len(start):]
+        rest = words[len(start) :]
         if len(rest) != 1:
             raise CommandParseError(f"`{line}`: expected `{' '.join(start)} <flow_id>`")
         return StartFlow(_identifier(rest[0], _FLOW_ID, "flow", line))
     if has_prefix(set_):
-        rest = words[len(set_):]
+        rest = words[len(set_) :]
         if not rest:
             raise CommandParseError(f"`{line}`: expected `{' '.join(set_)} <slot_name> <value>`")
         # The value is everything after the slot name, spaces included (`set slot city New York`).
         value = text.split(" ", len(set_) + 1)[len(set_) + 1] if len(rest) > 1 else ""
         return SetSlot(_identifier(rest[0], _SLOT_NAME, "slot", line), _slot_value(value))
     if has_prefix(clarify):
-        return Clarify(_options(" ".join(words[len(clarify):]), line))
+        return Clarify(_options(" ".join(words[len(clarify) :]), line))
     if has_prefix(("restart", "agent")) and len(words) == 3:
         return RestartAgent(_identifier(words[2], _FLOW_ID, "agent", line))
     bare = {phrase: cls for cls, phrase in _BARE_WORDS[syntax].items()}
@@ -421,8 +430,9 @@ def _parse_custom(line: str, syntax: Syntax, custom: Iterable[CustomCommandSpec]
     return None
 
 
-def parse_command(line: str, syntaxes: Iterable[Syntax] = ALL_SYNTAXES,
-                  custom: Iterable[CustomCommandSpec] = ()) -> Command:  # fmt: skip
+def parse_command(
+    line: str, syntaxes: Iterable[Syntax] = ALL_SYNTAXES, custom: Iterable[CustomCommandSpec] = ()
+) -> Command:
     """Parse one command line in any of `syntaxes` (built-in commands first, then the project's `custom` ones, as
     the runtime tries its default commands before the additional ones); raise CommandParseError saying what was
     expected."""
@@ -468,8 +478,9 @@ class ParsedOutput:
         return not self.unparsed_lines
 
 
-def parse_model_output(text: str, syntax: Syntax, version: RasaVersion | None = None,
-                       custom: Iterable[CustomCommandSpec] = ()) -> ParsedOutput:  # fmt: skip
+def parse_model_output(
+    text: str, syntax: Syntax, version: RasaVersion | None = None, custom: Iterable[CustomCommandSpec] = ()
+) -> ParsedOutput:
     """Parse an LLM's answer line by line in one syntax. Blank lines and code fences are ignored. With `version`, a
     command that release's parser does not know (`hand over` from 3.16 on) is an unparsed line, as the runtime drops
     it."""

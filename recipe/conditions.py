@@ -9,9 +9,10 @@ Conditions are parsed once (cached by text) and evaluated against a namespace `{
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jinja2
 

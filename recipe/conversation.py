@@ -9,8 +9,9 @@ silent, and any disagreement between the two is reported as a warning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from recipe.commands import Command
 from recipe.project import Project
@@ -67,8 +68,9 @@ def _resolve_bot_step(project: Project, step: BotStep, slots: dict[str, Any]) ->
     return render_response(project, step.utter or "", slots) or BotMessage(None, (), step.utter)
 
 
-def listed_bot_messages(project: Project, step: UserStep, bot_steps: list[BotStep], simulated: list[BotMessage],
-                        slots: dict[str, Any]) -> list[BotMessage] | None:  # fmt: skip
+def listed_bot_messages(
+    project: Project, step: UserStep, bot_steps: list[BotStep], simulated: list[BotMessage], slots: dict[str, Any]
+) -> list[BotMessage] | None:
     """The bot messages the transcript shows after a user turn when the test's list decides them; None: simulated.
 
     A DU test lists every bot message (rasa-formats.md §4.4), so its list is the authority. An E2E test may leave
@@ -147,12 +149,14 @@ def user_turns(test_case: TestCase) -> list[UserTurnSteps]:
 def new_tracker(project: Project, test_case: TestCase) -> DialogueTracker:
     """A tracker at the start of the test: its stubs, and its fixtures' slots (the date is the prompt's business)."""
     fixture_slots = [(name, value) for name, value in test_case.fixture_slots if name != "mocked_datetime"]
-    return DialogueTracker(project, test_case.stubs, fixture_slots, conversation_id=test_case.id,
-                           action_runner=project.action_server)
+    return DialogueTracker(
+        project, test_case.stubs, fixture_slots, conversation_id=test_case.id, action_runner=project.action_server
+    )
 
 
-def show_bot_messages(project: Project, tracker: DialogueTracker, turn: UserTurnSteps,
-                      events: TurnEvents) -> list[BotMessage]:  # fmt: skip
+def show_bot_messages(
+    project: Project, tracker: DialogueTracker, turn: UserTurnSteps, events: TurnEvents
+) -> list[BotMessage]:
     """Put the bot's answer to this turn into the transcript (the test's list where it decides) and return it."""
     listed = listed_bot_messages(project, turn.step, turn.bot_steps, events.bot_messages, tracker.slots)
     if listed is not None:
@@ -185,9 +189,10 @@ def replay_test_case(
             f"{bot_step.location}: the test expects `{bot_step.utter}` after turn {number}; "
             f"the flows would say {simulated or 'nothing'}"
             for bot_step in walk.bot_steps
-            if bot_step.utter and bot_step.utter not in simulated
+            if bot_step.utter
+            and bot_step.utter not in simulated
             and (bot_step.utter in project.domain.responses or bot_step.utter in DEFAULT_RESPONSES)
-        ]  # fmt: skip
+        ]
         turn = Turn(
             number=number,
             step_index=walk.index,
@@ -240,8 +245,10 @@ def assertion_problems(turn: Turn) -> list[str]:
     def was_set(name: str, value: Any = NO_VALUE) -> bool:
         # As the runtime's checks: did any slot event of this turn set it (to that value)? A rejection that
         # resets the slot afterwards does not undo that.
-        return any(slot == name and (value is NO_VALUE or _same_value(actual, value))
-                   for slot, actual in events.slots_set)  # fmt: skip
+        return any(
+            slot == name and (value is NO_VALUE or _same_value(actual, value)) for slot, actual in events.slots_set
+        )
+
     for assertion in turn.step.assertions:
         where, kind, data = assertion.location, assertion.kind, assertion.data
         if kind == "flow_started":
@@ -276,16 +283,19 @@ def assertion_problems(turn: Turn) -> list[str]:
                 problems.append(f"{where}: action_executed {data}, tracker ran {events.actions}")
         elif kind == "bot_uttered" and isinstance(data, dict) and data.get("utter_name"):
             if data["utter_name"] not in [m.utter for m in events.bot_messages]:
-                problems.append(f"{where}: bot_uttered {data['utter_name']}, tracker said "
-                                f"{[m.utter for m in events.bot_messages]}")  # fmt: skip
+                problems.append(
+                    f"{where}: bot_uttered {data['utter_name']}, tracker said {[m.utter for m in events.bot_messages]}"
+                )
     for check in turn.slot_checks:
         # Like the runtime's checks: did a slot event of this turn set it (a later reset does not undo that)?
         for name, value in check.slots:
             actual = set_values.get(name)
             did_set = was_set(name, value)
             if check.was_set and not did_set:
-                problems.append(f"{check.location}: slot_was_set {name}={value if value is not NO_VALUE else ''}, "
-                                f"tracker set {actual!r}")  # fmt: skip
+                problems.append(
+                    f"{check.location}: slot_was_set {name}={value if value is not NO_VALUE else ''}, "
+                    f"tracker set {actual!r}"
+                )
             if not check.was_set and did_set:
                 problems.append(f"{check.location}: slot_was_not_set {name}, tracker set it to {actual!r}")
     return problems

@@ -268,8 +268,9 @@ def _tally_test_case(project: Project, test_case: TestCase, syntax: Syntax, tall
         tally.inferences += len(turn.inferences)
 
 
-def _without_commands(test_case: TestCase, number: int, step: UserStep, annotation: TestAnnotation, syntax: Syntax,
-                      tally: _Tally) -> TurnWithoutCommands:  # fmt: skip
+def _without_commands(
+    test_case: TestCase, number: int, step: UserStep, annotation: TestAnnotation, syntax: Syntax, tally: _Tally
+) -> TurnWithoutCommands:
     derived = annotation.turns[number - 1]
     where = str(step.location)
     if derived.commands is None:
@@ -290,8 +291,11 @@ def coverage_report(project: Project, test_files: list[TestFile]) -> CoverageRep
     # Every core kind of the target Rasa release, zeros included; others (agent commands, `hand over` from 3.16 on)
     # only when the tests use them.
     offered = version_kinds(project.rasa_version)
-    kinds = [kind for kind in COMMAND_KINDS
-             if (kind in CORE_COMMAND_KINDS and kind in offered) or tally.written[kind] + tally.derived[kind]]
+    kinds = [
+        kind
+        for kind in COMMAND_KINDS
+        if (kind in CORE_COMMAND_KINDS and kind in offered) or tally.written[kind] + tally.derived[kind]
+    ]
     return CoverageReport(
         syntax=syntax,
         syntax_source=source,
@@ -305,8 +309,14 @@ def coverage_report(project: Project, test_files: list[TestFile]) -> CoverageRep
             for flow in project.user_flows
         ],
         slots=[
-            SlotCoverage(name, tuple(flows), tally.slot_sets[name], tally.payload_sets[name],
-                         _llm_fillable(project, name), tally.nlu_sets[name])
+            SlotCoverage(
+                name,
+                tuple(flows),
+                tally.slot_sets[name],
+                tally.payload_sets[name],
+                _llm_fillable(project, name),
+                tally.nlu_sets[name],
+            )
             for name, flows in _collected_slots(project).items()
         ],
         turns_without_commands=tally.without_commands,
@@ -329,21 +339,37 @@ def _aligned(rows: list[list[str]], numeric_from: int = 1) -> list[str]:
     """Rows as lines with columns padded; columns from `numeric_from` on are right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
-        "  ".join(cell.rjust(widths[i]) if i >= numeric_from else cell.ljust(widths[i]) for i, cell in enumerate(row))
-        .rstrip()
+        "  ".join(
+            cell.rjust(widths[i]) if i >= numeric_from else cell.ljust(widths[i]) for i, cell in enumerate(row)
+        ).rstrip()
         for row in rows
     ]
 
 
 # What each command kind is called in a syntax, where it is not the kind itself: tables that say "v2" show v2's words.
 _LABELS: dict[Syntax, dict[str, str]] = {
-    Syntax.V1: {"start flow": "StartFlow", "set slot": "SetSlot", "cancel flow": "CancelFlow", "clarify": "Clarify",
-                "chitchat": "ChitChat", "knowledge": "SearchAndReply", "skip question": "SkipQuestion",
-                "repeat": "RepeatLastBotMessages", "human handoff": "HumanHandoff", "cannot handle": "CannotHandle",
-                "continue agent": "ContinueAgent", "restart agent": "RestartAgent"},
-    Syntax.V2: {"clarify": "disambiguate flows", "chitchat": "offtopic reply", "knowledge": "provide info",
-                "repeat": "repeat message", "human handoff": "hand over"},
-}  # fmt: skip
+    Syntax.V1: {
+        "start flow": "StartFlow",
+        "set slot": "SetSlot",
+        "cancel flow": "CancelFlow",
+        "clarify": "Clarify",
+        "chitchat": "ChitChat",
+        "knowledge": "SearchAndReply",
+        "skip question": "SkipQuestion",
+        "repeat": "RepeatLastBotMessages",
+        "human handoff": "HumanHandoff",
+        "cannot handle": "CannotHandle",
+        "continue agent": "ContinueAgent",
+        "restart agent": "RestartAgent",
+    },
+    Syntax.V2: {
+        "clarify": "disambiguate flows",
+        "chitchat": "offtopic reply",
+        "knowledge": "provide info",
+        "repeat": "repeat message",
+        "human handoff": "hand over",
+    },
+}
 _LABELS[Syntax.V3] = _LABELS[Syntax.V2] | {"knowledge": "search and reply"}
 
 
@@ -358,8 +384,10 @@ def _labels(kinds: list[str], syntax: Syntax) -> list[str]:
 
 def command_table(report: CoverageReport) -> list[str]:
     rows = [["command type", "written", "derived", "total"]]
-    rows += [[command_label(c.kind, report.syntax), str(c.written), str(c.derived), str(c.total)]
-             for c in report.command_types]  # fmt: skip
+    rows += [
+        [command_label(c.kind, report.syntax), str(c.written), str(c.derived), str(c.total)]
+        for c in report.command_types
+    ]
     return _aligned(rows)
 
 
@@ -378,8 +406,10 @@ def dialect_line(report: CoverageReport) -> str:
         for dialect, number in counts.items():
             lines[dialect] += number
             files[dialect] += 1
-    parts = [f"{dialect} {_plural(lines[dialect], 'line')} in {_plural(files[dialect], 'file')}"
-             for dialect in sorted(lines, key=lambda d: -lines[d])]  # fmt: skip
+    parts = [
+        f"{dialect} {_plural(lines[dialect], 'line')} in {_plural(files[dialect], 'file')}"
+        for dialect in sorted(lines, key=lambda d: -lines[d])
+    ]
     return f"command dialects: {', '.join(parts) or 'no commands written'}"
 
 
@@ -404,7 +434,8 @@ def summary_lines(report: CoverageReport) -> list[str]:
         *command_table(report),
         "",
         f"turns without commands in the test: {len(turns)} ({derivable} derivable from assertions, "
-        f"{len(report.turns_not_derivable)} not derivable" + (f", {empty} with `commands: []`" if empty else "")
+        f"{len(report.turns_not_derivable)} not derivable"
+        + (f", {empty} with `commands: []`" if empty else "")
         + f"); button-payload turns: {len(report.payload_turns)}; NLU turns (slots the LLM does not fill): "
         f"{len(report.nlu_turns)}",
         f"state disagreements with the tests' own bot turns and assertions: "
@@ -418,13 +449,16 @@ def summary_lines(report: CoverageReport) -> list[str]:
     ]
     not_derivable = report.turns_not_derivable
     for turn in not_derivable[:MAX_TURNS_LISTED]:
-        lines.append(f"  {turn.location}: turn {turn.turn} has no commands and none follow from its assertions: "
-                     f"{turn.reason}")  # fmt: skip
+        lines.append(
+            f"  {turn.location}: turn {turn.turn} has no commands and none follow from its assertions: {turn.reason}"
+        )
     if len(not_derivable) > MAX_TURNS_LISTED:
         lines.append(f"  ... and {len(not_derivable) - MAX_TURNS_LISTED} more turns like these (see coverage.md)")
     for path in _files_in_other_dialects(report):
-        lines.append(f"  {path}: commands in {', '.join(report.dialects[path])}; Rasa Pro's {report.generator} "
-                     f"reads only {report.syntax.value} in DU tests")  # fmt: skip
+        lines.append(
+            f"  {path}: commands in {', '.join(report.dialects[path])}; Rasa Pro's {report.generator} "
+            f"reads only {report.syntax.value} in DU tests"
+        )
     lines.append(dialect_line(report))
     for group, counts in report.tracker_warnings.items():
         lines.append(f"tracker warnings, {group}: {_counts_text(counts)}")
@@ -464,9 +498,10 @@ def coverage_markdown(report: CoverageReport) -> str:
         "",
         "![command types](command_types.png)",
         "",
-        *_md_table(["command type", "written", "derived", "total"],
-                   [[command_label(c.kind, report.syntax), c.written, c.derived, c.total]
-                    for c in report.command_types]),  # fmt: skip
+        *_md_table(
+            ["command type", "written", "derived", "total"],
+            [[command_label(c.kind, report.syntax), c.written, c.derived, c.total] for c in report.command_types],
+        ),
         "",
         "## User flows",
         "",
@@ -474,9 +509,11 @@ def coverage_markdown(report: CoverageReport) -> str:
         "",
         *_md_table(
             ["flow", "start flow commands", "started in replay", "startable by a command"],
-            [[f.flow, f.start_commands, f.replay_starts, "yes" if f.startable_by_command else "no (link/call only)"]
-             for f in report.flows],
-        ),  # fmt: skip
+            [
+                [f.flow, f.start_commands, f.replay_starts, "yes" if f.startable_by_command else "no (link/call only)"]
+                for f in report.flows
+            ],
+        ),
         "",
         f"Never started by a command: {', '.join(report.flows_never_started) or 'none'}.",
         "",
@@ -484,9 +521,11 @@ def coverage_markdown(report: CoverageReport) -> str:
         "",
         *_md_table(
             ["slot", "collected by", "set slot commands", "set by button payloads"],
-            [[s.slot + slots_note[s.llm_fillable], ", ".join(s.flows), s.set_commands, s.payload_sets]
-             for s in report.slots],
-        ),  # fmt: skip
+            [
+                [s.slot + slots_note[s.llm_fillable], ", ".join(s.flows), s.set_commands, s.payload_sets]
+                for s in report.slots
+            ],
+        ),
         "",
         f"Never set by a command: {', '.join(report.slots_never_set) or 'none'}.",
         "",
@@ -494,9 +533,11 @@ def coverage_markdown(report: CoverageReport) -> str:
         "",
         *_md_table(
             ["where", "test case", "turn", "user says", "status", "commands / reason"],
-            [[t.location, _case_name(t.test_case), t.turn, t.text, t.status, "; ".join(t.commands) or t.reason or ""]
-             for t in report.turns_without_commands],
-        ),  # fmt: skip
+            [
+                [t.location, _case_name(t.test_case), t.turn, t.text, t.status, "; ".join(t.commands) or t.reason or ""]
+                for t in report.turns_without_commands
+            ],
+        ),
         "",
         "## Button-payload turns",
         "",
@@ -519,12 +560,14 @@ def coverage_markdown(report: CoverageReport) -> str:
         "",
         "## Command dialects per file",
         "",
-        *_md_table(["file", "dialects (command lines)"],
-                   [[path, _counts_text(counts) or "no commands"] for path, counts in report.dialects.items()]),
+        *_md_table(
+            ["file", "dialects (command lines)"],
+            [[path, _counts_text(counts) or "no commands"] for path, counts in report.dialects.items()],
+        ),
         "",
         "## Tracker warnings",
         "",
-    ]  # fmt: skip
+    ]
     if not report.tracker_warnings:
         lines.append("None.")
     for group, counts in report.tracker_warnings.items():
@@ -578,14 +621,30 @@ def write_coverage(report: CoverageReport, out_dir: Path) -> list[Path]:
     """Write coverage.md, coverage.json and the charts into `out_dir`; return the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "coverage.md", out_dir / "coverage.json", out_dir / "command_types.png",
-             out_dir / "flow_starts.png"]  # fmt: skip
+    paths = [
+        out_dir / "coverage.md",
+        out_dir / "coverage.json",
+        out_dir / "command_types.png",
+        out_dir / "flow_starts.png",
+    ]
     write_atomic(paths[0], coverage_markdown(report))
     write_json(paths[1], report.as_dict())
     kinds = [command_label(c.kind, report.syntax) for c in report.command_types]
-    _bar_chart(paths[2], kinds, [("written", [c.written for c in report.command_types]),
-                                 ("derived", [c.derived for c in report.command_types])],
-               "Command types in the tests", "commands")  # fmt: skip
-    _bar_chart(paths[3], [f.flow for f in report.flows], [("start flow", [f.start_commands for f in report.flows])],
-               "start flow commands per user flow", "commands")  # fmt: skip
+    _bar_chart(
+        paths[2],
+        kinds,
+        [
+            ("written", [c.written for c in report.command_types]),
+            ("derived", [c.derived for c in report.command_types]),
+        ],
+        "Command types in the tests",
+        "commands",
+    )
+    _bar_chart(
+        paths[3],
+        [f.flow for f in report.flows],
+        [("start flow", [f.start_commands for f in report.flows])],
+        "start flow commands per user flow",
+        "commands",
+    )
     return paths

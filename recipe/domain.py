@@ -42,9 +42,10 @@ def _read_slot(name: str, body: Any, path: str, line: int | None) -> Slot:
     slot_type = str(body.get("type", ""))
     if slot_type not in SLOT_TYPES:
         raise InputError(
-            path, line_of(body, "type") or line,
+            path,
+            line_of(body, "type") or line,
             f"slot `{name}` has type `{slot_type or 'nothing'}`; expected one of {', '.join(SLOT_TYPES)}",
-        )  # fmt: skip
+        )
     values: tuple[str, ...] = ()
     if slot_type == "categorical":
         raw_values = body.get("values")
@@ -80,17 +81,22 @@ def _read_variation(item: Any, path: str, name: str, line: int | None) -> Respon
     condition = item.get("condition")
     if isinstance(condition, list):  # the deprecated form: every {type: slot, name, value} must hold
         if not all(isinstance(c, dict) and "name" in c for c in condition):
-            raise InputError(path, line_of(item, "condition"),
-                             f"response `{name}`: each `condition` entry needs a `name` (and a `value`)")  # fmt: skip
+            raise InputError(
+                path,
+                line_of(item, "condition"),
+                f"response `{name}`: each `condition` entry needs a `name` (and a `value`)",
+            )
         condition = tuple((str(c["name"]), plain(c.get("value"))) for c in condition)
     elif condition is not None:
         condition = str(condition)
     metadata = plain(item.get("metadata"))
     return ResponseVariation(
-        text=None if text is None else str(text), buttons=tuple(buttons), condition=condition or None,
+        text=None if text is None else str(text),
+        buttons=tuple(buttons),
+        condition=condition or None,
         channel=None if item.get("channel") is None else str(item["channel"]),
         metadata=metadata if isinstance(metadata, dict) else {},
-    )  # fmt: skip
+    )
 
 
 def _shape_error(data: Any, shown_path: str) -> InputError | None:
@@ -130,8 +136,9 @@ def read_domain(paths: list[Path], shown: dict[Path, str], problems: Problems | 
         for name, variations in (data.get("responses") or {}).items():
             with collected.catch():
                 if not isinstance(variations, list):
-                    raise InputError(shown_path, line_of(data["responses"], name),
-                                     f"response `{name}` must be a list of variations")  # fmt: skip
+                    raise InputError(
+                        shown_path, line_of(data["responses"], name), f"response `{name}` must be a list of variations"
+                    )
                 responses[str(name)] = [
                     _read_variation(item, shown_path, str(name), line_of(variations, index))
                     for index, item in enumerate(variations)

@@ -70,8 +70,10 @@ class EmbeddingsConfig:
         if key is not None:
             text = str(key).strip()
             if not (text.startswith("${") and text.endswith("}")):
-                raise ConfigError(f"{source}: a literal `api_key` is not accepted; put the key in an environment "
-                                  "variable and write `api_key_env: VAR` (or `api_key: ${VAR}`)")  # fmt: skip
+                raise ConfigError(
+                    f"{source}: a literal `api_key` is not accepted; put the key in an environment "
+                    "variable and write `api_key_env: VAR` (or `api_key: ${VAR}`)"
+                )
             values.setdefault("api_key_env", text[2:-1])
         allowed = [f.name for f in fields(cls) if f.name != "source"]
         unknown = [name for name in values if name not in allowed]
@@ -91,13 +93,18 @@ class EmbeddingsConfig:
         key = key_from_environment(names, environ, keyless=self.provider == "self-hosted" and not self.api_key_env)
         if key is not None:
             return key
-        raise ConfigError(f"{self.source}: no API key for the embeddings ({self.provider} {self.model}): set "
-                          f"{' or '.join(names)}")  # fmt: skip
+        raise ConfigError(
+            f"{self.source}: no API key for the embeddings ({self.provider} {self.model}): set {' or '.join(names)}"
+        )
 
     def describe(self) -> dict[str, Any]:
         """Plain values for training info and params (no key)."""
-        return {"provider": self.provider, "model": self.model, "api_base": self.api_base,
-                "dimensions": self.dimensions}  # fmt: skip
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "api_base": self.api_base,
+            "dimensions": self.dimensions,
+        }
 
 
 def _checked(name: str, value: Any, source: str) -> Any:
@@ -161,10 +168,20 @@ class EmbeddingsUsage:
 class EmbeddingsClient:
     """Embeds texts through one model, caching each text's vector in memory and (with `cache_dir`) on disk."""
 
-    def __init__(self, config: EmbeddingsConfig, *, cache_dir: str | Path | None, max_retries: int = 4,
-                 backoff_base_s: float = 0.5, backoff_cap_s: float = 8.0, max_retry_after_s: float = 30.0,
-                 environ: Mapping[str, str] | None = None, seed: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: EmbeddingsConfig,
+        *,
+        cache_dir: str | Path | None,
+        max_retries: int = 4,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 8.0,
+        max_retry_after_s: float = 30.0,
+        environ: Mapping[str, str] | None = None,
+        seed: int | None = None,
+    ):
         import openai  # imported on first use: the offline path never needs it
+
         self.config = config
         self.cache = EmbeddingCache(Path(cache_dir)) if cache_dir is not None else None
         self.max_retries = max_retries
@@ -177,8 +194,12 @@ class EmbeddingsClient:
         key = config.api_key(environ)  # a missing key fails here, before any work
         if config.provider == "azure":
             self._sdk: openai.OpenAI = openai.AzureOpenAI(
-                azure_endpoint=config.api_base, api_version=config.api_version, api_key=key, timeout=config.timeout,
-                max_retries=0)
+                azure_endpoint=config.api_base,
+                api_version=config.api_version,
+                api_key=key,
+                timeout=config.timeout,
+                max_retries=0,
+            )
         else:
             self._sdk = openai.OpenAI(base_url=config.api_base, api_key=key, timeout=config.timeout, max_retries=0)
 
@@ -186,8 +207,9 @@ class EmbeddingsClient:
         self._sdk.close()
 
     def _key(self, text: str) -> str:
-        return request_key({"endpoint": "embeddings", "model": self.config.model,
-                            "dimensions": self.config.dimensions, "input": text})  # fmt: skip
+        return request_key(
+            {"endpoint": "embeddings", "model": self.config.model, "dimensions": self.config.dimensions, "input": text}
+        )
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One vector per text, in order. Texts not cached yet go out together in one request (split only past
@@ -204,12 +226,16 @@ class EmbeddingsClient:
                 missing.append(text)
         self.usage.cache_hits += sum(1 for text in texts if text not in missing)
         for start in range(0, len(missing), MAX_INPUTS_PER_REQUEST):
-            batch = missing[start:start + MAX_INPUTS_PER_REQUEST]
+            batch = missing[start : start + MAX_INPUTS_PER_REQUEST]
             for text, vector in zip(batch, self._fetch(batch)):
                 self._memory[text] = vector
                 if self.cache is not None:
-                    request = {"endpoint": "embeddings", "model": self.config.model,
-                               "dimensions": self.config.dimensions, "input": text}  # fmt: skip
+                    request = {
+                        "endpoint": "embeddings",
+                        "model": self.config.model,
+                        "dimensions": self.config.dimensions,
+                        "input": text,
+                    }
                     try:
                         self.cache.put(self._key(text), request, {"embedding": vector})
                     except OSError as error:
@@ -218,6 +244,7 @@ class EmbeddingsClient:
 
     def _fetch(self, batch: list[str]) -> list[list[float]]:
         import openai  # imported on first use: the offline path never needs it
+
         retries_left = self.max_retries
         attempts = 0
         while True:
@@ -232,9 +259,12 @@ class EmbeddingsClient:
                 response = getattr(error, "response", None)
                 waited = _retry_after_seconds(response.headers) if response is not None else None
                 retry_number = self.max_retries - retries_left
-                delay = (min(waited, self.max_retry_after_s) if waited is not None else
-                         min(self.backoff_cap_s, self.backoff_base_s * 2**retry_number)
-                         + self._jitter.uniform(0, self.backoff_base_s))  # fmt: skip
+                delay = (
+                    min(waited, self.max_retry_after_s)
+                    if waited is not None
+                    else min(self.backoff_cap_s, self.backoff_base_s * 2**retry_number)
+                    + self._jitter.uniform(0, self.backoff_base_s)
+                )
                 log.info("embeddings call failed (%s); retry in %.2fs", _describe(error), delay)
                 retries_left -= 1
                 self.usage.retries += 1
@@ -262,18 +292,26 @@ class EmbeddingsClient:
 
     def _config_error(self, error: Exception, attempts: int) -> ConfigError:
         import openai  # imported on first use: the offline path never needs it
-        where = f"{self.config.source}: embeddings {self.config.provider} {self.config.model!r} at " \
-                f"{self.config.api_base or 'the OpenAI API'}"  # fmt: skip
+
+        where = (
+            f"{self.config.source}: embeddings {self.config.provider} {self.config.model!r} at "
+            f"{self.config.api_base or 'the OpenAI API'}"
+        )
         status = getattr(error, "status_code", None)
         if status in (401, 403):
             config = self.config
             names = (config.api_key_env,) if config.api_key_env else DEFAULT_KEY_ENV_VARS[config.provider]
-            return ConfigError(f"{where}: HTTP {status}, the API key was refused; set a valid key in "
-                               f"{' or '.join(names)}")  # fmt: skip
+            return ConfigError(
+                f"{where}: HTTP {status}, the API key was refused; set a valid key in {' or '.join(names)}"
+            )
         if status == 404:
-            return ConfigError(f"{where}: HTTP 404, no such model or route; check `model` and `api_base` (an "
-                               "OpenAI-compatible base URL, usually ending in /v1)")  # fmt: skip
+            return ConfigError(
+                f"{where}: HTTP 404, no such model or route; check `model` and `api_base` (an "
+                "OpenAI-compatible base URL, usually ending in /v1)"
+            )
         if isinstance(error, openai.APIConnectionError):
-            return ConfigError(f"{where}: cannot reach the endpoint after {attempts} attempt(s) "
-                               f"({_describe(error)}); is the server running?")  # fmt: skip
+            return ConfigError(
+                f"{where}: cannot reach the endpoint after {attempts} attempt(s) "
+                f"({_describe(error)}); is the server running?"
+            )
         return ConfigError(f"{where}: failed after {attempts} attempt(s): {_describe(error)}")

@@ -97,26 +97,38 @@ class LeftOut:
     def message(self) -> str:
         parts = []
         if self.turns:
-            parts.append(f"left out {self.turns} turn(s) ({self.test_cases} test case(s) entirely) whose commands are "
-                         "derived from the tests' assertions, not written as `commands:`; --include-derived scores "
-                         "them too")  # fmt: skip
+            parts.append(
+                f"left out {self.turns} turn(s) ({self.test_cases} test case(s) entirely) whose commands are "
+                "derived from the tests' assertions, not written as `commands:`; --include-derived scores "
+                "them too"
+            )
         if self.rasa_version_turns:
-            parts.append(f"left out {self.rasa_version_turns} turn(s) labelled with a command the target Rasa Pro "
-                         "release no longer parses (`hand over` from 3.16 on; the runtime drops it and answers "
-                         "`cannot handle`), or coming after such a turn; --rasa-version 3.15 scores them")  # fmt: skip
+            parts.append(
+                f"left out {self.rasa_version_turns} turn(s) labelled with a command the target Rasa Pro "
+                "release no longer parses (`hand over` from 3.16 on; the runtime drops it and answers "
+                "`cannot handle`), or coming after such a turn; --rasa-version 3.15 scores them"
+            )
         if self.payload_turns:
-            parts.append(f"left out {self.payload_turns} payload turn(s): button payloads never reach the command "
-                         "generator (`rasa test du` scores those with written commands, as answered by the runtime: "
-                         "the Rasa rows and table count them)")  # fmt: skip
+            parts.append(
+                f"left out {self.payload_turns} payload turn(s): button payloads never reach the command "
+                "generator (`rasa test du` scores those with written commands, as answered by the runtime: "
+                "the Rasa rows and table count them)"
+            )
         if self.nlu_turns:
-            parts.append(f"left out {self.nlu_turns} NLU turn(s): their commands set slots the command generator does "
-                         "not fill")  # fmt: skip
+            parts.append(
+                f"left out {self.nlu_turns} NLU turn(s): their commands set slots the command generator does not fill"
+            )
         return "\n".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"turns": self.turns, "test_cases": self.test_cases, "reason": "assertions",
-                "payload_turns": self.payload_turns, "nlu_turns": self.nlu_turns,
-                "rasa_version_turns": self.rasa_version_turns}  # fmt: skip
+        return {
+            "turns": self.turns,
+            "test_cases": self.test_cases,
+            "reason": "assertions",
+            "payload_turns": self.payload_turns,
+            "nlu_turns": self.nlu_turns,
+            "rasa_version_turns": self.rasa_version_turns,
+        }
 
 
 def scoring_key(command: Command, float_slots: frozenset[str] = frozenset()) -> tuple:
@@ -143,9 +155,14 @@ def _flow_of(expected: Sequence[Command], state: DialogueState | None, project: 
     return NO_FLOW
 
 
-def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy, include_derived: bool = False,
-                     left_out: list[tuple[str, str]] | None = None,
-                     runtime_turns: list[Case] | None = None) -> list[Case]:  # fmt: skip
+def cases_from_tests(
+    project: Project,
+    specs: list[str],
+    policy: DatetimePolicy,
+    include_derived: bool = False,
+    left_out: list[tuple[str, str]] | None = None,
+    runtime_turns: list[Case] | None = None,
+) -> list[Case]:
     """Each command-generator turn with commands written in the test (and, with `include_derived`, those derived
     from its assertions), with the state before it from replaying the whole test case. Turns left out are appended
     to `left_out` as (turn id, why): "assertions" (derived), "payload" or "nlu". Payload and NLU turns whose test
@@ -166,10 +183,16 @@ def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
                     left_out.append((f"{test_case.id}#{turn.number}", label.source))
                 if runtime_turns is not None and turn.step.commands:
                     written = tuple(turn.step.commands)
-                    runtime_turns.append(Case(
-                        id=f"{test_case.id}#{turn.number}", test_case=test_case.id, user_message=turn.text,
-                        expected=written, flow=_flow_of(written, turn.state, project), source=label.source,
-                    ))  # fmt: skip
+                    runtime_turns.append(
+                        Case(
+                            id=f"{test_case.id}#{turn.number}",
+                            test_case=test_case.id,
+                            user_message=turn.text,
+                            expected=written,
+                            flow=_flow_of(written, turn.state, project),
+                            source=label.source,
+                        )
+                    )
                 continue
             if label.commands is None:
                 if left_out is not None and label.source == "test":
@@ -182,16 +205,24 @@ def cases_from_tests(project: Project, specs: list[str], policy: DatetimePolicy,
                     left_out.append((f"{test_case.id}#{turn.number}", "assertions"))
                 continue
             expected = tuple(label.commands)
-            cases.append(Case(
-                id=f"{test_case.id}#{turn.number}", test_case=test_case.id, user_message=turn.text,
-                expected=expected, flow=_flow_of(expected, turn.state, project), source=label.source,
-                state=turn.state, when=when,
-            ))  # fmt: skip
+            cases.append(
+                Case(
+                    id=f"{test_case.id}#{turn.number}",
+                    test_case=test_case.id,
+                    user_message=turn.text,
+                    expected=expected,
+                    flow=_flow_of(expected, turn.state, project),
+                    source=label.source,
+                    state=turn.state,
+                    when=when,
+                )
+            )
     return cases
 
 
-def cases_from_jsonl(path: Path, syntax: Syntax, project: Project | None = None,
-                     left_out: list[tuple[str, str]] | None = None) -> list[Case]:  # fmt: skip
+def cases_from_jsonl(
+    path: Path, syntax: Syntax, project: Project | None = None, left_out: list[tuple[str, str]] | None = None
+) -> list[Case]:
     """Rows of a split file, read as finetune reads them: `{"prompt", "completion"}` or `{"messages": [...]}`. With
     `project`, its custom commands are read, and a row whose answer holds a command the target Rasa release no
     longer parses (`hand over` from 3.16 on) is left out (appended to `left_out`): the runtime would drop it."""
@@ -205,16 +236,29 @@ def cases_from_jsonl(path: Path, syntax: Syntax, project: Project | None = None,
         custom = project.custom_commands if project is not None else ()
         parsed = parse_model_output(example.completion, detect_syntax(first_line) or syntax, custom=custom)
         if not parsed.fully_parsed:
-            raise InputError(str(path), example.line, f"completion line `{parsed.unparsed_lines[0]}` is not a command "
-                             f"in {syntax.value} syntax")  # fmt: skip
-        dropped = [r for c in parsed.commands if project is not None and (r := unsupported_reason(c, project.rasa_version))]
+            raise InputError(
+                str(path),
+                example.line,
+                f"completion line `{parsed.unparsed_lines[0]}` is not a command in {syntax.value} syntax",
+            )
+        dropped = [
+            r for c in parsed.commands if project is not None and (r := unsupported_reason(c, project.rasa_version))
+        ]
         if dropped:
             if left_out is not None:
                 left_out.append((f"{path.name}:{example.line}", "rasa-version"))
             continue
-        cases.append(Case(id=f"{path.name}:{example.line}", test_case=None, user_message=_latest_message(prompt),
-                          expected=parsed.commands, flow=_flow_of(parsed.commands, None, None), source="val",
-                          prompt=prompt))  # fmt: skip
+        cases.append(
+            Case(
+                id=f"{path.name}:{example.line}",
+                test_case=None,
+                user_message=_latest_message(prompt),
+                expected=parsed.commands,
+                flow=_flow_of(parsed.commands, None, None),
+                source="val",
+                prompt=prompt,
+            )
+        )
     return cases
 
 
@@ -257,8 +301,9 @@ class Outcome:
 
     @property
     def correct(self) -> bool:
-        return self.prediction is not None and _multiset(self.case.expected, self.key) == _multiset(self.predicted,
-                                                                                                    self.key)  # fmt: skip
+        return self.prediction is not None and _multiset(self.case.expected, self.key) == _multiset(
+            self.predicted, self.key
+        )
 
 
 def _multiset(commands: Sequence[Command], key: Callable[[Command], tuple] = command_key) -> Counter:
@@ -277,8 +322,13 @@ def predict_case(generator: CommandGenerator, case: Case) -> Outcome:
         return Outcome(case, None, str(error))
 
 
-def run_model(generator: CommandGenerator, cases: Sequence[Case], *, concurrency: int = 1,
-              progress: Callable[[], None] | None = None) -> list[Outcome]:  # fmt: skip
+def run_model(
+    generator: CommandGenerator,
+    cases: Sequence[Case],
+    *,
+    concurrency: int = 1,
+    progress: Callable[[], None] | None = None,
+) -> list[Outcome]:
     """Every case through the generator, in order; up to `concurrency` calls at once (endpoints only gain)."""
 
     def one(case: Case) -> Outcome:
@@ -324,18 +374,30 @@ def command_counts(outcomes: Sequence[Outcome]) -> dict[str, dict[str, Any]]:
     for outcome in outcomes:
         kinds = {c.kind for c in outcome.case.expected} | {c.kind for c in outcome.predicted}
         for kind in kinds:
-            add(kind, _multiset([c for c in outcome.case.expected if c.kind == kind], outcome.key),
-                _multiset([c for c in outcome.predicted if c.kind == kind], outcome.key))  # fmt: skip
+            add(
+                kind,
+                _multiset([c for c in outcome.case.expected if c.kind == kind], outcome.key),
+                _multiset([c for c in outcome.predicted if c.kind == kind], outcome.key),
+            )
         if SetSlot.kind in kinds:
             expected_names = _multiset([c for c in outcome.case.expected if isinstance(c, SetSlot)], _slot_name)
-            add(NAME_ONLY, expected_names, _multiset([c for c in outcome.predicted if isinstance(c, SetSlot)], _slot_name))
+            add(
+                NAME_ONLY,
+                expected_names,
+                _multiset([c for c in outcome.predicted if isinstance(c, SetSlot)], _slot_name),
+            )
     table = {}
     for label in sorted(counts, key=lambda k: (k == NAME_ONLY, k)):
         tp, fp, fn = counts[label]["tp"], counts[label]["fp"], counts[label]["fn"]
         table[label] = {
-            "tp": tp, "fp": fp, "fn": fn, "support": tp + fn,
-            "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        }  # fmt: skip
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "support": tp + fn,
+            "precision": _ratio(tp, tp + fp),
+            "recall": _ratio(tp, tp + fn),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        }
     return table
 
 
@@ -364,15 +426,17 @@ def rasa_predicted(outcome: Outcome) -> tuple[Command, ...]:
     handle`, as the runtime's command generator answers it. A failed call predicts nothing."""
     if outcome.prediction is None:
         return ()
-    parsed = outcome.prediction.commands + tuple(d.item for d in outcome.prediction.dropped
-                                                 if isinstance(d.item, Command) and not _parser_drops(d))  # fmt: skip
+    parsed = outcome.prediction.commands + tuple(
+        d.item for d in outcome.prediction.dropped if isinstance(d.item, Command) and not _parser_drops(d)
+    )
     return parsed or (CannotHandle(),)
 
 
 def _parser_drops(dropped: Any) -> bool:
     # Our validator keeps a clarification's valid options (the command is in `commands`) and lists each bad one.
-    return isinstance(dropped.item, Clarify) or (isinstance(dropped.item, StartFlow)
-                                                 and dropped.reason.startswith("unknown flow"))  # fmt: skip
+    return isinstance(dropped.item, Clarify) or (
+        isinstance(dropped.item, StartFlow) and dropped.reason.startswith("unknown flow")
+    )
 
 
 def rasa_command_name(command: Command) -> str:
@@ -390,8 +454,9 @@ def _present(command: Command, commands: Sequence[Command], key: Callable[[Comma
     return any(_rasa_equal(command, other, key) for other in commands)
 
 
-def rasa_step_passed(expected: Sequence[Command], predicted: Sequence[Command],
-                     key: Callable[[Command], tuple] = command_key) -> bool:  # fmt: skip
+def rasa_step_passed(
+    expected: Sequence[Command], predicted: Sequence[Command], key: Callable[[Command], tuple] = command_key
+) -> bool:
     return len(expected) == len(predicted) and all(_present(c, predicted, key) for c in expected)
 
 
@@ -409,8 +474,9 @@ class RasaStep:
         return rasa_step_passed(self.case.expected, self.predicted, self.key)
 
 
-def rasa_steps(outcomes: Sequence[Outcome], runtime_turns: Sequence[Case] = (), component: str = "model"
-               ) -> list[RasaStep]:  # fmt: skip
+def rasa_steps(
+    outcomes: Sequence[Outcome], runtime_turns: Sequence[Case] = (), component: str = "model"
+) -> list[RasaStep]:
     """The steps `rasa test du` scores, in test order: turns with expected commands (a turn expecting none is not a
     step there), and the payload and NLU turns, assumed answered by the runtime with exactly the test's commands."""
     steps = [RasaStep(o.case, rasa_predicted(o), component) for o in outcomes if o.case.expected]
@@ -450,14 +516,23 @@ def rasa_metrics(steps: Sequence[RasaStep], syntax: Syntax = Syntax.V2) -> dict[
     for name in sorted(counts):
         tp, fp, fn = counts[name]["tp"], counts[name]["fp"], counts[name]["fn"]
         precision, recall = safe(tp, tp + fp), safe(tp, tp + fn)
-        command_metrics[name] = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
-                                 "f1_score": safe(2 * precision * recall, precision + recall),
-                                 "total_count": counts[name]["total_count"]}  # fmt: skip
+        command_metrics[name] = {
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "precision": precision,
+            "recall": recall,
+            "f1_score": safe(2 * precision * recall, precision + recall),
+            "total_count": counts[name]["total_count"],
+        }
     passed_tests = [name for name, test_steps in by_test.items() if all(s.passed for s in test_steps)]
     failed_tests = [name for name in by_test if name not in passed_tests]
     passed_steps = sum(step.passed for step in steps)
     return {
-        "accuracy": {"test_cases": safe(len(passed_tests), len(by_test)), "user_utterances": safe(passed_steps, len(steps))},
+        "accuracy": {
+            "test_cases": safe(len(passed_tests), len(by_test)),
+            "user_utterances": safe(passed_steps, len(steps)),
+        },
         "number_of_passed_tests": len(passed_tests),
         "number_of_failed_tests": len(failed_tests),
         "number_of_passed_user_utterances": passed_steps,
@@ -478,14 +553,21 @@ def _rasa_failed_step(step: RasaStep, syntax: Syntax) -> dict[str, Any]:
         "error_line": -1,  # not tracked per turn here; Rasa writes -1 when it does not know the line either
         "pass_status": False,
         "expected_commands": [format_commands([c], syntax) for c in step.case.expected],
-        "predicted_commands": [{"component": step.component,
-                                "commands": [format_commands([c], syntax) for c in step.predicted]}]
-        if step.predicted else [],
-    }  # fmt: skip
+        "predicted_commands": [
+            {"component": step.component, "commands": [format_commands([c], syntax) for c in step.predicted]}
+        ]
+        if step.predicted
+        else [],
+    }
 
 
-def model_metrics(outcomes: Sequence[Outcome], worst: int = 10, syntax: Syntax = Syntax.V2,
-                  runtime_turns: Sequence[Case] = (), component: str = "model") -> dict[str, Any]:  # fmt: skip
+def model_metrics(
+    outcomes: Sequence[Outcome],
+    worst: int = 10,
+    syntax: Syntax = Syntax.V2,
+    runtime_turns: Sequence[Case] = (),
+    component: str = "model",
+) -> dict[str, Any]:
     """Everything the report shows for one model, as plain JSON data; `rasa` is the same turns counted as
     `rasa test du` counts them (with the payload and NLU turns in `runtime_turns`)."""
     predictions = [o.prediction for o in outcomes if o.prediction is not None]
@@ -519,8 +601,10 @@ def model_metrics(outcomes: Sequence[Outcome], worst: int = 10, syntax: Syntax =
         "turns_with_invalid_commands": sum(bool(p.invalid) for p in predictions),
         "hallucinated_flows": sum(_names_unknown_flow(d.reason) for d in invalid),
         "per_command": command_counts(outcomes),
-        "per_flow": {flow: {"turns": len(results), "correct": sum(results), "accuracy": _ratio(sum(results), len(results))}
-                     for flow, results in sorted(by_flow.items())},  # fmt: skip
+        "per_flow": {
+            flow: {"turns": len(results), "correct": sum(results), "accuracy": _ratio(sum(results), len(results))}
+            for flow, results in sorted(by_flow.items())
+        },
         "latency": {
             "p50_s": percentile(latencies, 0.5),
             "p95_s": percentile(latencies, 0.95),
@@ -575,8 +659,10 @@ def _turn_record(outcome: Outcome, syntax: Syntax) -> dict[str, Any]:
         "expected": format_commands(outcome.case.expected, syntax),
         "predicted": format_commands(outcome.predicted, syntax),
         "raw_answer": prediction.raw_text if prediction else None,
-        "dropped": [{"item": d.item if d.unparsed else format_commands([d.item], syntax), "reason": d.reason}
-                    for d in (prediction.dropped if prediction else ())],  # fmt: skip
+        "dropped": [
+            {"item": d.item if d.unparsed else format_commands([d.item], syntax), "reason": d.reason}
+            for d in (prediction.dropped if prediction else ())
+        ],
         "error": outcome.error,
         "latency_s": prediction.latency_s if prediction else None,
         "prompt": prediction.prompt if prediction else outcome.case.prompt,
@@ -641,26 +727,44 @@ def _api_key(spec: ModelSpec) -> str | None:
     if key is None and "SELF_HOSTED_API_KEY" not in names and names:
         # OpenAI and Azure answer no key with a 401, after the local models are loaded: say so now. A server of
         # one's own elsewhere may well take no key.
-        raise ConfigError(f"--endpoint {spec.endpoint}: no API key; set {' or '.join(names)}, or name the variable "
-                          "holding it with --api-key-env VAR after the --endpoint")  # fmt: skip
+        raise ConfigError(
+            f"--endpoint {spec.endpoint}: no API key; set {' or '.join(names)}, or name the variable "
+            "holding it with --api-key-env VAR after the --endpoint"
+        )
     return key
 
 
-def build_generator(spec: ModelSpec, project: Project, *, template_path: Path | None = None, syntax: str | None = None,
-                    constrained: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS, use_completions: bool = False,
-                    threads: int | None = None) -> CommandGenerator:  # fmt: skip
+def build_generator(
+    spec: ModelSpec,
+    project: Project,
+    *,
+    template_path: Path | None = None,
+    syntax: str | None = None,
+    constrained: bool = False,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    use_completions: bool = False,
+    threads: int | None = None,
+) -> CommandGenerator:
     """The runtime generator for one model spec, with the template and syntax it was trained with."""
     backend: Backend
     if spec.model is not None:
-        backend = LocalModelBackend(spec.model, base_model=spec.base_model, max_new_tokens=max_tokens, threads=threads,
-                                    name=spec.name)  # fmt: skip
+        backend = LocalModelBackend(
+            spec.model, base_model=spec.base_model, max_new_tokens=max_tokens, threads=threads, name=spec.name
+        )
     elif spec.endpoint is not None and spec.endpoint_model is not None:
-        backend = OpenAIBackend(spec.endpoint, spec.endpoint_model, api_key=_api_key(spec), max_tokens=max_tokens,
-                                use_completions=use_completions, name=spec.name)  # fmt: skip
+        backend = OpenAIBackend(
+            spec.endpoint,
+            spec.endpoint_model,
+            api_key=_api_key(spec),
+            max_tokens=max_tokens,
+            use_completions=use_completions,
+            name=spec.name,
+        )
     else:
         raise ConfigError("each --endpoint needs its --endpoint-model NAME")
-    return CommandGenerator.for_model(project, backend, template_path=template_path, syntax=syntax,
-                                      constrained=constrained)  # fmt: skip
+    return CommandGenerator.for_model(
+        project, backend, template_path=template_path, syntax=syntax, constrained=constrained
+    )
 
 
 def check_inputs(project: Project, inputs: Sequence[str]) -> None:
@@ -676,9 +780,15 @@ def check_inputs(project: Project, inputs: Sequence[str]) -> None:
         load_tests(tests, project)
 
 
-def load_cases(project: Project, inputs: Sequence[str], policy: DatetimePolicy, syntax: Syntax,
-               include_derived: bool = False, left_out: list[tuple[str, str]] | None = None,
-               runtime_turns: list[Case] | None = None) -> list[Case]:  # fmt: skip
+def load_cases(
+    project: Project,
+    inputs: Sequence[str],
+    policy: DatetimePolicy,
+    syntax: Syntax,
+    include_derived: bool = False,
+    left_out: list[tuple[str, str]] | None = None,
+    runtime_turns: list[Case] | None = None,
+) -> list[Case]:
     """`.jsonl` inputs are split rows; anything else is a test file, folder or `file::test case`. Float slots' values
     are scored as numbers. The ids of derived turns left out (without `include_derived`) are appended to `left_out`,
     payload and NLU turns with written commands to `runtime_turns` (for Rasa's counting)."""
@@ -698,22 +808,37 @@ def left_out_summary(cases: Sequence[Case], left_out: Sequence[tuple[str, str]])
     """How many turns were left out and why, and how many test cases had no turn scored because of derived turns."""
     scored = {case.test_case for case in cases}
     derived = [turn_id for turn_id, why in left_out if why == "assertions"]
-    return LeftOut(turns=len(derived), test_cases=len({i.rsplit("#", 1)[0] for i in derived} - scored),
-                   payload_turns=sum(why == "payload" for _, why in left_out),
-                   nlu_turns=sum(why == "nlu" for _, why in left_out),
-                   rasa_version_turns=sum(why == "rasa-version" for _, why in left_out))  # fmt: skip
+    return LeftOut(
+        turns=len(derived),
+        test_cases=len({i.rsplit("#", 1)[0] for i in derived} - scored),
+        payload_turns=sum(why == "payload" for _, why in left_out),
+        nlu_turns=sum(why == "nlu" for _, why in left_out),
+        rasa_version_turns=sum(why == "rasa-version" for _, why in left_out),
+    )
 
 
-def evaluate_model(spec: ModelSpec, generator: CommandGenerator, cases: Sequence[Case], *, concurrency: int = 1,
-                   worst: int = 10, progress: Callable[[], None] | None = None,
-                   runtime_turns: Sequence[Case] = ()) -> ModelResult:  # fmt: skip
+def evaluate_model(
+    spec: ModelSpec,
+    generator: CommandGenerator,
+    cases: Sequence[Case],
+    *,
+    concurrency: int = 1,
+    worst: int = 10,
+    progress: Callable[[], None] | None = None,
+    runtime_turns: Sequence[Case] = (),
+) -> ModelResult:
     outcomes = run_model(generator, cases, concurrency=concurrency, progress=progress)
     setup = generator.setup
     return ModelResult(
-        label=spec.name, description=spec.description, template=setup.template.path,
-        template_sha256=setup.template.sha256, syntax=setup.syntax.value, constrained=generator.constrained,
-        warnings=setup.warnings, metrics=model_metrics(outcomes, worst, setup.syntax, runtime_turns, spec.name),
-    )  # fmt: skip
+        label=spec.name,
+        description=spec.description,
+        template=setup.template.path,
+        template_sha256=setup.template.sha256,
+        syntax=setup.syntax.value,
+        constrained=generator.constrained,
+        warnings=setup.warnings,
+        metrics=model_metrics(outcomes, worst, setup.syntax, runtime_turns, spec.name),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -737,8 +862,14 @@ def rasa_report_name(label: str) -> str:
     return f"rasa_du_results_{safe}.yml"
 
 
-def write_report(out: Path, results: Sequence[ModelResult], inputs: Sequence[str], cases: Sequence[Case],
-                 left_out: LeftOut = LeftOut(), scoring: str = "recipe") -> list[Path]:  # fmt: skip
+def write_report(
+    out: Path,
+    results: Sequence[ModelResult],
+    inputs: Sequence[str],
+    cases: Sequence[Case],
+    left_out: LeftOut = LeftOut(),
+    scoring: str = "recipe",
+) -> list[Path]:
     """report.md, report.json and the plots in `out` (with `scoring="rasa"` also each model's results file in
     `rasa test du`'s YAML layout); returns the files written."""
     from recipe.yamlio import dump_yaml
@@ -760,8 +891,10 @@ def write_report(out: Path, results: Sequence[ModelResult], inputs: Sequence[str
     written = [out / REPORT_JSON]
     written += plot_f1(out / F1_PNG, results)
     written += plot_latency(out / LATENCY_PNG, results)
-    write_atomic(out / REPORT_MD, report_markdown(results, inputs, cases, [p.name for p in written if p.suffix == ".png"],
-                                                      left_out))  # fmt: skip
+    write_atomic(
+        out / REPORT_MD,
+        report_markdown(results, inputs, cases, [p.name for p in written if p.suffix == ".png"], left_out),
+    )
     return [out / REPORT_MD, *written, *rasa_files]
 
 
@@ -785,14 +918,18 @@ def _summary_rows(results: Sequence[ModelResult]) -> list[list[str]]:
 
     return [
         row("turn accuracy", lambda m: f"{_percent(m['turn_accuracy'])} ({m['correct_turns']}/{m['turns']})"),
-        row("test case accuracy", lambda m: f"{_percent(m['test_case_accuracy'])} "
-                                            f"({m['correct_test_cases']}/{m['test_cases']})"),  # fmt: skip
+        row(
+            "test case accuracy",
+            lambda m: f"{_percent(m['test_case_accuracy'])} ({m['correct_test_cases']}/{m['test_cases']})",
+        ),
         row("user utterance accuracy, as `rasa test du`", lambda m: _rasa_accuracy(m, "user_utterances")),
         row("test case accuracy, as `rasa test du`", lambda m: _rasa_accuracy(m, "test_cases")),
         row("empty answers", lambda m: f"{_percent(m['empty_rate'])} ({m['empty_turns']})"),
         row("unparseable answers", lambda m: f"{_percent(m['unparseable_rate'])} ({m['unparseable_turns']})"),
-        row("invalid commands", lambda m: f"{_percent(m['invalid_command_rate'])} "
-                                          f"({m['invalid_commands']}/{m['emitted_commands']})"),  # fmt: skip
+        row(
+            "invalid commands",
+            lambda m: f"{_percent(m['invalid_command_rate'])} ({m['invalid_commands']}/{m['emitted_commands']})",
+        ),
         row("hallucinated flows", lambda m: str(m["hallucinated_flows"])),
         row("truncated answers", lambda m: str(m["truncated_turns"])),
         row("failed calls", lambda m: str(m["errors"])),
@@ -804,18 +941,23 @@ def _summary_rows(results: Sequence[ModelResult]) -> list[list[str]]:
 
 def _rasa_accuracy(metrics: dict[str, Any], which: str) -> str:
     rasa = metrics["rasa"]
-    passed, failed = ((rasa["number_of_passed_user_utterances"], rasa["number_of_failed_user_utterances"])
-                      if which == "user_utterances" else (rasa["number_of_passed_tests"], rasa["number_of_failed_tests"]))
-    return f"{_percent(rasa['accuracy'][which])} ({passed}/{passed + failed})"  # fmt: skip
+    passed, failed = (
+        (rasa["number_of_passed_user_utterances"], rasa["number_of_failed_user_utterances"])
+        if which == "user_utterances"
+        else (rasa["number_of_passed_tests"], rasa["number_of_failed_tests"])
+    )
+    return f"{_percent(rasa['accuracy'][which])} ({passed}/{passed + failed})"
 
 
 def _rasa_section(results: Sequence[ModelResult]) -> str:
     labels = [r.label for r in results]
-    text = ("\n## Per command type, as `rasa test du` counts\n\nRasa Pro's dialogue-understanding test report: steps "
-            "with written commands only, payload and NLU turns included (answered by the runtime, not the model), "
-            "commands the validator drops counted as predicted (false positives), an answer with nothing parsed as "
-            "`cannot handle`, a command found when an equal one is anywhere in the other list. `--scoring rasa` writes "
-            "the same numbers in its results-file layout.\n\n")  # fmt: skip
+    text = (
+        "\n## Per command type, as `rasa test du` counts\n\nRasa Pro's dialogue-understanding test report: steps "
+        "with written commands only, payload and NLU turns included (answered by the runtime, not the model), "
+        "commands the validator drops counted as predicted (false positives), an answer with nothing parsed as "
+        "`cannot handle`, a command found when an equal one is anywhere in the other list. `--scoring rasa` writes "
+        "the same numbers in its results-file layout.\n\n"
+    )
     names = sorted({n for r in results for n in r.metrics["rasa"]["command_metrics"]})
     header = ["command", *(f"{label} {column}" for label in labels for column in ("TP/FP/FN", "P", "R", "F1"))]
     rows = []
@@ -823,27 +965,54 @@ def _rasa_section(results: Sequence[ModelResult]) -> str:
         row = [name]
         for result in results:
             c = result.metrics["rasa"]["command_metrics"].get(name)
-            row += [f"{c['tp']}/{c['fp']}/{c['fn']}", f"{c['precision']:.2f}", f"{c['recall']:.2f}",
-                    f"{c['f1_score']:.2f}"] if c else ["—"] * 4  # fmt: skip
+            row += (
+                [
+                    f"{c['tp']}/{c['fp']}/{c['fn']}",
+                    f"{c['precision']:.2f}",
+                    f"{c['recall']:.2f}",
+                    f"{c['f1_score']:.2f}",
+                ]
+                if c
+                else ["—"] * 4
+            )
         rows.append(row)
     return text + _table(header, rows)
 
 
-def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases: Sequence[Case],
-                    plots: Sequence[str], left_out: LeftOut = LeftOut()) -> str:  # fmt: skip
+def report_markdown(
+    results: Sequence[ModelResult],
+    inputs: Sequence[str],
+    cases: Sequence[Case],
+    plots: Sequence[str],
+    left_out: LeftOut = LeftOut(),
+) -> str:
     labels = [r.label for r in results]
     parts = [f"# Command generator evaluation\n\n{len(cases)} turns from {', '.join(inputs)}.\n\n"]
     for line in filter(None, left_out.message().splitlines()):
         parts.append(f"**Not scored:** {line[0].upper()}{line[1:]}.\n\n")
-    parts.append(_table(["model", "what", "template (sha256)", "syntax", "constrained"],
-                        [[r.label, r.description, f"{r.template} ({r.template_sha256[:12]})", r.syntax,
-                          "yes" if r.constrained else "no"] for r in results]))  # fmt: skip
+    parts.append(
+        _table(
+            ["model", "what", "template (sha256)", "syntax", "constrained"],
+            [
+                [
+                    r.label,
+                    r.description,
+                    f"{r.template} ({r.template_sha256[:12]})",
+                    r.syntax,
+                    "yes" if r.constrained else "no",
+                ]
+                for r in results
+            ],
+        )
+    )
     for result in results:
         parts += [f"\n**Warning ({result.label}):** {warning}\n" for warning in result.warnings]
     parts.append("\n## Summary\n\n" + _table(["metric", *labels], _summary_rows(results)))
-    parts.append("\n## Per command type\n\nMatched per turn as multisets; `set slot (name only)` ignores values; a "
-                 "command the validator drops is not counted as predicted (it is under invalid commands), and payload "
-                 "turns are not scored. The next table counts as `rasa test du` does.\n\n")  # fmt: skip
+    parts.append(
+        "\n## Per command type\n\nMatched per turn as multisets; `set slot (name only)` ignores values; a "
+        "command the validator drops is not counted as predicted (it is under invalid commands), and payload "
+        "turns are not scored. The next table counts as `rasa test du` does.\n\n"
+    )
     kinds = sorted({k for r in results for k in r.metrics["per_command"]}, key=lambda k: (k == NAME_ONLY, k))
     header = ["command", *(f"{label} {column}" for label in labels for column in ("TP/FP/FN", "P", "R", "F1"))]
     rows = []
@@ -851,15 +1020,27 @@ def report_markdown(results: Sequence[ModelResult], inputs: Sequence[str], cases
         row = [_command_name(kind, results)]
         for result in results:
             c = result.metrics["per_command"].get(kind)
-            row += [f"{c['tp']}/{c['fp']}/{c['fn']}", _number(c["precision"], 2), _number(c["recall"], 2),
-                    _number(c["f1"], 2)] if c else ["—"] * 4  # fmt: skip
+            row += (
+                [
+                    f"{c['tp']}/{c['fp']}/{c['fn']}",
+                    _number(c["precision"], 2),
+                    _number(c["recall"], 2),
+                    _number(c["f1"], 2),
+                ]
+                if c
+                else ["—"] * 4
+            )
         rows.append(row)
     parts.append(_table(header, rows))
     parts.append(_rasa_section(results))
     flows = sorted({f for r in results for f in r.metrics["per_flow"]})
     parts.append("\n## Per flow\n\nA turn belongs to the flow it starts, else to the flow in progress.\n\n")
-    parts.append(_table(["flow", *labels], [[flow, *(_flow_cell(r.metrics["per_flow"].get(flow)) for r in results)]
-                                            for flow in flows]))  # fmt: skip
+    parts.append(
+        _table(
+            ["flow", *labels],
+            [[flow, *(_flow_cell(r.metrics["per_flow"].get(flow)) for r in results)] for flow in flows],
+        )
+    )
     parts += [f"\n![{name}]({name})\n" for name in plots]
     for result in results:
         parts.append(f"\n## Worst turns: {result.label}\n")
@@ -929,14 +1110,28 @@ def plot_f1(path: Path, results: Sequence[ModelResult]) -> list[Path]:
         bars = axes.bar(positions, values, width, label=result.label)
         for position, value, bar in zip(positions, values, bars):
             # a zero bar has no height: write the 0 where it would be, in the bar's colour, so it is seen
-            axes.text(position, value + 0.01, f"{value:.2f}" if value else "0", ha="center", va="bottom", fontsize=7,
-                      color=bar.get_facecolor() if not value else "black", fontweight="bold" if not value else None)
-    axes.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(kinds))],
-                    [_command_name(kind, results) for kind in kinds], rotation=30, ha="right")  # fmt: skip
+            axes.text(
+                position,
+                value + 0.01,
+                f"{value:.2f}" if value else "0",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color=bar.get_facecolor() if not value else "black",
+                fontweight="bold" if not value else None,
+            )
+    axes.set_xticks(
+        [i + width * (len(results) - 1) / 2 for i in range(len(kinds))],
+        [_command_name(kind, results) for kind in kinds],
+        rotation=30,
+        ha="right",
+    )
     axes.set_ylim(0, 1.08)
     axes.set_ylabel("F1")
-    axes.set_title("F1 per command type" + (f": {results[0].label}" if len(results) == 1 else ""),
-                   pad=22 if len(results) > 1 else 6)  # fmt: skip
+    axes.set_title(
+        "F1 per command type" + (f": {results[0].label}" if len(results) == 1 else ""),
+        pad=22 if len(results) > 1 else 6,
+    )
     if len(results) > 1:  # above the plot, where it covers no bar
         axes.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(results), frameon=False)
     figure.tight_layout()
@@ -960,8 +1155,9 @@ def plot_latency(path: Path, results: Sequence[ModelResult]) -> list[Path]:
     axes.set_xlabel("latency per turn (s)")
     axes.set_ylabel("turns")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of turns: no 0.5 ticks
-    axes.set_title("Model call latency" + (f": {next(iter(series))}" if len(series) == 1 else ""),
-                   pad=22 if len(series) > 1 else 6)  # fmt: skip
+    axes.set_title(
+        "Model call latency" + (f": {next(iter(series))}" if len(series) == 1 else ""), pad=22 if len(series) > 1 else 6
+    )
     if len(series) > 1:
         axes.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(series), frameon=False)
     figure.tight_layout()

@@ -17,9 +17,16 @@ from recipe.yamlio import line_of, plain
 STEP_KINDS = ("collect", "action", "set_slots", "link", "call", "noop")
 _FLOW_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 _FLOW_KEYS = {
-    "name", "description", "if", "always_include_in_prompt", "nlu_trigger", "persisted_slots", "steps",
-    "run_pattern_completed", "file_path",
-}  # fmt: skip
+    "name",
+    "description",
+    "if",
+    "always_include_in_prompt",
+    "nlu_trigger",
+    "persisted_slots",
+    "steps",
+    "run_pattern_completed",
+    "file_path",
+}
 
 
 def _condition_text(value: Any) -> str:
@@ -96,8 +103,11 @@ class _FlowReader:
             step.utter = item.get("utter")
             for rejection in item.get("rejections") or []:
                 if not isinstance(rejection, dict) or "if" not in rejection or "utter" not in rejection:
-                    raise InputError(self.path, line_of(rejection) or line_of(item, "rejections"),
-                                     f"flow `{self.flow_id}`: a rejection needs `if` and `utter`")  # fmt: skip
+                    raise InputError(
+                        self.path,
+                        line_of(rejection) or line_of(item, "rejections"),
+                        f"flow `{self.flow_id}`: a rejection needs `if` and `utter`",
+                    )
                 step.rejections.append((_condition_text(rejection["if"]), str(rejection["utter"])))
         elif kind == "set_slots":
             if not isinstance(value, list):
@@ -170,9 +180,10 @@ def _read_flow(flow_id: str, body: Any, flows_node: Any, shown_path: str) -> Flo
     unknown = [key for key in body if key not in _FLOW_KEYS]
     if unknown:
         raise InputError(
-            shown_path, line_of(body, unknown[0]),
+            shown_path,
+            line_of(body, unknown[0]),
             f"flow `{flow_id}`: unknown key `{unknown[0]}`; expected one of {', '.join(sorted(_FLOW_KEYS))}",
-        )  # fmt: skip
+        )
     if not body.get("description") and not flow_id.startswith("pattern_"):
         raise InputError(shown_path, line, f"flow `{flow_id}` has no `description` (required)")
     reader = _FlowReader(flow_id, shown_path)
@@ -181,10 +192,11 @@ def _read_flow(flow_id: str, body: Any, flows_node: Any, shown_path: str) -> Flo
         for branch in step.next:
             if branch.target != END and branch.target not in reader.steps:
                 raise InputError(
-                    shown_path, reader.next_lines.get(step.id) or step.location.line,
+                    shown_path,
+                    reader.next_lines.get(step.id) or step.location.line,
                     f"flow `{flow_id}`: `next` points to unknown step `{branch.target}`; expected a step id "
                     "of this flow or END",
-                )  # fmt: skip
+                )
     guard = body.get("if")
     triggers = []
     for trigger in body.get("nlu_trigger") or []:
@@ -192,15 +204,15 @@ def _read_flow(flow_id: str, body: Any, flows_node: Any, shown_path: str) -> Flo
         triggers.append(str(intent.get("name") if isinstance(intent, dict) else intent))
     persisted = body.get("persisted_slots") or []
     return Flow(
-            id=flow_id,
-            description=str(body.get("description") or ""),
-            name=None if body.get("name") is None else str(body.get("name")),
-            guard=None if guard is None else _condition_text(guard),
-            always_include_in_prompt=bool(body.get("always_include_in_prompt", False)),
-            persisted_slots=[str(slot) for slot in persisted],
-            run_pattern_completed=bool(body.get("run_pattern_completed", True)),
-            nlu_triggers=triggers,
-            steps=reader.steps,
-            first_step=ids[0],
-            location=Location(shown_path, line),
-        )
+        id=flow_id,
+        description=str(body.get("description") or ""),
+        name=None if body.get("name") is None else str(body.get("name")),
+        guard=None if guard is None else _condition_text(guard),
+        always_include_in_prompt=bool(body.get("always_include_in_prompt", False)),
+        persisted_slots=[str(slot) for slot in persisted],
+        run_pattern_completed=bool(body.get("run_pattern_completed", True)),
+        nlu_triggers=triggers,
+        steps=reader.steps,
+        first_step=ids[0],
+        location=Location(shown_path, line),
+    )

@@ -20,8 +20,9 @@ Nothing here imports torch; the logits processor touches tensors only through th
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from recipe.commands import (
     CancelFlow,
@@ -51,8 +52,14 @@ if TYPE_CHECKING:
 # Commands without arguments that a command generator may answer with (those of the target Rasa release; agent
 # commands only in projects with sub-agents, see `command_line_node`).
 BARE_COMMANDS: tuple[type[Command], ...] = (
-    CancelFlow, ChitChat, Knowledge, SkipQuestion, RepeatLastBotMessages, HumanHandoff, CannotHandle,
-)  # fmt: skip
+    CancelFlow,
+    ChitChat,
+    Knowledge,
+    SkipQuestion,
+    RepeatLastBotMessages,
+    HumanHandoff,
+    CannotHandle,
+)
 MAX_TEXT_VALUE = 64  # characters (bytes in the matcher) of a free-text slot value
 MAX_CLARIFY_OPTIONS = 5
 MAX_LINES = 8
@@ -188,13 +195,16 @@ def _value_node(project: Project, slot_name: str) -> tuple[str, Node]:
     if slot.type == "bool":
         return "bool", _choice(BOOL_VALUES)
     if slot.type == "float":
-        number = Seq((Repeat(Literal("-"), 0, 1), Repeat(DIGIT, 1, 9), Repeat(Seq((Literal("."), Repeat(DIGIT, 1, 6))), 0, 1)))
+        number = Seq(
+            (Repeat(Literal("-"), 0, 1), Repeat(DIGIT, 1, 9), Repeat(Seq((Literal("."), Repeat(DIGIT, 1, 6))), 0, 1))
+        )
         return "float", number
     return "text", Seq((TEXT_FIRST, Repeat(TEXT_CHAR, 0, MAX_TEXT_VALUE - 1)))
 
 
-def command_line_node(project: Project, syntax: Syntax, kinds: Iterable[str] | None = None,
-                      flows: Sequence[str] | None = None) -> Node:  # fmt: skip
+def command_line_node(
+    project: Project, syntax: Syntax, kinds: Iterable[str] | None = None, flows: Sequence[str] | None = None
+) -> Node:
     """One valid command line of `project` in `syntax`, as the canonical printer writes it; `flows` are the flows a
     command may start (default: every one that is not reached only through a link or call)."""
     if syntax is Syntax.SHORT:
@@ -237,8 +247,9 @@ def command_line_node(project: Project, syntax: Syntax, kinds: Iterable[str] | N
     return Alt(tuple(lines))
 
 
-def _custom_node(project: Project, spec: CustomCommandSpec, syntax: Syntax, flows: Sequence[str],
-                 agents: Sequence[str]) -> Node:  # fmt: skip
+def _custom_node(
+    project: Project, spec: CustomCommandSpec, syntax: Syntax, flows: Sequence[str], agents: Sequence[str]
+) -> Node:
     """A project's own command as its declared form prints it, each argument from its type's language."""
     from recipe.commands import _PLACEHOLDER
 
@@ -246,10 +257,15 @@ def _custom_node(project: Project, spec: CustomCommandSpec, syntax: Syntax, flow
     types = dict(spec.arguments)
     text = Seq((TEXT_FIRST, Repeat(TEXT_CHAR, 0, MAX_TEXT_VALUE - 1)))
     for match in _PLACEHOLDER.finditer(form):
-        parts.append(Literal(form[at:match.start()]))
+        parts.append(Literal(form[at : match.start()]))
         kind = types[match.group(1)]
-        parts.append({"flow": _choice(flows), "slot": _choice(fillable_slots(project)),
-                      "agent": _choice(agents or sorted(project.agents))}.get(kind, text))  # fmt: skip
+        parts.append(
+            {
+                "flow": _choice(flows),
+                "slot": _choice(fillable_slots(project)),
+                "agent": _choice(agents or sorted(project.agents)),
+            }.get(kind, text)
+        )
         at = match.end()
     parts.append(Literal(form[at:]))
     return Seq(tuple(part for part in parts if not (isinstance(part, Literal) and not part.text)))
@@ -286,8 +302,14 @@ class CommandGrammar:
         return self._matcher
 
 
-def build_grammar(project: Project, syntax: Syntax, *, kinds: Iterable[str] | None = None, max_lines: int = MAX_LINES,
-                  flows: Sequence[str] | None = None) -> CommandGrammar:  # fmt: skip
+def build_grammar(
+    project: Project,
+    syntax: Syntax,
+    *,
+    kinds: Iterable[str] | None = None,
+    max_lines: int = MAX_LINES,
+    flows: Sequence[str] | None = None,
+) -> CommandGrammar:
     """The grammar of `project`'s valid answers in `syntax`; `kinds` limits the command kinds (default: all), `flows`
     the flows that may be started (default: all but link/call-only ones; pass those startable in a dialogue state)."""
     flows = tuple(flows) if flows is not None else tuple(startable_flow_ids(project))
@@ -309,7 +331,7 @@ def grammar_from_regex(project: Project, syntax: Syntax, regex: str) -> CommandG
         end = regex.find(closing, start + len(opening))
         if end < 0:
             return None
-        flows = tuple(name.replace("\\", "") for name in regex[start + len(opening):end].split("|"))
+        flows = tuple(name.replace("\\", "") for name in regex[start + len(opening) : end].split("|"))
     if not set(flows) <= set(startable_flow_ids(project)):
         return None
     grammar = build_grammar(project, syntax, flows=flows)
@@ -477,7 +499,9 @@ class ByteMatcher:
 
 def _byte_decoder() -> dict[str, int]:
     """The inverse of byte-level BPE's byte -> printable character table (GPT-2's `bytes_to_unicode`)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = list(printable)
     extra = 0
     for byte in range(256):
@@ -597,8 +621,9 @@ class TokenConstraint:
         return self._allowed[state]
 
 
-def token_constraint(grammar: CommandGrammar, tokenizer: Any, eos_token_ids: Iterable[int],
-                     vocabulary: TokenVocabulary | None = None) -> TokenConstraint:  # fmt: skip
+def token_constraint(
+    grammar: CommandGrammar, tokenizer: Any, eos_token_ids: Iterable[int], vocabulary: TokenVocabulary | None = None
+) -> TokenConstraint:
     return TokenConstraint(grammar.matcher(), vocabulary or TokenVocabulary.from_tokenizer(tokenizer), eos_token_ids)
 
 
@@ -631,7 +656,7 @@ class CommandLogitsProcessor:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         masked = scores.new_full(scores.shape, -math.inf)
         for row in range(scores.shape[0]):
-            generated = input_ids[row, self.prompt_length:].tolist()
+            generated = input_ids[row, self.prompt_length :].tolist()
             if any(token_id in self.constraint.eos_token_ids for token_id in generated):
                 masked[row] = scores[row]  # a finished row: generate pads it whatever we say
                 continue

@@ -42,12 +42,22 @@ if TYPE_CHECKING:  # imported on first use: the offline path never needs it
 
 log = logging.getLogger(__name__)
 
-Provider = Literal["openai", "azure", "self-hosted", "vllm", "hosted_vllm", "ollama", "anthropic", "bedrock",
-                   "aws_bedrock"]
+Provider = Literal[
+    "openai", "azure", "self-hosted", "vllm", "hosted_vllm", "ollama", "anthropic", "bedrock", "aws_bedrock"
+]
 # The providers of Rasa Pro's docs. OpenAI-compatible ones go through the `openai` SDK; Anthropic and Bedrock through
 # their native APIs (recipe/providers.py). `aws_bedrock` and `hosted_vllm` are accepted spellings of `bedrock`, `vllm`.
-PROVIDERS: tuple[str, ...] = ("openai", "azure", "self-hosted", "vllm", "hosted_vllm", "ollama", "anthropic",
-                              "bedrock", "aws_bedrock")
+PROVIDERS: tuple[str, ...] = (
+    "openai",
+    "azure",
+    "self-hosted",
+    "vllm",
+    "hosted_vllm",
+    "ollama",
+    "anthropic",
+    "bedrock",
+    "aws_bedrock",
+)
 OPENAI_COMPATIBLE_PROVIDERS = frozenset({"openai", "azure", "self-hosted", "vllm", "hosted_vllm", "ollama"})
 NO_KEY_PROVIDERS = frozenset({"self-hosted", "vllm", "hosted_vllm", "ollama"})  # local servers: a key is optional
 OLLAMA_API_BASE = "http://localhost:11434/v1"
@@ -111,9 +121,11 @@ class LLMConfig:
             raise ConfigError(f"{source}: llm config must be a mapping, got {type(data).__name__}")
         values = dict(data)
         if "api_key" in values:
-            raise ConfigError(f"{source}: 'api_key' is not accepted in a config file; put the key in an environment "
-                              f"variable (OPENAI_API_KEY, AZURE_API_KEY, SELF_HOSTED_API_KEY) or name one with "
-                              f"'api_key_env'")
+            raise ConfigError(
+                f"{source}: 'api_key' is not accepted in a config file; put the key in an environment "
+                f"variable (OPENAI_API_KEY, AZURE_API_KEY, SELF_HOSTED_API_KEY) or name one with "
+                f"'api_key_env'"
+            )
         if "model_name" in values:
             if "model" in values:
                 raise ConfigError(f"{source}: give either 'model' or 'model_name', not both")
@@ -121,8 +133,9 @@ class LLMConfig:
         allowed = [field.name for field in dataclasses.fields(cls)]
         for key in values:
             if key not in allowed:
-                raise ConfigError(f"{source}: unknown llm config key {key!r} (allowed: {', '.join(allowed)}, "
-                                  f"model_name)")
+                raise ConfigError(
+                    f"{source}: unknown llm config key {key!r} (allowed: {', '.join(allowed)}, model_name)"
+                )
         config = cls(**{key: _checked_value(key, value, source) for key, value in values.items()})
         config._check_provider_needs(source)
         return config
@@ -144,8 +157,9 @@ class LLMConfig:
         return key
 
 
-def key_from_environment(names: Sequence[str], environ: Mapping[str, str] | None = None, *,
-                         keyless: bool = False) -> str | None:  # fmt: skip
+def key_from_environment(
+    names: Sequence[str], environ: Mapping[str, str] | None = None, *, keyless: bool = False
+) -> str | None:
     """The first of `names` set in the environment; for an endpoint that needs no key (`keyless`), a dummy one
     (the SDK refuses an empty key); None when a key is needed and none is set."""
     environ = os.environ if environ is None else environ
@@ -220,8 +234,9 @@ class LLMResult:
 class LLMCallFailed(Exception):
     """A call that did not succeed: retries exhausted, or an error that retrying cannot fix (400/401/403/404)."""
 
-    def __init__(self, last_error: str, *, attempts: int, status_code: int | None = None, endpoint: str = "",
-                 sent: bool = True):
+    def __init__(
+        self, last_error: str, *, attempts: int, status_code: int | None = None, endpoint: str = "", sent: bool = True
+    ):
         self.last_error = last_error
         self.attempts = attempts
         self.status_code = status_code
@@ -253,7 +268,9 @@ def price_per_million_tokens(config: LLMConfig) -> tuple[float, float] | None:
     """(input, output) USD per 1M tokens for OpenAI models, by the longest matching name; None when unknown."""
     if config.provider not in ("openai", "azure"):
         return None
-    matches = [name for name in PRICES_PER_MILLION_TOKENS if config.model == name or config.model.startswith(name + "-")]
+    matches = [
+        name for name in PRICES_PER_MILLION_TOKENS if config.model == name or config.model.startswith(name + "-")
+    ]
     return PRICES_PER_MILLION_TOKENS[max(matches, key=len)] if matches else None
 
 
@@ -267,8 +284,11 @@ class ResponseCache(JsonCache):
     kind = "LLM cache"
 
     def check_answer(self, answer: Any) -> None:
-        if not (isinstance(answer["text"], str) and isinstance(answer["prompt_tokens"], int)
-                and isinstance(answer["completion_tokens"], int)):
+        if not (
+            isinstance(answer["text"], str)
+            and isinstance(answer["prompt_tokens"], int)
+            and isinstance(answer["completion_tokens"], int)
+        ):
             raise TypeError("bad field types")
 
 
@@ -371,8 +391,9 @@ class LLMClient:
     async def __aenter__(self) -> LLMClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -396,18 +417,28 @@ class LLMClient:
         self._check_event_loop()
         started = time.monotonic()
         self.usage.requests += 1
-        request = self._request_description(messages, sample_index=sample_index, response_format=response_format,
-                                            temperature=temperature, max_completion_tokens=max_completion_tokens,
-                                            use_completions_endpoint=use_completions_endpoint)
+        request = self._request_description(
+            messages,
+            sample_index=sample_index,
+            response_format=response_format,
+            temperature=temperature,
+            max_completion_tokens=max_completion_tokens,
+            use_completions_endpoint=use_completions_endpoint,
+        )
         key = request_key(request)
         stored = self.cache.get(key) if self.cache is not None else None
         if stored is not None and self.refuse_incomplete and _incomplete(stored["text"], stored.get("finish_reason")):
             stored = None  # written by an older version or another caller: ask again rather than train on it
         if stored is not None:
             self.usage.cache_hits += 1
-            return LLMResult(text=stored["text"], finish_reason=stored.get("finish_reason"),
-                             prompt_tokens=stored["prompt_tokens"], completion_tokens=stored["completion_tokens"],
-                             cached=True, latency_s=time.monotonic() - started)
+            return LLMResult(
+                text=stored["text"],
+                finish_reason=stored.get("finish_reason"),
+                prompt_tokens=stored["prompt_tokens"],
+                completion_tokens=stored["completion_tokens"],
+                cached=True,
+                latency_s=time.monotonic() - started,
+            )
         shared = self._in_flight.get(key)
         if shared is not None:
             # shield: a cancelled waiter must not cancel the call it waits on; None: that call failed or was
@@ -438,10 +469,14 @@ class LLMClient:
                 self.usage.not_sent += 1
                 raise
             self._consecutive_failures += 1
-            if self.down is None and (error.fails_every_call
-                                      or self._consecutive_failures >= self.max_consecutive_failures):
-                self.down = (f"{self._consecutive_failures} call(s) in a row failed, the last with {error.last_error}"
-                             if not error.fails_every_call else error.last_error)
+            if self.down is None and (
+                error.fails_every_call or self._consecutive_failures >= self.max_consecutive_failures
+            ):
+                self.down = (
+                    f"{self._consecutive_failures} call(s) in a row failed, the last with {error.last_error}"
+                    if not error.fails_every_call
+                    else error.last_error
+                )
                 log.error("%s is down and is no longer called: %s", self.endpoint, self.down)
             raise
         self._consecutive_failures = 0
@@ -453,21 +488,34 @@ class LLMClient:
                 self.cache.put(key, request, dataclasses.asdict(answer))
             except OSError as error:  # a full or read-only disk must not lose an answer we already paid for
                 log.warning("could not write LLM cache entry %s: %s", key, error)
-        return LLMResult(text=answer.text, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
-                         completion_tokens=answer.completion_tokens, cached=False,
-                         latency_s=time.monotonic() - started)
+        return LLMResult(
+            text=answer.text,
+            finish_reason=answer.finish_reason,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            cached=False,
+            latency_s=time.monotonic() - started,
+        )
 
     def _check_event_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
         elif self._loop is not loop:
-            raise RuntimeError("an LLMClient is bound to the event loop it was first used in; create one client per "
-                               "asyncio.run")
+            raise RuntimeError(
+                "an LLMClient is bound to the event loop it was first used in; create one client per asyncio.run"
+            )
 
-    def _request_description(self, messages: list[dict[str, Any]], *, sample_index: int,
-                             response_format: dict[str, Any] | None, temperature: float | None,
-                             max_completion_tokens: int | None, use_completions_endpoint: bool) -> dict[str, Any]:
+    def _request_description(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        sample_index: int,
+        response_format: dict[str, Any] | None,
+        temperature: float | None,
+        max_completion_tokens: int | None,
+        use_completions_endpoint: bool,
+    ) -> dict[str, Any]:
         """Everything that determines the answer: the cache key material, and what `_send_once` sends."""
         if use_completions_endpoint and len(messages) != 1:
             raise ValueError("use_completions_endpoint needs exactly one message (its content is the raw prompt)")
@@ -488,6 +536,7 @@ class LLMClient:
 
     async def _call_with_retries(self, request: dict[str, Any]) -> _Answer:
         import openai  # imported on first use: the offline path never needs it
+
         attempts = 0
         retries_left = self.max_retries
         truncated_retries_left = TRUNCATED_RETRIES
@@ -497,8 +546,9 @@ class LLMClient:
             try:
                 async with self._semaphore:
                     if self.down is not None:  # checked once a slot is free: calls queued behind are not sent
-                        raise LLMCallFailed(f"not sent: {self.down}", attempts=attempts - 1, endpoint=self.endpoint,
-                                            sent=False)
+                        raise LLMCallFailed(
+                            f"not sent: {self.down}", attempts=attempts - 1, endpoint=self.endpoint, sent=False
+                        )
                     self.usage.api_calls += 1
                     answer = await self._send_once(request, send_response_format=send_response_format)
                 if self.refuse_incomplete and _incomplete(answer.text, answer.finish_reason):
@@ -518,19 +568,24 @@ class LLMClient:
                     self._response_format_supported = False
                     self.usage.retries += 1
                     continue
-                raise LLMCallFailed(self._describe(error), attempts=attempts, status_code=error.status_code,
-                                    endpoint=self.endpoint) from error
+                raise LLMCallFailed(
+                    self._describe(error), attempts=attempts, status_code=error.status_code, endpoint=self.endpoint
+                ) from error
             except (openai.OpenAIError, json.JSONDecodeError, _MalformedAnswer) as error:
                 status_code = getattr(error, "status_code", None)
                 self._failed_attempts_in_a_row += 1
                 if self.down is None and self._failed_attempts_in_a_row >= self.max_consecutive_failures * (
-                        self.max_retries + 1):
-                    self.down = (f"{self._failed_attempts_in_a_row} attempts in a row failed, the last with "
-                                 f"{self._describe(error)}")
+                    self.max_retries + 1
+                ):
+                    self.down = (
+                        f"{self._failed_attempts_in_a_row} attempts in a row failed, the last with "
+                        f"{self._describe(error)}"
+                    )
                     log.error("%s is down and is no longer called: %s", self.endpoint, self.down)
                 if not _is_retryable(error) or retries_left == 0:
-                    raise LLMCallFailed(self._describe(error), attempts=attempts, status_code=status_code,
-                                        endpoint=self.endpoint) from error
+                    raise LLMCallFailed(
+                        self._describe(error), attempts=attempts, status_code=status_code, endpoint=self.endpoint
+                    ) from error
                 delay = self._retry_delay(error, retry_number=self.max_retries - retries_left)
                 log.info("LLM call failed (%s); retry in %.2fs", self._describe(error), delay)
                 retries_left -= 1
@@ -540,9 +595,11 @@ class LLMClient:
     def _incomplete_message(self, request: Mapping[str, Any], answer: _Answer) -> str:
         if answer.finish_reason == "length":
             limit = request["max_completion_tokens"]
-            return (f"answer cut at the token limit (finish_reason length after {answer.completion_tokens} tokens, "
-                    f"max_completion_tokens {limit if limit is not None else 'the server default'}): raise "
-                    f"max_completion_tokens in the {self.role}'s LLM config")
+            return (
+                f"answer cut at the token limit (finish_reason length after {answer.completion_tokens} tokens, "
+                f"max_completion_tokens {limit if limit is not None else 'the server default'}): raise "
+                f"max_completion_tokens in the {self.role}'s LLM config"
+            )
         return f"empty answer (no text; finish_reason {answer.finish_reason})"
 
     def _describe(self, error: Exception) -> str:
@@ -553,6 +610,7 @@ class LLMClient:
         endpoint unreachable), in a few words, else None. Inconclusive answers (no model list, 5xx) pass:
         the run itself then stops at the first 401/403/404."""
         import openai  # imported on first use: the offline path never needs it
+
         try:
             listing = await self._sdk.with_options(timeout=min(timeout_s, self.config.timeout)).models.list()
         except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
@@ -611,22 +669,30 @@ class LLMClient:
             "model": self.config.model,
             **dataclasses.asdict(self.usage),
             "estimated_cost_usd": round(self.estimated_cost_usd(), 6),
-            "price_per_million_tokens": ({"input": prices[0], "output": prices[1]} if prices is not None
-                                         else "unknown"),
+            "price_per_million_tokens": (
+                {"input": prices[0], "output": prices[1]} if prices is not None else "unknown"
+            ),
         }
 
 
 def _make_sdk_client(config: LLMConfig, api_key: str) -> openai.AsyncOpenAI:
     # max_retries=0: our own loop retries, with our backoff, accounting and cache.
     import openai  # imported on first use: the offline path never needs it
+
     if config.provider not in OPENAI_COMPATIBLE_PROVIDERS:
         return _native_client(config, api_key)  # type: ignore[return-value]  # shaped like the SDK client
     if config.provider == "azure":
-        return openai.AsyncAzureOpenAI(azure_endpoint=config.api_base, api_version=config.api_version,
-                                       api_key=api_key, timeout=config.timeout, max_retries=0)
+        return openai.AsyncAzureOpenAI(
+            azure_endpoint=config.api_base,
+            api_version=config.api_version,
+            api_key=api_key,
+            timeout=config.timeout,
+            max_retries=0,
+        )
     if config.provider == "ollama":
-        return openai.AsyncOpenAI(base_url=config.api_base or OLLAMA_API_BASE, api_key=api_key,
-                                  timeout=config.timeout, max_retries=0)  # fmt: skip
+        return openai.AsyncOpenAI(
+            base_url=config.api_base or OLLAMA_API_BASE, api_key=api_key, timeout=config.timeout, max_retries=0
+        )
     return openai.AsyncOpenAI(base_url=config.api_base, api_key=api_key, timeout=config.timeout, max_retries=0)
 
 
@@ -635,19 +701,31 @@ def _native_client(config: LLMConfig, api_key: str) -> Any:
     from recipe.providers import ANTHROPIC_API_BASE, AnthropicClient, BedrockClient
 
     if config.provider == "anthropic":
-        return AnthropicClient(api_base=config.api_base or ANTHROPIC_API_BASE, timeout=config.timeout,
-                               api_key=api_key, reasoning_effort=config.reasoning_effort)  # fmt: skip
-    region = config.aws_region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return AnthropicClient(
+            api_base=config.api_base or ANTHROPIC_API_BASE,
+            timeout=config.timeout,
+            api_key=api_key,
+            reasoning_effort=config.reasoning_effort,
+        )
+    region = (
+        config.aws_region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    )
     bearer = os.environ.get("AWS_BEARER_TOKEN_BEDROCK") if not config.api_key_env else None
     if not bearer and not os.environ.get("AWS_ACCESS_KEY_ID"):
-        raise ConfigError("provider 'bedrock' signs with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or uses "
-                          "AWS_BEARER_TOKEN_BEDROCK); AWS_ACCESS_KEY_ID is not set")  # fmt: skip
+        raise ConfigError(
+            "provider 'bedrock' signs with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or uses "
+            "AWS_BEARER_TOKEN_BEDROCK); AWS_ACCESS_KEY_ID is not set"
+        )
     return BedrockClient(
-        api_base=config.api_base or f"https://bedrock-runtime.{region}.amazonaws.com", timeout=config.timeout,
-        region=region, bearer_token=bearer or None, access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=None if bearer else api_key, session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        api_base=config.api_base or f"https://bedrock-runtime.{region}.amazonaws.com",
+        timeout=config.timeout,
+        region=region,
+        bearer_token=bearer or None,
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=None if bearer else api_key,
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
         reasoning_effort=config.reasoning_effort,
-    )  # fmt: skip
+    )
 
 
 def _answer_from(response: Any, *, completions_endpoint: bool) -> _Answer:
@@ -679,11 +757,13 @@ def _secret_patterns(api_key: str) -> list[re.Pattern[str]]:
 
 def _is_retryable(error: Exception) -> bool:
     import openai  # imported on first use: the offline path never needs it
+
     if isinstance(error, openai.APIStatusError):
         return error.status_code in RETRYABLE_STATUS_CODES or error.status_code >= 500
     # Timeouts and dropped connections (APITimeoutError is an APIConnectionError), and broken bodies.
-    return isinstance(error, (openai.APIConnectionError, openai.APIResponseValidationError, json.JSONDecodeError,
-                              _MalformedAnswer))
+    return isinstance(
+        error, (openai.APIConnectionError, openai.APIResponseValidationError, json.JSONDecodeError, _MalformedAnswer)
+    )
 
 
 def _mentions_json_mode(error: openai.BadRequestError) -> bool:

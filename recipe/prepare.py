@@ -163,8 +163,19 @@ class _Progress:
     def __init__(self, enabled: bool):
         enabled = enabled and sys.stderr.isatty()  # redrawn bars in a log file are noise; the summary says it all
         names = ("annotate", "rephrase", "validate", "stitch")
-        self.bars = {name: tqdm(total=0, desc=f"{name:<9}", unit="", position=i, leave=True, disable=not enabled,
-                                file=sys.stderr, dynamic_ncols=True) for i, name in enumerate(names)}  # fmt: skip
+        self.bars = {
+            name: tqdm(
+                total=0,
+                desc=f"{name:<9}",
+                unit="",
+                position=i,
+                leave=True,
+                disable=not enabled,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+            for i, name in enumerate(names)
+        }
 
     def add(self, stage: str, count: int = 1) -> None:
         bar = self.bars[stage]
@@ -189,8 +200,14 @@ class _Clients:
     oracle: LLMClient | None
 
 
-async def _annotate(project: Project, config: PrepareConfig, renderer: PromptRenderer, clients: _Clients,
-                    test_case: TestCase, when: datetime | None) -> TestAnnotation:  # fmt: skip
+async def _annotate(
+    project: Project,
+    config: PrepareConfig,
+    renderer: PromptRenderer,
+    clients: _Clients,
+    test_case: TestCase,
+    when: datetime | None,
+) -> TestAnnotation:
     needs_annotation = any(step.commands is None for step in test_case.user_steps)
     if clients.teacher is not None and needs_annotation and config.annotator in ("auto", "llm"):
         return await annotate_with_teacher(project, test_case, clients.teacher, renderer, config.syntax, when)
@@ -224,9 +241,15 @@ def whole_transcript(turns: list) -> str:
     return "\n".join(transcript_lines([*last.state.transcript, *said]))
 
 
-async def prepare_test_case(project: Project, config: PrepareConfig, renderer: PromptRenderer,
-                            rephrase_renderer: PromptRenderer | None, clients: _Clients, test_case: TestCase,
-                            progress: _Progress) -> TestCaseResult:  # fmt: skip
+async def prepare_test_case(
+    project: Project,
+    config: PrepareConfig,
+    renderer: PromptRenderer,
+    rephrase_renderer: PromptRenderer | None,
+    clients: _Clients,
+    test_case: TestCase,
+    progress: _Progress,
+) -> TestCaseResult:
     """Annotate, rephrase, validate and stitch one test case."""
     when = config.datetime_policy.for_conversation(test_case.id, mocked_datetime(test_case))
     errors: list[str] = []
@@ -242,15 +265,20 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
     if messages:
         if clients.rephraser is not None and rephrase_renderer is not None:
             transcript = whole_transcript(turns)
-            outcome = await rephrase_conversation(clients.rephraser, rephrase_renderer, test_case.name, transcript,
-                                                  messages, config.num_rephrases)  # fmt: skip
+            outcome = await rephrase_conversation(
+                clients.rephraser, rephrase_renderer, test_case.name, transcript, messages, config.num_rephrases
+            )
             errors.extend(outcome.errors)
             candidates = outcome.candidates
         else:
             candidates = {
-                m.turn: rule_based_rephrasings(m.text, config.num_rephrases, config.seed,
-                                               values=_values_of(annotation.turns[m.turn - 1].commands),
-                                               first_turn=m.turn == 1)  # fmt: skip
+                m.turn: rule_based_rephrasings(
+                    m.text,
+                    config.num_rephrases,
+                    config.seed,
+                    values=_values_of(annotation.turns[m.turn - 1].commands),
+                    first_turn=m.turn == 1,
+                )
                 for m in messages
             }
     progress.done("rephrase")
@@ -258,6 +286,7 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
     # Validate every candidate against the original turn's commands.
     by_number = {turn.number: turn for turn in turns}
     verdicts: dict[int, list[Verdict]] = {}
+
     async def judge(number: int, text: str) -> Verdict:
         turn = by_number[number]
         expected = list(annotation.turns[number - 1].commands or [])
@@ -265,8 +294,9 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
             verdict = validate_lexically(turn.step.text, text, expected)
         else:
             prompt = renderer.render(prompt_variables(project, turn.state, text, when))
-            verdict = await validate_with_oracle(clients.oracle, prompt, text, expected, config.syntax,
-                                                 config.validation)  # fmt: skip
+            verdict = await validate_with_oracle(
+                clients.oracle, prompt, text, expected, config.syntax, config.validation
+            )
         progress.done("validate")
         return verdict
 
@@ -278,22 +308,40 @@ async def prepare_test_case(project: Project, config: PrepareConfig, renderer: P
 
     if project.flow_retrieval is not None:  # one embeddings request for every paraphrase, not one per prompt
         project.flow_retrieval.prefetch([verdict.text for verdicts in passing.values() for verdict in verdicts])
-    rows, disagreeing = conversation_rows(project, renderer, test_case, annotation, passing, when,
-                                          config.abstention_rows, config.keep_disagreeing)  # fmt: skip
+    rows, disagreeing = conversation_rows(
+        project, renderer, test_case, annotation, passing, when, config.abstention_rows, config.keep_disagreeing
+    )
     progress.done("stitch")
     disagreements = {turn.number: turn.disagreements for turn in turns if turn.disagreements}
     inferences = {turn.number: turn.inferences for turn in turns if turn.inferences}
     errors.extend(_failed_call_errors(annotation, verdicts))
-    return TestCaseResult(test_case, annotation, verdicts, rows, outcome, messages, errors, warnings, disagreements,
-                          inferences, disagreeing)  # fmt: skip
+    return TestCaseResult(
+        test_case,
+        annotation,
+        verdicts,
+        rows,
+        outcome,
+        messages,
+        errors,
+        warnings,
+        disagreements,
+        inferences,
+        disagreeing,
+    )
 
 
 def _failed_call_errors(annotation: TestAnnotation, verdicts: dict[int, list[Verdict]]) -> list[str]:
     """One error per role whose calls failed in this test case (the rephraser records its own)."""
     found = []
-    teacher = [f"turn {t.number}: {t.reason}" for t in annotation.turns if (t.reason or "").startswith("teacher call failed")]
-    oracle = [f"turn {n}: {v.reason}" for n, vs in verdicts.items() for v in vs
-              if (v.reason or "").startswith("oracle call failed")]  # fmt: skip
+    teacher = [
+        f"turn {t.number}: {t.reason}" for t in annotation.turns if (t.reason or "").startswith("teacher call failed")
+    ]
+    oracle = [
+        f"turn {n}: {v.reason}"
+        for n, vs in verdicts.items()
+        for v in vs
+        if (v.reason or "").startswith("oracle call failed")
+    ]
     for role, failures in (("teacher", teacher), ("oracle", oracle)):
         if failures:
             found.append(f"{role}: {len(failures)} call(s) failed after retries; first: {failures[0]}")
@@ -346,8 +394,10 @@ def annotated_conversation(result: TestCaseResult, syntax: Syntax, with_rephrasi
 
 def test_case_records(result: TestCaseResult, syntax: Syntax) -> tuple[str, str]:
     """The YAML texts of a test case's command annotation and rephrasings records."""
-    return (dump_yaml(annotated_conversation(result, syntax, False)),
-            dump_yaml(annotated_conversation(result, syntax, True)))  # fmt: skip
+    return (
+        dump_yaml(annotated_conversation(result, syntax, False)),
+        dump_yaml(annotated_conversation(result, syntax, True)),
+    )
 
 
 def write_test_case_records(out: Path, test_case: TestCase, records: tuple[str, str]) -> None:
@@ -404,8 +454,11 @@ def write_split_suites(out: Path, files: list[TestFile], split: Split, syntax: S
             # By position, not by name: Rasa runs every test case of a repeated name, and so do the split suites.
             raw["test_cases"] = [_in_syntax(raw_cases[case.index], case, syntax) for case in cases]
             if isinstance(raw.get("stub_custom_actions"), dict):  # a `<test case>::<action>` stub goes with its test
-                raw["stub_custom_actions"] = {key: stub for key, stub in raw["stub_custom_actions"].items()
-                                              if "::" not in key or key.split("::", 1)[0] in names}  # fmt: skip
+                raw["stub_custom_actions"] = {
+                    key: stub
+                    for key, stub in raw["stub_custom_actions"].items()
+                    if "::" not in key or key.split("::", 1)[0] in names
+                }
             used = {str(f) for case in raw["test_cases"] for f in case.get("fixtures") or []}
             if "fixtures" in raw:
                 raw["fixtures"] = [entry for entry in raw["fixtures"] if next(iter(entry)) in used]
@@ -423,8 +476,9 @@ def write_split_suites(out: Path, files: list[TestFile], split: Split, syntax: S
 
 
 def _file_hashes(paths: list[str]) -> dict[str, str]:
-    return {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in sorted(set(paths))
-            if Path(path).is_file()}  # fmt: skip
+    return {
+        path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in sorted(set(paths)) if Path(path).is_file()
+    }
 
 
 def _params(project: Project, config: PrepareConfig, files: list[TestFile]) -> dict[str, Any]:
@@ -438,9 +492,13 @@ def _params(project: Project, config: PrepareConfig, files: list[TestFile]) -> d
             "command_syntax": config.syntax.value,
             "prompt_template": config.template.path,
             "prompt_template_sha256": config.template.sha256,
-            "datetime": "off" if not config.datetime_policy.include else (
-                config.datetime_policy.fixed.isoformat() if config.datetime_policy.fixed else
-                f"derived per conversation from seed {config.datetime_policy.seed} (mocked_datetime fixtures win)"),
+            "datetime": "off"
+            if not config.datetime_policy.include
+            else (
+                config.datetime_policy.fixed.isoformat()
+                if config.datetime_policy.fixed
+                else f"derived per conversation from seed {config.datetime_policy.seed} (mocked_datetime fixtures win)"
+            ),
             "rephraser": describe(config.rephrase_llm) or ("rules (offline)" if config.num_rephrases else "none"),
             "teacher": describe(config.teacher_llm) or "assertions (offline)",
             "oracle": describe(config.oracle_llm) or ("lexical check (offline)" if config.num_rephrases else "none"),
@@ -449,7 +507,7 @@ def _params(project: Project, config: PrepareConfig, files: list[TestFile]) -> d
             "flow_retrieval": flow_retrieval_info(project.flow_retrieval),
             "input_sha256": _file_hashes([f.path for f in files] + project.flow_files + project.domain.files),
         },
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------------------------------------- unchanged work
@@ -461,21 +519,41 @@ def _run_fingerprint(project: Project, config: PrepareConfig) -> str:
     package = Path(__file__).parent
     code = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(package.rglob("*.py")))).hexdigest()
     root = project.root
-    project_files = [*project.flow_files, *project.domain.files,
-                     *(str(root / name) for name in ("config.yml", "endpoints.yml", CUSTOM_COMMANDS_FILE)),
-                     *(str(path) for path in sorted((root / SUB_AGENTS_FOLDER).glob("*/config.yml")))]  # fmt: skip
+    project_files = [
+        *project.flow_files,
+        *project.domain.files,
+        *(str(root / name) for name in ("config.yml", "endpoints.yml", CUSTOM_COMMANDS_FILE)),
+        *(str(path) for path in sorted((root / SUB_AGENTS_FOLDER).glob("*/config.yml"))),
+    ]
     policy = config.datetime_policy
     material = {
         "recipe": [__version__, code],
-        "options": [config.syntax.value, config.template.sha256, config.rephrase_template and
-                    config.rephrase_template.sha256, policy.include, str(policy.fixed), policy.seed,
-                    config.num_rephrases, config.seed, config.annotator, config.validation, config.abstention_rows,
-                    config.keep_disagreeing, config.offline],  # fmt: skip
-        "llms": [None if llm is None else vars(llm) for llm in (config.rephrase_llm, config.teacher_llm,
-                                                                config.oracle_llm)],  # fmt: skip
-        "project": [_file_hashes(project_files), str(project.rasa_version), project.mcp_servers,
-                    flow_retrieval_info(project.flow_retrieval), getattr(project.action_server, "url", None)],
-    }  # fmt: skip
+        "options": [
+            config.syntax.value,
+            config.template.sha256,
+            config.rephrase_template and config.rephrase_template.sha256,
+            policy.include,
+            str(policy.fixed),
+            policy.seed,
+            config.num_rephrases,
+            config.seed,
+            config.annotator,
+            config.validation,
+            config.abstention_rows,
+            config.keep_disagreeing,
+            config.offline,
+        ],
+        "llms": [
+            None if llm is None else vars(llm) for llm in (config.rephrase_llm, config.teacher_llm, config.oracle_llm)
+        ],
+        "project": [
+            _file_hashes(project_files),
+            str(project.rasa_version),
+            project.mcp_servers,
+            flow_retrieval_info(project.flow_retrieval),
+            getattr(project.action_server, "url", None),
+        ],
+    }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -537,9 +615,10 @@ class SpooledRow:
 
 def spooled_row(row: Row, syntax: Syntax) -> SpooledRow:
     lossy = tuple(
-        f"{row.test_id} turn {row.turn}: {c.slot}={c.value!r}" for c in row.commands
+        f"{row.test_id} turn {row.turn}: {c.slot}={c.value!r}"
+        for c in row.commands
         if isinstance(c, SetSlot) and c.value and syntax is not Syntax.V1 and _LOSSY_AT_RUNTIME.search(c.value)
-    )  # fmt: skip
+    )
     return SpooledRow(ft_data_row(row, syntax), tuple(c.kind for c in row.commands), lossy)
 
 
@@ -591,13 +670,23 @@ def _digest(text: str) -> bytes:
 def split_record(record: dict[str, Any], output_format: str) -> dict[str, Any]:
     """A train/val line from an `llm_ft_data.jsonl` record."""
     if output_format == "conversational":
-        return {"messages": [{"role": "user", "content": record["prompt"]},
-                             {"role": "assistant", "content": record["output"]}]}  # fmt: skip
+        return {
+            "messages": [
+                {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["output"]},
+            ]
+        }
     return {"prompt": record["prompt"], "completion": record["output"]}
 
 
-def write_rows_and_split(rows: Iterable[SpooledRow], features_of: Mapping[str, set[str]], work: Path,
-                         output_format: str, train_frac: float, seed: int) -> SplitRows:  # fmt: skip
+def write_rows_and_split(
+    rows: Iterable[SpooledRow],
+    features_of: Mapping[str, set[str]],
+    work: Path,
+    output_format: str,
+    train_frac: float,
+    seed: int,
+) -> SplitRows:
     """Deduplicate `rows` (input order; the first of every (prompt, completion) pair is kept) into
     llm_ft_data.jsonl, split the test cases that have rows, and write train.jsonl and val.jsonl; a validation row
     whose prompt is a train prompt is dropped. Streams: only a digest per row stays in memory."""
@@ -622,8 +711,10 @@ def write_rows_and_split(rows: Iterable[SpooledRow], features_of: Mapping[str, s
     rows_per_test = Counter(test_id for test_id, _ in kept)  # counted once: a scan per test case is quadratic
     missing = [test_id for test_id in rows_per_test if test_id not in features_of]
     if missing:
-        raise ConfigError(f"--merge: test case {missing[0]} has rows but no annotation record in any shard; expected "
-                          "complete output folders")
+        raise ConfigError(
+            f"--merge: test case {missing[0]} has rows but no annotation record in any shard; expected "
+            "complete output folders"
+        )
     split = split_test_cases({test_id: features_of[test_id] for test_id in rows_per_test}, train_frac, seed)
     train_ids = set(split.train)
     splits_dir = work / STAGE_DIRS[3] / "ft_splits"
@@ -641,8 +732,17 @@ def write_rows_and_split(rows: Iterable[SpooledRow], features_of: Mapping[str, s
                     continue
                 out.write(jsonl_line(split_record(json.loads(line), output_format)))
                 counts[side] += 1
-    return SplitRows(split, before, len(kept), counts["train"], counts["val"], counts["leaked"], rows_per_test,
-                     per_command, sorted(lossy))  # fmt: skip
+    return SplitRows(
+        split,
+        before,
+        len(kept),
+        counts["train"],
+        counts["val"],
+        counts["leaked"],
+        rows_per_test,
+        per_command,
+        sorted(lossy),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -663,8 +763,10 @@ def check_output_folder(out: Path, tests: list[str], project_root: Path) -> None
         base = Path(spec.split("::", 1)[0])
         for folder in (base, project_root / base):
             if folder.is_dir() and resolved.is_relative_to(folder.resolve()):
-                raise ConfigError(f"-o {out}: is inside the tests folder {spec}; a later run would read this run's "
-                                  "split suites as tests; expected an output folder outside the tests")
+                raise ConfigError(
+                    f"-o {out}: is inside the tests folder {spec}; a later run would read this run's "
+                    "split suites as tests; expected an output folder outside the tests"
+                )
 
 
 def _check_templates(project: Project, config: PrepareConfig, cases: list[TestCase]) -> None:
@@ -675,20 +777,37 @@ def _check_templates(project: Project, config: PrepareConfig, cases: list[TestCa
     when = config.datetime_policy.for_conversation(case.id, mocked_datetime(case))
     annotation = annotate_from_assertions(project, case)
     turns = replay_test_case(project, case, annotation.commands_for)
-    checks = [(config.template, lambda: PromptRenderer(config.template, COMMAND_PROMPT_VARIABLES).render(
-        prompt_variables(project, turns[0].state, turns[0].step.text, when)))]  # fmt: skip
+    checks = [
+        (
+            config.template,
+            lambda: PromptRenderer(config.template, COMMAND_PROMPT_VARIABLES).render(
+                prompt_variables(project, turns[0].state, turns[0].step.text, when)
+            ),
+        )
+    ]
     if config.rephrase_template is not None and config.rephrase_llm is not None and not config.offline:
         messages = [MessageToRephrase(1, 1, turns[0].step.text)]
-        checks.append((config.rephrase_template, lambda: rephrase_prompt(
-            PromptRenderer(config.rephrase_template, REPHRASE_PROMPT_VARIABLES), case.name, whole_transcript(turns),
-            messages, max(config.num_rephrases, 1))))  # fmt: skip
+        checks.append(
+            (
+                config.rephrase_template,
+                lambda: rephrase_prompt(
+                    PromptRenderer(config.rephrase_template, REPHRASE_PROMPT_VARIABLES),
+                    case.name,
+                    whole_transcript(turns),
+                    messages,
+                    max(config.num_rephrases, 1),
+                ),
+            )
+        )
     for template, render in checks:
         try:
             render()
         except ConfigError:
             raise
         except Exception as error:  # noqa: BLE001 - a template calling something on a wrong-typed value: one line
-            raise ConfigError(f"{template.path}: the template fails to render: {type(error).__name__}: {error}") from None
+            raise ConfigError(
+                f"{template.path}: the template fails to render: {type(error).__name__}: {error}"
+            ) from None
 
 
 def _role_clients(config: PrepareConfig, cache: Path | None) -> _Clients:
@@ -697,9 +816,17 @@ def _role_clients(config: PrepareConfig, cache: Path | None) -> _Clients:
     def client(role: str, llm: LLMConfig | None) -> LLMClient | None:
         if llm is None or config.offline:
             return None
-        return LLMClient(llm, cache_dir=cache, max_concurrency=config.max_concurrency, seed=config.seed,
-                         backoff_base_s=config.backoff_base_s, backoff_cap_s=max(30 * config.backoff_base_s, 0.5),
-                         role=role, refuse_incomplete=True, in_flight=in_flight)  # fmt: skip
+        return LLMClient(
+            llm,
+            cache_dir=cache,
+            max_concurrency=config.max_concurrency,
+            seed=config.seed,
+            backoff_base_s=config.backoff_base_s,
+            backoff_cap_s=max(30 * config.backoff_base_s, 0.5),
+            role=role,
+            refuse_incomplete=True,
+            in_flight=in_flight,
+        )
 
     rephrase_needed = config.num_rephrases > 0
     return _Clients(
@@ -740,21 +867,25 @@ def _stopping_error(errors: BaseExceptionGroup) -> BaseException:
     flatten(errors)
     for error in leaves:
         if isinstance(error, LLMCallFailed) and error.fails_every_call:
-            return ConfigError(f"{error.endpoint or 'an LLM'}: {error.last_error}; stopped at once, since every "
-                               "call would fail the same way (answers received so far are cached)")
+            return ConfigError(
+                f"{error.endpoint or 'an LLM'}: {error.last_error}; stopped at once, since every "
+                "call would fail the same way (answers received so far are cached)"
+            )
     for error in leaves:
         if not isinstance(error, LLMCallFailed):
             return error
     return leaves[0]
 
 
-async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[TestCase], work: Path,
-                          spool: RowSpool) -> tuple[list[TestCaseResult], dict[str, Any]]:  # fmt: skip
+async def _run_test_cases(
+    project: Project, config: PrepareConfig, cases: list[TestCase], work: Path, spool: RowSpool
+) -> tuple[list[TestCaseResult], dict[str, Any]]:
     clients = _role_clients(config, config.out / "cache" / "llm")
     reuse = TestCaseReuse(config.out / "cache" / "test_cases", _run_fingerprint(project, config))
     renderer = PromptRenderer(config.template, COMMAND_PROMPT_VARIABLES)
-    rephrase_renderer = (PromptRenderer(config.rephrase_template, REPHRASE_PROMPT_VARIABLES)
-                         if config.rephrase_template else None)  # fmt: skip
+    rephrase_renderer = (
+        PromptRenderer(config.rephrase_template, REPHRASE_PROMPT_VARIABLES) if config.rephrase_template else None
+    )
     progress = _Progress(config.show_progress)
     for stage in ("annotate", "rephrase", "stitch"):
         progress.add(stage, len(cases))
@@ -771,13 +902,13 @@ async def _run_test_cases(project: Project, config: PrepareConfig, cases: list[T
             if reused is not None:
                 result, records = reused
                 # The live test case replaces the stored copy (equal by the key), which is then freed.
-                result = dataclasses.replace(result, test_case=case,
-                                             annotation=dataclasses.replace(result.annotation, test_case=case))
+                result = dataclasses.replace(
+                    result, test_case=case, annotation=dataclasses.replace(result.annotation, test_case=case)
+                )
                 for stage in ("annotate", "rephrase", "stitch"):
                     progress.done(stage)
             else:
-                result = await prepare_test_case(project, config, renderer, rephrase_renderer, clients, case,
-                                                 progress)  # fmt: skip
+                result = await prepare_test_case(project, config, renderer, rephrase_renderer, clients, case, progress)
                 records = test_case_records(result, config.syntax)
                 if not result.errors:  # a failed call is asked again next run
                     reuse.put(key, result, records)
@@ -845,34 +976,39 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
     spool = RowSpool(work / ".rows")
     try:
         results, usage = asyncio.run(_run_test_cases(project, config, cases, work, spool))
-        features = {result.test_case.id: coverage_features([c for turn in result.annotation.turns
-                                                             for c in turn.commands or []]) for result in results}
-        rows = write_rows_and_split(spool.rows(), features, work, config.output_format, config.train_frac,
-                                    config.seed)  # fmt: skip
+        features = {
+            result.test_case.id: coverage_features([c for turn in result.annotation.turns for c in turn.commands or []])
+            for result in results
+        }
+        rows = write_rows_and_split(spool.rows(), features, work, config.output_format, config.train_frac, config.seed)
     finally:
         spool.close()
     split = rows.split
     splits_dir = work / STAGE_DIRS[3] / "ft_splits"
-    write_json(splits_dir / "dataset_info.json", {
-        "prompt_template": config.template.path,
-        "prompt_template_sha256": config.template.sha256,
-        "prompt_template_text": config.template.text,
-        "command_syntax": config.syntax.value,
-        "rasa_version": str(project.rasa_version),  # the release whose commands the rows use (--rasa-version)
-        "output_format": config.output_format,
-        "include_date_time": config.datetime_policy.include,
-        # How the prompts listed flows: serve with the same flow retrieval (rasa-config writes it).
-        "flow_retrieval": flow_retrieval_info(project.flow_retrieval),
-        "num_train_rows": rows.train_rows,
-        "num_val_rows": rows.val_rows,
-        "seed": config.seed,
-        "recipe_version": __version__,
-    })  # fmt: skip
+    write_json(
+        splits_dir / "dataset_info.json",
+        {
+            "prompt_template": config.template.path,
+            "prompt_template_sha256": config.template.sha256,
+            "prompt_template_text": config.template.text,
+            "command_syntax": config.syntax.value,
+            "rasa_version": str(project.rasa_version),  # the release whose commands the rows use (--rasa-version)
+            "output_format": config.output_format,
+            "include_date_time": config.datetime_policy.include,
+            # How the prompts listed flows: serve with the same flow retrieval (rasa-config writes it).
+            "flow_retrieval": flow_retrieval_info(project.flow_retrieval),
+            "num_train_rows": rows.train_rows,
+            "num_val_rows": rows.val_rows,
+            "seed": config.seed,
+            "recipe_version": __version__,
+        },
+    )
     suites = write_split_suites(work, [f for f in files if f.test_cases], split, config.syntax)
 
     if config.abstention_rows and not rows.per_command["cannot handle"]:
-        logging.getLogger("recipe").warning("--abstention-rows: no turn has empty commands (`commands: []`), so no "
-                                            "`cannot handle` row was made")  # fmt: skip
+        logging.getLogger("recipe").warning(
+            "--abstention-rows: no turn has empty commands (`commands: []`), so no `cannot handle` row was made"
+        )
     summary = _summary(results, rows, suites, usage, config)
     if project.action_server is not None:
         summary["recipe"]["action_server"] = project.action_server.usage_summary()
@@ -904,8 +1040,9 @@ def _shard_features(shard: Path, syntax: Syntax, project: Project) -> dict[str, 
     return features
 
 
-def merge_prepared(project: Project, shards: list[Path], out: Path, tests: list[str], train_frac: float = 0.8,
-                   seed: int = 42) -> PrepareResult:  # fmt: skip
+def merge_prepared(
+    project: Project, shards: list[Path], out: Path, tests: list[str], train_frac: float = 0.8, seed: int = 42
+) -> PrepareResult:
     """One data set from the output folders of several `prepare-data` runs (shards of the tests, e.g. one test file
     each, each with its own cache): rows concatenated in shard order and deduplicated, then split and written as
     one run writes them (`tests`: every shard's tests, read for the split suites). Sharding by test file in the
@@ -921,22 +1058,28 @@ def merge_prepared(project: Project, shards: list[Path], out: Path, tests: list[
     for key in ("command_syntax", "prompt_template_sha256", "output_format", "include_date_time", "rasa_version"):
         values = {str(info.get(key)) for info in infos}
         if len(values) > 1:
-            raise ConfigError(f"--merge: the shards differ in {key} ({', '.join(sorted(values))}); expected shards "
-                              "prepared with the same options")
+            raise ConfigError(
+                f"--merge: the shards differ in {key} ({', '.join(sorted(values))}); expected shards "
+                "prepared with the same options"
+            )
     syntax, output_format = Syntax(infos[0]["command_syntax"]), infos[0]["output_format"]
     check_output_folder(out, tests, project.root)
     features_of: dict[str, set[str]] = {}
     for shard in shards:
         features_of |= _shard_features(shard, syntax, project)
         if not (shard / STAGE_DIRS[2] / "llm_ft_data.jsonl").is_file():
-            raise ConfigError(f"{shard / STAGE_DIRS[2] / 'llm_ft_data.jsonl'}: not found; expected the output folder "
-                              "of a finished prepare-data run")
+            raise ConfigError(
+                f"{shard / STAGE_DIRS[2] / 'llm_ft_data.jsonl'}: not found; expected the output folder "
+                "of a finished prepare-data run"
+            )
     files = load_tests(tests, project)
     known = {case.id for f in files for case in f.test_cases}
     unknown = [test_id for test_id in features_of if test_id not in known]
     if unknown:
-        raise ConfigError(f"--merge: test case {unknown[0]} of a shard is not among the tests given "
-                          f"({', '.join(tests)}); expected every shard's tests, named as the shards were run")
+        raise ConfigError(
+            f"--merge: test case {unknown[0]} of a shard is not among the tests given "
+            f"({', '.join(tests)}); expected every shard's tests, named as the shards were run"
+        )
 
     work = _fresh_staging(out)
     for stage in STAGE_DIRS[:2]:  # one record per test case, under its own path: shards never collide
@@ -951,8 +1094,10 @@ def merge_prepared(project: Project, shards: list[Path], out: Path, tests: list[
         raise
     split, rows_per_test, train_ids = rows.split, rows.rows_per_test, set(rows.split.train)
     splits_dir = work / STAGE_DIRS[3] / "ft_splits"
-    write_json(splits_dir / "dataset_info.json", infos[0] | {"num_train_rows": rows.train_rows,
-                                                              "num_val_rows": rows.val_rows, "seed": seed})
+    write_json(
+        splits_dir / "dataset_info.json",
+        infos[0] | {"num_train_rows": rows.train_rows, "num_val_rows": rows.val_rows, "seed": seed},
+    )
     suites = write_split_suites(work, [f for f in files if f.test_cases], split, syntax)
     shard_summaries = [plain(load_yaml(shard / "result_summary.yaml")) or {} for shard in shards]
     summary = {
@@ -963,42 +1108,64 @@ def merge_prepared(project: Project, shards: list[Path], out: Path, tests: list[
         "num_train_data_points": rows.train_rows,
         "num_val_data_points": rows.val_rows,
         "recipe": {
-            "rows": {"before_dedup": rows.before_dedup, "duplicates_dropped": rows.before_dedup - rows.kept,
-                     "validation_rows_dropped_as_in_train": rows.leaked},
-            "split": {"train_test_cases": len(split.train), "validation_test_cases": len(split.validation),
-                      "covering_test_cases": split.cover, "validation_lacks": split.validation_lacks,
-                      "train_suites_test_cases": suites["train"],
-                      "validation_suites_test_cases": suites["validation"]},
+            "rows": {
+                "before_dedup": rows.before_dedup,
+                "duplicates_dropped": rows.before_dedup - rows.kept,
+                "validation_rows_dropped_as_in_train": rows.leaked,
+            },
+            "split": {
+                "train_test_cases": len(split.train),
+                "validation_test_cases": len(split.validation),
+                "covering_test_cases": split.cover,
+                "validation_lacks": split.validation_lacks,
+                "train_suites_test_cases": suites["train"],
+                "validation_suites_test_cases": suites["validation"],
+            },
             "errors": [e for s in shard_summaries for e in (s.get("recipe") or {}).get("errors", [])],
-            "estimated_cost_usd": round(sum((s.get("recipe") or {}).get("estimated_cost_usd", 0) or 0
-                                            for s in shard_summaries), 4),
-            "per_test_case": {test_id: {"rows": rows_per_test[test_id], "split": "train" if test_id in train_ids
-                                        else "validation"} for test_id in rows_per_test},
+            "estimated_cost_usd": round(
+                sum((s.get("recipe") or {}).get("estimated_cost_usd", 0) or 0 for s in shard_summaries), 4
+            ),
+            "per_test_case": {
+                test_id: {"rows": rows_per_test[test_id], "split": "train" if test_id in train_ids else "validation"}
+                for test_id in rows_per_test
+            },
         },
-    }  # fmt: skip
-    write_yaml(work / "params.yaml", {"merged_from": [str(shard) for shard in shards], "tests": list(tests),
-                                      "train_frac": train_frac, "seed": seed,
-                                      "shards": [plain(load_yaml(shard / "params.yaml")) for shard in shards]})
+    }
+    write_yaml(
+        work / "params.yaml",
+        {
+            "merged_from": [str(shard) for shard in shards],
+            "tests": list(tests),
+            "train_frac": train_frac,
+            "seed": seed,
+            "shards": [plain(load_yaml(shard / "params.yaml")) for shard in shards],
+        },
+    )
     write_yaml(work / "result_summary.yaml", summary)
     _swap_in(work, out)
     return PrepareResult(out=out, summary=summary, train_rows=rows.train_rows, val_rows=rows.val_rows)
 
 
-def _summary(results: list[TestCaseResult], rows: SplitRows, suites: dict[str, int], usage: dict[str, Any],
-             config: PrepareConfig) -> dict[str, Any]:  # fmt: skip
+def _summary(
+    results: list[TestCaseResult], rows: SplitRows, suites: dict[str, int], usage: dict[str, Any], config: PrepareConfig
+) -> dict[str, Any]:
     split, rows_per_test = rows.split, rows.rows_per_test
     train_ids, validation_ids = set(split.train), set(split.validation)
     verdicts = [v for r in results for vs in r.verdicts.values() for v in vs]
     annotated = [r for r in results if any(t.commands for t in r.annotation.turns)]
     skipped = [
         {"test": r.test_case.id, "turn": t.number, "reason": t.reason}
-        for r in results for t in r.annotation.turns if t.commands is None
-    ]  # fmt: skip
+        for r in results
+        for t in r.annotation.turns
+        if t.commands is None
+    ]
     # Turns the command generator never answers: they change the dialogue state but yield no rows.
     not_generator = [
         {"test": r.test_case.id, "turn": t.number, "reason": t.reason, "source": t.source}
-        for r in results for t in r.annotation.turns if t.source in ("payload", "nlu")
-    ]  # fmt: skip
+        for r in results
+        for t in r.annotation.turns
+        if t.source in ("payload", "nlu")
+    ]
     warnings = Counter()
     for result in results:
         warnings.update(result.tracker_warnings)
@@ -1013,14 +1180,15 @@ def _summary(results: list[TestCaseResult], rows: SplitRows, suites: dict[str, i
             "rephrasings_passing": sum(v.passed for vs in r.verdicts.values() for v in vs),
             "rephrasings_failing": sum(not v.passed for vs in r.verdicts.values() for v in vs),
             "rows": rows_per_test[r.test_case.id],
-            "split": "train" if r.test_case.id in train_ids else (
-                "validation" if r.test_case.id in validation_ids else "none (no rows)"),
+            "split": "train"
+            if r.test_case.id in train_ids
+            else ("validation" if r.test_case.id in validation_ids else "none (no rows)"),
             **({"state_disagreements": dict(r.disagreements)} if r.disagreements else {}),
             **({"state_inferences": dict(r.inferences)} if r.inferences else {}),
             **({"errors": r.errors} if r.errors else {}),
         }
         for r in results
-    }  # fmt: skip
+    }
     return {
         "num_input_e2e_tests": len(results),
         "num_annotated_conversations": len(annotated),
@@ -1089,14 +1257,18 @@ def failure_lines(summary: dict[str, Any]) -> list[str]:
             continue
         incomplete = []
         if usage.get("truncated"):
-            incomplete.append(f"{usage['truncated']} answer(s) cut at the token limit: raise max_completion_tokens "
-                              f"in the {role}'s LLM config")
+            incomplete.append(
+                f"{usage['truncated']} answer(s) cut at the token limit: raise max_completion_tokens "
+                f"in the {role}'s LLM config"
+            )
         if usage.get("empty_answers"):
             incomplete.append(f"{usage['empty_answers']} empty answer(s)")
         down = extra.get("llm_roles_down", {}).get(role)
-        lines.append(f"{role}: {failed} LLM call(s) failed after retries"
-                     + (f" ({usage.get('not_sent', 0)} not sent: the {role} is down: {down})" if down else "")
-                     + (f"; {'; '.join(incomplete)}" if incomplete else ""))
+        lines.append(
+            f"{role}: {failed} LLM call(s) failed after retries"
+            + (f" ({usage.get('not_sent', 0)} not sent: the {role} is down: {down})" if down else "")
+            + (f"; {'; '.join(incomplete)}" if incomplete else "")
+        )
     return lines
 
 
@@ -1105,15 +1277,20 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     extra = summary["recipe"]
     return [
         f"test cases: {summary['num_input_e2e_tests']} ({summary['num_annotated_conversations']} annotated"
-        + (f"; {extra['test_cases_reused']} unchanged since the last run, taken from the cache" if extra.get(
-            "test_cases_reused") else "") + ")",
+        + (
+            f"; {extra['test_cases_reused']} unchanged since the last run, taken from the cache"
+            if extra.get("test_cases_reused")
+            else ""
+        )
+        + ")",
         f"rephrasings: {extra['rephrasings']['passing']} passing, {extra['rephrasings']['failing']} failing "
         f"({extra['rephrasings']['check']} check)",
         f"rows: {summary['num_ft_data_points']} ({extra['rows']['duplicates_dropped']} duplicates dropped)",
         f"split: {summary['num_train_data_points']} train rows / {summary['num_val_data_points']} val rows "
         f"({extra['split']['train_test_cases']} / {extra['split']['validation_test_cases']} test cases)"
-        + ("; no validation rows: finetune will train without validation" if not summary["num_val_data_points"]
-           else ""),
+        + (
+            "; no validation rows: finetune will train without validation" if not summary["num_val_data_points"] else ""
+        ),
         f"state disagreements with the tests' own bot turns: {extra['state_disagreements']} "
         f"({extra['rows_left_out_disagreeing']} rows left out; --keep-disagreeing keeps them); "
         f"inferred from bot turns: {extra['state_inferences']}",
@@ -1146,8 +1323,9 @@ def check_utf8_file(path: Path, what: str) -> Path:
     try:
         path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: {what} is not UTF-8 text ({error.reason} at byte {error.start}); expected a "
-                          "UTF-8 Jinja2 file") from None
+        raise ConfigError(
+            f"{path}: {what} is not UTF-8 text ({error.reason} at byte {error.start}); expected a UTF-8 Jinja2 file"
+        ) from None
     except OSError:
         pass  # missing or unreadable: the loader says so in its own words
     return path
@@ -1165,21 +1343,25 @@ def load_llm_role_config(path: Path, project_root: Path, default: LLMConfig) -> 
 def resolve_llm_mapping(data: dict[str, Any], source: str, project_root: Path, default: LLMConfig) -> LLMConfig:
     """An inline model config, or `model_group: <id>` resolved from the project's endpoints.yml."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: `llm` must be a mapping (provider, model, ... or model_group), got "
-                          f"{type(data).__name__}")
+        raise ConfigError(
+            f"{source}: `llm` must be a mapping (provider, model, ... or model_group), got {type(data).__name__}"
+        )
     if "model_group" in data:
         endpoints = project_root / "endpoints.yml"
         content = (plain(load_yaml(endpoints)) or {}) if endpoints.is_file() else {}
         groups = content.get("model_groups", []) if isinstance(content, dict) else []
         if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            raise ConfigError(f"{endpoints}: `model_groups` must be a list of groups (`- id: ...`, `models: [...]`), "
-                              f"got {type(groups).__name__}")
+            raise ConfigError(
+                f"{endpoints}: `model_groups` must be a list of groups (`- id: ...`, `models: [...]`), "
+                f"got {type(groups).__name__}"
+            )
         group = next((g for g in groups if g.get("id") == data["model_group"]), None)
         models = group.get("models") if group else None
         if not models or not isinstance(models, list) or not isinstance(models[0], dict):
-            raise ConfigError(f"{source}: model_group `{data['model_group']}` not found in {endpoints} (expected it "
-                              "with a list of `models`)")
-        data = {k: v for k, v in models[0].items() if k in LLMConfig.__dataclass_fields__ or k in (
-            "model_name",)}  # fmt: skip
+            raise ConfigError(
+                f"{source}: model_group `{data['model_group']}` not found in {endpoints} (expected it "
+                "with a list of `models`)"
+            )
+        data = {k: v for k, v in models[0].items() if k in LLMConfig.__dataclass_fields__ or k in ("model_name",)}
     merged = {k: v for k, v in vars(default).items() if v is not None} | dict(data)
     return LLMConfig.from_mapping(merged, source=source)

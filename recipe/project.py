@@ -54,11 +54,24 @@ _OTHER_GENERATORS = {"MultiStepLLMCommandGenerator", "NLUCommandAdapter"}
 
 # Conversation patterns every CALM assistant has; a project may override them in its flows.
 BUILTIN_PATTERNS = (
-    "pattern_cancel_flow", "pattern_cannot_handle", "pattern_chitchat", "pattern_clarification",
-    "pattern_code_change", "pattern_collect_information", "pattern_completed", "pattern_continue_interrupted",
-    "pattern_correction", "pattern_human_handoff", "pattern_internal_error", "pattern_repeat_bot_messages",
-    "pattern_restart", "pattern_search", "pattern_session_start", "pattern_skip_question", "pattern_user_silence",
-)  # fmt: skip
+    "pattern_cancel_flow",
+    "pattern_cannot_handle",
+    "pattern_chitchat",
+    "pattern_clarification",
+    "pattern_code_change",
+    "pattern_collect_information",
+    "pattern_completed",
+    "pattern_continue_interrupted",
+    "pattern_correction",
+    "pattern_human_handoff",
+    "pattern_internal_error",
+    "pattern_repeat_bot_messages",
+    "pattern_restart",
+    "pattern_search",
+    "pattern_session_start",
+    "pattern_skip_question",
+    "pattern_user_silence",
+)
 
 
 @dataclass(frozen=True)
@@ -136,8 +149,12 @@ def _base_generator(root: Path, dotted: str, depth: int = 0) -> str | None:
         tree = ast.parse(source.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError):
         return None
-    imported = {alias.asname or alias.name: f"{node.module}.{alias.name}" for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}  # fmt: skip
+    imported = {
+        alias.asname or alias.name: f"{node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for base in node.bases:
@@ -145,8 +162,11 @@ def _base_generator(root: Path, dotted: str, depth: int = 0) -> str | None:
                 if name in GENERATOR_SYNTAX:
                     return name
                 origin = imported.get(name)
-                found = _base_generator(root, origin, depth + 1) if origin else _base_generator(
-                    root, f"{module}.{name}", depth + 1)  # fmt: skip
+                found = (
+                    _base_generator(root, origin, depth + 1)
+                    if origin
+                    else _base_generator(root, f"{module}.{name}", depth + 1)
+                )
                 if found:
                     return found
     return None
@@ -171,19 +191,32 @@ def read_config(root: Path) -> AssistantConfig:
             is_generator = name.endswith("CommandGenerator") and name.rpartition(".")[2] not in _OTHER_GENERATORS
             if known is None and is_generator:
                 # Its syntax is unknown: `choose_syntax` warns unless --command-syntax says it.
-                return AssistantConfig(generator=name, path=shown, generator_where=f"{shown}:{line_of(component)}",
-                                       **_template_settings(root, shown, component))  # fmt: skip
+                return AssistantConfig(
+                    generator=name,
+                    path=shown,
+                    generator_where=f"{shown}:{line_of(component)}",
+                    **_template_settings(root, shown, component),
+                )
             if known is not None:
                 log.info("%s: `%s` derives from %s", shown, name, known)
         if known is None:
             if name.endswith("CommandGenerator"):
-                log.warning("%s:%s: `%s` is not a single-step command generator (%s); recipe uses v2 commands "
-                            "unless --command-syntax says otherwise", shown, line_of(component),
-                            name, ", ".join(GENERATOR_SYNTAX))  # fmt: skip
+                log.warning(
+                    "%s:%s: `%s` is not a single-step command generator (%s); recipe uses v2 commands "
+                    "unless --command-syntax says otherwise",
+                    shown,
+                    line_of(component),
+                    name,
+                    ", ".join(GENERATOR_SYNTAX),
+                )
             continue
-        return AssistantConfig(generator=name, syntax=GENERATOR_SYNTAX[known], path=shown,
-                               generator_where=f"{shown}:{line_of(component)}",
-                               **_template_settings(root, shown, component))  # fmt: skip
+        return AssistantConfig(
+            generator=name,
+            syntax=GENERATOR_SYNTAX[known],
+            path=shown,
+            generator_where=f"{shown}:{line_of(component)}",
+            **_template_settings(root, shown, component),
+        )
     return AssistantConfig(path=shown)
 
 
@@ -231,10 +264,13 @@ def load_project(
         for flow in flows_in_file:
             if flow.id in loaded:
                 # Rasa Pro 3.21 refuses duplicate flow ids across files (older releases kept the first).
-                problems.add(InputError(
-                    flow.location.path, flow.location.line,
-                    f"flow `{flow.id}` is already defined at {loaded[flow.id].location}; flow ids must be unique",
-                ))  # fmt: skip
+                problems.add(
+                    InputError(
+                        flow.location.path,
+                        flow.location.line,
+                        f"flow `{flow.id}` is already defined at {loaded[flow.id].location}; flow ids must be unique",
+                    )
+                )
                 continue
             loaded[flow.id] = flow
     if not loaded and problems.errors:
@@ -243,9 +279,10 @@ def load_project(
         # One path before the colon, like every other error: the --flows path, else the project folder.
         searched = " or ".join(str(p) for p in flow_roots)
         raise InputError(
-            str(flows[0] if flows and len(flows) == 1 else root), None,
+            str(flows[0] if flows and len(flows) == 1 else root),
+            None,
             f"no flows found in {searched}; expected YAML files with a top-level `flows:` key",
-        )  # fmt: skip
+        )
 
     domain_files = []
     for path in domain or []:
@@ -255,10 +292,14 @@ def load_project(
     if not domain:
         domain_files = _find_domain_files(root, flow_files)
     if not domain_files:
-        problems.add(InputError(
-            str(root), None, "no domain found; expected domain.yml, a domain/ folder, a domain.yml beside the flows, "
-            "or --domain PATH",
-        ))  # fmt: skip
+        problems.add(
+            InputError(
+                str(root),
+                None,
+                "no domain found; expected domain.yml, a domain/ folder, a domain.yml beside the flows, "
+                "or --domain PATH",
+            )
+        )
         problems.raise_if_any()
     project = Project(
         root=root,
@@ -286,24 +327,39 @@ def project_problems(project: Project) -> list[InputError]:
         for step in flow.steps.values():
             where = step.location
             if step.collect and project.slot(step.collect) is None:
-                found.append(InputError(where.path, where.line, f"flow `{flow.id}` collects `{step.collect}`, "
-                                        "which is not a slot in the domain"))  # fmt: skip
+                found.append(
+                    InputError(
+                        where.path,
+                        where.line,
+                        f"flow `{flow.id}` collects `{step.collect}`, which is not a slot in the domain",
+                    )
+                )
             for slot, _ in step.set_slots:
                 if project.slot(slot) is None:
                     found.append(InputError(where.path, where.line, f"flow `{flow.id}` sets unknown slot `{slot}`"))
             target = step.link or step.call
             if step.kind == "call" and step.mcp_server is not None:
                 if step.mcp_server not in project.mcp_servers:
-                    found.append(InputError(where.path, where.line, f"flow `{flow.id}` calls tool `{step.call}` of MCP "
-                                            f"server `{step.mcp_server}`, which endpoints.yml's `mcp_servers` does not "
-                                            "list"))  # fmt: skip
+                    found.append(
+                        InputError(
+                            where.path,
+                            where.line,
+                            f"flow `{flow.id}` calls tool `{step.call}` of MCP "
+                            f"server `{step.mcp_server}`, which endpoints.yml's `mcp_servers` does not "
+                            "list",
+                        )
+                    )
             elif step.kind == "call" and target in project.agents:
                 pass  # a sub-agent (sub_agents/<agent>/config.yml)
             elif target and not project.is_known_flow(target):
                 also = ", a sub-agent in sub_agents/ or an MCP tool (with `mcp_server:`)" if step.kind == "call" else ""
-                found.append(InputError(where.path, where.line,
-                                        f"flow `{flow.id}` {step.kind}s unknown flow `{target}`; expected a "
-                                        f"flow{also}"))  # fmt: skip
+                found.append(
+                    InputError(
+                        where.path,
+                        where.line,
+                        f"flow `{flow.id}` {step.kind}s unknown flow `{target}`; expected a flow{also}",
+                    )
+                )
             conditions += [(branch.condition, where) for branch in step.next if branch.condition]
             conditions += [(condition, where) for condition, _ in step.rejections]
         for condition, where in conditions:
@@ -369,12 +425,16 @@ def command_problem(command: Command, project: Project, *, from_any_source: bool
         case SetSlot(slot=name, value=value):
             slot = project.slot(name)
             if slot is None:
-                return f"unknown slot `{name}`{_closest(name, list(project.domain.slots))}; expected a slot of the domain"
+                return (
+                    f"unknown slot `{name}`{_closest(name, list(project.domain.slots))}; expected a slot of the domain"
+                )
             if from_any_source:
                 return None
             if not slot.llm_fillable:
-                return (f"slot `{name}` is not filled by the command generator (mappings: {', '.join(slot.mappings)}); "
-                        "the runtime drops such commands")  # fmt: skip
+                return (
+                    f"slot `{name}` is not filled by the command generator (mappings: {', '.join(slot.mappings)}); "
+                    "the runtime drops such commands"
+                )
             if value is not None and canonical_slot_value(slot, value) is None:
                 if slot.type == "categorical":
                     return f"`{value}` is not a value of categorical slot `{name}`; expected one of: " + ", ".join(

@@ -13,7 +13,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
@@ -33,7 +33,6 @@ from recipe.tracker import DialogueState, TranscriptLine, startable_flows
 from recipe.types import Button, Flow, Slot, Step
 
 log = logging.getLogger("recipe")
-
 
 
 def bundled_prompts_dir() -> Path:
@@ -78,7 +77,9 @@ def load_template(path: Path) -> PromptTemplate:
     except OSError as error:
         raise ConfigError(f"{path}: cannot read prompt template ({error.strerror}); expected a Jinja2 file") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: the prompt template is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+        raise ConfigError(
+            f"{path}: the prompt template is not UTF-8 text (byte {error.start}); save it as UTF-8"
+        ) from None
 
 
 def choose_template(project: Project, syntax: Syntax, explicit: Path | str | None = None) -> PromptTemplate:
@@ -98,17 +99,21 @@ def choose_template(project: Project, syntax: Syntax, explicit: Path | str | Non
 def _users_template(project: Project, explicit: Path | str | None) -> PromptTemplate | None:
     if explicit is not None:
         if str(explicit).startswith(RASA_TEMPLATE_PREFIX):
-            return rasa_template(str(explicit)[len(RASA_TEMPLATE_PREFIX):])
+            return rasa_template(str(explicit)[len(RASA_TEMPLATE_PREFIX) :])
         return load_template(Path(explicit))
     if project.config.prompt_template is not None:
         if not project.config.prompt_template.is_file():
-            raise ConfigError(f"{project.config.prompt_template_where}: prompt template "
-                              f"`{project.config.prompt_template}` not found")  # fmt: skip
+            raise ConfigError(
+                f"{project.config.prompt_template_where}: prompt template `{project.config.prompt_template}` not found"
+            )
         return load_template(project.config.prompt_template)
     if project.config.generator in RASA_GENERATOR_SYNTAX and installed_rasa_folder() is not None:
         name = rasa_default_template_name(project.config.generator, project.config.llm, bool(project.agents))
-        log.info("%s: no prompt_template; using Rasa Pro's %s for this generator and model, as Rasa does",
-                 project.config.generator_where, name)  # fmt: skip
+        log.info(
+            "%s: no prompt_template; using Rasa Pro's %s for this generator and model, as Rasa does",
+            project.config.generator_where,
+            name,
+        )
         return rasa_template(name)
     return None
 
@@ -116,22 +121,30 @@ def _users_template(project: Project, explicit: Path | str | None) -> PromptTemp
 # ---------------------------------------------------------------------------------------------- the user's Rasa
 
 RASA_TEMPLATE_PREFIX = "rasa:"
-RASA_GENERATOR_SYNTAX = {"SingleStepLLMCommandGenerator": Syntax.V1, "CompactLLMCommandGenerator": Syntax.V2,
-                         "SearchReadyLLMCommandGenerator": Syntax.V3}  # fmt: skip
-_RASA_TEMPLATE_FOLDERS = ("dialogue_understanding/generator/prompt_templates",
-                          "dialogue_understanding/generator/single_step")  # fmt: skip
+RASA_GENERATOR_SYNTAX = {
+    "SingleStepLLMCommandGenerator": Syntax.V1,
+    "CompactLLMCommandGenerator": Syntax.V2,
+    "SearchReadyLLMCommandGenerator": Syntax.V3,
+}
+_RASA_TEMPLATE_FOLDERS = (
+    "dialogue_understanding/generator/prompt_templates",
+    "dialogue_understanding/generator/single_step",
+)
 # Which template Rasa Pro 3.21 picks by `provider/model` (file-name stems: facts of its model-to-template table).
 _RASA_MODEL_TEMPLATES = {
-    "openai/gpt-4o-2024-11-20": "gpt_4o_2024_11_20", "azure/gpt-4o-2024-11-20": "gpt_4o_2024_11_20",
-    "openai/gpt-5.1-2025-11-13": "gpt_5_1_2025_11_13", "azure/gpt-5.1-2025-11-13": "gpt_5_1_2025_11_13",
-    "openai/gpt-5.2-2025-12-11": "gpt_5_2_2025_12_11", "azure/gpt-5.2-2025-12-11": "gpt_5_2_2025_12_11",
+    "openai/gpt-4o-2024-11-20": "gpt_4o_2024_11_20",
+    "azure/gpt-4o-2024-11-20": "gpt_4o_2024_11_20",
+    "openai/gpt-5.1-2025-11-13": "gpt_5_1_2025_11_13",
+    "azure/gpt-5.1-2025-11-13": "gpt_5_1_2025_11_13",
+    "openai/gpt-5.2-2025-12-11": "gpt_5_2_2025_12_11",
+    "azure/gpt-5.2-2025-12-11": "gpt_5_2_2025_12_11",
     "anthropic/claude-3-5-sonnet-20240620": "claude_3_5_sonnet_20240620",
     "bedrock/anthropic.claude-3-5-sonnet-20240620-v1:0": "claude_3_5_sonnet_20240620",
     "anthropic/claude-sonnet-4-5-20250929": "claude_sonnet_4_5_20250929",
     "bedrock/anthropic.claude-sonnet-4-5-20250929-v1:0": "claude_sonnet_4_5_20250929",
     "anthropic/claude-sonnet-4-6": "claude_sonnet_4_5_20250929",
     "bedrock/anthropic.claude-sonnet-4-6": "claude_sonnet_4_5_20250929",
-}  # fmt: skip
+}
 _RASA_FALLBACK_TEMPLATE = "gpt_5_1_2025_11_13"  # default and fallback (any other model, a finetuned one included)
 
 
@@ -169,31 +182,42 @@ def rasa_template(name: str) -> PromptTemplate:
     folder = installed_rasa_folder()
     where = " or ".join(f"rasa/{sub}/" for sub in _RASA_TEMPLATE_FOLDERS)
     if folder is None:
-        raise ConfigError(f"{RASA_TEMPLATE_PREFIX}{name}: Rasa Pro is not installed in this environment; pass the "
-                          f"file itself instead: --prompt-template path/to/{name} (in {where} of a Rasa Pro "
-                          "install)")  # fmt: skip
+        raise ConfigError(
+            f"{RASA_TEMPLATE_PREFIX}{name}: Rasa Pro is not installed in this environment; pass the "
+            f"file itself instead: --prompt-template path/to/{name} (in {where} of a Rasa Pro "
+            "install)"
+        )
     for sub in _RASA_TEMPLATE_FOLDERS:
         if (folder / sub / name).is_file():
             return load_template(folder / sub / name)
-    raise ConfigError(f"{RASA_TEMPLATE_PREFIX}{name}: the installed Rasa Pro ({folder}) has no such template in "
-                      f"{where}; pass its file with --prompt-template FILE")  # fmt: skip
+    raise ConfigError(
+        f"{RASA_TEMPLATE_PREFIX}{name}: the installed Rasa Pro ({folder}) has no such template in "
+        f"{where}; pass its file with --prompt-template FILE"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- command lists
 
 # Our templates' lines for commands that only some releases or projects have (the files hold the 3.21 set).
-_HANDOFF_LINES = {Syntax.V1: "HumanHandoff(): the user wants a human", Syntax.V2: "hand over: the user asks for a human"}
+_HANDOFF_LINES = {
+    Syntax.V1: "HumanHandoff(): the user wants a human",
+    Syntax.V2: "hand over: the user asks for a human",
+}
 _LAST_COMMAND_LINE = {Syntax.V1: "RepeatLastBotMessages(): ", Syntax.V2: "repeat message: "}
 _AGENT_LINES = {
-    Syntax.V1: ("{% if active_agent %}\nContinueAgent(): the user answers the active agent "
-                "{{ active_agent.name }}{% endif %}{% if completed_agents %}\nRestartAgent(agent_name): the user "
-                "wants to redo a finished agent's task (finished: {{ completed_agents | map(attribute='name') | "
-                "join(', ') }}){% endif %}"),
-    Syntax.V2: ("{% if active_agent %}\ncontinue agent: the user answers the active agent "
-                "{{ active_agent.name }}{% endif %}{% if completed_agents %}\nrestart agent AGENT_NAME: the user "
-                "wants to redo a finished agent's task (finished: {{ completed_agents | map(attribute='name') | "
-                "join(', ') }}){% endif %}"),
-}  # fmt: skip
+    Syntax.V1: (
+        "{% if active_agent %}\nContinueAgent(): the user answers the active agent "
+        "{{ active_agent.name }}{% endif %}{% if completed_agents %}\nRestartAgent(agent_name): the user "
+        "wants to redo a finished agent's task (finished: {{ completed_agents | map(attribute='name') | "
+        "join(', ') }}){% endif %}"
+    ),
+    Syntax.V2: (
+        "{% if active_agent %}\ncontinue agent: the user answers the active agent "
+        "{{ active_agent.name }}{% endif %}{% if completed_agents %}\nrestart agent AGENT_NAME: the user "
+        "wants to redo a finished agent's task (finished: {{ completed_agents | map(attribute='name') | "
+        "join(', ') }}){% endif %}"
+    ),
+}
 
 
 def command_list_for(text: str, project: Project, syntax: Syntax) -> str:
@@ -215,15 +239,17 @@ def command_list_for(text: str, project: Project, syntax: Syntax) -> str:
         after[-1] += agent_suffix
     else:
         lines[at] += agent_suffix
-    return "\n".join(lines[:at] + before + [lines[at]] + after + lines[at + 1:])
+    return "\n".join(lines[:at] + before + [lines[at]] + after + lines[at + 1 :])
 
 
 def template_command_warnings(template: PromptTemplate, project: Project, syntax: Syntax) -> list[str]:
     """Commands a template offers that the target release drops, and custom commands it never mentions."""
     warnings = []
     if project.rasa_version >= HANDOFF_REMOVED_IN and any(w in template.text for w in ("hand over", "HumanHandoff(")):
-        warnings.append(f"{template.path} offers the handoff command, which Rasa Pro {project.rasa_version} no "
-                        f"longer parses (removed in {HANDOFF_REMOVED_IN}); remove it or pass --rasa-version")
+        warnings.append(
+            f"{template.path} offers the handoff command, which Rasa Pro {project.rasa_version} no "
+            f"longer parses (removed in {HANDOFF_REMOVED_IN}); remove it or pass --rasa-version"
+        )
     for spec in project.custom_commands:
         first_word = spec.form(syntax).split("{")[0].split("(")[0].strip()
         if first_word and first_word not in template.text:
@@ -239,9 +265,12 @@ def choose_syntax(project: Project, explicit: str | None = None) -> Syntax:
         except ValueError:
             raise ConfigError(f"--command-syntax {explicit}: expected one of v1, v2, v3") from None
     if project.config.syntax is None and project.config.generator:
-        log.warning("%s: the command generator `%s` is the project's own and recipe cannot tell which syntax it "
-                    "parses; using v2 (`start flow x`). Pass --command-syntax v1|v2|v3 to choose",
-                    project.config.generator_where, project.config.generator)  # fmt: skip
+        log.warning(
+            "%s: the command generator `%s` is the project's own and recipe cannot tell which syntax it "
+            "parses; using v2 (`start flow x`). Pass --command-syntax v1|v2|v3 to choose",
+            project.config.generator_where,
+            project.config.generator,
+        )
     return project.config.syntax or Syntax.V2
 
 
@@ -261,11 +290,22 @@ def jinja_environment() -> jinja2.Environment:
 
 # What the runtime passes to a command-generator template (rasa-formats.md §6; Rasa Pro 3.21's single-step
 # generators): `active_agent` and `completed_agents` only in projects with sub-agents (None / [] otherwise here).
-COMMAND_PROMPT_VARIABLES = frozenset({
-    "available_flows", "current_conversation", "current_flow", "current_slot", "current_slot_description",
-    "current_slot_type", "current_slot_allowed_values", "flow_slots", "user_message", "current_datetime",
-    "active_agent", "completed_agents",
-})  # fmt: skip
+COMMAND_PROMPT_VARIABLES = frozenset(
+    {
+        "available_flows",
+        "current_conversation",
+        "current_flow",
+        "current_slot",
+        "current_slot_description",
+        "current_slot_type",
+        "current_slot_allowed_values",
+        "flow_slots",
+        "user_message",
+        "current_datetime",
+        "active_agent",
+        "completed_agents",
+    }
+)
 
 
 class PromptRenderer:
@@ -285,9 +325,13 @@ class PromptRenderer:
             raise ConfigError(f"{template.path}:{error.lineno}: template syntax error: {error.message}") from None
         unknown = sorted(used - known_variables) if known_variables is not None else []
         if unknown:
-            log.warning("%s uses %s, which %s never set: %s render empty", template.path,
-                        ", ".join(f"`{name}`" for name in unknown), "the runtime and recipe",
-                        "it" if len(unknown) == 1 else "they")  # fmt: skip
+            log.warning(
+                "%s uses %s, which %s never set: %s render empty",
+                template.path,
+                ", ".join(f"`{name}`" for name in unknown),
+                "the runtime and recipe",
+                "it" if len(unknown) == 1 else "they",
+            )
 
     def render(self, variables: dict[str, Any]) -> str:
         try:
@@ -366,12 +410,17 @@ def _buttons_text(buttons: tuple[Button, ...], version: RasaVersion) -> str:
         return ", ".join(f'button {i}: "{b.title}"' for i, b in enumerate(buttons, start=1))
     # 3.16+: newlines in titles become spaces, a button with an empty title is left out (the others keep their
     # position number: `button 1`, `button 3`)
-    return ", ".join(f'button {i}: "{_one_line(b.title)}"' for i, b in enumerate(buttons, start=1)
-                     if _one_line(b.title or ""))  # fmt: skip
+    return ", ".join(
+        f'button {i}: "{_one_line(b.title)}"' for i, b in enumerate(buttons, start=1) if _one_line(b.title or "")
+    )
 
 
-def transcript_lines(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], *,
-                     version: RasaVersion = NEWEST_RASA_VERSION, highlight_agents: bool = False) -> list[str]:  # fmt: skip
+def transcript_lines(
+    lines: tuple[TranscriptLine, ...] | list[TranscriptLine],
+    *,
+    version: RasaVersion = NEWEST_RASA_VERSION,
+    highlight_agents: bool = False,
+) -> list[str]:
     """`USER: ...` and `AI: ...` lines as the runtime writes them (buttons appended, empty bot messages left out).
     With `highlight_agents` (a project with sub-agents) a sub-agent's messages carry its name instead of `AI`."""
     rendered = []
@@ -390,8 +439,13 @@ def transcript_lines(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], *
     return rendered
 
 
-def transcript_text(lines: tuple[TranscriptLine, ...] | list[TranscriptLine], user_message: str, *,
-                    version: RasaVersion = NEWEST_RASA_VERSION, highlight_agents: bool = False) -> str:  # fmt: skip
+def transcript_text(
+    lines: tuple[TranscriptLine, ...] | list[TranscriptLine],
+    user_message: str,
+    *,
+    version: RasaVersion = NEWEST_RASA_VERSION,
+    highlight_agents: bool = False,
+) -> str:
     """The last 20 lines of the conversation, then the new user message after a newline."""
     shown = transcript_lines(lines, version=version, highlight_agents=highlight_agents)
     history = "\n".join(shown[-TRANSCRIPT_LINES:])
@@ -421,8 +475,11 @@ def prompt_variables(
                     {"name": slot.name, "description": step.description, "allowed_values": _allowed_values(slot)}
                 )
         entry = {"name": flow.id, "description": flow.description, "slots": flow_slot_entries}
-        agent_info = [_agent_entry(project, agent) for kind, agent, flow_id in state.agent_log
-                      if kind == "started" and flow_id == flow.id and agent in project.agents]  # fmt: skip
+        agent_info = [
+            _agent_entry(project, agent)
+            for kind, agent, flow_id in state.agent_log
+            if kind == "started" and flow_id == flow.id and agent in project.agents
+        ]
         if agent_info and has_agents:
             entry["agent_info"] = agent_info  # one per start of an agent by this flow, as the runtime lists them
         available_flows.append(entry)
@@ -461,8 +518,9 @@ def prompt_variables(
             )
     variables = {
         "available_flows": available_flows,
-        "current_conversation": transcript_text(state.transcript, user_message, version=project.rasa_version,
-                                                highlight_agents=has_agents),
+        "current_conversation": transcript_text(
+            state.transcript, user_message, version=project.rasa_version, highlight_agents=has_agents
+        ),
         "current_flow": current_flow,
         "current_slot": current_slot,
         "current_slot_description": current_slot_description,
@@ -475,7 +533,8 @@ def prompt_variables(
     if has_agents:
         variables["active_agent"] = (
             _agent_entry(project, state.active_agent[0])
-            if state.active_agent is not None and state.active_agent[1] == current_flow else None
+            if state.active_agent is not None and state.active_agent[1] == current_flow
+            else None
         )
         variables["completed_agents"] = _completed_agents(project, state)
     return variables
@@ -492,10 +551,12 @@ def _completed_agents(project: Project, state: DialogueState) -> list[dict[str, 
     if top is None:
         return []
     last: dict[str, str] = {}
-    for kind, agent, flow_id in state.agent_log:
+    for kind, agent, _flow_id in state.agent_log:
         last[agent] = kind
     names = [agent for kind, agent, flow_id in state.agent_log if kind == "completed" and flow_id == top]
-    return [_agent_entry(project, a) for a in dict.fromkeys(names) if last.get(a) == "completed" and a in project.agents]
+    return [
+        _agent_entry(project, a) for a in dict.fromkeys(names) if last.get(a) == "completed" and a in project.agents
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- date and time
@@ -520,10 +581,10 @@ def conversation_datetime(conversation_id: str, seed: int, mocked: Any = None) -
     """
     if mocked is not None:
         value = mocked if isinstance(mocked, datetime) else datetime.fromisoformat(str(mocked))
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     digest = hashlib.sha256(f"{seed}:{conversation_date_key(conversation_id)}".encode()).digest()
     rng = random.Random(digest)
-    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2025, 1, 1, tzinfo=UTC)
     return start + timedelta(days=rng.randrange(3 * 365), seconds=rng.randrange(8 * 3600, 22 * 3600))
 
 

@@ -30,13 +30,25 @@ import openai
 ANTHROPIC_API_BASE = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"
 ANTHROPIC_DEFAULT_MAX_TOKENS = 1024  # the messages API requires max_tokens
-_STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
-                 "endTurn": "stop", "stopSequence": "stop", "maxTokens": "length", "toolUse": "tool_calls"}  # fmt: skip
+_STOP_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "endTurn": "stop",
+    "stopSequence": "stop",
+    "maxTokens": "length",
+    "toolUse": "tool_calls",
+}
 _ERRORS: dict[int, type[openai.APIStatusError]] = {
-    400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
-    404: openai.NotFoundError, 409: openai.ConflictError, 422: openai.UnprocessableEntityError,
+    400: openai.BadRequestError,
+    401: openai.AuthenticationError,
+    403: openai.PermissionDeniedError,
+    404: openai.NotFoundError,
+    409: openai.ConflictError,
+    422: openai.UnprocessableEntityError,
     429: openai.RateLimitError,
-}  # fmt: skip
+}
 # Anthropic's effort names for extended thinking, as budgets (Rasa passes `reasoning_effort` through litellm, which
 # maps it the same way).
 _THINKING_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
@@ -57,10 +69,14 @@ def _raise_for(response: httpx.Response) -> None:
         body: Any = response.json()
     except ValueError:
         body = response.text
-    message = body.get("error", body).get("message", str(body)) if isinstance(body, dict) and isinstance(
-        body.get("error", body), dict) else (body.get("message") if isinstance(body, dict) else str(body))
-    error_class = _ERRORS.get(response.status_code, openai.InternalServerError if response.status_code >= 500
-                              else openai.APIStatusError)  # fmt: skip
+    message = (
+        body.get("error", body).get("message", str(body))
+        if isinstance(body, dict) and isinstance(body.get("error", body), dict)
+        else (body.get("message") if isinstance(body, dict) else str(body))
+    )
+    error_class = _ERRORS.get(
+        response.status_code, openai.InternalServerError if response.status_code >= 500 else openai.APIStatusError
+    )
     raise error_class(f"Error code: {response.status_code} - {message}", response=response, body=body)
 
 
@@ -105,20 +121,24 @@ class _NativeClient:
         try:
             return response.json()
         except ValueError as error:
-            raise openai.APIResponseValidationError(response=response, body=response.text,
-                                                    message=f"not JSON: {error}") from None  # fmt: skip
+            raise openai.APIResponseValidationError(
+                response=response, body=response.text, message=f"not JSON: {error}"
+            ) from None
 
     async def _raw_completion(self, **_: Any) -> Any:
-        raise openai.BadRequestError("this provider has no /completions endpoint; use chat completions",
-                                     response=httpx.Response(400, request=httpx.Request("POST", self.api_base)),
-                                     body=None)  # fmt: skip
+        raise openai.BadRequestError(
+            "this provider has no /completions endpoint; use chat completions",
+            response=httpx.Response(400, request=httpx.Request("POST", self.api_base)),
+            body=None,
+        )
 
     async def _chat(self, **_: Any) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError
 
     async def _models(self) -> Any:
-        raise openai.NotFoundError("no model list", response=httpx.Response(404, request=httpx.Request(
-            "GET", self.api_base)), body=None)
+        raise openai.NotFoundError(
+            "no model list", response=httpx.Response(404, request=httpx.Request("GET", self.api_base)), body=None
+        )
 
 
 def _system_and_turns(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
@@ -133,8 +153,15 @@ class AnthropicClient(_NativeClient):
     api_key: str = ""
     reasoning_effort: str | None = None
 
-    async def _chat(self, *, messages: list[dict[str, Any]], model: str, temperature: float | None = None,
-                    max_completion_tokens: int | None = None, **_: Any) -> Any:  # fmt: skip
+    async def _chat(
+        self,
+        *,
+        messages: list[dict[str, Any]],
+        model: str,
+        temperature: float | None = None,
+        max_completion_tokens: int | None = None,
+        **_: Any,
+    ) -> Any:
         system, turns = _system_and_turns(messages)
         payload: dict[str, Any] = {
             "model": model,
@@ -149,13 +176,22 @@ class AnthropicClient(_NativeClient):
             payload["max_tokens"] = max(payload["max_tokens"], budget + 1)  # thinking needs a budget below it
         elif temperature is not None:
             payload["temperature"] = temperature
-        headers = {"x-api-key": self.api_key, "anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
-        data = await self._send("POST", f"{self.api_base.rstrip('/')}/v1/messages", headers=headers,
-                                body=json.dumps(payload).encode())  # fmt: skip
+        headers = {
+            "x-api-key": self.api_key,
+            "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json",
+        }
+        data = await self._send(
+            "POST", f"{self.api_base.rstrip('/')}/v1/messages", headers=headers, body=json.dumps(payload).encode()
+        )
         text = "".join(block.get("text", "") for block in data.get("content") or [] if block.get("type") == "text")
         usage = data.get("usage") or {}
-        return _completion(text, _STOP_REASONS.get(data.get("stop_reason"), str(data.get("stop_reason"))),
-                           int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0))
+        return _completion(
+            text,
+            _STOP_REASONS.get(data.get("stop_reason"), str(data.get("stop_reason"))),
+            int(usage.get("input_tokens") or 0),
+            int(usage.get("output_tokens") or 0),
+        )
 
     async def _models(self) -> Any:
         headers = {"x-api-key": self.api_key, "anthropic-version": ANTHROPIC_VERSION}
@@ -174,11 +210,19 @@ class BedrockClient(_NativeClient):
     session_token: str | None = None
     reasoning_effort: str | None = None
 
-    async def _chat(self, *, messages: list[dict[str, Any]], model: str, temperature: float | None = None,
-                    max_completion_tokens: int | None = None, **_: Any) -> Any:  # fmt: skip
+    async def _chat(
+        self,
+        *,
+        messages: list[dict[str, Any]],
+        model: str,
+        temperature: float | None = None,
+        max_completion_tokens: int | None = None,
+        **_: Any,
+    ) -> Any:
         system, turns = _system_and_turns(messages)
-        payload: dict[str, Any] = {"messages": [{"role": m["role"], "content": [{"text": str(m["content"])}]}
-                                                for m in turns]}  # fmt: skip
+        payload: dict[str, Any] = {
+            "messages": [{"role": m["role"], "content": [{"text": str(m["content"])}]} for m in turns]
+        }
         if system:
             payload["system"] = [{"text": system}]
         inference: dict[str, Any] = {}
@@ -193,21 +237,45 @@ class BedrockClient(_NativeClient):
         data = await self._send("POST", url, headers=self._auth_headers("POST", url, body), body=body)
         content = ((data.get("output") or {}).get("message") or {}).get("content") or []
         usage = data.get("usage") or {}
-        return _completion("".join(block.get("text", "") for block in content),
-                           _STOP_REASONS.get(data.get("stopReason"), str(data.get("stopReason"))),
-                           int(usage.get("inputTokens") or 0), int(usage.get("outputTokens") or 0))
+        return _completion(
+            "".join(block.get("text", "") for block in content),
+            _STOP_REASONS.get(data.get("stopReason"), str(data.get("stopReason"))),
+            int(usage.get("inputTokens") or 0),
+            int(usage.get("outputTokens") or 0),
+        )
 
     def _auth_headers(self, method: str, url: str, body: bytes, now: dt.datetime | None = None) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "application/json"}
         if self.bearer_token:
             return {**headers, "authorization": f"Bearer {self.bearer_token}"}
-        return {**headers, **sigv4_headers(method, url, body, region=self.region, service="bedrock",
-                                           access_key=self.access_key or "", secret_key=self.secret_key or "",
-                                           session_token=self.session_token, now=now)}  # fmt: skip
+        return {
+            **headers,
+            **sigv4_headers(
+                method,
+                url,
+                body,
+                region=self.region,
+                service="bedrock",
+                access_key=self.access_key or "",
+                secret_key=self.secret_key or "",
+                session_token=self.session_token,
+                now=now,
+            ),
+        }
 
 
-def sigv4_headers(method: str, url: str, body: bytes, *, region: str, service: str, access_key: str, secret_key: str,
-                  session_token: str | None = None, now: dt.datetime | None = None) -> dict[str, str]:  # fmt: skip
+def sigv4_headers(
+    method: str,
+    url: str,
+    body: bytes,
+    *,
+    region: str,
+    service: str,
+    access_key: str,
+    secret_key: str,
+    session_token: str | None = None,
+    now: dt.datetime | None = None,
+) -> dict[str, str]:
     """AWS Signature Version 4 headers for one request (the published algorithm; host, x-amz-date, content hash)."""
     now = now or dt.datetime.now(dt.UTC)
     stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
@@ -217,16 +285,23 @@ def sigv4_headers(method: str, url: str, body: bytes, *, region: str, service: s
     if session_token:
         signed["x-amz-security-token"] = session_token
     names = sorted(signed)
-    canonical = "\n".join([
-        method, quote(parts.path or "/", safe="/-_.~"), parts.query,
-        "".join(f"{name}:{signed[name].strip()}\n" for name in names), ";".join(names), payload_hash,
-    ])  # fmt: skip
+    canonical = "\n".join(
+        [
+            method,
+            quote(parts.path or "/", safe="/-_.~"),
+            parts.query,
+            "".join(f"{name}:{signed[name].strip()}\n" for name in names),
+            ";".join(names),
+            payload_hash,
+        ]
+    )
     scope = f"{day}/{region}/{service}/aws4_request"
     to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
     key = f"AWS4{secret_key}".encode()
     for part in (day, region, service, "aws4_request"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
     signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    authorization = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={';'.join(names)}, "
-                     f"Signature={signature}")  # fmt: skip
+    authorization = (
+        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={';'.join(names)}, Signature={signature}"
+    )
     return {**{name: signed[name] for name in names if name != "host"}, "authorization": authorization}

@@ -35,10 +35,19 @@ class RasaConfig:
         return "\n".join(blocks) + "".join(f"# {note}\n" for note in self.notes)
 
 
-def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any] | None, prompt_template: str | None,
-                syntax: str | None, group_id: str = "finetuned_command_generator", max_tokens: int = 256,
-                api_key_env: str | None = None, use_completions: bool = False,
-                project_dir: Path = Path(".")) -> RasaConfig:  # fmt: skip
+def rasa_config(
+    *,
+    model_name: str,
+    api_base: str,
+    training_info: dict[str, Any] | None,
+    prompt_template: str | None,
+    syntax: str | None,
+    group_id: str = "finetuned_command_generator",
+    max_tokens: int = 256,
+    api_key_env: str | None = None,
+    use_completions: bool = False,
+    project_dir: Path = Path("."),
+) -> RasaConfig:
     """The endpoints.yml model group and config.yml pipeline entry for `model_name` served at `api_base`
     (`prompt_template` relative to the assistant's `project_dir`, as Rasa reads it)."""
     info = training_info or {}
@@ -46,8 +55,10 @@ def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any]
         raise ConfigError(f"--api-base {api_base!r}: expected the server's URL, e.g. http://llm-host:8000/v1")
     trained = info.get("command_syntax")
     if syntax and trained and syntax != trained:
-        raise ConfigError(f"--command-syntax {syntax} contradicts the model, which was trained with {trained} "
-                          f"commands; leave --command-syntax out or pass {trained}")  # fmt: skip
+        raise ConfigError(
+            f"--command-syntax {syntax} contradicts the model, which was trained with {trained} "
+            f"commands; leave --command-syntax out or pass {trained}"
+        )
     chosen = syntax or trained
     if not chosen:
         raise ConfigError("no command syntax: the model folder has no training info; pass --command-syntax")
@@ -62,16 +73,30 @@ def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any]
     if not prompt_template:
         # The training path is a path on this machine; the assistant needs its own copy, relative to its project.
         template = f"prompts/{Path(template).name}"
-        notes.append(f"copy the template the model was trained with to {template} in the assistant project, or use "
-                     "--write-template FILE to write the exact trained text and point prompt_template at it")  # fmt: skip
+        notes.append(
+            f"copy the template the model was trained with to {template} in the assistant project, or use "
+            "--write-template FILE to write the exact trained text and point prompt_template at it"
+        )
     elif not (project_dir / template).is_file():
-        notes.append(f"copy {template} into the assistant project and point prompt_template at the copy "
-                     "(or use --write-template FILE)")  # fmt: skip
-    elif info.get("prompt_template_sha256") and load_template(project_dir / template).sha256 != info["prompt_template_sha256"]:
-        notes.append(f"WARNING: {template} is not the template the model was trained with (sha256 differs); use "
-                     "--write-template FILE to write that one")  # fmt: skip
-    model: dict[str, Any] = {"provider": "self-hosted", "model": model_name, "api_base": api_base.rstrip("/"),
-                             "temperature": 0.0, "max_tokens": max_tokens}  # fmt: skip
+        notes.append(
+            f"copy {template} into the assistant project and point prompt_template at the copy "
+            "(or use --write-template FILE)"
+        )
+    elif (
+        info.get("prompt_template_sha256")
+        and load_template(project_dir / template).sha256 != info["prompt_template_sha256"]
+    ):
+        notes.append(
+            f"WARNING: {template} is not the template the model was trained with (sha256 differs); use "
+            "--write-template FILE to write that one"
+        )
+    model: dict[str, Any] = {
+        "provider": "self-hosted",
+        "model": model_name,
+        "api_base": api_base.rstrip("/"),
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+    }
     if api_key_env:
         model["api_key"] = "${" + api_key_env + "}"
     if use_completions or (info.get("training") or {}).get("prompt_format") == "raw":
@@ -96,8 +121,10 @@ def rasa_config(*, model_name: str, api_base: str, training_info: dict[str, Any]
             "turns_to_embed": retrieval.get("turns_to_embed", 1),
             "should_embed_slots": retrieval.get("should_embed_slots", True),
         }
-        notes.append("the training prompts list the flows flow retrieval picked: keep flow_retrieval on with the same "
-                     "embeddings model and settings (check that api_base is reachable from the assistant)")  # fmt: skip
+        notes.append(
+            "the training prompts list the flows flow retrieval picked: keep flow_retrieval on with the same "
+            "embeddings model and settings (check that api_base is reachable from the assistant)"
+        )
     notes.append("after changing config.yml or the template: rasa train, then rasa test e2e on the validation tests")
     return RasaConfig(endpoints, {"pipeline": [component]}, tuple(notes))
 
@@ -108,8 +135,10 @@ def write_trained_template(training_info: dict[str, Any] | None, path: Path) -> 
     if not text:
         raise ConfigError("--write-template needs --model with training info that records the template text")
     if path.resolve().is_relative_to(PROMPTS_DIR.resolve()):
-        raise ConfigError(f"{path}: that is recipe's own template folder ({PROMPTS_DIR}), not the assistant's; write "
-                          "the copy into the assistant project (--project DIR --write-template prompts/NAME.jinja2)")
+        raise ConfigError(
+            f"{path}: that is recipe's own template folder ({PROMPTS_DIR}), not the assistant's; write "
+            "the copy into the assistant project (--project DIR --write-template prompts/NAME.jinja2)"
+        )
     if path.exists() and path.read_text(encoding="utf-8") != text:
         raise ConfigError(f"{path}: exists with other content; choose another file or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)

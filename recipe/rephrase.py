@@ -22,9 +22,16 @@ from recipe.prompt import PromptRenderer
 from recipe.textnorm import normalize_text, number_to_words
 
 USER_PREFIX = "USER"
-REPHRASE_PROMPT_VARIABLES = frozenset({
-    "test_case_name", "transcript", "number_of_rephrasings", "number_of_user_messages", "user_prefix", "user_messages",
-})  # fmt: skip
+REPHRASE_PROMPT_VARIABLES = frozenset(
+    {
+        "test_case_name",
+        "transcript",
+        "number_of_rephrasings",
+        "number_of_user_messages",
+        "user_prefix",
+        "user_messages",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,7 @@ def _from_numbered_text(text: str, messages: list[MessageToRephrase]) -> dict[in
         if not stripped:
             continue
         if stripped.upper().startswith(f"{USER_PREFIX}:"):
-            blocks.append((stripped[len(USER_PREFIX) + 1:].strip(), []))
+            blocks.append((stripped[len(USER_PREFIX) + 1 :].strip(), []))
             continue
         numbered = _NUMBERED.match(line)
         if numbered and blocks:
@@ -120,8 +127,9 @@ def _from_numbered_text(text: str, messages: list[MessageToRephrase]) -> dict[in
     found: dict[int, list[str]] = {}
     owner: dict[int, MessageToRephrase] = {}
     for index, (echo, _) in enumerate(blocks):
-        match = next((m for m in messages if normalize_text(m.text) == normalize_text(echo)
-                      and m not in owner.values()), None)  # fmt: skip
+        match = next(
+            (m for m in messages if normalize_text(m.text) == normalize_text(echo) and m not in owner.values()), None
+        )
         if match is not None:
             owner[index] = match
     for index in range(len(blocks)):
@@ -143,8 +151,9 @@ def parse_rephrasings(text: str, messages: list[MessageToRephrase]) -> dict[int,
 # ---------------------------------------------------------------------------------------------- LLM rephrasing
 
 
-def rephrase_prompt(renderer: PromptRenderer, test_case_name: str, transcript: str,
-                    messages: list[MessageToRephrase], count: int) -> str:  # fmt: skip
+def rephrase_prompt(
+    renderer: PromptRenderer, test_case_name: str, transcript: str, messages: list[MessageToRephrase], count: int
+) -> str:
     return renderer.render(
         {
             "test_case_name": test_case_name,
@@ -179,8 +188,9 @@ async def rephrase_conversation(
         prompt = rephrase_prompt(renderer, test_case_name, transcript, ids, wanted)
         outcome.calls += 1
         try:
-            result = await client.chat([{"role": "user", "content": prompt}], sample_index=attempt,
-                                       response_format=JSON_RESPONSE_FORMAT)  # fmt: skip
+            result = await client.chat(
+                [{"role": "user", "content": prompt}], sample_index=attempt, response_format=JSON_RESPONSE_FORMAT
+            )
         except LLMCallFailed as error:
             outcome.errors.append(f"rephrase call failed after {error.attempts} attempts: {error.last_error}")
             if error.fails_every_call:
@@ -204,10 +214,17 @@ _POLITE = re.compile(r"\b(please|thanks|thank you|cheers)\b", re.IGNORECASE)
 # Whole-phrase swaps at the start of the message only, where they cannot change the meaning
 # (`Do I need a visa?` must not become `Do I'd like a visa?`).
 _SWAPS = [
-    (r"^I would like\b", "I'd like"), (r"^I'd like\b", "I want"), (r"^I want\b", "I'd like"),
-    (r"^I need\b", "I'd like"), (r"^I am\b", "I'm"), (r"^I'm\b", "I am"), (r"^can you\b", "could you"),
-    (r"^could you\b", "can you"), (r"^yes\b(?=[,.!]|$)", "yeah"), (r"^no\b(?=[,.!]|$)", "nope"),
-]  # fmt: skip
+    (r"^I would like\b", "I'd like"),
+    (r"^I'd like\b", "I want"),
+    (r"^I want\b", "I'd like"),
+    (r"^I need\b", "I'd like"),
+    (r"^I am\b", "I'm"),
+    (r"^I'm\b", "I am"),
+    (r"^can you\b", "could you"),
+    (r"^could you\b", "can you"),
+    (r"^yes\b(?=[,.!]|$)", "yeah"),
+    (r"^no\b(?=[,.!]|$)", "nope"),
+]
 _KEEP_CAPITAL = {"I", "I'm", "I'd", "I'll", "I've"}
 
 
@@ -227,8 +244,9 @@ def _voice(text: str, values: list[str]) -> str:
 
 def _spoken_numbers(text: str, values: list[str]) -> str:
     """Small standalone numbers in words, but never inside a value (`22 March`) or a time or code (`14:05`)."""
-    protected = [(m.start(), m.end()) for v in values if not v.strip().isdigit()
-                 for m in re.finditer(re.escape(v), text)]  # fmt: skip
+    protected = [
+        (m.start(), m.end()) for v in values if not v.strip().isdigit() for m in re.finditer(re.escape(v), text)
+    ]
 
     def speak(match: re.Match) -> str:
         inside = any(start <= match.start() < end for start, end in protected)
@@ -243,8 +261,9 @@ def _lead_in(prefix: str, text: str, values: list[str]) -> str:
     return prefix + (text if keep else text[:1].lower() + text[1:])
 
 
-def rule_based_rephrasings(text: str, count: int, seed: int, values: list[str] | tuple[str, ...] = (),
-                           first_turn: bool = True) -> list[str]:  # fmt: skip
+def rule_based_rephrasings(
+    text: str, count: int, seed: int, values: list[str] | tuple[str, ...] = (), first_turn: bool = True
+) -> list[str]:
     """Up to `count` variants of `text` by rule. The slot `values` the message states keep their exact spelling;
     only small standalone numbers may be spoken as words. Greetings open only a conversation's first message."""
     rng = random.Random(f"{seed}:{text}")

@@ -57,8 +57,9 @@ log = logging.getLogger("recipe")
 DEFAULT_NUM_FLOWS = 20
 DEFAULT_TURNS_TO_EMBED = 1
 RUNTIME_DEFAULT_EMBEDDINGS = "openai text-embedding-3-large"
-_CONDITION_WORDS = frozenset({"and", "or", "not", "is", "contains", "matches", "true", "false", "null", "none",
-                              "undefined", "empty"})  # fmt: skip
+_CONDITION_WORDS = frozenset(
+    {"and", "or", "not", "is", "contains", "matches", "true", "false", "null", "none", "undefined", "empty"}
+)
 
 STARTED_FLOWS_WINDOW = 20  # user/bot messages back from the current one within which a start counts
 
@@ -100,8 +101,9 @@ def read_flow_retrieval_config(root: Path) -> FlowRetrievalConfig | None:
         raise ConfigError(f"{where}: `flow_retrieval` must be a mapping (e.g. {{active: false}})")
     if "num_flows" in block and "max_flows_from_semantic_search" in block:
         raise ConfigError(f"{where}: give `num_flows` or `max_flows_from_semantic_search`, not both")
-    num_flows = _integer(block.get("num_flows", block.get("max_flows_from_semantic_search", DEFAULT_NUM_FLOWS)),
-                         "num_flows", where)  # fmt: skip
+    num_flows = _integer(
+        block.get("num_flows", block.get("max_flows_from_semantic_search", DEFAULT_NUM_FLOWS)), "num_flows", where
+    )
     if num_flows < 0:
         log.warning("%s: a negative num_flows means the default (%d), as at runtime", where, DEFAULT_NUM_FLOWS)
         num_flows = DEFAULT_NUM_FLOWS
@@ -148,8 +150,10 @@ def _embeddings_from_config(block: Any, root: Path, where: str) -> tuple[Embeddi
         group = next((g for g in groups or [] if isinstance(g, dict) and str(g.get("id")) == group_id), None)
         models = group.get("models") if group else None
         if not models or not isinstance(models[0], Mapping):
-            raise ConfigError(f"{where}: flow_retrieval embeddings name model group `{group_id}`, which "
-                              f"{relative(endpoints)} does not define (with a model)")  # fmt: skip
+            raise ConfigError(
+                f"{where}: flow_retrieval embeddings name model group `{group_id}`, which "
+                f"{relative(endpoints)} does not define (with a model)"
+            )
         block, source = models[0], f"{relative(endpoints)} model group {group_id} (flow retrieval embeddings)"
     provider = str(block.get("provider", "openai"))
     if provider not in PROVIDERS:
@@ -199,8 +203,9 @@ def flow_document(project: Project, flow: Flow, embed_slots: bool = True) -> str
             seen.add(id(step))
             slot = project.slot(step.collect or "")
             allowed = _allowed_values(slot) if slot is not None else None
-            lines.append(f"    {step.collect}: {step.description or ''}"
-                         + (f", allowed values: {allowed}" if allowed else ""))  # fmt: skip
+            lines.append(
+                f"    {step.collect}: {step.description or ''}" + (f", allowed values: {allowed}" if allowed else "")
+            )
     return "\n".join(lines).strip()
 
 
@@ -222,7 +227,7 @@ class FlowRetrieval:
     def query_text(self, state: DialogueState, user_message: str) -> str:
         """What the runtime embeds for the turn: the message, or the last `turns_to_embed` transcript lines too."""
         if self.config.turns_to_embed > 1:
-            history = "\n".join(transcript_lines(state.transcript)[-self.config.turns_to_embed:])
+            history = "\n".join(transcript_lines(state.transcript)[-self.config.turns_to_embed :])
             return f"{history}\nUSER: {user_message}"
         return user_message
 
@@ -239,8 +244,10 @@ class FlowRetrieval:
                 self._documents[documents] = matrix
             query = np.asarray(self.client.embed([self.query_text(state, user_message)])[0], dtype=np.float64)
         if query.shape[0] != matrix.shape[1]:
-            raise ConfigError(f"{self.client.config.source}: the embeddings model answered vectors of {query.shape[0]} "
-                              f"and {matrix.shape[1]} numbers; expected one size")  # fmt: skip
+            raise ConfigError(
+                f"{self.client.config.source}: the embeddings model answered vectors of {query.shape[0]} "
+                f"and {matrix.shape[1]} numbers; expected one size"
+            )
         scores = matrix @ query
         order = sorted(range(len(flows)), key=lambda index: -scores[index])
         return [(flows[index], float(scores[index])) for index in order]
@@ -251,8 +258,9 @@ class FlowRetrieval:
         by_id = {flow.id: flow for flow in candidates}
         always = [flow for flow in candidates if flow.always_include_in_prompt]
         # Flows started within the last STARTED_FLOWS_WINDOW messages, the latest start first.
-        recent = [flow_id for flow_id, at in reversed(state.flow_starts)
-                  if len(state.transcript) - at < STARTED_FLOWS_WINDOW]  # fmt: skip
+        recent = [
+            flow_id for flow_id, at in reversed(state.flow_starts) if len(state.transcript) - at < STARTED_FLOWS_WINDOW
+        ]
         started = [by_id[flow_id] for flow_id in dict.fromkeys(recent) if flow_id in by_id]
         similar = [flow for flow, _ in self.ranked(project, state, user_message)[: self.config.num_flows]]
         allowed = {flow.id for flow in startable}
@@ -278,12 +286,22 @@ def flow_retrieval_info(retrieval: FlowRetrieval | None) -> dict[str, Any]:
     if retrieval is None or retrieval.config.embeddings is None:
         return {"active": False}
     config = retrieval.config
-    return {"active": True, "embeddings": config.embeddings.describe(), "num_flows": config.num_flows,
-            "turns_to_embed": config.turns_to_embed, "should_embed_slots": config.should_embed_slots}  # fmt: skip
+    return {
+        "active": True,
+        "embeddings": config.embeddings.describe(),
+        "num_flows": config.num_flows,
+        "turns_to_embed": config.turns_to_embed,
+        "should_embed_slots": config.should_embed_slots,
+    }
 
 
-def flow_retrieval_for(project: Project, embeddings_config: Path | None, *, cache_dir: Path | None = None,
-                       environ: Mapping[str, str] | None = None) -> FlowRetrieval | None:  # fmt: skip
+def flow_retrieval_for(
+    project: Project,
+    embeddings_config: Path | None,
+    *,
+    cache_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> FlowRetrieval | None:
     """The retrieval a command renders prompts with: `--embeddings-config` turns it on (with config.yml's other
     settings), else config.yml's usable embeddings; None (every startable flow, in file order) otherwise, with a
     warning when the runtime would retrieve but we cannot."""
@@ -292,8 +310,11 @@ def flow_retrieval_for(project: Project, embeddings_config: Path | None, *, cach
     if embeddings_config is not None:
         embeddings = load_embeddings_config(embeddings_config)
         if settings is not None and not settings.active:
-            log.warning("%s turns flow retrieval off, but --embeddings-config turns it on for these prompts: serve "
-                        "the model with flow_retrieval active and the same embeddings", settings.where)  # fmt: skip
+            log.warning(
+                "%s turns flow retrieval off, but --embeddings-config turns it on for these prompts: serve "
+                "the model with flow_retrieval active and the same embeddings",
+                settings.where,
+            )
         config = replace(settings or FlowRetrievalConfig(), active=True, embeddings=embeddings, embeddings_problem=None)
         return FlowRetrieval(config, EmbeddingsClient(embeddings, cache_dir=cache, environ=environ))
     if settings is None or not settings.active:
@@ -305,12 +326,20 @@ def flow_retrieval_for(project: Project, embeddings_config: Path | None, *, cach
         except ConfigError as error:  # no key for config.yml's embeddings: the same as none configured
             problem = f"its embeddings cannot be called ({error})"
     reason = problem or f"no embeddings are configured (the runtime would use {RUNTIME_DEFAULT_EMBEDDINGS})"
-    log.warning("%s: flow retrieval is on (the runtime's default), but %s; the prompts list every startable flow "
-                "in file order, so serve the finetuned model with `flow_retrieval: {active: false}`, or give "
-                "--embeddings-config FILE to build the prompts with retrieval", settings.where, reason)  # fmt: skip
+    log.warning(
+        "%s: flow retrieval is on (the runtime's default), but %s; the prompts list every startable flow "
+        "in file order, so serve the finetuned model with `flow_retrieval: {active: false}`, or give "
+        "--embeddings-config FILE to build the prompts with retrieval",
+        settings.where,
+        reason,
+    )
     count = len(retrievable_flows(project))
     if count > settings.num_flows:
-        log.warning("the project has %d startable flows; with flow retrieval on, the runtime shows only the %d most "
-                    "similar (plus always-included and already started ones), not all of them as these prompts "
-                    "do", count, settings.num_flows)  # fmt: skip
+        log.warning(
+            "the project has %d startable flows; with flow retrieval on, the runtime shows only the %d most "
+            "similar (plus always-included and already started ones), not all of them as these prompts "
+            "do",
+            count,
+            settings.num_flows,
+        )
     return None

@@ -190,9 +190,17 @@ class LocalModelBackend:
     template, no system prompt, or the raw string when the model was trained on raw prompts.
     """
 
-    def __init__(self, model: str | Path, *, base_model: str | None = None, variant: str = "auto",
-                 max_new_tokens: int = DEFAULT_MAX_TOKENS, dtype: str = "auto", threads: int | None = None,
-                 name: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        base_model: str | None = None,
+        variant: str = "auto",
+        max_new_tokens: int = DEFAULT_MAX_TOKENS,
+        dtype: str = "auto",
+        threads: int | None = None,
+        name: str | None = None,
+    ):
         import torch
 
         if max_new_tokens < 1:
@@ -228,8 +236,15 @@ class LocalModelBackend:
     def complete(self, prompt: str, *, grammar: CommandGrammar | None = None) -> Completion:
         return self.generate(self.finetuned.encode(prompt), max_new_tokens=self.max_new_tokens, grammar=grammar)
 
-    def generate(self, input_ids: list[int], *, max_new_tokens: int, grammar: CommandGrammar | None = None,
-                 temperature: float = 0.0, stop: Sequence[str] = ()) -> Completion:  # fmt: skip
+    def generate(
+        self,
+        input_ids: list[int],
+        *,
+        max_new_tokens: int,
+        grammar: CommandGrammar | None = None,
+        temperature: float = 0.0,
+        stop: Sequence[str] = (),
+    ) -> Completion:
         """Generate after `input_ids`; greedy unless `temperature` > 0; `stop` strings end the answer early."""
         import torch
         from transformers import LogitsProcessorList
@@ -242,16 +257,23 @@ class LocalModelBackend:
         with self._lock, torch.inference_mode(), _torch_threads(self.threads):
             processors = LogitsProcessorList()
             if grammar is not None:
-                processors.append(CommandLogitsProcessor(self._constraint(grammar), len(input_ids), max_new_tokens,
-                                                         greedy=temperature == 0))  # fmt: skip
+                processors.append(
+                    CommandLogitsProcessor(
+                        self._constraint(grammar), len(input_ids), max_new_tokens, greedy=temperature == 0
+                    )
+                )
             output = model.generate(
                 input_ids=torch.tensor([input_ids], device=model.device),
                 attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=model.device),
-                max_new_tokens=max_new_tokens, eos_token_id=self.finetuned.stop_ids, pad_token_id=self._pad_id(),
-                logits_processor=processors, **sampling, **stops,
-            )  # fmt: skip
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.finetuned.stop_ids,
+                pad_token_id=self._pad_id(),
+                logits_processor=processors,
+                **sampling,
+                **stops,
+            )
         latency = time.perf_counter() - started
-        new_ids = output[0, len(input_ids):].tolist()
+        new_ids = output[0, len(input_ids) :].tolist()
         ends = [index for index, token_id in enumerate(new_ids) if token_id in self.finetuned.stop_ids]
         stopped = bool(ends)
         new_ids = new_ids[: ends[0] + 1] if ends else new_ids
@@ -303,8 +325,9 @@ def _load(source: ModelSource, dtype: str) -> Finetuned:
         where = "" if Path(source.weights).exists() else " (not a local folder, nor a model in the hub cache)"
         raise ConfigError(f"model {source.weights}{where}: cannot load it: {first_line(error)}") from None
     if training.get("prompt_format") and training.get("end_token"):
-        prompt_format = data.PromptFormat(training["prompt_format"], training["end_token"],
-                                          training.get("answer_prefix") or "")  # fmt: skip
+        prompt_format = data.PromptFormat(
+            training["prompt_format"], training["end_token"], training.get("answer_prefix") or ""
+        )
     else:
         probe = data.Example(prompt=({"role": "user", "content": "hello"},), completion="cancel flow", path="", line=0)
         prompt_format = data.choose_prompt_format(tokenizer, "auto", probe)
@@ -343,9 +366,18 @@ class OpenAIBackend:
     message goes to `/chat/completions`, as Rasa Pro sends it. A grammar is sent as vLLM's `structured_outputs`.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, use_completions: bool = False,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, timeout_s: float = 60.0, max_retries: int = 2,
-                 name: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        use_completions: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        name: str | None = None,
+    ):
         import openai
 
         from recipe.llm import SELF_HOSTED_DUMMY_KEY
@@ -361,8 +393,9 @@ class OpenAIBackend:
         self.name = name or model
         self.use_completions = use_completions
         self.max_tokens = max_tokens
-        self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key or SELF_HOSTED_DUMMY_KEY,
-                                     timeout=timeout_s, max_retries=max_retries)  # fmt: skip
+        self._client = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key or SELF_HOSTED_DUMMY_KEY, timeout=timeout_s, max_retries=max_retries
+        )
 
     def complete(self, prompt: str, *, grammar: CommandGrammar | None = None) -> Completion:
         import openai
@@ -376,25 +409,38 @@ class OpenAIBackend:
                 )
             else:
                 response = self._client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0,
-                    max_completion_tokens=self.max_tokens, **extra,
-                )  # fmt: skip
+                    model=self.model,
+                    messages=[{"role": "user", "content": prompt}],
+                    temperature=0,
+                    max_completion_tokens=self.max_tokens,
+                    **extra,
+                )
         except openai.APIStatusError as error:
             fatal = error.status_code in (400, 401, 403, 404)
             said = error.body.get("message") if isinstance(error.body, dict) else None
-            raise BackendError(f"endpoint {self.base_url} ({self.model}): HTTP {error.status_code}: "
-                               f"{_one_line(str(said or error.message))}", fatal=fatal) from None  # fmt: skip
+            raise BackendError(
+                f"endpoint {self.base_url} ({self.model}): HTTP {error.status_code}: "
+                f"{_one_line(str(said or error.message))}",
+                fatal=fatal,
+            ) from None
         except openai.APIConnectionError as error:
-            raise BackendError(f"endpoint {self.base_url}: cannot connect ({_one_line(str(error))})",
-                               fatal=not isinstance(error, openai.APITimeoutError)) from None  # fmt: skip
+            raise BackendError(
+                f"endpoint {self.base_url}: cannot connect ({_one_line(str(error))})",
+                fatal=not isinstance(error, openai.APITimeoutError),
+            ) from None
         latency = time.perf_counter() - started
         if not response.choices:
             raise BackendError(f"endpoint {self.base_url} ({self.model}): answer without choices")
         choice = response.choices[0]
         text = choice.text if self.use_completions else choice.message.content
         usage = response.usage
-        return Completion(text or "", getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0,
-                          choice.finish_reason or "stop", latency)  # fmt: skip
+        return Completion(
+            text or "",
+            getattr(usage, "prompt_tokens", 0) or 0,
+            getattr(usage, "completion_tokens", 0) or 0,
+            choice.finish_reason or "stop",
+            latency,
+        )
 
 
 def _one_line(text: str) -> str:
@@ -416,8 +462,12 @@ class Dropped:
         return isinstance(self.item, str)
 
 
-def validate_commands(commands: Sequence[Command], project: Project, state: DialogueState | None = None,
-                      fillable: frozenset[str] | None = None) -> tuple[list[Command], list[Dropped]]:  # fmt: skip
+def validate_commands(
+    commands: Sequence[Command],
+    project: Project,
+    state: DialogueState | None = None,
+    fillable: frozenset[str] | None = None,
+) -> tuple[list[Command], list[Dropped]]:
     """Keep the commands this assistant can act on; drop the others with a reason.
 
     Dropped: unknown flows, flows that cannot be started now (their `if` guard fails in `state`), unknown slots,
@@ -426,7 +476,10 @@ def validate_commands(commands: Sequence[Command], project: Project, state: Dial
     """
     fillable = fillable if fillable is not None else frozenset(fillable_slots(project))
     if state is not None:
-        startable, why_not = {flow.id for flow in startable_flows(project, state.slots)}, "its `if` condition is false now"
+        startable, why_not = (
+            {flow.id for flow in startable_flows(project, state.slots)},
+            "its `if` condition is false now",
+        )
     else:
         startable, why_not = set(startable_flow_ids(project)), "it is reached only through a link or call"
     kept: list[Command] = []
@@ -434,8 +487,11 @@ def validate_commands(commands: Sequence[Command], project: Project, state: Dial
     for command in commands:
         if isinstance(command, Clarify):
             known = tuple(option for option in command.options if option in startable)
-            dropped += [Dropped(command, f"clarify option `{option}` is not a flow that can be started")
-                        for option in command.options if option not in known]  # fmt: skip
+            dropped += [
+                Dropped(command, f"clarify option `{option}` is not a flow that can be started")
+                for option in command.options
+                if option not in known
+            ]
             if known:
                 kept.append(command if known == command.options else Clarify(known))
             continue
@@ -491,8 +547,14 @@ class Prediction:
         return tuple(d for d in self.dropped if not d.unparsed)
 
 
-def conversation_state(project: Project, turns: Sequence[tuple[str, str]], *, slots: dict[str, Any] | None = None,
-                       active_flow: str | None = None, requested_slot: str | None = None) -> DialogueState:  # fmt: skip
+def conversation_state(
+    project: Project,
+    turns: Sequence[tuple[str, str]],
+    *,
+    slots: dict[str, Any] | None = None,
+    active_flow: str | None = None,
+    requested_slot: str | None = None,
+) -> DialogueState:
     """A dialogue state from plain data: (speaker, text) turns (`user`/`bot`), slot values, the flow in progress and
     the slot it asks for. For a live assistant, where no test conversation is replayed."""
     transcript = []
@@ -531,8 +593,13 @@ class PromptSetup:
     warnings: tuple[str, ...] = ()
 
 
-def prompt_setup(project: Project, training_info: dict[str, Any] | None, *, template_path: Path | None = None,
-                 syntax: str | None = None) -> PromptSetup:  # fmt: skip
+def prompt_setup(
+    project: Project,
+    training_info: dict[str, Any] | None,
+    *,
+    template_path: Path | None = None,
+    syntax: str | None = None,
+) -> PromptSetup:
     """The template and syntax the model was trained with: explicit flags win, then the training info (its template
     text is stored there), then the project's config and our defaults. A template whose sha256 differs from the
     recorded one is a warning: the model would see prompts it never saw in training."""
@@ -587,9 +654,16 @@ class CommandGenerator:
         return self._grammars[flows]
 
     @classmethod
-    def for_model(cls, project: Project, backend: Backend, *, training_info: dict[str, Any] | None = None,
-                  template_path: Path | None = None, syntax: str | None = None,
-                  constrained: bool = False) -> CommandGenerator:  # fmt: skip
+    def for_model(
+        cls,
+        project: Project,
+        backend: Backend,
+        *,
+        training_info: dict[str, Any] | None = None,
+        template_path: Path | None = None,
+        syntax: str | None = None,
+        constrained: bool = False,
+    ) -> CommandGenerator:
         """The generator for a model, with the template and syntax it was trained with (see `prompt_setup`)."""
         if training_info is None:
             training_info = getattr(backend, "training_info", None)
@@ -603,11 +677,18 @@ class CommandGenerator:
     def render(self, state: DialogueState, user_message: str, current_datetime: datetime | None = None) -> str:
         return self._renderer.render(prompt_variables(self.project, state, user_message, current_datetime))
 
-    def predict(self, conversation: DialogueState | Sequence[tuple[str, str]], user_message: str, *,
-                current_datetime: datetime | None = None) -> Prediction:  # fmt: skip
+    def predict(
+        self,
+        conversation: DialogueState | Sequence[tuple[str, str]],
+        user_message: str,
+        *,
+        current_datetime: datetime | None = None,
+    ) -> Prediction:
         """Commands for `user_message` after `conversation` (a state, or (speaker, text) turns outside any flow)."""
         started = time.perf_counter()
-        state = conversation if isinstance(conversation, DialogueState) else conversation_state(self.project, conversation)
+        state = (
+            conversation if isinstance(conversation, DialogueState) else conversation_state(self.project, conversation)
+        )
         prompt = self.render(state, user_message, current_datetime)
         return self._answer(prompt, state, time.perf_counter() - started)
 
@@ -622,8 +703,13 @@ class CommandGenerator:
         kept, invalid = validate_commands(parsed.commands, self.project, state, self._fillable)
         unparsed = [Dropped(line, f"not a command in {self.syntax.value} syntax") for line in parsed.unparsed_lines]
         return Prediction(
-            prompt=prompt, raw_text=completion.text, commands=tuple(kept), dropped=tuple(unparsed + invalid),
-            latency_s=completion.latency_s, overhead_s=render_s + time.perf_counter() - started,
-            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+            prompt=prompt,
+            raw_text=completion.text,
+            commands=tuple(kept),
+            dropped=tuple(unparsed + invalid),
+            latency_s=completion.latency_s,
+            overhead_s=render_s + time.perf_counter() - started,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
             finish_reason=completion.finish_reason,
-        )  # fmt: skip
+        )

@@ -58,14 +58,21 @@ class ServeLimits:
     max_connections: int = 256  # open connections; more are answered 503 by the HTTP server
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_pending",
-                     "max_connections"):
+        for name in (
+            "max_request_bytes",
+            "max_prompt_tokens",
+            "max_tokens",
+            "default_max_tokens",
+            "max_pending",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be a positive number of seconds, got "
-                                  f"{getattr(self, name)}")
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be a positive number of seconds, got {getattr(self, name)}"
+                )
         if self.default_max_tokens > self.max_tokens:
             raise ConfigError(f"default max tokens {self.default_max_tokens} exceeds the limit {self.max_tokens}")
 
@@ -73,8 +80,15 @@ class ServeLimits:
 class ApiError(Exception):
     """An error answered to the client: HTTP status plus OpenAI's error fields."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -94,9 +108,16 @@ class GenerationRequest:
 class ModelServer:
     """The request logic behind the routes, independent of the web framework."""
 
-    def __init__(self, backend: LocalModelBackend, model_name: str, limits: ServeLimits,
-                 project: Project | None = None, syntax: Syntax | None = None, always_constrain: bool = False,
-                 api_key: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        backend: LocalModelBackend,
+        model_name: str,
+        limits: ServeLimits,
+        project: Project | None = None,
+        syntax: Syntax | None = None,
+        always_constrain: bool = False,
+        api_key: str | None = None,
+    ):
         if always_constrain and project is None:
             raise ConfigError("constraining every answer needs the assistant's grammar: pass --project")
         self.backend = backend
@@ -118,13 +139,20 @@ class ModelServer:
             return
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                           type="authentication_error", code="invalid_api_key")  # fmt: skip
+            raise ApiError(
+                401,
+                "invalid or missing API key (send Authorization: Bearer <key>)",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
 
     def parse_body(self, raw: bytes) -> dict[str, Any]:
         if len(raw) > self.limits.max_request_bytes:
-            raise ApiError(413, f"request body has {len(raw)} bytes, the limit is {self.limits.max_request_bytes}",
-                           code="request_too_large")  # fmt: skip
+            raise ApiError(
+                413,
+                f"request body has {len(raw)} bytes, the limit is {self.limits.max_request_bytes}",
+                code="request_too_large",
+            )
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -138,8 +166,12 @@ class ModelServer:
     def _check_model(self, body: dict[str, Any]) -> None:
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise ApiError(404, f"model `{model}` does not exist; this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise ApiError(
+                404,
+                f"model `{model}` does not exist; this server serves `{self.model_name}`",
+                param="model",
+                code="model_not_found",
+            )
 
     def _check_request(self, body: dict[str, Any]) -> None:
         self._check_model(body)
@@ -155,18 +187,27 @@ class ModelServer:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ApiError(400, f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
         if max_tokens > self.limits.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {self.limits.max_tokens}",
-                           param="max_tokens")  # fmt: skip
+            raise ApiError(
+                400,
+                f"max_tokens {max_tokens} exceeds this server's limit of {self.limits.max_tokens}",
+                param="max_tokens",
+            )
         temperature = body.get("temperature", 0.0)
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-            raise ApiError(400, f"temperature must be a number between 0 and 2, got {temperature!r}", param="temperature")
+            raise ApiError(
+                400, f"temperature must be a number between 0 and 2, got {temperature!r}", param="temperature"
+            )
         stop = body.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
         if len(input_ids) > self.limits.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(input_ids)} tokens, this server's limit is "
-                           f"{self.limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")  # fmt: skip
+            raise ApiError(
+                400,
+                f"the prompt has {len(input_ids)} tokens, this server's limit is {self.limits.max_prompt_tokens}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         return GenerationRequest(input_ids, max_tokens, float(temperature), tuple(stop), self._grammar(body))
 
     def _grammar(self, body: dict[str, Any]) -> CommandGrammar | None:
@@ -174,15 +215,23 @@ class ModelServer:
         asked = body.get("structured_outputs")
         for legacy in ("guided_regex", "guided_grammar", "guided_json", "guided_choice", "response_format"):
             if body.get(legacy) not in (None, {"type": "text"}):
-                raise ApiError(400, f"{legacy} is not supported; this server constrains answers to the assistant's "
-                               "command grammar only (structured_outputs with its regex)", param=legacy)  # fmt: skip
+                raise ApiError(
+                    400,
+                    f"{legacy} is not supported; this server constrains answers to the assistant's "
+                    "command grammar only (structured_outputs with its regex)",
+                    param=legacy,
+                )
         if asked is None:
             return self.grammar if self.always_constrain else None
         regex = asked.get("regex") if isinstance(asked, dict) and len(asked) == 1 else None
         grammar = self._known_grammar(regex) if isinstance(regex, str) else None
         if grammar is None:
-            raise ApiError(400, "structured_outputs: this server supports only {\"regex\": ...} with a command grammar "
-                           "of the project it was started with (recipe serve --project DIR)", param="structured_outputs")
+            raise ApiError(
+                400,
+                'structured_outputs: this server supports only {"regex": ...} with a command grammar '
+                "of the project it was started with (recipe serve --project DIR)",
+                param="structured_outputs",
+            )
         return grammar
 
     def _known_grammar(self, regex: str) -> CommandGrammar | None:
@@ -202,8 +251,11 @@ class ModelServer:
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         for message in messages:
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):  # fmt: skip
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
                 raise ApiError(400, "each message needs a string role and a string content", param="messages")
         self._check_request(body)  # before the (slow) tokenization
         return self._request(body, self.backend.encode_messages(messages))
@@ -224,8 +276,12 @@ class ModelServer:
         """A place in the queue, or 503 when `max_pending` requests are already waiting or running."""
         with self._pending_lock:
             if self._pending >= self.limits.max_pending:
-                raise ApiError(503, f"server busy: {self._pending} requests pending; retry shortly",
-                               type="server_error", code="overloaded")  # fmt: skip
+                raise ApiError(
+                    503,
+                    f"server busy: {self._pending} requests pending; retry shortly",
+                    type="server_error",
+                    code="overloaded",
+                )
             self._pending += 1
         try:
             yield
@@ -235,25 +291,48 @@ class ModelServer:
 
     def generate(self, request: GenerationRequest) -> tuple[str, int, int, str]:
         completion = self.backend.generate(
-            request.input_ids, max_new_tokens=request.max_tokens, temperature=request.temperature, stop=request.stop,
+            request.input_ids,
+            max_new_tokens=request.max_tokens,
+            temperature=request.temperature,
+            stop=request.stop,
             grammar=request.grammar,
-        )  # fmt: skip
+        )
         return completion.text, completion.prompt_tokens, completion.completion_tokens, completion.finish_reason
 
     def response(self, kind: str, text: str, prompt_tokens: int, completion_tokens: int, finish: str) -> dict[str, Any]:
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                    "model": self.model_name, "choices": [choice], "usage": usage}  # fmt: skip
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model_name,
+                "choices": [choice],
+                "usage": usage,
+            }
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": [choice], "usage": usage}  # fmt: skip
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [choice],
+            "usage": usage,
+        }
 
     def models(self) -> dict[str, Any]:
-        entry = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "recipe",
-                 "max_model_len": self.limits.max_prompt_tokens + self.limits.max_tokens}  # fmt: skip
+        entry = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "recipe",
+            "max_model_len": self.limits.max_prompt_tokens + self.limits.max_tokens,
+        }
         return {"object": "list", "data": [entry]}
 
 
@@ -300,15 +379,18 @@ def create_app(server: ModelServer) -> "FastAPI":
                 async for chunk in request.stream():
                     received += len(chunk)
                     if received > limit:
-                        raise ApiError(413, f"request body has more than {limit} bytes, the limit",
-                                       code="request_too_large")  # fmt: skip
+                        raise ApiError(
+                            413, f"request body has more than {limit} bytes, the limit", code="request_too_large"
+                        )
                     chunks.append(chunk)
         except TimeoutError:
-            raise ApiError(408, f"request body not received within {server.limits.body_timeout_s:g} s",
-                           code="request_timeout") from None
+            raise ApiError(
+                408, f"request body not received within {server.limits.body_timeout_s:g} s", code="request_timeout"
+            ) from None
         except ClientDisconnect:
-            log.warning("client %s hung up while sending its request body (%d bytes received)",
-                        _peer(request), received)  # fmt: skip
+            log.warning(
+                "client %s hung up while sending its request body (%d bytes received)", _peer(request), received
+            )
             raise ApiError(400, "client disconnected") from None
         return server.parse_body(b"".join(chunks))
 
@@ -356,8 +438,11 @@ def _timed_protocol(header_timeout_s: float) -> type:
 
         def _headers_too_slow(self) -> None:
             if self.cycle is None and not self.transport.is_closing():
-                log.warning("client %s sent no complete request headers within %g s; connection closed",
-                            ":".join(map(str, self.client or ("?",))), header_timeout_s)  # fmt: skip
+                log.warning(
+                    "client %s sent no complete request headers within %g s; connection closed",
+                    ":".join(map(str, self.client or ("?",))),
+                    header_timeout_s,
+                )
                 self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -372,9 +457,18 @@ def uvicorn_server(app: "FastAPI", host: str, port: int) -> Any:
 
     limits = getattr(app.state, "limits", None) or ServeLimits()
     # One worker process: the model lives in this process; requests queue on the model's lock.
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                         http=_timed_protocol(limits.header_timeout_s),
-                                         limit_concurrency=limits.max_connections, timeout_keep_alive=5))
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            http=_timed_protocol(limits.header_timeout_s),
+            limit_concurrency=limits.max_connections,
+            timeout_keep_alive=5,
+        )
+    )
 
 
 @contextmanager
@@ -408,9 +502,18 @@ def serve_forever(app: "FastAPI", host: str, port: int) -> None:
 # ---------------------------------------------------------------------------------------------- vLLM
 
 
-def vllm_serve_command(model_dir: Path, *, served_name: str, merged: bool | None = None, base_model: str | None = None,
-                       max_lora_rank: int | None = None, max_model_len: int | None = None, max_tokens: int = 256,
-                       host: str = "127.0.0.1", port: int = 8000) -> list[str]:  # fmt: skip
+def vllm_serve_command(
+    model_dir: Path,
+    *,
+    served_name: str,
+    merged: bool | None = None,
+    base_model: str | None = None,
+    max_lora_rank: int | None = None,
+    max_model_len: int | None = None,
+    max_tokens: int = 256,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> list[str]:
     """The `vllm serve` command for a `recipe finetune` folder: the merged model (`merged=True`, or by default when
     there is one), else the base model with the adapter as a LoRA module named `served_name`."""
     if not model_dir.is_dir():
@@ -423,7 +526,9 @@ def vllm_serve_command(model_dir: Path, *, served_name: str, merged: bool | None
     tail = ["--max-model-len", str(length), "--host", host, "--port", str(port)]
     if use_merged:
         if not merged_dir.is_dir():
-            raise ConfigError(f"{model_dir}: no merged model in {merged_dir} (train with --merge, or serve the adapter)")
+            raise ConfigError(
+                f"{model_dir}: no merged model in {merged_dir} (train with --merge, or serve the adapter)"
+            )
         return ["vllm", "serve", str(merged_dir.resolve()), "--served-model-name", served_name, *tail]
     adapter_config = model_dir / "adapter_config.json"
     if not adapter_config.is_file():
@@ -433,8 +538,16 @@ def vllm_serve_command(model_dir: Path, *, served_name: str, merged: bool | None
     if not base:
         raise ConfigError(f"{model_dir}: the adapter does not name its base model; pass --base-model")
     rank = max_lora_rank or _lora_rank(int(adapter.get("r") or 16))
-    command = ["vllm", "serve", base, "--enable-lora", "--lora-modules", f"{served_name}={model_dir.resolve()}",
-               "--max-lora-rank", str(rank)]  # fmt: skip
+    command = [
+        "vllm",
+        "serve",
+        base,
+        "--enable-lora",
+        "--lora-modules",
+        f"{served_name}={model_dir.resolve()}",
+        "--max-lora-rank",
+        str(rank),
+    ]
     if (model_dir / "chat_template.jinja").is_file():
         # The template the adapter was trained with, in case the base model's tokenizer has another (or none).
         command += ["--chat-template", str((model_dir / "chat_template.jinja").resolve())]

@@ -8,9 +8,9 @@ updates the state but yields no row (it never reaches the command generator).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
 
 from recipe.annotate import TestAnnotation
 from recipe.commands import CannotHandle, Command

@@ -35,10 +35,18 @@ from recipe.yamlio import line_of, load_yaml, plain
 log = logging.getLogger("recipe")
 
 ASSERTION_KINDS = {
-    "flow_started", "flow_completed", "flow_cancelled", "pattern_clarification_contains", "slot_was_set",
-    "slot_was_not_set", "action_executed", "bot_uttered", "bot_did_not_utter", "generative_response_is_relevant",
+    "flow_started",
+    "flow_completed",
+    "flow_cancelled",
+    "pattern_clarification_contains",
+    "slot_was_set",
+    "slot_was_not_set",
+    "action_executed",
+    "bot_uttered",
+    "bot_did_not_utter",
+    "generative_response_is_relevant",
     "generative_response_is_grounded",
-}  # fmt: skip
+}
 _USER_STEP_KEYS = {"user", "commands", "assertions", "metadata", "assertion_order_enabled"}
 
 
@@ -51,8 +59,9 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
 def _test_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.suffix in (".yml", ".yaml") and p.name not in ("conftest.yml",
-                                                                                                   "conftest.yaml"))
+    return sorted(
+        p for p in path.rglob("*") if p.suffix in (".yml", ".yaml") and p.name not in ("conftest.yml", "conftest.yaml")
+    )
 
 
 def load_tests(specs: list[str], project: Project) -> list[TestFile]:
@@ -81,8 +90,14 @@ def load_tests(specs: list[str], project: Project) -> list[TestFile]:
             named = path.is_file()
             if isinstance(data, dict) and "test_cases" in data and data["test_cases"] in (None, []):
                 if named:
-                    problems.add(InputError(shown, line_of(data, "test_cases"), "the file has no test cases (all "
-                                            "commented out?); expected at least one under `test_cases:`"))  # fmt: skip
+                    problems.add(
+                        InputError(
+                            shown,
+                            line_of(data, "test_cases"),
+                            "the file has no test cases (all "
+                            "commented out?); expected at least one under `test_cases:`",
+                        )
+                    )
                 else:
                     log.warning("%s: no test cases (all commented out?); skipped", shown)
                 continue
@@ -97,8 +112,9 @@ def load_tests(specs: list[str], project: Project) -> list[TestFile]:
                 files.append(test_file)
                 found_in_spec += len(test_file.test_cases)
         if found_in_spec == 0 and len(problems.errors) == errors_before:
-            problems.add(InputError(str(path), None,
-                                    "no test cases found; expected YAML files with a top-level `test_cases:`"))
+            problems.add(
+                InputError(str(path), None, "no test cases found; expected YAML files with a top-level `test_cases:`")
+            )
     problems.raise_if_any()
     return files
 
@@ -141,8 +157,9 @@ def _fixture_slots(value: Any, path: str, line: int | None, name: str, project: 
             if slot_name != "mocked_datetime" and slot is None:
                 raise InputError(path, where, f"fixture `{name}` sets unknown slot `{slot_name}`")
             if slot is not None and slot_value is not None and canonical_slot_value(slot, str(slot_value)) is None:
-                raise InputError(path, where, f"fixture `{name}` sets `{slot_name}` to `{slot_value}`, not a valid "
-                                 f"{slot.type} value")  # fmt: skip
+                raise InputError(
+                    path, where, f"fixture `{name}` sets `{slot_name}` to `{slot_value}`, not a valid {slot.type} value"
+                )
             slots.append((slot_name, slot_value))
     return slots
 
@@ -174,8 +191,9 @@ def _conftest_fixtures(test_path: Path, project: Project) -> dict[str, tuple[lis
 
 
 def _known_actions(project: Project) -> set[str]:
-    return project.domain.actions | {step.action for flow in project.flows.values() for step in flow.steps.values()
-                                     if step.action}  # fmt: skip
+    return project.domain.actions | {
+        step.action for flow in project.flows.values() for step in flow.steps.values() if step.action
+    }
 
 
 def _read_stubs(data: Any, path: str, project: Project) -> dict[str, Stub]:
@@ -194,22 +212,28 @@ def _read_stubs(data: Any, path: str, project: Project) -> dict[str, Stub]:
         known = _known_actions(project)
         if action_name not in known:
             hint = difflib.get_close_matches(action_name, sorted(known), n=1)
-            raise InputError(path, line, f"stub for `{action_name}`, an action no flow runs and the domain does not "
-                             f"list{f' (did you mean `{hint[0]}`?)' if hint else ''}")  # fmt: skip
+            raise InputError(
+                path,
+                line,
+                f"stub for `{action_name}`, an action no flow runs and the domain does not "
+                f"list{f' (did you mean `{hint[0]}`?)' if hint else ''}",
+            )
         events = []
         for event in body.get("events") or []:
             if not isinstance(event, dict) or event.get("event") != "slot" or "name" not in event:
                 # Only slot events change what the command generator sees; others are kept out with a note.
-                log.debug("%s:%s: stub event %r ignored (only slot events change the dialogue state)", path, line,
-                          event)  # fmt: skip
+                log.debug(
+                    "%s:%s: stub event %r ignored (only slot events change the dialogue state)", path, line, event
+                )
                 continue
             if project.slot(str(event["name"])) is None:
                 raise InputError(path, line, f"stub `{action}` sets unknown slot `{event['name']}`")
             events.append((str(event["name"]), plain(event.get("value"))))
         responses = tuple(
-            str(response.get("text")) for response in body.get("responses") or [] if isinstance(response, dict)
-            and response.get("text")
-        )  # fmt: skip
+            str(response.get("text"))
+            for response in body.get("responses") or []
+            if isinstance(response, dict) and response.get("text")
+        )
         stubs[str(action)] = Stub(events=tuple(events), responses=responses)
     return stubs
 
@@ -217,8 +241,9 @@ def _read_stubs(data: Any, path: str, project: Project) -> dict[str, Stub]:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def _read_commands(node: Any, step: Any, path: str, project: Project,
-                   problems: Problems) -> tuple[list[Command], Syntax | None]:  # fmt: skip
+def _read_commands(
+    node: Any, step: Any, path: str, project: Project, problems: Problems
+) -> tuple[list[Command], Syntax | None]:
     """The commands of one turn, each line checked on its own (every bad line is reported). A test lists what
     every command source produced, so commands on slots the LLM does not fill and values the assistant will
     reject are valid here (see `command_problem`)."""
@@ -321,8 +346,7 @@ def _clarified_ids(data: Any, project: Project) -> Any:
     return as_id(data)
 
 
-def _read_assertions(node: Any, path: str, line: int | None, project: Project,
-                     problems: Problems) -> list[Assertion]:  # fmt: skip
+def _read_assertions(node: Any, path: str, line: int | None, project: Project, problems: Problems) -> list[Assertion]:
     if not isinstance(node, list):
         raise InputError(path, line, "`assertions` must be a list of {assertion: ...} entries")
     assertions = []
@@ -360,7 +384,7 @@ def _slot_checks(node: Any, was_set: bool, path: str, line: int | None, project:
 
 def _check_payload(text: str, path: str, line: int | None, project: Project) -> None:
     """A `/SetSlots(...)` button payload must name domain slots."""
-    for name, value in parse_set_slots_payload(text) or []:
+    for name, _value in parse_set_slots_payload(text) or []:
         slot = project.slot(name)
         if slot is None:
             raise InputError(path, line, f"button payload sets unknown slot `{name}`")
@@ -374,14 +398,21 @@ def _read_step(step: Any, steps: Any, index: int, path: str, project: Project, p
     if "user" in step:
         unknown = [key for key in step if key not in _USER_STEP_KEYS]
         if unknown:
-            raise InputError(path, line, f"user step has unknown key `{unknown[0]}`; expected one of "
-                             + ", ".join(sorted(_USER_STEP_KEYS)))  # fmt: skip
+            raise InputError(
+                path,
+                line,
+                f"user step has unknown key `{unknown[0]}`; expected one of " + ", ".join(sorted(_USER_STEP_KEYS)),
+            )
         text = step["user"]
         if text is None or (isinstance(text, str) and not text.strip()):
             raise InputError(path, line, "user step has no text; expected `user: <message>`")
         if isinstance(text, (dict, list)):
-            raise InputError(path, line, "user step text is a list or mapping; expected `user: <message>` (quote "
-                             "text that contains `: ` or starts with `[` or `{`)")  # fmt: skip
+            raise InputError(
+                path,
+                line,
+                "user step text is a list or mapping; expected `user: <message>` (quote "
+                "text that contains `: ` or starts with `[` or `{`)",
+            )
         user = UserStep(text=str(text), location=Location(path, line), metadata=step.get("metadata"))
         with problems.catch():
             _check_payload(user.text, path, line, project)
@@ -389,8 +420,9 @@ def _read_step(step: Any, steps: Any, index: int, path: str, project: Project, p
             user.commands, user.syntax = _read_commands(step["commands"], step, path, project, problems)
             user.nlu_commands = nlu_commands(user.commands, project)
         if "assertions" in step:
-            user.assertions = _read_assertions(step["assertions"], path, line_of(step, "assertions") or line, project,
-                                               problems)  # fmt: skip
+            user.assertions = _read_assertions(
+                step["assertions"], path, line_of(step, "assertions") or line, project, problems
+            )
         return user
     for key, what in (("bot", "the bot's text"), ("utter", "a response name")):
         if key in step and (step[key] is None or isinstance(step[key], (dict, list))):
@@ -404,12 +436,12 @@ def _read_step(step: Any, steps: Any, index: int, path: str, project: Project, p
     if "slot_was_not_set" in step:
         return _slot_checks(step["slot_was_not_set"], False, path, line, project)
     found = ", ".join(str(key) for key in step) or "nothing"
-    raise InputError(path, line, f"unknown test step `{found}`; expected one of user, bot, utter, slot_was_set, "
-                     "slot_was_not_set")  # fmt: skip
+    raise InputError(
+        path, line, f"unknown test step `{found}`; expected one of user, bot, utter, slot_was_set, slot_was_not_set"
+    )
 
 
-def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | None,
-                    problems: Problems) -> TestFile:  # fmt: skip
+def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | None, problems: Problems) -> TestFile:
     """Read one test file; with `wanted`, only that test case (an unknown name is an error). A test case with a
     mistake is reported in `problems` and left out; the others are read on."""
     path = relative(file_path)
@@ -436,28 +468,52 @@ def _read_test_file(file_path: Path, data: Any, project: Project, wanted: str | 
         names[name] = names.get(name, 0) + 1
         if names[name] > 1:
             # Rasa runs both; so do we, the second as `name#2` (warned: their results are hard to tell apart).
-            log.warning("%s:%s: test case name `%s` is used again in this file; both are kept (this one as `%s#%d`)",
-                        path, line, name, name, names[name])  # fmt: skip
+            log.warning(
+                "%s:%s: test case name `%s` is used again in this file; both are kept (this one as `%s#%d`)",
+                path,
+                line,
+                name,
+                name,
+                names[name],
+            )
         if wanted is not None and name != wanted:
             continue
         with problems.catch():
-            test_cases.append(_read_test_case(node, name, names[name], index, file_path, path, fixtures, metadata,
-                                              stubs, project, problems))  # fmt: skip
+            test_cases.append(
+                _read_test_case(
+                    node, name, names[name], index, file_path, path, fixtures, metadata, stubs, project, problems
+                )
+            )
     for key in stubs:
         case_name, separator, _ = key.partition("::")
         if separator and case_name not in names:
             node = data.get("stub_custom_actions")
-            problems.add(InputError(path, line_of(node, key), f"stub `{key}` names test case `{case_name}`, which "
-                                    "this file does not have"))  # fmt: skip
+            problems.add(
+                InputError(
+                    path,
+                    line_of(node, key),
+                    f"stub `{key}` names test case `{case_name}`, which this file does not have",
+                )
+            )
     if wanted is not None and wanted not in names:
         listed = ", ".join(f"`{name}`" for name in sorted(names))
         raise InputError(path, line_of(data, "test_cases"), f"no test case named `{wanted}`; the file has {listed}")
     return TestFile(path=path, test_cases=test_cases, raw=plain(data))
 
 
-def _read_test_case(node: Any, name: str, occurrence: int, index: int, file_path: Path, path: str,
-                    fixtures: dict[str, tuple[list[tuple[str, Any]], str]], metadata: dict[str, Any],
-                    stubs: dict[str, Stub], project: Project, problems: Problems) -> TestCase:  # fmt: skip
+def _read_test_case(
+    node: Any,
+    name: str,
+    occurrence: int,
+    index: int,
+    file_path: Path,
+    path: str,
+    fixtures: dict[str, tuple[list[tuple[str, Any]], str]],
+    metadata: dict[str, Any],
+    stubs: dict[str, Stub],
+    project: Project,
+    problems: Problems,
+) -> TestCase:
     cases_line = line_of(node) or None
     steps_node = node.get("steps")
     if not isinstance(steps_node, list) or not steps_node:
@@ -468,8 +524,13 @@ def _read_test_case(node: Any, name: str, occurrence: int, index: int, file_path
     for position, fixture in enumerate(node.get("fixtures") or []):
         if str(fixture) not in fixtures:
             where = line_of(node["fixtures"], position) or line_of(node, "fixtures")
-            problems.add(InputError(path, where, f"unknown fixture `{fixture}`; define it under `fixtures:` in this "
-                                    "file or a conftest.yml"))  # fmt: skip
+            problems.add(
+                InputError(
+                    path,
+                    where,
+                    f"unknown fixture `{fixture}`; define it under `fixtures:` in this file or a conftest.yml",
+                )
+            )
             continue
         fixture_slots.extend(fixtures[str(fixture)][0])
     meta_name = node.get("metadata")

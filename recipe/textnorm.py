@@ -10,8 +10,28 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]  # fmt: skip
+_UNITS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _CURRENCY = re.compile(r"[$€£¥]|\b(?:usd|eur|gbp|euros?|dollars?|pounds?|bucks)\b")
 _PUNCTUATION = re.compile(r"[^\w\s.]|(?<!\d)\.|\.(?!\d)")
@@ -32,8 +52,9 @@ def number_to_words(number: int) -> str:
     return str(number)
 
 
-_WORD_NUMBERS = {number_to_words(n): n for n in range(100)} | {number_to_words(n).replace("-", " "): n for n in
-                                                                range(20, 100)}  # fmt: skip
+_WORD_NUMBERS = {number_to_words(n): n for n in range(100)} | {
+    number_to_words(n).replace("-", " "): n for n in range(20, 100)
+}
 _WORD_NUMBER_PATTERN = re.compile(
     r"\b(" + "|".join(sorted((re.escape(w) for w in _WORD_NUMBERS), key=len, reverse=True)) + r")\b"
 )

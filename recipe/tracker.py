@@ -219,9 +219,18 @@ def _default_pattern(pattern_id: str) -> Flow:
             branches = [Branch(spec[index + 1][2], ids[index + 1]), Branch(None, ids[index + 2])]
         steps[ids[index]] = Step(id=ids[index], kind=kind, next=branches, location=Location("<built-in>"), action=arg)
     return Flow(
-        id=pattern_id, description="", name=None, guard=None, always_include_in_prompt=False, persisted_slots=[],
-        run_pattern_completed=False, nlu_triggers=[], steps=steps, first_step=ids[0], location=Location("<built-in>"),
-    )  # fmt: skip
+        id=pattern_id,
+        description="",
+        name=None,
+        guard=None,
+        always_include_in_prompt=False,
+        persisted_slots=[],
+        run_pattern_completed=False,
+        nlu_triggers=[],
+        steps=steps,
+        first_step=ids[0],
+        location=Location("<built-in>"),
+    )
 
 
 _FORMAT_PLACEHOLDER = re.compile(r"\{([^\n{}]+?)\}")  # the runtime's `{name}` placeholder
@@ -252,9 +261,14 @@ def is_button_payload(text: str) -> bool:
 class DialogueTracker:
     """Replays one conversation; `state()` gives the picture before the next user turn."""
 
-    def __init__(self, project: Project, stubs: dict[str, Stub] | None = None,
-                 fixture_slots: list[tuple[str, Any]] | None = None, conversation_id: str = "recipe",
-                 action_runner: ActionRunner | None = None):  # fmt: skip
+    def __init__(
+        self,
+        project: Project,
+        stubs: dict[str, Stub] | None = None,
+        fixture_slots: list[tuple[str, Any]] | None = None,
+        conversation_id: str = "recipe",
+        action_runner: ActionRunner | None = None,
+    ):
         self.project = project
         self.stubs = stubs or {}
         self.conversation_id = conversation_id
@@ -323,7 +337,8 @@ class DialogueTracker:
             commands = self._intent_commands(text.strip()[1:].split("(")[0].split("{")[0])
         # As the runtime's command processor: with an agent running, a turn without commands continues it.
         self._agent_addressed = self.active_agent is not None and (
-            not commands or any(isinstance(c, ContinueAgent) for c in commands))
+            not commands or any(isinstance(c, ContinueAgent) for c in commands)
+        )
         self._apply_commands(commands)
         self._advance()
         if self.active_agent is not None and not self._agent_addressed and not self._agent_waits_in_call():
@@ -432,10 +447,13 @@ class DialogueTracker:
                 reset_step_id = min(steps, key=lambda s: frame.visited.index(s.id)).id
                 break
         self._push_pattern(
-            "pattern_correction", is_reset_only=all(s.ask_before_filling for s in collects),
+            "pattern_correction",
+            is_reset_only=all(s.ask_before_filling for s in collects),
             corrected_slots={name: {"value": value, "filled_by": None} for name, value in proposed.items()},
-            reset_flow_id=reset_flow_id, reset_step_id=reset_step_id, new_slot_values=list(proposed.values()),
-        )  # fmt: skip
+            reset_flow_id=reset_flow_id,
+            reset_step_id=reset_step_id,
+            new_slot_values=list(proposed.values()),
+        )
 
     def _apply_correction(self, pattern: Frame) -> None:
         """`action_correct_flow_slot`: set the corrected slots and rewind every flow below the correction pattern to
@@ -492,8 +510,10 @@ class DialogueTracker:
         (`options`, `canceled_flow`, `previous_flow`: flow ids, kept alongside). Frame ids are not modelled."""
         if pattern_id == "pattern_cancel_flow":
             canceled = given.get("canceled_flow")
-            return {"canceled_name": self._readable_name(canceled) if canceled else "",
-                    "canceled_frames": [canceled] if canceled else []}  # fmt: skip
+            return {
+                "canceled_name": self._readable_name(canceled) if canceled else "",
+                "canceled_frames": [canceled] if canceled else [],
+            }
         if pattern_id == "pattern_clarification":
             names = [self._readable_name(o) for o in given.get("options", [])]
             options = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
@@ -505,11 +525,16 @@ class DialogueTracker:
             ids = [f.flow_id for f in reversed(self.stack) if f.kind == "user"]
             names = [self._readable_name(i) for i in ids]
             previous = given.get("previous_flow")
-            return {"interrupted_flow_ids": ids, "interrupted_flow_names": names,
-                    "interrupted_flow_options": ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1
-                    else "".join(names), "multiple_flows_interrupted": len(names) > 1,
-                    # the key of earlier Rasa Pro versions, which project responses still use
-                    "previous_flow_name": self._readable_name(previous) if previous else None}  # fmt: skip
+            return {
+                "interrupted_flow_ids": ids,
+                "interrupted_flow_names": names,
+                "interrupted_flow_options": ", ".join(names[:-1]) + " or " + names[-1]
+                if len(names) > 1
+                else "".join(names),
+                "multiple_flows_interrupted": len(names) > 1,
+                # the key of earlier Rasa Pro versions, which project responses still use
+                "previous_flow_name": self._readable_name(previous) if previous else None,
+            }
         if pattern_id == "pattern_cannot_handle":
             return {"reason": None}
         if pattern_id == "pattern_internal_error":
@@ -530,9 +555,12 @@ class DialogueTracker:
         step = self.flow(frame.flow_id).steps.get(frame.step_id)
         collect: dict[str, Any] = {}
         if step is not None and step.kind == "collect" and not frame.step_done:
-            collect = {"collect": step.collect, "utter": step.utter or f"utter_ask_{step.collect}",
-                       "collect_action": f"action_ask_{step.collect}",
-                       "rejections": [{"if": c, "utter": u} for c, u in step.rejections]}  # fmt: skip
+            collect = {
+                "collect": step.collect,
+                "utter": step.utter or f"utter_ask_{step.collect}",
+                "collect_action": f"action_ask_{step.collect}",
+                "rejections": [{"if": c, "utter": u} for c, u in step.rejections],
+            }
         return {**collect, **own, **frame.context}
 
     def _cancel_top_flow(self) -> None:
@@ -570,8 +598,7 @@ class DialogueTracker:
     def _move_on(self, frame: Frame) -> None:
         step = self.flow(frame.flow_id).steps[frame.step_id]
         context = self._frame_context(frame)
-        target = next(b.target for b in step.next
-                      if b.condition is None or evaluate(b.condition, self.slots, context))  # fmt: skip
+        target = next(b.target for b in step.next if b.condition is None or evaluate(b.condition, self.slots, context))
         if self._forced_target is not None:
             target, self._forced_target = self._forced_target, None
         elif self._unknown_action and self.evidence is not None and len({b.target for b in step.next}) > 1:
@@ -616,8 +643,10 @@ class DialogueTracker:
         elif step.kind == "call" and step.mcp_server is not None:
             # An MCP tool (3.14+): nothing runs it here; its output slots are read from the test, as for an action.
             self.events.actions.append(step.call or "")
-            self.events.warnings.append(f"MCP tool `{step.call}` of server `{step.mcp_server}` is not run; its "
-                                        "output slots are read from the test")  # fmt: skip
+            self.events.warnings.append(
+                f"MCP tool `{step.call}` of server `{step.mcp_server}` is not run; its "
+                "output slots are read from the test"
+            )
             self._infer_action_effects(step.call or "")
         elif step.kind == "call" and step.call in self.project.agents:
             return self._run_agent(frame, step)
@@ -770,8 +799,10 @@ class DialogueTracker:
             return default
         chosen = next(target for target, score in scores.items() if score == best)
         condition = next((b.condition for b in step.next if b.target == chosen), None)
-        self.events.inferences.append(f"branch `{condition or 'else'}` -> `{chosen}` after step `{step.id}` of "
-                                      f"`{frame.flow_id}`: only it says what the test's bot turns say")  # fmt: skip
+        self.events.inferences.append(
+            f"branch `{condition or 'else'}` -> `{chosen}` after step `{step.id}` of "
+            f"`{frame.flow_id}`: only it says what the test's bot turns say"
+        )
         return chosen
 
     def _infer_action_effects(self, action: str) -> None:
@@ -795,11 +826,14 @@ class DialogueTracker:
     def _action_call(self, action: str) -> ActionCall:
         latest = next((line.text for line in reversed(self.transcript) if line.speaker == "USER"), None)
         return ActionCall(
-            action=action, conversation_id=self.conversation_id, slots=copy.deepcopy(self.slots),
-            transcript=tuple(self.transcript), latest_message=latest,
+            action=action,
+            conversation_id=self.conversation_id,
+            slots=copy.deepcopy(self.slots),
+            transcript=tuple(self.transcript),
+            latest_message=latest,
             stack=tuple(FrameView(f.flow_id, f.kind, f.step_id) for f in self.stack),
             turn_slots=tuple(self.events.slots_set),
-        )  # fmt: skip
+        )
 
     def _apply_outcome(self, frame: Frame, outcome: ActionOutcome) -> None:
         for name, value in outcome.slots:
@@ -816,8 +850,9 @@ class DialogueTracker:
             if followups < MAX_FOLLOWUPS:
                 self._run_action(frame, outcome.followup)
             else:
-                self.events.warnings.append(f"`{outcome.followup}` followed up on itself {MAX_FOLLOWUPS} times; "
-                                            "stopped")  # fmt: skip
+                self.events.warnings.append(
+                    f"`{outcome.followup}` followed up on itself {MAX_FOLLOWUPS} times; stopped"
+                )
 
     def _last_bot_messages(self) -> list[BotMessage]:
         """The bot's last run of messages before the repeat request (user messages without a reply are passed)."""
@@ -844,16 +879,19 @@ class DialogueTracker:
         """Utter a response as the runtime's response generator would: the variation `choose_variation` picks,
         rendered over the slots, the top frame's `context` and `extra` (e.g. a rejected `value`)."""
         frame = frame if frame is not None else (self.stack[-1] if self.stack else None)
-        message = render_response(self.project, utter, self.slots, self._frame_context(frame),
-                                  {**self._response_context(frame), **extra})  # fmt: skip
+        message = render_response(
+            self.project, utter, self.slots, self._frame_context(frame), {**self._response_context(frame), **extra}
+        )
         if message is None:
             self.events.warnings.append(f"response `{utter}` is not in the domain")
             message = BotMessage(None, (), utter)
         elif utter in self.project.domain.responses and not matching_variations(
             self.project.domain.responses[utter], self.slots
         ):
-            self.events.warnings.append(f"no variation of response `{utter}` fits the slots; the runtime says "
-                                        "`utter_internal_error_rasa` instead")  # fmt: skip
+            self.events.warnings.append(
+                f"no variation of response `{utter}` fits the slots; the runtime says "
+                "`utter_internal_error_rasa` instead"
+            )
         self._emit(message)
 
     def _response_context(self, frame: Frame | None) -> dict[str, Any]:
@@ -900,8 +938,9 @@ def _variation_fits(variation: ResponseVariation, slots: dict[str, Any]) -> bool
     return True
 
 
-def matching_variations(variations: list[ResponseVariation], slots: dict[str, Any],
-                        channel: str | None = None) -> list[ResponseVariation]:  # fmt: skip
+def matching_variations(
+    variations: list[ResponseVariation], slots: dict[str, Any], channel: str | None = None
+) -> list[ResponseVariation]:
     """The variations the runtime picks from, in file order: conditional ones whose condition holds, for this output
     channel, then unconditional ones for it, then the same without a channel (tests have no channel of their own)."""
     conditional = [v for v in variations if v.condition is not None and _variation_fits(v, slots)]
@@ -913,8 +952,9 @@ def matching_variations(variations: list[ResponseVariation], slots: dict[str, An
     return []
 
 
-def choose_variation(variations: list[ResponseVariation], slots: dict[str, Any],
-                     channel: str | None = None) -> ResponseVariation | None:  # fmt: skip
+def choose_variation(
+    variations: list[ResponseVariation], slots: dict[str, Any], channel: str | None = None
+) -> ResponseVariation | None:
     """The variation said: the runtime picks at random among `matching_variations`; we take the first of them in
     file order (conditional before unconditional), so that a replay is deterministic. None: none fits."""
     matching = matching_variations(variations, slots, channel)
@@ -944,8 +984,13 @@ def slot_variables(project: Project, slots: dict[str, Any]) -> dict[str, Any]:
     return {**{name: None for name in names}, **slots}
 
 
-def render_response(project: Project, utter: str, slots: dict[str, Any], context: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> BotMessage | None:  # fmt: skip
+def render_response(
+    project: Project,
+    utter: str,
+    slots: dict[str, Any],
+    context: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> BotMessage | None:
     """The message response `utter` makes now: the domain's variation (`choose_variation`), else our built-in text;
     None when neither has it. A domain response none of whose variations fits says `utter_internal_error_rasa`."""
     variables = {"context": context or {}, **slot_variables(project, slots), **(extra or {})}
@@ -957,8 +1002,10 @@ def render_response(project: Project, utter: str, slots: dict[str, Any], context
             return BotMessage(fallback.text if fallback else None, (), utter)
         jinja = variation.is_jinja
         text = None if variation.text is None else render_text(variation.text, variables, jinja)
-        buttons = tuple(Button(render_text(b.title, variables, jinja), render_text(b.payload, variables, jinja))
-                        for b in variation.buttons)  # fmt: skip
+        buttons = tuple(
+            Button(render_text(b.title, variables, jinja), render_text(b.payload, variables, jinja))
+            for b in variation.buttons
+        )
         return BotMessage(text, buttons, utter)
     if utter in DEFAULT_RESPONSES:
         return BotMessage(render_text(DEFAULT_RESPONSES[utter], variables, utter in JINJA_DEFAULT_RESPONSES), (), utter)
@@ -994,8 +1041,10 @@ def slots_from_bot_text(project: Project, text: str) -> list[tuple[str, str]]:
             names = _SLOT_PLACEHOLDER.findall(template)
             if not names or len(set(names)) != len(names):
                 continue
-            pattern = "".join(f"(?P<{part}>.+?)" if i % 2 else re.escape(part)
-                              for i, part in enumerate(_SLOT_PLACEHOLDER.split(template)))  # fmt: skip
+            pattern = "".join(
+                f"(?P<{part}>.+?)" if i % 2 else re.escape(part)
+                for i, part in enumerate(_SLOT_PLACEHOLDER.split(template))
+            )
             match = re.fullmatch(pattern, text, flags=re.DOTALL)
             if match and all(project.slot(name) is not None for name in names):
                 found.append([(name, match.group(name)) for name in names])

@@ -42,8 +42,11 @@ def comparable(command: Command, with_values: bool = True) -> tuple:
     return (command.kind,)
 
 
-def difference(expected: list[Command] | tuple[Command, ...], predicted: list[Command] | tuple[Command, ...],
-               with_values: bool = True) -> str | None:  # fmt: skip
+def difference(
+    expected: list[Command] | tuple[Command, ...],
+    predicted: list[Command] | tuple[Command, ...],
+    with_values: bool = True,
+) -> str | None:
     """None when the two multisets agree, else what is missing and what is extra."""
     want = Counter(comparable(c, with_values) for c in expected)
     got = Counter(comparable(c, with_values) for c in predicted)
@@ -54,8 +57,9 @@ def difference(expected: list[Command] | tuple[Command, ...], predicted: list[Co
     return f"missing {missing}, extra {extra}"
 
 
-async def validate_with_oracle(client: LLMClient, prompt: str, paraphrase: str, expected: list[Command],
-                               syntax: Syntax, mode: str = STRICT) -> Verdict:  # fmt: skip
+async def validate_with_oracle(
+    client: LLMClient, prompt: str, paraphrase: str, expected: list[Command], syntax: Syntax, mode: str = STRICT
+) -> Verdict:
     try:
         result = await client.chat([{"role": "user", "content": prompt}])
     except LLMCallFailed as error:

@@ -81,8 +81,11 @@ def load_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise InputError(shown, None, "file not found") from None
     except UnicodeDecodeError as error:
-        raise InputError(shown, None, f"cannot read file: not UTF-8 text ({error.reason} at byte {error.start}); "
-                                      "expected a UTF-8 YAML file") from None
+        raise InputError(
+            shown,
+            None,
+            f"cannot read file: not UTF-8 text ({error.reason} at byte {error.start}); expected a UTF-8 YAML file",
+        ) from None
     except OSError as error:
         raise InputError(shown, None, f"cannot read file: {error.strerror or error}") from None
     try:
@@ -93,8 +96,9 @@ def load_yaml(path: Path) -> Any:
     except YAMLError as error:
         raise InputError(shown, None, f"invalid YAML: {' '.join(str(error).split())}") from None
     except RecursionError:
-        raise InputError(shown, None, "invalid YAML: nested too deeply to read; expected at most a few hundred "
-                                      "levels of nesting") from None
+        raise InputError(
+            shown, None, "invalid YAML: nested too deeply to read; expected at most a few hundred levels of nesting"
+        ) from None
     problem = _expansion_problem(data)
     if problem:
         raise InputError(shown, None, f"invalid YAML: {problem}")
@@ -116,8 +120,10 @@ def _expansion_problem(data: Any) -> str | None:
             on_path.discard(id(node))
             expanded[id(node)] = 1 + sum(expanded.get(id(child), 1) for child in children)
             if expanded[id(node)] > MAX_EXPANDED_NODES:
-                return (f"its aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?); expected "
-                        "a document whose anchors are reused a reasonable number of times")
+                return (
+                    f"its aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?); expected "
+                    "a document whose anchors are reused a reasonable number of times"
+                )
             continue
         if id(node) in on_path:
             return "an alias refers to the mapping or list it is inside of; expected aliases to earlier values only"

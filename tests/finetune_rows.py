@@ -24,9 +24,21 @@ def _prepared_rows() -> tuple[str, ...]:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "output"
-        argv = ["prepare-data", *(str(ROOT / t) for t in EXAMPLE_TESTS), "--project", str(ROOT), "--offline",
-                "--no-progress", "--no-datetime", "--num-rephrases", "1", "--prompt-template", str(COMPACT_TEMPLATE),
-                "-o", str(out)]  # fmt: skip
+        argv = [
+            "prepare-data",
+            *(str(ROOT / t) for t in EXAMPLE_TESTS),
+            "--project",
+            str(ROOT),
+            "--offline",
+            "--no-progress",
+            "--no-datetime",
+            "--num-rephrases",
+            "1",
+            "--prompt-template",
+            str(COMPACT_TEMPLATE),
+            "-o",
+            str(out),
+        ]
         if main(argv) != 0:
             raise RuntimeError("prepare-data failed on the bundled example")
         splits = out / "4_train_test_split" / "ft_splits"

@@ -12,8 +12,8 @@ import json
 import re
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from recipe.annotate import annotate_from_assertions
 from recipe.commands import SetSlot, Syntax, format_commands
@@ -50,16 +50,22 @@ def rephrase_listing(prompt: str) -> list[tuple[int, str]]:
 class ScriptedAssistantLLM:
     """The responder. `faults` may return a Reply to inject for a request (kind, prompt, hit number) or None."""
 
-    def __init__(self, project: Project, specs: list[str], syntax: Syntax = Syntax.V2,
-                 faults: Callable[[str, str, int], Reply | None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        project: Project,
+        specs: list[str],
+        syntax: Syntax = Syntax.V2,
+        faults: Callable[[str, str, int], Reply | None] | None = None,
+    ):
         self.syntax = syntax
         self.originals = commands_by_text(project, specs)
         self.paraphrases: dict[str, list] = {}
         for text, commands in self.originals.items():
             for paraphrase in paraphrases_of(text):
                 if paraphrase.startswith("Actually "):
-                    commands = [SetSlot(c.slot, CHANGED_VALUE) if isinstance(c, SetSlot) and c.value else c
-                                for c in commands]  # fmt: skip
+                    commands = [
+                        SetSlot(c.slot, CHANGED_VALUE) if isinstance(c, SetSlot) and c.value else c for c in commands
+                    ]
                 self.paraphrases[paraphrase] = commands
         self.faults = faults
         self.kinds: Counter = Counter()

@@ -29,8 +29,14 @@ def offline() -> None:
         os.environ.setdefault(name, "1")
 
 
-def finetuned_folder(directory: Path, template: PromptTemplate, *, syntax: str = "v2", merge: bool = True,
-                     include_date_time: bool = False) -> Path:  # fmt: skip
+def finetuned_folder(
+    directory: Path,
+    template: PromptTemplate,
+    *,
+    syntax: str = "v2",
+    merge: bool = True,
+    include_date_time: bool = False,
+) -> Path:
     """Build the folders described in the module docstring under `directory`; return the finetuned folder."""
     import torch
     from peft import LoraConfig, get_peft_model

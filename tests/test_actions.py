@@ -103,8 +103,13 @@ def test_replay_says_the_tests_own_bot_turns(action_server, tmp_path):
         assert said == expected_utters(case), name
         assert [w for t in turns for w in t.warnings] == [], name
         if name == "hotel in nyc":
-            assert turns[1].slots_after == {"city": "New York", "city_ok": True, "hotels_found": 3,
-                                            "hotel_name": "Pod 51"}  # fmt: skip  # "cheap": the cheapest hotel
+            # "cheap": the cheapest hotel
+            assert turns[1].slots_after == {
+                "city": "New York",
+                "city_ok": True,
+                "hotels_found": 3,
+                "hotel_name": "Pod 51",
+            }
             assert [m.text for m in turns[1].events.bot_messages] == [
                 "I looked at 3 hotels.",  # utter_message(response=..., count=3): filled with the action's variables
                 "The best one is Pod 51 in New York. Shall I book it?",
@@ -128,15 +133,29 @@ def test_rasa_sdk_reads_the_tracker_we_send(action_server, tmp_path):
     project.action_server = runner(action_server.url, project, None)
     case = cases(project)["hotel in nyc"]
     replay_test_case(project, case)
-    seen = [call for call in action_server.calls() if call["sender"] == case.id and call["action"] in
-            ("action_validate_city", "action_search_hotels")]  # fmt: skip
+    seen = [
+        call
+        for call in action_server.calls()
+        if call["sender"] == case.id and call["action"] in ("action_validate_city", "action_search_hotels")
+    ]
     validate, search = seen[-2], seen[-1]
     assert validate["action"] == "action_validate_city"
     assert validate["slots"] == {"city": "nyc"}
     assert validate["latest_message"] == "I need a cheap hotel in nyc"
     assert validate["stack"] == ["book_hotel"]
-    assert validate["event_types"] == ["action", "session_started", "action", "user", "action", "bot", "action",
-                                       "bot", "action", "user", "slot"]  # fmt: skip
+    assert validate["event_types"] == [
+        "action",
+        "session_started",
+        "action",
+        "user",
+        "action",
+        "bot",
+        "action",
+        "bot",
+        "action",
+        "user",
+        "slot",
+    ]
     assert search["slots"] == {"city": "New York", "city_ok": True}
     # rasa-sdk's `slots_to_validate()` sees this turn's slot events only, as a validation action expects.
     assert validate["to_validate"] == ["city"] and search["to_validate"] == ["city", "city_ok"]
@@ -225,8 +244,11 @@ def test_a_transient_server_error_is_retried(action_server):
 
     # Without retries left, the failure is one line naming the action, the server and the server's error.
     other = ActionCall("action_tell_balance", f"retry-{uuid.uuid4().hex}", {}, (), None, ())
-    with pytest.raises(ConfigError, match=r"`action_tell_balance` failed on the action server at .* after 1 tries "
-                       r"\(HTTP 500: the core banking system did not answer\)"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"`action_tell_balance` failed on the action server at .* after 1 tries "
+        r"\(HTTP 500: the core banking system did not answer\)",
+    ):
         runner(action_server.url, project, None, max_retries=0).run(other)
 
 
@@ -239,23 +261,37 @@ def test_an_unknown_action_names_the_action_and_the_server(action_server):
 
 def test_a_server_that_is_down_is_one_line_and_exit_2(tmp_path, capsys):
     url = dead_url()
-    for argv in (["coverage", "-o", str(tmp_path / "coverage")],
-                 ["prepare-data", "--offline", "--no-progress", str(TESTS), "-o", str(tmp_path / "out")],
-                 ["render-prompt", f"{TESTS / 'actions_du.yml'}::balance", "--step", "1"]):  # fmt: skip
+    for argv in (
+        ["coverage", "-o", str(tmp_path / "coverage")],
+        ["prepare-data", "--offline", "--no-progress", str(TESTS), "-o", str(tmp_path / "out")],
+        ["render-prompt", f"{TESTS / 'actions_du.yml'}::balance", "--step", "1"],
+    ):
         start = time.monotonic()
         assert main([*argv, "--project", str(ASSISTANT), "--action-endpoint", url]) == 2
         assert time.monotonic() - start < 5
         err = capsys.readouterr().err
-        expected = (f"cannot reach the action server at {url} (connection refused); start it with `rasa run actions` "
-                    "or leave out --action-endpoint")  # fmt: skip
+        expected = (
+            f"cannot reach the action server at {url} (connection refused); start it with `rasa run actions` "
+            "or leave out --action-endpoint"
+        )
         assert err.splitlines() == [expected], argv
     assert not (tmp_path / "out" / "params.yaml").exists()  # failed before any other work
 
 
 def test_prepare_data_end_to_end(action_server, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["prepare-data", "--offline", "--no-progress", "--project", str(ASSISTANT), str(TESTS), "-o", str(out),
-            "--action-endpoint", action_server.url]  # fmt: skip
+    argv = [
+        "prepare-data",
+        "--offline",
+        "--no-progress",
+        "--project",
+        str(ASSISTANT),
+        str(TESTS),
+        "-o",
+        str(out),
+        "--action-endpoint",
+        action_server.url,
+    ]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     train = (out / "4_train_test_split" / "ft_splits" / "train.jsonl").read_text(encoding="utf-8")
@@ -287,8 +323,9 @@ def test_the_projects_endpoints_yml_is_the_default(action_server, tmp_path, caps
 
     monkeypatch.delenv("ACTIONS_PORT")
     assert main(["coverage", "--project", str(project), "-o", str(tmp_path / "c3")]) == 2
-    assert capsys.readouterr().err.strip() == (f"{project / 'endpoints.yml'}: action_endpoint.url: environment "
-                                               "variable ${ACTIONS_PORT} is not set")  # fmt: skip
+    assert capsys.readouterr().err.strip() == (
+        f"{project / 'endpoints.yml'}: action_endpoint.url: environment variable ${{ACTIONS_PORT}} is not set"
+    )
 
 
 def test_answers_become_outcomes():
@@ -302,8 +339,12 @@ def test_answers_become_outcomes():
             {"event": "slot", "name": "no_such_slot", "value": 1},
             {"event": "reset_slots"},
             {"event": "slot", "name": "city", "value": "Lisbon"},
-            {"event": "bot", "text": "Hi", "data": {"buttons": [{"title": "Yes", "payload": "/yes"}]},
-             "metadata": {"utter_action": "utter_greet"}},
+            {
+                "event": "bot",
+                "text": "Hi",
+                "data": {"buttons": [{"title": "Yes", "payload": "/yes"}]},
+                "metadata": {"utter_action": "utter_greet"},
+            },
             {"event": "pause"},
             {"event": "followup", "name": "action_listen"},
         ],
@@ -313,10 +354,15 @@ def test_answers_become_outcomes():
             {"text": None, "response": "utter_search_done", "count": 2},
             {"text": None, "image": "https://example.com/map.png"},
         ],
-    }  # fmt: skip
+    }
     outcome = outcome_from_answer(answer, call, project.domain)
-    assert outcome.slots == (("hotel_name", "Hotel du Nord"), ("city", None), ("amount", None),
-                             ("hotel_name", None), ("city", "Lisbon"))  # fmt: skip
+    assert outcome.slots == (
+        ("hotel_name", "Hotel du Nord"),
+        ("city", None),
+        ("amount", None),
+        ("hotel_name", None),
+        ("city", "Lisbon"),
+    )
     assert outcome.messages == (
         BotMessage("Hi", (Button("Yes", "/yes"),), "utter_greet"),
         BotMessage("Pick one", (Button("A", "/a"),)),
@@ -330,12 +376,16 @@ def test_answers_become_outcomes():
 
 def test_endpoint_settings(tmp_path):
     path = tmp_path / "endpoints.yml"
-    path.write_text("action_endpoint:\n  url: http://actions:5055/webhook\n  token: ${TOKEN}\n"
-                    "  headers: {X-Team: bots}\n")  # fmt: skip
+    path.write_text(
+        "action_endpoint:\n  url: http://actions:5055/webhook\n  token: ${TOKEN}\n  headers: {X-Team: bots}\n"
+    )
     endpoint = read_action_endpoint(path, {"TOKEN": "s3cret"})
     assert endpoint is not None
     assert (endpoint.url, dict(endpoint.params), dict(endpoint.headers)) == (
-        "http://actions:5055/webhook", {"token": "s3cret"}, {"X-Team": "bots"})  # fmt: skip
+        "http://actions:5055/webhook",
+        {"token": "s3cret"},
+        {"X-Team": "bots"},
+    )
     path.write_text("model_groups: []\n")
     assert read_action_endpoint(path, {}) is None
     assert webhook_url("http://localhost:5055") == "http://localhost:5055/webhook"

@@ -36,26 +36,42 @@ CASES = [
     Case("duplicate_yaml_key", "domain.yml", ("duplicate key `address`",)),
     Case("tab_indentation", "flows/flows.yml", ("found a tab; indent YAML with spaces",)),
     Case("unknown_test_step", "e2e_tests/orders.yml", ("unknown test step `response`", "expected one of user, bot")),
-    Case("unknown_command_word", "e2e_tests/orders.yml", ("`fill slot address 5 Main Street` is not a command",
-                                                          "expected e.g.")),  # fmt: skip
+    Case(
+        "unknown_command_word",
+        "e2e_tests/orders.yml",
+        ("`fill slot address 5 Main Street` is not a command", "expected e.g."),
+    ),
     Case("garbled_command", "e2e_tests/orders.yml", ("`StartFlow[order_pizza]` is not a command", "`StartFlow(")),
     Case("keyword_wrong_case", "e2e_tests/orders.yml", ("`Start flow order_pizza` is not a command",)),
-    Case("unknown_flow_in_command", "e2e_tests/orders.yml", ("unknown flow `order_pasta`",
-                                                             "expected one of: order_pizza, check_order")),  # fmt: skip
+    Case(
+        "unknown_flow_in_command",
+        "e2e_tests/orders.yml",
+        ("unknown flow `order_pasta`", "expected one of: order_pizza, check_order"),
+    ),
     Case("unknown_slot_in_command", "e2e_tests/orders.yml", ("unknown slot `street`", "expected a slot of the domain")),
-    Case("next_unknown_step", "flows/flows.yml", ("`next` points to unknown step `confirm_order`",
-                                                  "expected a step id of this flow or END")),  # fmt: skip
+    Case(
+        "next_unknown_step",
+        "flows/flows.yml",
+        ("`next` points to unknown step `confirm_order`", "expected a step id of this flow or END"),
+    ),
     Case("collect_slot_not_in_domain", "flows/flows.yml", ("collects `phone_number`", "not a slot in the domain")),
     Case("missing_domain", "", ("no domain found", "expected domain.yml, a domain/ folder")),
-    Case("empty_test_folder", "e2e_tests",
-         ("no test cases found", "expected YAML files with a top-level `test_cases:`")),
+    Case(
+        "empty_test_folder", "e2e_tests", ("no test cases found", "expected YAML files with a top-level `test_cases:`")
+    ),
     Case("unknown_fixture", "e2e_tests/orders.yml", ("unknown fixture `hungry_customer`", "conftest.yml")),
-    Case("unknown_test_name", "e2e_tests/orders.yml", ("no test case named `order a small pizza`",
-                                                       "the file has `order a large pizza`"),
-         tests="e2e_tests/orders.yml::order a small pizza"),  # fmt: skip
+    Case(
+        "unknown_test_name",
+        "e2e_tests/orders.yml",
+        ("no test case named `order a small pizza`", "the file has `order a large pizza`"),
+        tests="e2e_tests/orders.yml::order a small pizza",
+    ),
     Case("user_step_without_text", "e2e_tests/orders.yml", ("user step has no text", "expected `user: <message>`")),
-    Case("duplicate_flow_ids", "flows/status.yml", ("flow `check_order` is already defined at "
-                                                    "duplicate_flow_ids/flows/flows.yml:9", "must be unique")),
+    Case(
+        "duplicate_flow_ids",
+        "flows/status.yml",
+        ("flow `check_order` is already defined at duplicate_flow_ids/flows/flows.yml:9", "must be unique"),
+    ),
     Case("flow_without_description", "flows/flows.yml", ("flow `check_order` has no `description` (required)",)),
     Case("step_with_two_kinds", "flows/flows.yml", ("step has action, collect", "expected exactly one of collect")),
     Case("link_not_last", "flows/flows.yml", ("a `link` step must be the last step",)),
@@ -108,8 +124,12 @@ def test_mistake_through_a_real_process_has_no_traceback(name: str, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(
         [sys.executable, "-m", "recipe", *cli_args(case, tmp_path / "out")],
-        cwd=CORPUS, capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+        cwd=CORPUS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
@@ -123,10 +143,12 @@ def test_every_problem_of_a_run_is_listed_sorted_by_file_and_line(capsys):
     """Like a compiler: every file is read, then every mistake is printed as path:line, sorted, and the run exits 2."""
     code = main(["coverage", str(MANY / "e2e_tests"), "--project", str(MANY), "-o", str(MANY / "never")])
     lines = capsys.readouterr().err.splitlines()
-    marked = [f"{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}:{number}"
-              for path in sorted((MANY / "e2e_tests").glob("*.yml"))
-              for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
-              if MARKER in text]  # fmt: skip
+    marked = [
+        f"{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}:{number}"
+        for path in sorted((MANY / "e2e_tests").glob("*.yml"))
+        for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if MARKER in text
+    ]
     assert code == 2
     assert len(marked) == 6
     assert [line.split(": ", 1)[0] for line in lines] == marked

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import pytest
 
@@ -39,7 +39,7 @@ def _example():
     return project, {case.id.split("e2e_tests/", 1)[1]: case for case in cases}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _replayed(case_id: str):
     project, cases = _example()
     case = cases[case_id]
@@ -60,7 +60,7 @@ def _is_du(case) -> bool:
 
 def _listed_bot_steps(case, turn) -> list[BotStep]:
     listed = []
-    for step in case.steps[turn.step_index + 1:]:
+    for step in case.steps[turn.step_index + 1 :]:
         if isinstance(step, UserStep):
             break
         if isinstance(step, BotStep):
@@ -95,8 +95,10 @@ def test_every_turn_annotated_and_consistent_with_the_tests_expectations(case_id
         listed = _listed_bot_steps(case, turn)
         simulated = turn.events.bot_messages
         if _is_du(case):
-            where = f"turn {turn.number}: listed {[s.utter or s.text for s in listed]}, " \
-                    f"simulated {[m.utter or m.text for m in simulated]}"  # fmt: skip
+            where = (
+                f"turn {turn.number}: listed {[s.utter or s.text for s in listed]}, "
+                f"simulated {[m.utter or m.text for m in simulated]}"
+            )
             assert len(listed) == len(simulated), where
             assert all(_matches(s, m) for s, m in zip(listed, simulated)), where
             assert all("no stub" in warning for warning in turn.warnings), turn.warnings
@@ -121,8 +123,10 @@ def test_correction_state():
     assert _stack(_turn(case, 5)) == [("book_hotel", "book_hotel_4_collect_room_type")]
     assert after.slots["num_nights"] == 5.0 and after.slots["num_guests"] == 3.0
     assert after.slots["hotel_city"] == "Kraków" and after.slots["hotel_checkin_date"] == "12 May"
-    assert [line.text for line in after.transcript[-2:]] == ["Got it, I've updated that.",
-                                                             "What kind of room would you like?"]  # fmt: skip
+    assert [line.text for line in after.transcript[-2:]] == [
+        "Got it, I've updated that.",
+        "What kind of room would you like?",
+    ]
     assert [b.title for b in after.transcript[-1].buttons] == ["Single", "Double", "Twin", "Suite"]
 
 
@@ -137,8 +141,10 @@ def test_cancel_state():
 
 def test_digression_state():
     case = "hotels/hotel_du.yml::book a food tour in the middle of a hotel booking"
-    assert _stack(_turn(case, 3)) == [("book_hotel", "book_hotel_2_collect_num_nights"),
-                                      ("book_excursion", "book_excursion_3_collect_num_participants")]  # fmt: skip
+    assert _stack(_turn(case, 3)) == [
+        ("book_hotel", "book_hotel_2_collect_num_nights"),
+        ("book_excursion", "book_excursion_3_collect_num_participants"),
+    ]
     resumed = _turn(case, 4)
     assert _stack(resumed) == [("book_hotel", "book_hotel_2_collect_num_nights")]
     assert "excursion_city" not in resumed.state.slots and resumed.state.slots["hotel_city"] == "Rome"
@@ -155,8 +161,10 @@ def test_call_state_and_button_payload():
     assert payload_turn.is_payload and payload_turn.commands == []
     state = _turn(case, 6).state
     assert state.slots["car_type"] == "compact"
-    assert [(f.flow_id, f.kind) for f in state.stack] == [("book_rental_car", "user"),
-                                                          ("collect_driver_details", "called")]  # fmt: skip
+    assert [(f.flow_id, f.kind) for f in state.stack] == [
+        ("book_rental_car", "user"),
+        ("collect_driver_details", "called"),
+    ]
     assert state.stack[-1].step_id == "collect_driver_details_0_collect_driver_name"
 
 

@@ -27,8 +27,12 @@ THINKING_TEMPLATE = (
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-PROBE = data.Example(prompt=({"role": "user", "content": "book a hotel"},), completion="start flow book_hotel",
-                     path="train.jsonl", line=1)  # fmt: skip
+PROBE = data.Example(
+    prompt=({"role": "user", "content": "book a hotel"},),
+    completion="start flow book_hotel",
+    path="train.jsonl",
+    line=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +96,12 @@ def test_finetuned_through_a_thinking_template_answers_parseable_dsl(thinking_mo
     (splits / "val.jsonl").write_text("", encoding="utf-8")
     config = write_cpu_finetune_config(tmp_path / "cpu.yaml")
     out = tmp_path / "run"
-    assert main(["finetune", "--config", str(config), "--data", str(splits), "--model", str(thinking_model),
-                 "-o", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            ["finetune", "--config", str(config), "--data", str(splits), "--model", str(thinking_model), "-o", str(out)]
+        )
+        == 0
+    )
     info = json.loads((out / "recipe_training_info.json").read_text(encoding="utf-8"))
     assert info["training"]["answer_prefix"] == THINK
     assert "given in the prompt, not trained" in (out / "README.md").read_text(encoding="utf-8")

@@ -36,10 +36,14 @@ FUZZ = settings(max_examples=300, deadline=None)
 # ---------------------------------------------------------------------------------------------- strategies
 
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
-flow_ids = st.builds(lambda head, tail: head + tail, st.sampled_from(_ID_CHARS),
-                     st.text(alphabet=_ID_CHARS + "-", max_size=20))  # fmt: skip
-slot_names = st.builds(lambda head, tail: head + tail, st.sampled_from(_ID_CHARS[:52] + "_"),
-                       st.text(alphabet=_ID_CHARS + "-", max_size=20))  # fmt: skip
+flow_ids = st.builds(
+    lambda head, tail: head + tail, st.sampled_from(_ID_CHARS), st.text(alphabet=_ID_CHARS + "-", max_size=20)
+)
+slot_names = st.builds(
+    lambda head, tail: head + tail,
+    st.sampled_from(_ID_CHARS[:52] + "_"),
+    st.text(alphabet=_ID_CHARS + "-", max_size=20),
+)
 
 # Words of a slot value: any printable character but whitespace (values are single-spaced: the DSL is a line of
 # words) — letters of every script, digits, punctuation like `C++`, `$`, `(`, quotes inside a word.
@@ -55,12 +59,36 @@ def _expressible(value: str) -> bool:
 
 slot_values = st.one_of(
     st.lists(words, min_size=1, max_size=5).map(" ".join),
-    st.sampled_from(["C++", "New York", "50$", "what?", "Zürich", "東京 駅", "O'Brien", 'the "big" one', "a (b)",
-                     "f(x) = 1,2", "40", "-3.5", "True", "12:30"]),
-).filter(_expressible)  # fmt: skip
+    st.sampled_from(
+        [
+            "C++",
+            "New York",
+            "50$",
+            "what?",
+            "Zürich",
+            "東京 駅",
+            "O'Brien",
+            'the "big" one',
+            "a (b)",
+            "f(x) = 1,2",
+            "40",
+            "-3.5",
+            "True",
+            "12:30",
+        ]
+    ),
+).filter(_expressible)
 
-_BARE = [CancelFlow(), ChitChat(), Knowledge(), SkipQuestion(), RepeatLastBotMessages(), HumanHandoff(),
-         CannotHandle(), ContinueAgent()]  # fmt: skip
+_BARE = [
+    CancelFlow(),
+    ChitChat(),
+    Knowledge(),
+    SkipQuestion(),
+    RepeatLastBotMessages(),
+    HumanHandoff(),
+    CannotHandle(),
+    ContinueAgent(),
+]
 commands = st.one_of(
     flow_ids.map(StartFlow),
     st.builds(SetSlot, slot_names, slot_values),
@@ -144,11 +172,20 @@ def test_set_slot_value_kept_exactly(slot: str, value: str):
 # ---------------------------------------------------------------------------------------------- tolerant parsing
 
 
-@pytest.mark.parametrize("line", [
-    "- start flow book_hotel", "1. start flow book_hotel", "* start flow book_hotel", "`start flow book_hotel`",
-    '"start flow book_hotel"', "'start flow book_hotel'", "  start   flow    book_hotel  ", "2) start flow book_hotel",
-    "- `start flow book_hotel`",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "line",
+    [
+        "- start flow book_hotel",
+        "1. start flow book_hotel",
+        "* start flow book_hotel",
+        "`start flow book_hotel`",
+        '"start flow book_hotel"',
+        "'start flow book_hotel'",
+        "  start   flow    book_hotel  ",
+        "2) start flow book_hotel",
+        "- `start flow book_hotel`",
+    ],
+)
 def test_bullets_numbers_quotes_and_spaces_are_tolerated(line: str):
     assert parse_command(line, [Syntax.V2]) == StartFlow("book_hotel")
 
@@ -157,15 +194,25 @@ def test_v1_bullets_tolerated():
     assert parse_command("- SetSlot(city, Lisbon)", [Syntax.V1]) == SetSlot("city", "Lisbon")
 
 
-@pytest.mark.parametrize("line", ["Start flow book_hotel", "START FLOW book_hotel", "Set slot city Lisbon",
-                                  "startflow(book_hotel)", "Cancel flow"])  # fmt: skip
+@pytest.mark.parametrize(
+    "line",
+    ["Start flow book_hotel", "START FLOW book_hotel", "Set slot city Lisbon", "startflow(book_hotel)", "Cancel flow"],
+)
 def test_keywords_are_case_sensitive(line: str):
     with pytest.raises(CommandParseError):
         parse_command(line)
 
 
-@pytest.mark.parametrize("line", ["start flow book_hotel please", "start flow book_hotel now.", "cancel flow now",
-                                  "StartFlow(book_hotel) please", "skip question ok"])  # fmt: skip
+@pytest.mark.parametrize(
+    "line",
+    [
+        "start flow book_hotel please",
+        "start flow book_hotel now.",
+        "cancel flow now",
+        "StartFlow(book_hotel) please",
+        "skip question ok",
+    ],
+)
 def test_trailing_junk_is_rejected(line: str):
     with pytest.raises(CommandParseError):
         parse_command(line)
@@ -193,8 +240,9 @@ def test_none_resets_in_every_dialect():
 
 
 def test_short_dialect_values_may_contain_spaces():
-    assert parse_command("set hotel_checkin_date 17 October", [Syntax.SHORT]) == SetSlot("hotel_checkin_date",
-                                                                                          "17 October")
+    assert parse_command("set hotel_checkin_date 17 October", [Syntax.SHORT]) == SetSlot(
+        "hotel_checkin_date", "17 October"
+    )
 
 
 def test_quoted_values_and_identifiers_are_unquoted():
@@ -203,8 +251,15 @@ def test_quoted_values_and_identifiers_are_unquoted():
     assert parse_command("StartFlow('book_hotel')") == StartFlow("book_hotel")
 
 
-@pytest.mark.parametrize("line", ["Clarify(b_flow, a_flow)", "disambiguate flows b_flow a_flow",
-                                  "clarify b_flow a_flow", "Clarify(b_flow,a_flow, b_flow)"])  # fmt: skip
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Clarify(b_flow, a_flow)",
+        "disambiguate flows b_flow a_flow",
+        "clarify b_flow a_flow",
+        "Clarify(b_flow,a_flow, b_flow)",
+    ],
+)
 def test_clarify_options_sorted_and_deduplicated(line: str):
     assert parse_command(line).options == ("a_flow", "b_flow")
 
@@ -230,14 +285,29 @@ def test_syntax_restriction_is_honoured():
 # ---------------------------------------------------------------------------------------------- detect_syntax
 
 
-@pytest.mark.parametrize("line, syntax", [
-    ("StartFlow(book_hotel)", Syntax.V1), ("SearchAndReply()", Syntax.V1), ("SetSlot(city, Lisbon)", Syntax.V1),
-    ("start flow book_hotel", Syntax.V2), ("provide info", Syntax.V2), ("set slot city Lisbon", Syntax.V2),
-    ("offtopic reply", Syntax.V2), ("disambiguate flows a b", Syntax.V2), ("search and reply", Syntax.V3),
-    ("start book_hotel", Syntax.SHORT), ("set city Lisbon", Syntax.SHORT), ("chat", Syntax.SHORT),
-    ("search", Syntax.SHORT), ("skip", Syntax.SHORT), ("clarify a b", Syntax.SHORT), ("cancel", Syntax.SHORT),
-    ("book a hotel", None), ("", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "line, syntax",
+    [
+        ("StartFlow(book_hotel)", Syntax.V1),
+        ("SearchAndReply()", Syntax.V1),
+        ("SetSlot(city, Lisbon)", Syntax.V1),
+        ("start flow book_hotel", Syntax.V2),
+        ("provide info", Syntax.V2),
+        ("set slot city Lisbon", Syntax.V2),
+        ("offtopic reply", Syntax.V2),
+        ("disambiguate flows a b", Syntax.V2),
+        ("search and reply", Syntax.V3),
+        ("start book_hotel", Syntax.SHORT),
+        ("set city Lisbon", Syntax.SHORT),
+        ("chat", Syntax.SHORT),
+        ("search", Syntax.SHORT),
+        ("skip", Syntax.SHORT),
+        ("clarify a b", Syntax.SHORT),
+        ("cancel", Syntax.SHORT),
+        ("book a hotel", None),
+        ("", None),
+    ],
+)
 def test_detect_syntax(line: str, syntax: Syntax | None):
     assert detect_syntax(line) is syntax
 
@@ -278,7 +348,11 @@ def test_same_commands_case_folds_slot_values_only():
 
 
 def test_as_dict_matches_the_json_form():
-    assert SetSlot("amount", "40").as_dict() == {"command": "set slot", "name": "amount", "value": "40",
-                                                 "extractor": "LLM"}  # fmt: skip
+    assert SetSlot("amount", "40").as_dict() == {
+        "command": "set slot",
+        "name": "amount",
+        "value": "40",
+        "extractor": "LLM",
+    }
     assert StartFlow("send_money").as_dict() == {"command": "start flow", "flow": "send_money"}
     assert Clarify(("b", "a")).as_dict() == {"command": "clarify", "options": ["a", "b"]}

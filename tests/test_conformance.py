@@ -44,8 +44,18 @@ def cases_of(name: str, *tests: str):
 
 def prepare(name: str, tests: list[str], out: Path) -> dict:
     root = CORPUS / name
-    code = main(["prepare-data", *[str(root / t) for t in tests], "--project", str(root), "--offline",
-                 "--no-progress", "-o", str(out)])  # fmt: skip
+    code = main(
+        [
+            "prepare-data",
+            *[str(root / t) for t in tests],
+            "--project",
+            str(root),
+            "--offline",
+            "--no-progress",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     return read_yaml(out / "result_summary.yaml")
 
@@ -76,8 +86,11 @@ def test_rejected_values_reset_the_slot_say_why_and_ask_again():
 
 def test_rejected_values_are_labelled_as_the_user_said_them(tmp_path):
     summary = prepare("slot_rejection", ["e2e_tests"], tmp_path)
-    rows = [r for r in read_jsonl(tmp_path / "3_llm_finetune_data/llm_ft_data.jsonl")
-            if r["rephrased_user_utterance"] is None]  # fmt: skip
+    rows = [
+        r
+        for r in read_jsonl(tmp_path / "3_llm_finetune_data/llm_ft_data.jsonl")
+        if r["rephrased_user_utterance"] is None
+    ]
     outputs = {row["original_user_utterance"]: row["output"] for row in rows}
     assert outputs["a huge pizza please"] == "start flow order_pizza\nset slot pizza_size huge"
     assert outputs["maybe"] == "set slot extra_cheese maybe"
@@ -99,7 +112,10 @@ def test_nlu_commands_change_the_state_and_train_nothing(tmp_path):
     assert next(s for s in after_nlu["flow_slots"] if s["name"] == "account_type")["value"] == "savings"
     annotation = annotate_from_assertions(project, cases[0])
     assert (annotation.turns[1].source, annotation.turns[1].reason, annotation.turns[1].trains) == (
-        "nlu", NLU_REASON, False)  # fmt: skip
+        "nlu",
+        NLU_REASON,
+        False,
+    )
 
     summary = prepare("nlu_slots", ["dialogue_understanding_tests", "e2e_tests"], tmp_path)
     rows = read_jsonl(tmp_path / "3_llm_finetune_data/llm_ft_data.jsonl")
@@ -109,14 +125,20 @@ def test_nlu_commands_change_the_state_and_train_nothing(tmp_path):
     assert all("/SetSlots" not in (row["rephrased_user_utterance"] or "") for row in rows)
     extra = summary["recipe"]
     assert extra["turns_without_rows"] == {"payload": 1, "nlu": 1}
-    assert extra["nlu_turns"] == [{"test": "dialogue_understanding_tests/transfers.yml::transfer with an account "
-                                   "from NLU", "turn": 2, "reason": NLU_REASON}]  # fmt: skip
+    assert extra["nlu_turns"] == [
+        {
+            "test": "dialogue_understanding_tests/transfers.yml::transfer with an account from NLU",
+            "turn": 2,
+            "reason": NLU_REASON,
+        }
+    ]
 
 
 def test_coverage_counts_nlu_turns_apart(tmp_path):
     root = CORPUS / "nlu_slots"
-    assert main(["coverage", str(root / "dialogue_understanding_tests"), "--project", str(root), "-o",
-                 str(tmp_path)]) == 0  # fmt: skip
+    assert (
+        main(["coverage", str(root / "dialogue_understanding_tests"), "--project", str(root), "-o", str(tmp_path)]) == 0
+    )
     report = json.loads((tmp_path / "coverage.json").read_text(encoding="utf-8"))
     assert [(t["turn"], t["commands"]) for t in report["nlu_turns"]] == [(2, ["set slot account_type savings"])]
     account = next(s for s in report["slots"] if s["slot"] == "account_type")
@@ -128,8 +150,9 @@ def test_evaluate_says_which_turns_it_leaves_out():
     root = CORPUS / "nlu_slots"
     project = load_project(root)
     left_out: list[tuple[str, str]] = []
-    cases = cases_from_tests(project, [str(root / "dialogue_understanding_tests")], DatetimePolicy(include=False),
-                             left_out=left_out)  # fmt: skip
+    cases = cases_from_tests(
+        project, [str(root / "dialogue_understanding_tests")], DatetimePolicy(include=False), left_out=left_out
+    )
     summary = left_out_summary(cases, left_out)
     assert (summary.payload_turns, summary.nlu_turns, len(cases)) == (1, 1, 6)
     assert "left out 1 payload turn(s)" in summary.message() and "left out 1 NLU turn(s)" in summary.message()
@@ -164,8 +187,10 @@ def test_a_commented_out_file_named_explicitly_is_an_error(capsys):
     code = main(["coverage", str(root / "e2e_tests" / "all_commented.yml"), "--project", str(root)])
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and len(lines) == 1
-    assert lines[0].endswith("all_commented.yml:2: the file has no test cases (all commented out?); expected at "
-                             "least one under `test_cases:`")  # fmt: skip
+    assert lines[0].endswith(
+        "all_commented.yml:2: the file has no test cases (all commented out?); expected at "
+        "least one under `test_cases:`"
+    )
 
 
 def test_repeated_test_case_names_are_both_kept(tmp_path, caplog):
@@ -194,12 +219,19 @@ def _project_with_generator(tmp_path: Path, name: str, module: str | None) -> Pa
     return root
 
 
-@pytest.mark.parametrize(("base", "syntax"), [("CompactLLMCommandGenerator", Syntax.V2),
-                                              ("SingleStepLLMCommandGenerator", Syntax.V1),
-                                              ("SearchReadyLLMCommandGenerator", Syntax.V3)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("base", "syntax"),
+    [
+        ("CompactLLMCommandGenerator", Syntax.V2),
+        ("SingleStepLLMCommandGenerator", Syntax.V1),
+        ("SearchReadyLLMCommandGenerator", Syntax.V3),
+    ],
+)
 def test_a_custom_generator_takes_the_syntax_of_its_base_class(tmp_path, caplog, base, syntax):
-    module = (f"from rasa.dialogue_understanding.generator import {base}\n\n\n"
-              f"class Base({base}):\n    pass\n\n\nclass MyCommandGenerator(Base):\n    pass\n")  # fmt: skip
+    module = (
+        f"from rasa.dialogue_understanding.generator import {base}\n\n\n"
+        f"class Base({base}):\n    pass\n\n\nclass MyCommandGenerator(Base):\n    pass\n"
+    )
     root = _project_with_generator(tmp_path, "custom.generators.MyCommandGenerator", module)
     with caplog.at_level(logging.WARNING, logger="recipe"):
         assert choose_syntax(load_project(root)) is syntax
@@ -248,8 +280,10 @@ def test_state_disagreements_are_counted_and_their_rows_left_out(tmp_path):
     root = tmp_path / "assistant"
     shutil.copytree(CORPUS / "bot_turn_evidence", root)
     tests = root / "e2e_tests" / "evidence.yml"
-    tests.write_text(tests.read_text(encoding="utf-8").replace("utter: utter_transfer_ok", "utter: utter_card_fine"),
-                     encoding="utf-8")  # fmt: skip
+    tests.write_text(
+        tests.read_text(encoding="utf-8").replace("utter: utter_transfer_ok", "utter: utter_card_fine"),
+        encoding="utf-8",
+    )
     args = [str(root / "e2e_tests"), "--project", str(root), "--offline", "--no-progress", "--num-rephrases", "0"]
     assert main(["prepare-data", *args, "-o", str(tmp_path / "left")]) == 0
     assert main(["prepare-data", *args, "--keep-disagreeing", "-o", str(tmp_path / "kept")]) == 0
@@ -273,8 +307,23 @@ def test_every_case_reads_with_exit_0_and_replays_without_disagreement(name, tmp
     assert main(["coverage", *_tests_of(root), "--project", str(root), "-o", str(tmp_path / "coverage")]) == 0
     report = json.loads((tmp_path / "coverage" / "coverage.json").read_text(encoding="utf-8"))
     assert report["state_disagreements"] == {}
-    assert main(["prepare-data", *_tests_of(root), "--project", str(root), "--offline", "--no-progress",
-                 "--num-rephrases", "1", "-o", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare-data",
+                *_tests_of(root),
+                "--project",
+                str(root),
+                "--offline",
+                "--no-progress",
+                "--num-rephrases",
+                "1",
+                "-o",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     summary = read_yaml(tmp_path / "out" / "result_summary.yaml")
     assert summary["recipe"]["state_disagreements"] == 0 and summary["num_ft_data_points"] > 0
     assert "Traceback" not in capsys.readouterr().err

@@ -11,9 +11,10 @@ import json
 import re
 import textwrap
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
@@ -28,15 +29,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Command kind by the v1 name or the first word(s) of the word dialects (rasa-formats §5.1).
 V1_KINDS = {
-    "StartFlow": "start flow", "SetSlot": "set slot", "CancelFlow": "cancel flow", "Clarify": "clarify",
-    "ChitChat": "chitchat", "SearchAndReply": "knowledge", "SkipQuestion": "skip question",
-    "RepeatLastBotMessages": "repeat", "HumanHandoff": "human handoff", "CannotHandle": "cannot handle",
-}  # fmt: skip
+    "StartFlow": "start flow",
+    "SetSlot": "set slot",
+    "CancelFlow": "cancel flow",
+    "Clarify": "clarify",
+    "ChitChat": "chitchat",
+    "SearchAndReply": "knowledge",
+    "SkipQuestion": "skip question",
+    "RepeatLastBotMessages": "repeat",
+    "HumanHandoff": "human handoff",
+    "CannotHandle": "cannot handle",
+}
 WORD_KINDS = {
-    "start": "start flow", "set": "set slot", "cancel": "cancel flow", "disambiguate": "clarify", "clarify": "clarify",
-    "offtopic": "chitchat", "chat": "chitchat", "provide": "knowledge", "search": "knowledge",
-    "skip": "skip question", "repeat": "repeat", "hand": "human handoff", "cannot": "cannot handle",
-}  # fmt: skip
+    "start": "start flow",
+    "set": "set slot",
+    "cancel": "cancel flow",
+    "disambiguate": "clarify",
+    "clarify": "clarify",
+    "offtopic": "chitchat",
+    "chat": "chitchat",
+    "provide": "knowledge",
+    "search": "knowledge",
+    "skip": "skip question",
+    "repeat": "repeat",
+    "hand": "human handoff",
+    "cannot": "cannot handle",
+}
 SHORT_FORMS = re.compile(r"^(start (?!flow )\S+|set (?!slot )\S+.*|cancel|clarify( .*)?|chat|search|skip)$")
 
 
@@ -89,9 +107,16 @@ def expected() -> dict[str, Any]:
                 match = re.match(r"^(?:SetSlot\(\s*|set slot |set )(\w+)", line)
                 if match:
                     slot_sets[match.group(1)] += 1
-    return {"kinds": kinds, "lines": all_lines, "slot_sets": slot_sets, "payload_sets": payload_sets, "turns": turns,
-            "payloads": payloads, "without": without,
-            "dialects": {path: dict(counts) for path, counts in dialects.items() if counts}}  # fmt: skip
+    return {
+        "kinds": kinds,
+        "lines": all_lines,
+        "slot_sets": slot_sets,
+        "payload_sets": payload_sets,
+        "turns": turns,
+        "payloads": payloads,
+        "without": without,
+        "dialects": {path: dict(counts) for path, counts in dialects.items() if counts},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +155,8 @@ def test_derived_counts_are_the_commands_listed_for_turns_without_commands(repor
         assert turn["status"] == DERIVABLE or turn["reason"]
         derived.update(kind_of(line) for line in turn["commands"])
     assert {row["kind"]: row["derived"] for row in report["command_types"]} == {
-        kind: derived[kind] for kind in CORE_COMMAND_KINDS}
+        kind: derived[kind] for kind in CORE_COMMAND_KINDS
+    }
     assert all(row["total"] == row["written"] + row["derived"] for row in report["command_types"])
     assert report["command_counts"] == {row["kind"]: row["total"] for row in report["command_types"]}
 
@@ -169,7 +195,11 @@ def test_terminal_shows_every_command_type_with_its_count(run, report):
         label = command_label(row["kind"], Syntax.V2)  # the table says v2, so it shows v2's words
         pattern = rf"^{re.escape(label)} +{row['written']} +{row['derived']} +{row['total']}$"
         assert re.search(pattern, stdout, re.MULTILINE), row["kind"]
-    for internal, v2 in (("knowledge", "provide info"), ("clarify", "disambiguate flows"), ("chitchat", "offtopic reply")):
+    for internal, v2 in (
+        ("knowledge", "provide info"),
+        ("clarify", "disambiguate flows"),
+        ("chitchat", "offtopic reply"),
+    ):
         assert not re.search(rf"^{internal} ", stdout, re.MULTILINE) and re.search(rf"^{v2} ", stdout, re.MULTILINE)
     unused = [row["kind"] for row in report["command_types"] if row["total"] == 0]
     shown = ", ".join(command_label(kind, Syntax.V2) for kind in unused)
@@ -249,7 +279,7 @@ def write_project(root: Path) -> None:
                   - user: same as last time
                     commands: [start flow reorder]
             """,
-    }  # fmt: skip
+    }
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")

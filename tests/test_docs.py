@@ -63,8 +63,16 @@ def code_blocks(doc: Path) -> list[Block]:
         end = next(i for i in range(index + 1, len(lines)) if lines[i].strip() == "```")
         previous = next((lines[i] for i in range(index - 1, -1, -1) if lines[i].strip()), "")
         marker = MARKER.fullmatch(previous.strip())
-        blocks.append(Block(doc, index + 1, fence.group(1), marker.group(1) if marker else None,
-                            marker.group(2) if marker else None, "\n".join(lines[index + 1:end]) + "\n"))  # fmt: skip
+        blocks.append(
+            Block(
+                doc,
+                index + 1,
+                fence.group(1),
+                marker.group(1) if marker else None,
+                marker.group(2) if marker else None,
+                "\n".join(lines[index + 1 : end]) + "\n",
+            )
+        )
         index = end + 1
     return blocks
 
@@ -102,7 +110,7 @@ def recipe_arguments(command: list[str]) -> list[str] | None:
         found = command[1:]
     for index in range(len(command) - 1):
         if command[index] == "-m" and command[index + 1] == "recipe":
-            found = command[index + 2:]
+            found = command[index + 2 :]
     if found is None:
         return None
     return [value for i, value in enumerate(found) if not (value == "..." and i == 1)] if found else found
@@ -148,7 +156,9 @@ def test_render_prompt_help_names_a_test_that_exists():
     from recipe.project import load_project
     from recipe.testcases import load_tests
 
-    help_text = subprocess.run([RECIPE, "render-prompt", "--help"], check=False, capture_output=True, text=True, cwd=ROOT).stdout
+    help_text = subprocess.run(
+        [RECIPE, "render-prompt", "--help"], check=False, capture_output=True, text=True, cwd=ROOT
+    ).stdout
     example = re.search(r"'(e2e_tests/\S+?\.yml)::([^']+)'", " ".join(help_text.split()))
     assert example, help_text
     names = [case.name for file in load_tests([example.group(1)], load_project(ROOT)) for case in file.test_cases]
@@ -177,9 +187,18 @@ def with_port(text: str, port: int) -> str:
 
 
 def run_bash(block_text: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block_text], cwd=cwd, env=env, check=False, capture_output=True,
-                            text=True, timeout=900)  # fmt: skip
-    assert result.returncode == 0, f"{block_text}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block_text],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, (
+        f"{block_text}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -230,8 +249,9 @@ def first_hour(tmp_path_factory):
             text = with_port(block.text, port)
             if block.kind == "serve":
                 (command,) = commands_of(text)
-                server = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True)  # fmt: skip
+                server = subprocess.Popen(
+                    command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
                 wait_for_health(f"http://127.0.0.1:{port}/health", server)
             else:
                 outputs.append(run_bash(text, work, env))
@@ -261,8 +281,14 @@ def test_the_model_card_shows_what_print_vllm_command_prints(first_hour):
     work, _, env, _ = first_hour
     card = (work / "runs" / "smoke" / "README.md").read_text()
     for extra in ([], ["--vllm-adapter"]):
-        printed = subprocess.run([RECIPE, "serve", "--model", "runs/smoke", "--name", "cmdgen", "--print-vllm-command",
-                                  *extra], cwd=work, env=env, capture_output=True, text=True, check=True).stdout.strip()
+        printed = subprocess.run(
+            [RECIPE, "serve", "--model", "runs/smoke", "--name", "cmdgen", "--print-vllm-command", *extra],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert printed and printed in card, printed
     assert "rasa-formats" not in card and "known-weaknesses" not in card, "the card cites files a user does not have"
 
@@ -291,23 +317,61 @@ def test_runtime_snippets_run_against_the_served_model(first_hour, block):
     code = with_port(block.text, port)
     for name, smoke in SMOKE_NAMES.items():
         code = code.replace(name, smoke)
-    code += ("\nassert generator.setup.template.sha256 == info['prompt_template_sha256'], 'the trained template'\n"
-             "print('PROMPT TOKENS', prediction.prompt_tokens)\n")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, check=False, capture_output=True, text=True, timeout=300)
+    code += (
+        "\nassert generator.setup.template.sha256 == info['prompt_template_sha256'], 'the trained template'\n"
+        "print('PROMPT TOKENS', prediction.prompt_tokens)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=work, env=env, check=False, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"{block.where}\n{result.stderr[-3000:]}"
     assert "PROMPT TOKENS" in result.stdout
 
 
 def test_rasa_config_refuses_to_write_into_recipes_own_templates(first_hour):
     work, _, env, _ = first_hour
-    result = subprocess.run([RECIPE, "rasa-config", "--model", str(work / "runs" / "smoke"), "--model-name", "smoke",
-                             "--api-base", "http://127.0.0.1:1/v1", "--write-template", "prompts/cmdgen.jinja2"],
-                            check=False, cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            RECIPE,
+            "rasa-config",
+            "--model",
+            str(work / "runs" / "smoke"),
+            "--model-name",
+            "smoke",
+            "--api-base",
+            "http://127.0.0.1:1/v1",
+            "--write-template",
+            "prompts/cmdgen.jinja2",
+        ],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "recipe's own template folder" in result.stderr
     assert not (ROOT / "prompts" / "cmdgen.jinja2").exists()
-    written = subprocess.run([RECIPE, "rasa-config", "--model", "runs/smoke", "--model-name", "smoke", "--api-base",
-                              "http://127.0.0.1:1/v1", "--project", "assistant", "--write-template", "prompts/cmdgen.jinja2"],
-                             cwd=work, env=env, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    written = subprocess.run(
+        [
+            RECIPE,
+            "rasa-config",
+            "--model",
+            "runs/smoke",
+            "--model-name",
+            "smoke",
+            "--api-base",
+            "http://127.0.0.1:1/v1",
+            "--project",
+            "assistant",
+            "--write-template",
+            "prompts/cmdgen.jinja2",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "prompt_template: prompts/cmdgen.jinja2" in written and "copy" not in written
     assert (work / "assistant" / "prompts" / "cmdgen.jinja2").is_file()
 
@@ -316,9 +380,24 @@ def test_the_teacher_endpoint_gets_the_providers_key(first_hour, monkeypatch):
     from recipe.evaluate import ModelSpec, _api_key, default_api_key_envs
 
     work, _, env, _ = first_hour
-    teacher = subprocess.run([RECIPE, "evaluate", "output/4_train_test_split/e2e_tests/validation", "--endpoint",
-                              "https://api.openai.com/v1", "--endpoint-model", "gpt-4o", "-o", "runs/teacher"],
-                             check=False, cwd=work, env=env, capture_output=True, text=True)  # fmt: skip
+    teacher = subprocess.run(
+        [
+            RECIPE,
+            "evaluate",
+            "output/4_train_test_split/e2e_tests/validation",
+            "--endpoint",
+            "https://api.openai.com/v1",
+            "--endpoint-model",
+            "gpt-4o",
+            "-o",
+            "runs/teacher",
+        ],
+        check=False,
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert teacher.returncode == 2 and "OPENAI_API_KEY" in teacher.stderr and "Traceback" not in teacher.stderr
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     assert _api_key(ModelSpec(endpoint="https://api.openai.com/v1", endpoint_model="gpt-4o")) == "sk-test"
@@ -329,8 +408,9 @@ def test_the_teacher_endpoint_gets_the_providers_key(first_hour, monkeypatch):
 # ---------------------------------------------------------------------------------------------- other docs' runs
 
 
-@pytest.mark.parametrize("doc", [ROOT / "docs" / "serving.md", ROOT / "finetune" / "README.md"],
-                         ids=lambda doc: str(doc.relative_to(ROOT)))  # fmt: skip
+@pytest.mark.parametrize(
+    "doc", [ROOT / "docs" / "serving.md", ROOT / "finetune" / "README.md"], ids=lambda doc: str(doc.relative_to(ROOT))
+)
 def test_run_blocks_of_the_other_docs_run_from_a_fresh_clone(doc, tmp_path):
     blocks = [block for block in code_blocks(doc) if block.kind == "run"]
     assert blocks

@@ -33,8 +33,23 @@ def example(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("assistant")
     for folder in ("flows", "e2e_tests"):
         shutil.copytree(REPO / folder, root / folder)
-    assert main(["prepare-data", str(root / "e2e_tests"), "--project", str(root), "--offline", "--num-rephrases", "0",
-                 "-o", str(root / "out"), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare-data",
+                str(root / "e2e_tests"),
+                "--project",
+                str(root),
+                "--offline",
+                "--num-rephrases",
+                "0",
+                "-o",
+                str(root / "out"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -80,19 +95,36 @@ def _perfect_answers(example: Path, validation: Path) -> dict[str, str]:
 def test_perfect_model_scores_everything(example, validation, gold, tmp_path):
     answers = _perfect_answers(example, validation)
     with ScriptedOpenAIServer(lambda body: answers[prompt_of(body)]) as server:
-        code, report = _evaluate(example, tmp_path, [str(validation)], ["--endpoint", server.base_url,
-                                 "--endpoint-model", "teacher"], "--fail-under", "100%")  # fmt: skip
+        code, report = _evaluate(
+            example,
+            tmp_path,
+            [str(validation)],
+            ["--endpoint", server.base_url, "--endpoint-model", "teacher"],
+            "--fail-under",
+            "100%",
+        )
     assert code == 0
     metrics = _metrics(report)
     assert (metrics["turns"], metrics["correct_turns"], metrics["turn_accuracy"]) == (len(gold), len(gold), 1.0)
     tests = {test for test, _ in gold}
-    assert (metrics["test_cases"], metrics["correct_test_cases"], metrics["test_case_accuracy"]) == (len(tests), len(tests), 1.0)
+    assert (metrics["test_cases"], metrics["correct_test_cases"], metrics["test_case_accuracy"]) == (
+        len(tests),
+        len(tests),
+        1.0,
+    )
     kinds = Counter(command.kind for _, commands in gold for command in commands)
     slot_count = kinds["set slot"]
     assert set(metrics["per_command"]) == set(kinds) | ({NAME_ONLY} if slot_count else set())
     for kind, count in kinds.items():
-        assert metrics["per_command"][kind] == {"tp": count, "fp": 0, "fn": 0, "support": count, "precision": 1.0,
-                                                "recall": 1.0, "f1": 1.0}  # fmt: skip
+        assert metrics["per_command"][kind] == {
+            "tp": count,
+            "fp": 0,
+            "fn": 0,
+            "support": count,
+            "precision": 1.0,
+            "recall": 1.0,
+            "f1": 1.0,
+        }
     assert metrics["per_command"][NAME_ONLY]["tp"] == slot_count
     assert metrics["unparseable_rate"] == 0 and metrics["invalid_command_rate"] == 0 and metrics["errors"] == 0
     assert all(flow["accuracy"] == 1.0 for flow in metrics["per_flow"].values())
@@ -104,8 +136,14 @@ def test_perfect_model_scores_everything(example, validation, gold, tmp_path):
 def test_model_that_always_starts_the_same_flow(example, validation, gold, tmp_path):
     flow = "book_rental_car"
     with ScriptedOpenAIServer(lambda body: f"start flow {flow}") as server:
-        code, report = _evaluate(example, tmp_path, [str(validation)], ["--endpoint", server.base_url,
-                                 "--endpoint-model", "one-trick"], "--fail-under", "0.5")  # fmt: skip
+        code, report = _evaluate(
+            example,
+            tmp_path,
+            [str(validation)],
+            ["--endpoint", server.base_url, "--endpoint-model", "one-trick"],
+            "--fail-under",
+            "0.5",
+        )
     assert code == 1  # below the bar
     metrics = _metrics(report)
     exactly = [test for test, commands in gold if commands == (StartFlow(flow),)]
@@ -116,13 +154,25 @@ def test_model_that_always_starts_the_same_flow(example, validation, gold, tmp_p
     hits = sum(StartFlow(flow) in commands for _, commands in gold)
     assert hits > len(exactly) > 0  # the flow is started alone and with slots: both kinds of turn are covered
     assert metrics["per_command"]["start flow"] == {
-        "tp": hits, "fp": len(gold) - hits, "fn": len(starts) - hits, "support": len(starts),
-        "precision": hits / len(gold), "recall": hits / len(starts), "f1": 2 * hits / (len(gold) + len(starts)),
-    }  # fmt: skip
+        "tp": hits,
+        "fp": len(gold) - hits,
+        "fn": len(starts) - hits,
+        "support": len(starts),
+        "precision": hits / len(gold),
+        "recall": hits / len(starts),
+        "f1": 2 * hits / (len(gold) + len(starts)),
+    }
     others = Counter(c.kind for _, commands in gold for c in commands if not isinstance(c, StartFlow))
     for kind, count in others.items():
-        assert metrics["per_command"][kind] == {"tp": 0, "fp": 0, "fn": count, "support": count,
-                                                "precision": None, "recall": 0.0, "f1": 0.0}  # fmt: skip
+        assert metrics["per_command"][kind] == {
+            "tp": 0,
+            "fp": 0,
+            "fn": count,
+            "support": count,
+            "precision": None,
+            "recall": 0.0,
+            "f1": 0.0,
+        }
     assert metrics["unparseable_rate"] == 0 and metrics["invalid_commands"] == 0
     assert len(metrics["worst_turns"]) == min(10, len(gold) - len(exactly))
 
@@ -132,8 +182,9 @@ def test_model_that_emits_garbage_or_unknown_flows(example, validation, gold, tm
         return "Sure! Let me book that." if len(prompt_of(body)) % 2 else "start flow book_spaceship"
 
     with ScriptedOpenAIServer(answer) as server:
-        code, report = _evaluate(example, tmp_path, [str(validation)], ["--endpoint", server.base_url,
-                                 "--endpoint-model", "garbage"])  # fmt: skip
+        code, report = _evaluate(
+            example, tmp_path, [str(validation)], ["--endpoint", server.base_url, "--endpoint-model", "garbage"]
+        )
         garbage = sum(len(request.prompt) % 2 for request in server.requests)
     assert code == 0  # no --fail-under: a report, not a verdict
     metrics = _metrics(report)
@@ -141,12 +192,20 @@ def test_model_that_emits_garbage_or_unknown_flows(example, validation, gold, tm
     assert metrics["correct_turns"] == 0 and metrics["correct_test_cases"] == 0
     assert metrics["unparseable_turns"] == garbage
     assert metrics["unparseable_rate"] == garbage / len(gold)
-    assert metrics["invalid_commands"] == metrics["emitted_commands"] == metrics["hallucinated_flows"] == len(gold) - garbage
+    assert (
+        metrics["invalid_commands"]
+        == metrics["emitted_commands"]
+        == metrics["hallucinated_flows"]
+        == len(gold) - garbage
+    )
     assert metrics["invalid_command_rate"] == 1.0
     kinds = Counter(c.kind for _, commands in gold for c in commands)
     for kind, count in kinds.items():
-        assert (metrics["per_command"][kind]["tp"], metrics["per_command"][kind]["fp"],
-                metrics["per_command"][kind]["fn"]) == (0, 0, count)  # fmt: skip
+        assert (
+            metrics["per_command"][kind]["tp"],
+            metrics["per_command"][kind]["fp"],
+            metrics["per_command"][kind]["fn"],
+        ) == (0, 0, count)
     worst = metrics["worst_turns"][0]
     assert worst["raw_answer"] in ("Sure! Let me book that.", "start flow book_spaceship") and worst["dropped"]
 
@@ -155,8 +214,11 @@ HAND_ROWS = [
     ("P1", "start flow book_hotel\nset slot hotel_city Lisbon", "start flow book_hotel\nset slot hotel_city lisbon"),
     ("P2", "set slot num_nights 3", "set slot num_nights 4"),
     ("P3", "cancel flow", "cancel flow\nofftopic"),
-    ("P4", "disambiguate flows book_hotel book_rental_car",
-     "disambiguate flows book_rental_car book_hotel\nstart flow book_spaceship"),
+    (
+        "P4",
+        "disambiguate flows book_hotel book_rental_car",
+        "disambiguate flows book_rental_car book_hotel\nstart flow book_spaceship",
+    ),
 ]  # (prompt, expected completion, what the model answers)
 
 
@@ -165,8 +227,9 @@ def test_hand_computed_val_rows(example, tmp_path):
     rows.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c, _ in HAND_ROWS))
     answers = {p: a for p, _, a in HAND_ROWS}
     with ScriptedOpenAIServer(lambda body: Reply.text(answers[prompt_of(body)], completion_tokens=5)) as server:
-        code, report = _evaluate(example, tmp_path / "out", [str(rows)], ["--endpoint", server.base_url,
-                                 "--endpoint-model", "student"])  # fmt: skip
+        code, report = _evaluate(
+            example, tmp_path / "out", [str(rows)], ["--endpoint", server.base_url, "--endpoint-model", "student"]
+        )
     assert code == 0
     m = _metrics(report)
     # Row 1 is right (values compare case-folded), 2 has a wrong value, 3 has an extra line that is not a command
@@ -182,11 +245,16 @@ def test_hand_computed_val_rows(example, tmp_path):
     assert per[NAME_ONLY] == {"tp": 2, "fp": 0, "fn": 0, "support": 2, "precision": 1.0, "recall": 1.0, "f1": 1.0}
     assert per["cancel flow"]["tp"] == per["clarify"]["tp"] == 1
     assert set(per) == {"start flow", "set slot", NAME_ONLY, "cancel flow", "clarify"}
-    assert m["per_flow"] == {"(no flow)": {"turns": 3, "correct": 2, "accuracy": 2 / 3},
-                             "book_hotel": {"turns": 1, "correct": 1, "accuracy": 1.0}}  # fmt: skip
+    assert m["per_flow"] == {
+        "(no flow)": {"turns": 3, "correct": 2, "accuracy": 2 / 3},
+        "book_hotel": {"turns": 1, "correct": 1, "accuracy": 1.0},
+    }
     [worst] = m["worst_turns"]
-    assert (worst["id"], worst["expected"], worst["predicted"]) == ("val.jsonl:2", "set slot num_nights 3",
-                                                                   "set slot num_nights 4")  # fmt: skip
+    assert (worst["id"], worst["expected"], worst["predicted"]) == (
+        "val.jsonl:2",
+        "set slot num_nights 3",
+        "set slot num_nights 4",
+    )
     latency = m["latency"]
     assert latency["completion_tokens"] == 20 and len(latency["per_turn_s"]) == 4
     assert latency["tokens_per_second"] == pytest.approx(20 / sum(latency["per_turn_s"]))
@@ -196,14 +264,38 @@ def test_hand_computed_val_rows(example, tmp_path):
 
 def test_side_by_side_report_files(example, tmp_path):
     rows = tmp_path / "val.jsonl"
-    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]})
-                            + "\n" for p, c, _ in HAND_ROWS))  # fmt: skip
+    rows.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]}) + "\n"
+            for p, c, _ in HAND_ROWS
+        )
+    )
     answers = {p: c for p, c, _ in HAND_ROWS}
-    with ScriptedOpenAIServer(lambda body: answers[prompt_of(body)]) as teacher, \
-            ScriptedOpenAIServer(lambda body: "offtopic reply") as student:  # fmt: skip
-        code, report = _evaluate(example, tmp_path / "out", [str(rows)], [
-            "--endpoint", teacher.base_url, "--endpoint-model", "gpt-4o", "--label", "teacher",
-            "--endpoint", student.base_url, "--endpoint-model", "cmdgen", "--label", "student"], "--fail-under", "0.9")
+    with (
+        ScriptedOpenAIServer(lambda body: answers[prompt_of(body)]) as teacher,
+        ScriptedOpenAIServer(lambda body: "offtopic reply") as student,
+    ):
+        code, report = _evaluate(
+            example,
+            tmp_path / "out",
+            [str(rows)],
+            [
+                "--endpoint",
+                teacher.base_url,
+                "--endpoint-model",
+                "gpt-4o",
+                "--label",
+                "teacher",
+                "--endpoint",
+                student.base_url,
+                "--endpoint-model",
+                "cmdgen",
+                "--label",
+                "student",
+            ],
+            "--fail-under",
+            "0.9",
+        )
     assert code == 1  # the student is below 90 %
     assert [model["label"] for model in report["models"]] == ["teacher", "student"]
     assert _metrics(report, 0)["turn_accuracy"] == 1.0 and _metrics(report, 1)["turn_accuracy"] == 0.0
@@ -222,8 +314,16 @@ def test_local_model_over_val_rows(example, tmp_path):
     rows = example / "out" / "4_train_test_split" / "ft_splits" / "val.jsonl"
     subset = tmp_path / "val3.jsonl"
     subset.write_text("".join(rows.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
-    code, report = _evaluate(example, tmp_path / "out", [str(subset)], ["--model", str(model), "--label", "tiny"],
-                             "--max-tokens", "8", "--threads", "1")  # fmt: skip
+    code, report = _evaluate(
+        example,
+        tmp_path / "out",
+        [str(subset)],
+        ["--model", str(model), "--label", "tiny"],
+        "--max-tokens",
+        "8",
+        "--threads",
+        "1",
+    )
     assert code == 0
     m = _metrics(report)
     assert m["turns"] == 3 and m["correct_turns"] == 0 and m["unparseable_rate"] == 1.0  # untrained: garbage
@@ -242,17 +342,33 @@ def test_assertion_derived_turns_only_on_request(example, tmp_path, capsys):
     assert code == 0 and report["case_sources"] == {"assertions": _metrics(report)["turns"]}
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    ([], "no model to evaluate"),
-    (["--endpoint", "http://127.0.0.1:9/v1"], "--endpoint-model"),
-    (["--model", "/no/such/model"], "model folder not found"),
-    (["--endpoint", "http://127.0.0.1:9/v1", "--endpoint-model", "a", "--fail-under", "1.5"], "between 0 and 1"),
-    (["--endpoint", "http://a/v1", "--endpoint-model", "m", "--endpoint", "http://b/v1", "--endpoint-model", "m"],
-     "share a label"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "no model to evaluate"),
+        (["--endpoint", "http://127.0.0.1:9/v1"], "--endpoint-model"),
+        (["--model", "/no/such/model"], "model folder not found"),
+        (["--endpoint", "http://127.0.0.1:9/v1", "--endpoint-model", "a", "--fail-under", "1.5"], "between 0 and 1"),
+        (
+            [
+                "--endpoint",
+                "http://a/v1",
+                "--endpoint-model",
+                "m",
+                "--endpoint",
+                "http://b/v1",
+                "--endpoint-model",
+                "m",
+            ],
+            "share a label",
+        ),
+    ],
+)
 def test_command_line_mistakes(example, tmp_path, capsys, argv, message):
-    assert main(["evaluate", str(example / "e2e_tests" / "hotels"), "--project", str(example), "-o", str(tmp_path),
-                 *argv]) == 2  # fmt: skip
+    assert (
+        main(["evaluate", str(example / "e2e_tests" / "hotels"), "--project", str(example), "-o", str(tmp_path), *argv])
+        == 2
+    )
     assert message in capsys.readouterr().err
 
 
@@ -268,8 +384,9 @@ def test_model_options_must_follow_their_model(capsys):
 def test_unreachable_endpoint_stops_the_run(example, tmp_path, capsys):
     with ScriptedOpenAIServer(lambda body: "x") as server:
         dead = server.base_url
-    code, _ = _evaluate(example, tmp_path, [str(example / "e2e_tests" / "hotels")], ["--endpoint", dead,
-                        "--endpoint-model", "m"])  # fmt: skip
+    code, _ = _evaluate(
+        example, tmp_path, [str(example / "e2e_tests" / "hotels")], ["--endpoint", dead, "--endpoint-model", "m"]
+    )
     assert code == 2 and "cannot connect" in capsys.readouterr().err
 
 
@@ -281,8 +398,12 @@ def test_percentile_interpolates_like_numpy():
 
 def test_bad_val_rows_are_errors_at_their_line(example, tmp_path, capsys):
     rows = tmp_path / "val.jsonl"
-    rows.write_text(json.dumps({"prompt": "p", "completion": "start flow book_hotel"}) + "\n"
-                    + json.dumps({"prompt": "q", "completion": "book it!"}) + "\n")  # fmt: skip
+    rows.write_text(
+        json.dumps({"prompt": "p", "completion": "start flow book_hotel"})
+        + "\n"
+        + json.dumps({"prompt": "q", "completion": "book it!"})
+        + "\n"
+    )
     models = ["--endpoint", "http://127.0.0.1:9/v1", "--endpoint-model", "m"]
     assert _evaluate(example, tmp_path / "out", [str(rows)], models)[0] == 2
     assert f"{rows}:2: completion line `book it!` is not a command" in capsys.readouterr().err
@@ -292,18 +413,30 @@ def test_bad_val_rows_are_errors_at_their_line(example, tmp_path, capsys):
 
 def test_float_slots_compare_as_numbers_other_slots_as_text(example, tmp_path):
     rows = tmp_path / "llm_ft_data.jsonl"  # prepare-data's {"prompt", "output"} rows: output is the completion
-    rows.write_text(json.dumps({"prompt": "F1", "output": "set slot num_nights 3", "id": "a"}) + "\n"
-                    + json.dumps({"prompt": "F2", "output": "set slot car_pickup_city 3"}) + "\n")  # fmt: skip
+    rows.write_text(
+        json.dumps({"prompt": "F1", "output": "set slot num_nights 3", "id": "a"})
+        + "\n"
+        + json.dumps({"prompt": "F2", "output": "set slot car_pickup_city 3"})
+        + "\n"
+    )
     answers = {"F1": "set slot num_nights 3.0", "F2": "set slot car_pickup_city 3.0"}
     with ScriptedOpenAIServer(lambda body: answers[prompt_of(body)]) as server:
-        code, report = _evaluate(example, tmp_path / "out", [str(rows)], ["--endpoint", server.base_url,
-                                 "--endpoint-model", "m"])  # fmt: skip
+        code, report = _evaluate(
+            example, tmp_path / "out", [str(rows)], ["--endpoint", server.base_url, "--endpoint-model", "m"]
+        )
     assert code == 0
     m = _metrics(report)
     assert (m["turns"], m["correct_turns"]) == (2, 1)  # 3 == 3.0 for the float slot; "3" != "3.0" for the text slot
     assert [turn["id"] for turn in m["worst_turns"]] == ["llm_ft_data.jsonl:2"]
-    assert m["per_command"]["set slot"] == {"tp": 1, "fp": 1, "fn": 1, "support": 2, "precision": 0.5, "recall": 0.5,
-                                            "f1": 0.5}  # fmt: skip
+    assert m["per_command"]["set slot"] == {
+        "tp": 1,
+        "fp": 1,
+        "fn": 1,
+        "support": 2,
+        "precision": 0.5,
+        "recall": 0.5,
+        "f1": 0.5,
+    }
 
 
 def test_left_out_derived_turns_are_counted_in_the_report(example, validation, tmp_path, capsys):
@@ -316,8 +449,14 @@ def test_left_out_derived_turns_are_counted_in_the_report(example, validation, t
         code, report = _evaluate(example, tmp_path / "b", [hotels, e2e], models)
     turns = _metrics(derived)["turns"]
     tests = _metrics(derived)["test_cases"]
-    assert code == 0 and report["left_out"] == {"turns": turns, "test_cases": tests, "reason": "assertions",
-                                                "payload_turns": 3, "nlu_turns": 0, "rasa_version_turns": 0}  # hotel buttons
+    assert code == 0 and report["left_out"] == {
+        "turns": turns,
+        "test_cases": tests,
+        "reason": "assertions",
+        "payload_turns": 3,
+        "nlu_turns": 0,
+        "rasa_version_turns": 0,
+    }  # hotel buttons
     line = f"left out {turns} turn(s) ({tests} test case(s) entirely) whose commands are derived"
     assert line in capsys.readouterr().out
     markdown = (tmp_path / "b" / "report.md").read_text(encoding="utf-8")
@@ -343,8 +482,14 @@ def test_template_flag_with_jsonl_and_no_datetime_against_training(example, tmp_
     other = tmp_path / "other.jinja2"
     other.write_text("{{ user_message }}", encoding="utf-8")
     with ScriptedOpenAIServer(lambda body: "cancel flow") as server:
-        code, report = _evaluate(example, tmp_path / "out", [str(rows)], ["--endpoint", server.base_url,
-                                 "--endpoint-model", "m"], "--prompt-template", str(other))  # fmt: skip
+        code, report = _evaluate(
+            example,
+            tmp_path / "out",
+            [str(rows)],
+            ["--endpoint", server.base_url, "--endpoint-model", "m"],
+            "--prompt-template",
+            str(other),
+        )
     assert code == 0 and _metrics(report)["correct_turns"] == 1 and not report["models"][0]["warnings"]
     assert "--prompt-template is ignored for .jsonl inputs" in capsys.readouterr().err
 
@@ -352,6 +497,15 @@ def test_template_flag_with_jsonl_and_no_datetime_against_training(example, tmp_
     model = finetuned_folder(tmp_path / "models", template)
     info_file = model / "recipe_training_info.json"
     info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "include_date_time": True}))
-    code, _ = _evaluate(example, tmp_path / "out2", [str(rows)], ["--model", str(model)], "--no-datetime",
-                        "--max-tokens", "1", "--threads", "1")  # fmt: skip
+    code, _ = _evaluate(
+        example,
+        tmp_path / "out2",
+        [str(rows)],
+        ["--model", str(model)],
+        "--no-datetime",
+        "--max-tokens",
+        "1",
+        "--threads",
+        "1",
+    )
     assert code == 0 and "prompts will differ from training" in capsys.readouterr().err

@@ -30,6 +30,7 @@ REPEATS = 6
 EPOCHS = 6
 END_TOKEN = "<|im_end|>"
 
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
@@ -37,7 +38,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def as_messages(row: dict) -> dict:
-    return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
+    return {
+        "messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    }
 
 
 def run_cli(*argv: str) -> int:
@@ -165,14 +168,25 @@ def test_outputs_card_and_training_info(trained, splits, tiny):
     assert (training["backend"], training["quantization"], training["prompt_format"]) == ("hf", "none", "chat")
     assert training["end_token"] == END_TOKEN
     assert training["data"]["train"]["rows"] == dataset_info["num_train_rows"]
-    assert None not in (training["final_losses"]["train_last"], training["final_losses"]["train_run_mean"],
-                        training["final_losses"]["val"])
+    assert None not in (
+        training["final_losses"]["train_last"],
+        training["final_losses"]["train_run_mean"],
+        training["final_losses"]["val"],
+    )
     assert training["throughput"]["tokens_per_second"] > 0
     assert 0 <= training["throughput"]["padding_share"] < 1
     assert {"torch", "transformers", "trl", "peft"} <= training["versions"].keys()
 
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
-                 "merged/config.json", "merged/model.safetensors", "merged/tokenizer.json", "checkpoints"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "merged/config.json",
+        "merged/model.safetensors",
+        "merged/tokenizer.json",
+        "checkpoints",
+    ):
         assert (trained / name).exists(), name
     assert (trained / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_lines = (trained / "training_log.csv").read_text().splitlines()
@@ -180,8 +194,15 @@ def test_outputs_card_and_training_info(trained, splits, tiny):
     assert len(csv_lines) - 1 == max(entry["step"] for entry in json.loads((trained / "training_log.json").read_text()))
 
     card = (trained / "README.md").read_text()
-    for fact in (dataset_info["prompt_template_sha256"], dataset_info["prompt_template_text"], "| command syntax | v2 |",
-                 "| LoRA r / alpha / dropout | 16 / 16 / 0.0 |", "| train rows | 24 |", "trl", "--max-lora-rank 16"):
+    for fact in (
+        dataset_info["prompt_template_sha256"],
+        dataset_info["prompt_template_text"],
+        "| command syntax | v2 |",
+        "| LoRA r / alpha / dropout | 16 / 16 / 0.0 |",
+        "| train rows | 24 |",
+        "trl",
+        "--max-lora-rank 16",
+    ):
         assert fact in card, fact
 
 
@@ -204,8 +225,23 @@ def test_resume_continues_from_the_last_checkpoint(trained, tmp_path, cpu_config
     copy = tmp_path / "resumed"
     shutil.copytree(trained, copy)
     before = training_info(copy)["training"]
-    assert run_cli("--config", str(cpu_config), "--data", before["data"]["train_file"], before["data"]["val_file"],
-                   "--model", before["base_model"], "-o", str(copy), "--resume", "--epochs", str(EPOCHS + 1)) == 0
+    assert (
+        run_cli(
+            "--config",
+            str(cpu_config),
+            "--data",
+            before["data"]["train_file"],
+            before["data"]["val_file"],
+            "--model",
+            before["base_model"],
+            "-o",
+            str(copy),
+            "--resume",
+            "--epochs",
+            str(EPOCHS + 1),
+        )
+        == 0
+    )
     after = training_info(copy)["training"]
     # One more epoch was trained, not seven: exactly one pass over the training tokens.
     assert after["throughput"]["train_tokens"] == before["data"]["train"]["total_tokens"]
@@ -216,8 +252,20 @@ def test_resume_continues_from_the_last_checkpoint(trained, tmp_path, cpu_config
 
 
 def test_resume_without_a_checkpoint_is_a_user_error(tiny, splits, cpu_config, tmp_path, capsys):
-    assert run_cli("--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o",
-                   str(tmp_path / "new"), "--resume") == 2
+    assert (
+        run_cli(
+            "--config",
+            str(cpu_config),
+            "--data",
+            str(splits),
+            "--model",
+            str(tiny),
+            "-o",
+            str(tmp_path / "new"),
+            "--resume",
+        )
+        == 2
+    )
     assert "no checkpoint" in capsys.readouterr().err
 
 
@@ -245,7 +293,7 @@ def test_label_mask_covers_exactly_the_completion_and_end_token(row_format, rows
         trained_positions = [i for i, label in enumerate(labels) if label != -100]
         # one block at the very end: the prompt is never trained, nothing follows the end token
         assert trained_positions == list(range(len(labels) - len(trained_positions), len(labels)))
-        assert [labels[i] for i in trained_positions] == example["input_ids"][-len(trained_positions):]
+        assert [labels[i] for i in trained_positions] == example["input_ids"][-len(trained_positions) :]
         decoded.append(tokenizer.decode([labels[i] for i in trained_positions]))
     assert sorted(decoded) == expected
 
@@ -265,9 +313,30 @@ def test_distributed_data_parallel_run_on_two_cpu_processes(tiny, rows, cpu_conf
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "recipe", "finetune", "--config", str(cpu_config), "--data", str(data_file), "--model", str(tiny),
-               "-o", str(out), "--epochs", "1", "--batch-size", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "recipe",
+        "finetune",
+        "--config",
+        str(cpu_config),
+        "--data",
+        str(data_file),
+        "--model",
+        str(tiny),
+        "-o",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     if finished.returncode != 0 and "terminate called without an active exception" in finished.stderr:
         # Seen once in ~30 runs on a loaded 2-core machine, before finetune tore the process group down at the end
@@ -289,8 +358,22 @@ def test_distributed_data_parallel_run_on_two_cpu_processes(tiny, rows, cpu_conf
 def test_8bit_bitsandbytes_load_and_lora_training_on_cpu(tiny, splits, cpu_config, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "int8"
-    assert run_cli("--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o", str(out),
-                   "--load-in-8bit", "--epochs", "1") == 0
+    assert (
+        run_cli(
+            "--config",
+            str(cpu_config),
+            "--data",
+            str(splits),
+            "--model",
+            str(tiny),
+            "-o",
+            str(out),
+            "--load-in-8bit",
+            "--epochs",
+            "1",
+        )
+        == 0
+    )
     training = training_info(out)["training"]
     assert training["quantization"] == "8bit"
     assert training["quantization_check"].startswith("14 of 14 LoRA target layers are Linear8bitLt")
@@ -322,8 +405,21 @@ def test_ignored_8bit_flag_is_detected_and_falls_back(tiny, splits, tmp_path, mo
 
 def test_a_row_longer_than_max_length_is_an_error_naming_it(tiny, splits, cpu_config, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_cli("--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o", str(out),
-                   "--max-length", "40") == 2  # shorter than every row
+    assert (
+        run_cli(
+            "--config",
+            str(cpu_config),
+            "--data",
+            str(splits),
+            "--model",
+            str(tiny),
+            "-o",
+            str(out),
+            "--max-length",
+            "40",
+        )
+        == 2
+    )  # shorter than every row
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"{splits / 'train.jsonl'}:1: row is ")
     assert "longer than max_length 40" in error and "more rows are too long" in error
@@ -333,8 +429,12 @@ def test_a_row_longer_than_max_length_is_an_error_naming_it(tiny, splits, cpu_co
 def test_malformed_row_is_an_error_at_its_line(tiny, tmp_path, cpu_config, capsys, rows):
     data_file = tmp_path / "train.jsonl"
     data_file.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "p", "completion": ""}) + "\n")
-    assert run_cli("--config", str(cpu_config), "--data", str(data_file), "--model", str(tiny), "-o",
-                   str(tmp_path / "out")) == 2
+    assert (
+        run_cli(
+            "--config", str(cpu_config), "--data", str(data_file), "--model", str(tiny), "-o", str(tmp_path / "out")
+        )
+        == 2
+    )
     assert capsys.readouterr().err.strip() == f"{data_file}:2: empty completion: nothing to learn"
 
 
@@ -351,8 +451,21 @@ def test_unsloth_backend_without_a_gpu_is_a_clear_error(tiny, splits, cpu_config
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert run_cli("--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o",
-                   str(tmp_path / "out"), "--backend", "unsloth") == 2
+    assert (
+        run_cli(
+            "--config",
+            str(cpu_config),
+            "--data",
+            str(splits),
+            "--model",
+            str(tiny),
+            "-o",
+            str(tmp_path / "out"),
+            "--backend",
+            "unsloth",
+        )
+        == 2
+    )
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
@@ -362,8 +475,10 @@ def test_remote_output_without_the_cloud_extra_fails_before_training(tiny, split
         pytest.skip("gcsfs is installed: this would reach the network")
     except metadata.PackageNotFoundError:
         pass
-    assert run_cli("--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o",
-                   "gs://bucket/cmdgen") == 2
+    assert (
+        run_cli("--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o", "gs://bucket/cmdgen")
+        == 2
+    )
     assert "gcsfs" in capsys.readouterr().err
 
 
@@ -391,12 +506,32 @@ def test_cli_flags_override_the_yaml_which_overrides_the_defaults(tmp_path):
     yaml_path = tmp_path / "mine.yaml"
     yaml_path.write_text("lora_r: 8\nlearning_rate: 1.0e-3\nmerge: true\n")
     args = build_parser().parse_args(
-        ["finetune", "--config", str(yaml_path), "--data", "a.jsonl", "b.jsonl", "-o", "out", "--lora-r", "4",
-         "--no-quantization", "--lora-target-modules", "q_proj", "v_proj", "--epochs", "2"]
+        [
+            "finetune",
+            "--config",
+            str(yaml_path),
+            "--data",
+            "a.jsonl",
+            "b.jsonl",
+            "-o",
+            "out",
+            "--lora-r",
+            "4",
+            "--no-quantization",
+            "--lora-target-modules",
+            "q_proj",
+            "v_proj",
+            "--epochs",
+            "2",
+        ]
     )
     config = config_from_args(args)
     assert (config.lora_r, config.learning_rate, config.lora_alpha) == (4, 1e-3, FinetuneConfig().lora_alpha)
-    assert (config.quantization, config.lora_target_modules, config.num_train_epochs) == ("none", ["q_proj", "v_proj"], 2.0)
+    assert (config.quantization, config.lora_target_modules, config.num_train_epochs) == (
+        "none",
+        ["q_proj", "v_proj"],
+        2.0,
+    )
     assert (config.data, config.val_data, config.output_dir, config.merge) == ("a.jsonl", "b.jsonl", "out", True)
 
 
@@ -413,7 +548,9 @@ def test_config_yaml_documents_exactly_the_built_in_defaults():
 def test_config_mistakes_are_reported_at_their_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("lora_r: 8\nlearning_rat: 1.0e-3\n")
-    with pytest.raises(InputError, match=r"bad.yaml:2: unknown config field 'learning_rat'; did you mean 'learning_rate'"):
+    with pytest.raises(
+        InputError, match=r"bad.yaml:2: unknown config field 'learning_rat'; did you mean 'learning_rate'"
+    ):
         FinetuneConfig.from_sources(path)
     path.write_text("lora_r: eight\n")
     with pytest.raises(InputError, match=r"bad.yaml:1: lora_r: expected an integer"):
@@ -426,8 +563,10 @@ def test_config_mistakes_are_reported_at_their_line(tmp_path):
 
 
 def test_cli_module_does_not_import_torch():
-    code = ("import sys; from recipe.cli import build_parser; build_parser(); "
-            "sys.exit(bool({'torch', 'transformers', 'trl'} & set(sys.modules)))")
+    code = (
+        "import sys; from recipe.cli import build_parser; build_parser(); "
+        "sys.exit(bool({'torch', 'transformers', 'trl'} & set(sys.modules)))"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
@@ -448,24 +587,35 @@ def test_empty_val_file_trains_without_validation_with_one_warning(tiny, rows, c
     write_jsonl(splits / "train.jsonl", [rows[index] for index in OVERFIT_ROWS])
     (splits / "val.jsonl").write_text("")
     out = tmp_path / "out"
-    assert run_cli("--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o", str(out),
-                   "--epochs", "1") == 0
-    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"
-                and "without validation" in record.getMessage()]
+    assert (
+        run_cli(
+            "--config", str(cpu_config), "--data", str(splits), "--model", str(tiny), "-o", str(out), "--epochs", "1"
+        )
+        == 0
+    )
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelname == "WARNING" and "without validation" in record.getMessage()
+    ]
     assert warnings == [f"{splits / 'val.jsonl'} is empty: training without validation"]
     # The final line names which train loss it is; without validation the val loss is n/a.
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("finetuned "))
     losses = training_info(out)["training"]["final_losses"]
-    assert line.endswith(f"last train loss {losses['train_last']:.4f} (run mean {losses['train_run_mean']:.4f}), "
-                         "val loss n/a")
+    assert line.endswith(
+        f"last train loss {losses['train_last']:.4f} (run mean {losses['train_run_mean']:.4f}), val loss n/a"
+    )
     log = json.loads((out / "training_log.json").read_text())
     assert losses["train_run_mean"] == next(entry["train_loss"] for entry in log if "train_loss" in entry)
     assert losses["train_last"] == [entry["loss"] for entry in log if "loss" in entry][-1]
     assert losses["val"] is None and not any("eval_loss" in entry for entry in log)
     card = (out / "README.md").read_text()
-    for fact in (f"| last logged train loss | {losses['train_last']:.4f} |",
-                 f"| mean train loss over the run | {losses['train_run_mean']:.4f} |",
-                 "| final val loss | none (no validation rows) |", "| val rows | none |"):
+    for fact in (
+        f"| last logged train loss | {losses['train_last']:.4f} |",
+        f"| mean train loss over the run | {losses['train_run_mean']:.4f} |",
+        "| final val loss | none (no validation rows) |",
+        "| val rows | none |",
+    ):
         assert fact in card, fact
 
 
@@ -475,14 +625,17 @@ def test_missing_validation_warnings_say_what_is_missing(tmp_path):
     folder = tmp_path / "ft_splits"
     train = write_jsonl(folder / "train.jsonl", [{"prompt": "p", "completion": "c"}])
     assert data.validation_warning(data.resolve_data_files(str(folder), None), 0) == (
-        f"no val.jsonl in {folder}: training without validation")
+        f"no val.jsonl in {folder}: training without validation"
+    )
     assert data.validation_warning(data.resolve_data_files(str(train), None), 0) == (
-        "no validation file given (--data TRAIN.jsonl VAL.jsonl): training without validation")
+        "no validation file given (--data TRAIN.jsonl VAL.jsonl): training without validation"
+    )
     (folder / "val.jsonl").write_text("")
     # --data train.jsonl does not pick up the val.jsonl beside it: the warning says so instead of "no val.jsonl".
     assert data.validation_warning(data.resolve_data_files(str(train), None), 0) == (
         f"no validation file given ({folder / 'val.jsonl'} is not used: give it as the second --data path): "
-        "training without validation")
+        "training without validation"
+    )
     files = data.resolve_data_files(str(train), str(folder / "val.jsonl"))
     assert data.read_examples(files.val, allow_empty=True) == []
     assert data.validation_warning(files, 0) == f"{folder / 'val.jsonl'} is empty: training without validation"
@@ -497,7 +650,8 @@ def test_a_model_path_that_does_not_exist_is_a_one_line_error(model, splits, tmp
     assert run_cli("--data", str(splits), "--model", model, "-o", str(out)) == 2
     assert capsys.readouterr().err.strip() == (
         f"--model {model}: folder not found; expected a local model folder, a .gguf file or a hub id like "
-        "meta-llama/Llama-3.1-8B-Instruct")
+        "meta-llama/Llama-3.1-8B-Instruct"
+    )
     assert not out.exists()  # checked before the output folder, tokenizer or model
     for hub_id in ("meta-llama/Llama-3.1-8B-Instruct", "gpt2"):
         FinetuneConfig(data="d", output_dir="o", model=hub_id).validate()  # hub ids pass unchecked
@@ -507,8 +661,10 @@ def test_help_states_each_flag_default_or_that_it_is_required(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "-o DIR, --output-dir DIR output folder, or gs://... / s3://... to upload there (needs the [cloud] " \
-           "extra) (required, here or as output_dir: in --config; no default)" in help_text
+    assert (
+        "-o DIR, --output-dir DIR output folder, or gs://... / s3://... to upload there (needs the [cloud] "
+        "extra) (required, here or as output_dir: in --config; no default)" in help_text
+    )
     finetune_parser = build_parser()._subparsers._group_actions[0].choices["finetune"]
     for action in finetune_parser._actions:
         if action.dest == "help":

@@ -27,8 +27,11 @@ def test_lora_dropout_defaults_to_zero_on_unsloth_and_to_005_on_hf():
 
 def test_run_mean_after_resume_covers_the_steps_this_run_summed():
     # 10 steps; resumed at step 6: the trainer summed steps 7-10 (loss 1.0 each) and divided by 10, not 4.
-    log = [{"loss": 2.0, "step": 5, "epoch": 0.5}, {"loss": 1.0, "step": 10, "epoch": 1.0},
-           {"train_loss": 0.4, "step": 10, "epoch": 1.0}]  # fmt: skip
+    log = [
+        {"loss": 2.0, "step": 5, "epoch": 0.5},
+        {"loss": 1.0, "step": 10, "epoch": 1.0},
+        {"train_loss": 0.4, "step": 10, "epoch": 1.0},
+    ]
     assert final_loss_values(log)["train_run_mean"] == 0.4  # a fresh run: the trainer's own mean
     resumed = final_loss_values(log, resumed_from_step=6)
     assert resumed["train_run_mean"] == pytest.approx(1.0) and resumed["train_last"] == 1.0

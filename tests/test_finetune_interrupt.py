@@ -29,9 +29,13 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def interrupt(command: list[str], out: Path, when) -> tuple[int, str]:
     """Run `command`, send SIGINT once `when(out)` holds, and return its exit code and stderr."""
-    process = subprocess.Popen([sys.executable, "-m", "recipe", *command], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "recipe", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while not when(out):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]

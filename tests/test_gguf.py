@@ -72,8 +72,29 @@ def test_finetune_evaluate_path_on_the_gguf_model(converted, tmp_path):
     (splits / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     (splits / "val.jsonl").write_text("", encoding="utf-8")
     out = tmp_path / "run"
-    assert main(["finetune", "--data", str(splits), "--model", str(GGUF), "-o", str(out), "--no-quantization",
-                 "--epochs", "1", "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "--data",
+                str(splits),
+                "--model",
+                str(GGUF),
+                "-o",
+                str(out),
+                "--no-quantization",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--grad-accum",
+                "1",
+                "--lr",
+                "1e-3",
+            ]
+        )
+        == 0
+    )
     training = json.loads((out / "recipe_training_info.json").read_text(encoding="utf-8"))["training"]
     assert training["base_model_requested"] == str(GGUF) and training["base_model"] == str(converted)
     assert training["end_token"] == "<|im_end|>" and training["hyperparameters"]["lora_dropout"] == 0.05
@@ -81,7 +102,9 @@ def test_finetune_evaluate_path_on_the_gguf_model(converted, tmp_path):
     assert adapter["base_model_name_or_path"] == str(converted)
     finetuned = LocalModelBackend(out, max_new_tokens=24, threads=2)
     base = LocalModelBackend(GGUF, max_new_tokens=24, threads=2)
-    assert finetuned.finetuned.stop_ids == base.finetuned.stop_ids == [base.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert (
+        finetuned.finetuned.stop_ids == base.finetuned.stop_ids == [base.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    )
     answer = base.complete("Reply with the single word: yes")
     assert answer.completion_tokens <= 24 and answer.text.strip()
     again = base.complete("Reply with the single word: yes")

@@ -61,20 +61,44 @@ def test_language_follows_the_project(project, grammars):
     grammar = grammars[Syntax.V2]
     link_only = {flow.id for flow in project.user_flows if flow.guard == "False"}
     assert link_only == {"offer_travel_insurance", "collect_driver_details"}  # reached only by link or call
-    assert list(grammar.flows) == startable_flow_ids(project) == [f.id for f in project.user_flows if f.id not in link_only]
+    assert (
+        list(grammar.flows)
+        == startable_flow_ids(project)
+        == [f.id for f in project.user_flows if f.id not in link_only]
+    )
     assert "book_hotel" in grammar.flows and "greet" in grammar.flows
     assert not any(flow.startswith("pattern_") for flow in grammar.flows)
     assert "user_logged_in" not in grammar.slots and "car_available" not in grammar.slots  # controlled slots
     assert "hotel_city" in grammar.slots and "room_type" in grammar.slots
-    accepted = ["start flow book_hotel", "set slot room_type suite", "set slot num_nights 3",
-                "set slot confirm_hotel_booking True", "set slot hotel_city New York", "cancel flow",
-                "disambiguate flows book_hotel book_rental_car", "start flow greet\nset slot hotel_city Porto"]  # fmt: skip
-    rejected = ["start flow offer_travel_insurance", "start flow pattern_chitchat", "set slot room_type huge",
-                "set slot num_nights three", "set slot user_logged_in True", "Start flow book_hotel",
-                "start flow book_hotel ", "start flow book_hotel\n", "", "set slot hotel_city ",
-                "set slot hotel_city " + "x" * MAX_TEXT_VALUE + "y", "disambiguate flows book_hotel",
-                "set slot hotel_city a\nb", "set slot hotel_city a\u2028b", "set slot hotel_city a\x85b",
-                "StartFlow(book_hotel)", "search and reply"]  # fmt: skip
+    accepted = [
+        "start flow book_hotel",
+        "set slot room_type suite",
+        "set slot num_nights 3",
+        "set slot confirm_hotel_booking True",
+        "set slot hotel_city New York",
+        "cancel flow",
+        "disambiguate flows book_hotel book_rental_car",
+        "start flow greet\nset slot hotel_city Porto",
+    ]
+    rejected = [
+        "start flow offer_travel_insurance",
+        "start flow pattern_chitchat",
+        "set slot room_type huge",
+        "set slot num_nights three",
+        "set slot user_logged_in True",
+        "Start flow book_hotel",
+        "start flow book_hotel ",
+        "start flow book_hotel\n",
+        "",
+        "set slot hotel_city ",
+        "set slot hotel_city " + "x" * MAX_TEXT_VALUE + "y",
+        "disambiguate flows book_hotel",
+        "set slot hotel_city a\nb",
+        "set slot hotel_city a\u2028b",
+        "set slot hotel_city a\x85b",
+        "StartFlow(book_hotel)",
+        "search and reply",
+    ]
     matcher = grammar.matcher()
     for text in accepted:
         assert re.fullmatch(grammar.regex, text) and matcher.fullmatch(text), text
@@ -117,11 +141,15 @@ def test_regex_and_byte_automaton_agree_on_near_misses(grammars):
     pattern = re.compile(grammar.regex)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(st.from_regex(grammar.regex, fullmatch=True), st.integers(0, 200), st.sampled_from(["", " ", "\n", "x", "_", "ü", ")", "\x85", "\u2028", "\x7f"]),
-           st.booleans())  # fmt: skip
+    @given(
+        st.from_regex(grammar.regex, fullmatch=True),
+        st.integers(0, 200),
+        st.sampled_from(["", " ", "\n", "x", "_", "ü", ")", "\x85", "\u2028", "\x7f"]),
+        st.booleans(),
+    )
     def check(text: str, position: int, insert: str, delete: bool) -> None:
         cut = position % (len(text) + 1)
-        mutated = text[:cut] + insert + text[cut + (1 if delete else 0):]
+        mutated = text[:cut] + insert + text[cut + (1 if delete else 0) :]
         assert bool(pattern.fullmatch(mutated)) == matcher.fullmatch(mutated), repr(mutated)
         # Every prefix of an accepted answer is a live prefix; the automaton never dies on it.
         assert matcher.is_prefix(text[:cut])
@@ -207,13 +235,19 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int, processor=None
     import torch
     from transformers import LogitsProcessorList
 
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_dict=True, return_tensors="pt")  # fmt: skip
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
     with torch.no_grad(), _torch_threads(1):  # one thread: the test machine is shared
-        output = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                logits_processor=LogitsProcessorList([processor(ids["input_ids"].shape[1])] if processor else []))  # fmt: skip
-    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        output = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([processor(ids["input_ids"].shape[1])] if processor else []),
+        )
+    return tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def _perturbed(model, seed: int):
@@ -240,8 +274,9 @@ def test_random_model_emits_only_valid_commands_when_constrained(project, gramma
             free = _generate(variant, tokenizer, prompt, 32)
             parsed = parse_model_output(free, Syntax.V2)
             unconstrained_valid += parsed.fully_parsed and bool(parsed.commands)
-            answer = _generate(variant, tokenizer, prompt, 32,
-                               lambda length: CommandLogitsProcessor(constraint, length, 32))  # fmt: skip
+            answer = _generate(
+                variant, tokenizer, prompt, 32, lambda length: CommandLogitsProcessor(constraint, length, 32)
+            )
             assert grammar.matcher().fullmatch(answer), (seed, answer)
             parsed = parse_model_output(answer, Syntax.V2)
             assert parsed.fully_parsed and parsed.commands
@@ -255,6 +290,11 @@ def test_a_tight_token_budget_still_ends_with_a_complete_answer(grammars, tiny, 
     constraint = token_constraint(grammar, tokenizer, [tokenizer.eos_token_id])
     shortest = int(grammar.matcher().bytes_to_accept(grammar.matcher().start))
     assert shortest == len("cancel flow")  # the shortest command of Rasa Pro 3.21 (`hand over` is gone since 3.16)
-    answer = _generate(model, tokenizer, prompts[0], shortest + 1,
-                       lambda length: CommandLogitsProcessor(constraint, length, shortest + 1))  # fmt: skip
+    answer = _generate(
+        model,
+        tokenizer,
+        prompts[0],
+        shortest + 1,
+        lambda length: CommandLogitsProcessor(constraint, length, shortest + 1),
+    )
     assert grammar.matcher().fullmatch(answer), answer

@@ -126,8 +126,9 @@ def test_timeout_is_retried() -> None:
 
 
 def test_malformed_body_and_dropped_connection_are_retried() -> None:
-    schedule = (FaultSchedule("ok").script(Reply.malformed(), prompt="garbled")
-                .script(Reply.disconnect(), prompt="dropped"))
+    schedule = (
+        FaultSchedule("ok").script(Reply.malformed(), prompt="garbled").script(Reply.disconnect(), prompt="dropped")
+    )
 
     async def scenario(server: ScriptedOpenAIServer) -> None:
         async with make_client(self_hosted(server)) as client:
@@ -162,13 +163,18 @@ def test_exhausted_retries_fail_one_call_and_the_others_still_succeed() -> None:
 
     async def scenario(server: ScriptedOpenAIServer) -> None:
         async with make_client(self_hosted(server), max_retries=2) as client:
-            results = await run_bounded([lambda p=p: client.chat(user(p)) for p in prompts], progress_desc="test",
-                                        show_progress=False)
+            results = await run_bounded(
+                [lambda p=p: client.chat(user(p)) for p in prompts], progress_desc="test", show_progress=False
+            )
             failure = results[2]
             assert isinstance(failure, LLMCallFailed)
             assert failure.attempts == 3 and failure.status_code == 500 and "model overloaded" in failure.last_error
-            assert [r.text for r in results if not isinstance(r, Exception)] == ["answer to a", "answer to b",
-                                                                                 "answer to c", "answer to d"]
+            assert [r.text for r in results if not isinstance(r, Exception)] == [
+                "answer to a",
+                "answer to b",
+                "answer to c",
+                "answer to d",
+            ]
             assert (client.usage.failures, client.usage.retries) == (1, 2)
             assert client.usage_summary()["failures"] == 1
 
@@ -180,8 +186,9 @@ def test_exhausted_retries_fail_one_call_and_the_others_still_succeed() -> None:
 def test_concurrency_limit_is_respected() -> None:
     async def scenario(server: ScriptedOpenAIServer) -> None:
         async with make_client(self_hosted(server), max_concurrency=3) as client:
-            results = await run_bounded([client.chat(user(f"q{i}")) for i in range(12)], progress_desc="test",
-                                        show_progress=False)
+            results = await run_bounded(
+                [client.chat(user(f"q{i}")) for i in range(12)], progress_desc="test", show_progress=False
+            )
             assert not [r for r in results if isinstance(r, Exception)]
 
     with ScriptedOpenAIServer(latency_s=0.1) as server:
@@ -256,8 +263,9 @@ def test_cache_files_are_written_atomically_and_a_corrupted_entry_is_a_miss(tmp_
 
 def test_azure_client_calls_the_deployment_route(tmp_path: Path) -> None:
     async def scenario(server: ScriptedOpenAIServer) -> None:
-        config = LLMConfig(provider="azure", model="my-deployment", api_base=server.root_url,
-                           api_version="2024-10-21", timeout=5)
+        config = LLMConfig(
+            provider="azure", model="my-deployment", api_base=server.root_url, api_version="2024-10-21", timeout=5
+        )
         client = LLMClient(config, cache_dir=None, environ={"AZURE_API_KEY": "secret"}, **FAST_BACKOFF)
         async with client:
             assert (await client.chat(user("hi"))).text == "echo: hi"
@@ -326,10 +334,13 @@ def test_config_accepts_model_name_alias_and_defaults() -> None:
 
 def test_load_llm_config_reads_top_level_or_llm_key(tmp_path: Path) -> None:
     nested = tmp_path / "rephrase.yml"
-    nested.write_text("prompt_template: p.jinja\nllm:\n  provider: self-hosted\n  model: qwen\n"
-                      "  api_base: http://localhost:8000/v1\n  temperature: 0.7\n")
-    assert load_llm_config(nested) == LLMConfig(provider="self-hosted", model="qwen",
-                                                api_base="http://localhost:8000/v1", temperature=0.7)
+    nested.write_text(
+        "prompt_template: p.jinja\nllm:\n  provider: self-hosted\n  model: qwen\n"
+        "  api_base: http://localhost:8000/v1\n  temperature: 0.7\n"
+    )
+    assert load_llm_config(nested) == LLMConfig(
+        provider="self-hosted", model="qwen", api_base="http://localhost:8000/v1", temperature=0.7
+    )
     flat = tmp_path / "teacher.yml"
     flat.write_text("model: gpt-4o\nmax_completion_tokens: 256\n")
     assert load_llm_config(flat) == LLMConfig(model="gpt-4o", max_completion_tokens=256)

@@ -58,8 +58,11 @@ def repeat_setup_cell(notebook: nbformat.NotebookNode) -> None:
     """Run the install/set-up cell a second time right after the first, as a user re-running it would, and check
     that it changed neither the kernel's working folder nor the paths it resolved."""
     index = next(i for i, cell in enumerate(notebook.cells) if "find_repository" in cell.source)
-    check = ("import os as _os\n_before = (_os.getcwd(), REPO, DATA_PATH, CONFIG_PATH)\n" + notebook.cells[index].source
-             + "\nassert (_os.getcwd(), REPO, DATA_PATH, CONFIG_PATH) == _before, 'the set-up cell is not idempotent'")
+    check = (
+        "import os as _os\n_before = (_os.getcwd(), REPO, DATA_PATH, CONFIG_PATH)\n"
+        + notebook.cells[index].source
+        + "\nassert (_os.getcwd(), REPO, DATA_PATH, CONFIG_PATH) == _before, 'the set-up cell is not idempotent'"
+    )
     cell = nbformat.v4.new_code_cell(check)
     cell["id"] = "setup-again"
     notebook.cells.insert(index + 1, cell)
@@ -70,7 +73,10 @@ def test_notebook_runs_end_to_end_and_leaves_plots_and_model(inputs, tmp_path, s
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     if start_in == "repository root":
         # relative paths (to the repository root) and the repository found on its own, set-up cell run twice
-        inputs = inputs | {"CONFIG": "finetune/config.yaml", "OVERRIDES": {**CPU_FINETUNE_SETTINGS, "num_train_epochs": 1.0}}
+        inputs = inputs | {
+            "CONFIG": "finetune/config.yaml",
+            "OVERRIDES": {**CPU_FINETUNE_SETTINGS, "num_train_epochs": 1.0},
+        }
         del inputs["REPO_DIR"]
         repeat_setup_cell(notebook)
     inject_parameters(notebook, inputs)
@@ -82,8 +88,15 @@ def test_notebook_runs_end_to_end_and_leaves_plots_and_model(inputs, tmp_path, s
         nbformat.write(notebook, tmp_path / "executed.ipynb")  # kept for a look when it fails
 
     out = Path(inputs["OUTPUT_DIR"])
-    for name in ("loss_curves.png", "training_log.csv", "adapter_model.safetensors", "adapter_config.json",
-                 "merged/model.safetensors", "README.md", "recipe_training_info.json"):
+    for name in (
+        "loss_curves.png",
+        "training_log.csv",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "merged/model.safetensors",
+        "README.md",
+        "recipe_training_info.json",
+    ):
         assert (out / name).is_file(), name
     predictions = [json.loads(line) for line in (out / "val_predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == EVAL_ROWS and all(p["row"].startswith(inputs["DATA"]) for p in predictions)

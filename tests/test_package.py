@@ -22,16 +22,36 @@ TEMPLATES = sorted(path.name for path in (ROOT / "prompts").glob("*.jinja2"))
 
 
 def _run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, check=False, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": "", **env})  # fmt: skip
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": "", **env},
+    )
 
 
 @pytest.fixture(scope="module")
 def installed_wheel(tmp_path_factory) -> tuple[Path, Path]:
     """(the wheel, the venv it is installed in)."""
     scratch = tmp_path_factory.mktemp("wheel")
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                  str(scratch / "dist"), str(ROOT)], cwd=scratch)  # fmt: skip
+    built = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(scratch / "dist"),
+            str(ROOT),
+        ],
+        cwd=scratch,
+    )
     assert built.returncode == 0, built.stderr
     (wheel,) = (scratch / "dist").glob("recipe-*.whl")
     venv = scratch / "venv"
@@ -52,8 +72,10 @@ def test_the_wheel_carries_every_template(installed_wheel):
 
 def test_the_installed_package_finds_its_templates_outside_the_source_tree(installed_wheel, tmp_path):
     _, venv = installed_wheel
-    probe = ("import recipe, recipe.prompt as p; print(recipe.__file__); print(p.PROMPTS_DIR); "
-             "print(p.bundled_template('command_prompt_v2.jinja2').sha256)")  # fmt: skip
+    probe = (
+        "import recipe, recipe.prompt as p; print(recipe.__file__); print(p.PROMPTS_DIR); "
+        "print(p.bundled_template('command_prompt_v2.jinja2').sha256)"
+    )
     result = _run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     module, prompts_dir, sha = result.stdout.split()
@@ -65,8 +87,20 @@ def test_the_installed_package_finds_its_templates_outside_the_source_tree(insta
 
 def test_the_main_job_runs_from_the_wheel(installed_wheel, tmp_path):
     _, venv = installed_wheel
-    result = _run([str(venv / "bin" / "recipe"), "prepare-data", "--offline", "--no-progress", "--project", str(ROOT),
-                   "-o", "output", str(ROOT / "e2e_tests")], cwd=tmp_path)  # fmt: skip
+    result = _run(
+        [
+            str(venv / "bin" / "recipe"),
+            "prepare-data",
+            "--offline",
+            "--no-progress",
+            "--project",
+            str(ROOT),
+            "-o",
+            "output",
+            str(ROOT / "e2e_tests"),
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     splits = tmp_path / "output" / "4_train_test_split" / "ft_splits"
     assert len((splits / "train.jsonl").read_text().splitlines()) > 100

@@ -10,21 +10,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from prepare_llm import CHANGED_VALUE, ScriptedAssistantLLM, paraphrases_of, rephrase_listing, write_llm_config
 from ruamel.yaml import YAML
 
 from recipe.cli import main
 from recipe.commands import CORE_COMMAND_KINDS, Syntax, parse_command
 from recipe.llm import LLMConfig
 from recipe.prepare import PrepareConfig, prepare_data
-from recipe.prompt import DatetimePolicy, PROMPTS_DIR, choose_template, load_template
+from recipe.prompt import PROMPTS_DIR, DatetimePolicy, choose_template, load_template
 from recipe.testing.openai_server import Reply, ScriptedOpenAIServer
-from prepare_llm import CHANGED_VALUE, ScriptedAssistantLLM, paraphrases_of, rephrase_listing, write_llm_config
 
 RASA_SUMMARY_KEYS = [
-    "num_input_e2e_tests", "num_annotated_conversations", "num_user_messages_across_conversations",
-    "num_user_messages_to_rephrase_across_conversations", "num_passing_rephrased_user_messages",
-    "num_failing_rephrased_user_messages", "num_ft_data_points", "num_train_data_points", "num_val_data_points",
-]  # fmt: skip
+    "num_input_e2e_tests",
+    "num_annotated_conversations",
+    "num_user_messages_across_conversations",
+    "num_user_messages_to_rephrase_across_conversations",
+    "num_passing_rephrased_user_messages",
+    "num_failing_rephrased_user_messages",
+    "num_ft_data_points",
+    "num_train_data_points",
+    "num_val_data_points",
+]
 SPECS = ["e2e_tests/hotels/hotel_du.yml", "e2e_tests/e2e/classic_conversations.yml"]
 
 
@@ -38,8 +44,11 @@ def read_yaml(path: Path):
 
 def tree(folder: Path) -> dict[str, str]:
     """Every output file's text, the LLM cache left out."""
-    return {str(p.relative_to(folder)): p.read_text(encoding="utf-8") for p in sorted(folder.rglob("*"))
-            if p.is_file() and "cache" not in p.relative_to(folder).parts}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): p.read_text(encoding="utf-8")
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "cache" not in p.relative_to(folder).parts
+    }
 
 
 # ---------------------------------------------------------------------------------------------- offline
@@ -47,9 +56,14 @@ def tree(folder: Path) -> dict[str, str]:
 
 def test_offline_run_writes_the_layout_users_expect(prepared_example: Path):
     out = prepared_example
-    for path in ("3_llm_finetune_data/llm_ft_data.jsonl", "4_train_test_split/ft_splits/train.jsonl",
-                 "4_train_test_split/ft_splits/val.jsonl", "4_train_test_split/ft_splits/dataset_info.json",
-                 "params.yaml", "result_summary.yaml"):  # fmt: skip
+    for path in (
+        "3_llm_finetune_data/llm_ft_data.jsonl",
+        "4_train_test_split/ft_splits/train.jsonl",
+        "4_train_test_split/ft_splits/val.jsonl",
+        "4_train_test_split/ft_splits/dataset_info.json",
+        "params.yaml",
+        "result_summary.yaml",
+    ):
         assert (out / path).is_file(), path
     assert list((out / "1_command_annotations").rglob("*.yaml"))
     assert list((out / "4_train_test_split/e2e_tests/train").rglob("*.yml"))
@@ -90,8 +104,12 @@ def test_offline_split_keeps_test_cases_and_paraphrases_on_one_side(prepared_exa
     assert len({(r["prompt"], r["output"]) for r in rows}) == len(rows), "rows are deduplicated"
     # The split test suites hold exactly the split's test cases, with the shared conftest beside them.
     validation_root = prepared_example / "4_train_test_split/e2e_tests/validation"
-    names = [case["test_case"] for f in validation_root.rglob("*.yml") if f.name != "conftest.yml"
-             for case in read_yaml(f)["test_cases"]]  # fmt: skip
+    names = [
+        case["test_case"]
+        for f in validation_root.rglob("*.yml")
+        if f.name != "conftest.yml"
+        for case in read_yaml(f)["test_cases"]
+    ]
     assert sorted(names) == sorted(t.split("::", 1)[1] for t, side in sides.items() if side == "validation")
     assert (validation_root / "conftest.yml").is_file()
 
@@ -110,8 +128,25 @@ def test_offline_run_is_deterministic_and_clears_stale_outputs(tmp_path: Path, p
 
 def test_conversational_format_and_v1_syntax(tmp_path: Path):
     out = tmp_path / "out"
-    assert main(["prepare-data", "e2e_tests/hotels", "--offline", "--no-progress", "-o", str(out),
-                 "--output-format", "conversational", "--command-syntax", "v1", "--num-rephrases", "2"]) == 0
+    assert (
+        main(
+            [
+                "prepare-data",
+                "e2e_tests/hotels",
+                "--offline",
+                "--no-progress",
+                "-o",
+                str(out),
+                "--output-format",
+                "conversational",
+                "--command-syntax",
+                "v1",
+                "--num-rephrases",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = read_jsonl(out / "4_train_test_split/ft_splits/train.jsonl")
     assert rows and all([m["role"] for m in row["messages"]] == ["user", "assistant"] for row in rows)
     assert all(parse_command(line, [Syntax.V1]) for row in rows for line in row["messages"][1]["content"].split("\n"))
@@ -135,11 +170,20 @@ def test_argument_errors_stop_before_any_work(tmp_path: Path, capsys):
 def llm_config(project, tmp_path: Path, server: ScriptedOpenAIServer, **overrides) -> PrepareConfig:
     llm = LLMConfig(provider="self-hosted", model="scripted-model", api_base=server.base_url, timeout=1.0)
     settings = dict(
-        tests=SPECS, out=tmp_path / "out", syntax=Syntax.V2, template=choose_template(project, Syntax.V2),
-        datetime_policy=DatetimePolicy(), num_rephrases=3, rephrase_llm=llm,
-        rephrase_template=load_template(PROMPTS_DIR / "rephrase.jinja2"), teacher_llm=llm, oracle_llm=llm,
-        max_concurrency=4, show_progress=False, backoff_base_s=0.05,
-    )  # fmt: skip
+        tests=SPECS,
+        out=tmp_path / "out",
+        syntax=Syntax.V2,
+        template=choose_template(project, Syntax.V2),
+        datetime_policy=DatetimePolicy(),
+        num_rephrases=3,
+        rephrase_llm=llm,
+        rephrase_template=load_template(PROMPTS_DIR / "rephrase.jinja2"),
+        teacher_llm=llm,
+        oracle_llm=llm,
+        max_concurrency=4,
+        show_progress=False,
+        backoff_base_s=0.05,
+    )
     settings.update(overrides)
     return PrepareConfig(**settings)
 
@@ -163,8 +207,12 @@ def test_llm_path_rephrases_validates_with_values_and_annotates_with_the_teacher
     assert all("set slot" not in row["output"] for row in changed)
     # Every value-changing paraphrase of a turn that sets a value fails strict validation, with the reason.
     records = list((tmp_path / "out/2_rephrasings").rglob("*.yaml"))
-    failing = [(text, reason) for record in records for step in read_yaml(record)["conversations"][0]["steps"]
-               for text, reason in zip(step.get("failing_rephrasings", []), step.get("failing_reasons", []))]
+    failing = [
+        (text, reason)
+        for record in records
+        for step in read_yaml(record)["conversations"][0]["steps"]
+        for text, reason in zip(step.get("failing_rephrasings", []), step.get("failing_reasons", []))
+    ]
     assert failing and all(text.startswith("Actually ") and CHANGED_VALUE in reason for text, reason in failing)
     # Classic tests carry no commands: the teacher annotated them, and its answers agree with the assertions.
     annotations = [read_yaml(r)["conversations"][0] for r in (tmp_path / "out/1_command_annotations").rglob("*.yaml")]
@@ -217,15 +265,22 @@ def test_unparseable_rephrase_answers_are_read_as_numbered_text_and_topped_up(tm
     assert summary["recipe"]["errors"] == []
     cases = summary["num_input_e2e_tests"]
     assert responder.kinds["rephrase"] == 2 * cases  # one follow-up per conversation
-    assert summary["recipe"]["rephrasings"]["received"] == 3 * summary["num_user_messages_to_rephrase_across_conversations"]
+    assert (
+        summary["recipe"]["rephrasings"]["received"]
+        == 3 * summary["num_user_messages_to_rephrase_across_conversations"]
+    )
 
 
 def test_a_killed_run_resumes_without_paying_twice_and_writes_the_same_files(tmp_path, example_project):
     specs = SPECS[:1]
     responder = ScriptedAssistantLLM(example_project, specs)
     with ScriptedOpenAIServer(responder) as server:
-        prepare_data(example_project, llm_config(example_project, tmp_path / "a", server, tests=specs,
-                                                 out=tmp_path / "a" / "out", max_concurrency=1))  # fmt: skip
+        prepare_data(
+            example_project,
+            llm_config(
+                example_project, tmp_path / "a", server, tests=specs, out=tmp_path / "a" / "out", max_concurrency=1
+            ),
+        )
         uninterrupted_hits = server.hits()
     expected = tree(tmp_path / "a" / "out")
 
@@ -241,11 +296,29 @@ def test_a_killed_run_resumes_without_paying_twice_and_writes_the_same_files(tmp
     with ScriptedOpenAIServer(killer) as server_b:
         config = write_llm_config(tmp_path / "llm.yml", server_b.base_url)
         out = tmp_path / "b" / "out"
-        command = [sys.executable, "-m", "recipe", "prepare-data", *specs, "-o", str(out), "--no-progress",
-                   "--num-rephrases", "3", "--max-concurrency", "1", "--rephrase-config", str(config),
-                   "--teacher-config", str(config), "--oracle-config", str(config)]  # fmt: skip
-        process["proc"] = subprocess.Popen(command, env=os.environ.copy(), stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL)  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "recipe",
+            "prepare-data",
+            *specs,
+            "-o",
+            str(out),
+            "--no-progress",
+            "--num-rephrases",
+            "3",
+            "--max-concurrency",
+            "1",
+            "--rephrase-config",
+            str(config),
+            "--teacher-config",
+            str(config),
+            "--oracle-config",
+            str(config),
+        ]
+        process["proc"] = subprocess.Popen(
+            command, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         assert process["proc"].wait(timeout=120) == -signal.SIGKILL
         hits_before = server_b.hits()
         process.clear()
@@ -269,12 +342,16 @@ def test_a_killed_run_resumes_without_paying_twice_and_writes_the_same_files(tmp
 def test_loose_validation_labels_a_paraphrase_with_the_oracles_commands(tmp_path, example_project):
     responder = ScriptedAssistantLLM(example_project, SPECS[:1])
     with ScriptedOpenAIServer(responder) as server:
-        result = prepare_data(example_project, llm_config(example_project, tmp_path, server, tests=SPECS[:1],
-                                                          validation="loose"))  # fmt: skip
+        result = prepare_data(
+            example_project, llm_config(example_project, tmp_path, server, tests=SPECS[:1], validation="loose")
+        )
     assert result.summary["recipe"]["rephrasings"]["failing"] == 0  # names agree, values are not compared
     rows = read_jsonl(tmp_path / "out/3_llm_finetune_data/llm_ft_data.jsonl")
-    changed = [row for row in rows if (row["rephrased_user_utterance"] or "").startswith("Actually ")
-               and "set slot" in row["output"]]  # fmt: skip
+    changed = [
+        row
+        for row in rows
+        if (row["rephrased_user_utterance"] or "").startswith("Actually ") and "set slot" in row["output"]
+    ]
     # The paraphrase that says another value is trained on the value it says, never on the original one.
     assert changed and all(CHANGED_VALUE in row["output"] for row in changed)
 
@@ -307,8 +384,9 @@ def test_split_suites_written_outside_the_project_still_read_with_their_fixtures
         cases = all_test_cases(load_tests([str(suites)], example_project))
         assert cases
         assert any(case.fixture_slots for case in cases) or side == "validation"
-    train_cases = all_test_cases(load_tests([str(prepared_example / "4_train_test_split/e2e_tests/train")],
-                                            example_project))  # fmt: skip
+    train_cases = all_test_cases(
+        load_tests([str(prepared_example / "4_train_test_split/e2e_tests/train")], example_project)
+    )
     logged_in = [c for c in train_cases if ("user_logged_in", True) in c.fixture_slots]
     assert logged_in, "the conftest fixture `logged_in_user` is found beside the split suites"
 
@@ -326,8 +404,24 @@ def test_abstention_rows_teach_cannot_handle_for_turns_without_commands(tmp_path
     )
     for flag, expected in (([], 1), (["--abstention-rows"], 2)):
         out = tmp_path / f"out{len(flag)}"
-        assert main(["prepare-data", str(tests), "--offline", "--no-progress", "--num-rephrases", "0",
-                     "--train-frac", "1", "-o", str(out), *flag]) == 0
+        assert (
+            main(
+                [
+                    "prepare-data",
+                    str(tests),
+                    "--offline",
+                    "--no-progress",
+                    "--num-rephrases",
+                    "0",
+                    "--train-frac",
+                    "1",
+                    "-o",
+                    str(out),
+                    *flag,
+                ]
+            )
+            == 0
+        )
         rows = read_jsonl(out / "3_llm_finetune_data/llm_ft_data.jsonl")
         assert len(rows) == expected
         assert ("cannot handle" in [r["output"] for r in rows]) == bool(flag)
@@ -343,8 +437,9 @@ def test_teacher_commands_that_contradict_the_assertions_are_reported_and_left_o
 
     responder = ScriptedAssistantLLM(example_project, spec, faults=wrong_teacher)
     with ScriptedOpenAIServer(responder) as server:
-        result = prepare_data(example_project, llm_config(example_project, tmp_path, server, tests=spec,
-                                                          num_rephrases=0))  # fmt: skip
+        result = prepare_data(
+            example_project, llm_config(example_project, tmp_path, server, tests=spec, num_rephrases=0)
+        )
     skipped = result.summary["recipe"]["skipped_turns"]
     assert skipped[0]["turn"] == 1 and "disagree with the test's assertions" in skipped[0]["reason"]
     # The state after a turn with unknown commands is a guess: the later turns of the test yield no rows either.
@@ -355,8 +450,13 @@ def test_teacher_commands_that_contradict_the_assertions_are_reported_and_left_o
 
 def test_split_suites_are_written_in_the_runs_command_syntax(prepared_example: Path):
     suites = prepared_example / "4_train_test_split" / "e2e_tests"
-    commands = [line for f in suites.rglob("*.yml") for case in (read_yaml(f) or {}).get("test_cases", [])
-                for step in case["steps"] for line in step.get("commands", [])]  # fmt: skip
+    commands = [
+        line
+        for f in suites.rglob("*.yml")
+        for case in (read_yaml(f) or {}).get("test_cases", [])
+        for step in case["steps"]
+        for line in step.get("commands", [])
+    ]
     assert commands and all(parse_command(line, [Syntax.V2]) for line in commands)
     short = list(suites.rglob("short_dialect_commands.yml"))
     assert short and all("start flow" in f.read_text() for f in short)  # the short dialect was rewritten
@@ -365,44 +465,109 @@ def test_split_suites_are_written_in_the_runs_command_syntax(prepared_example: P
 def test_the_data_does_not_depend_on_the_folder_the_command_runs_from(tmp_path: Path, monkeypatch):
     root = Path.cwd()
     here = tmp_path / "from_root"
-    assert main(["prepare-data", "e2e_tests/hotels", "--offline", "--no-progress", "--num-rephrases", "2",
-                 "-o", str(here)]) == 0  # fmt: skip
+    assert (
+        main(
+            ["prepare-data", "e2e_tests/hotels", "--offline", "--no-progress", "--num-rephrases", "2", "-o", str(here)]
+        )
+        == 0
+    )
     monkeypatch.chdir(tmp_path)
     elsewhere = tmp_path / "from_elsewhere"
     # The tests path is given relative to --project: it is found there.
-    assert main(["prepare-data", "e2e_tests/hotels", "--project", str(root), "--offline", "--no-progress",
-                 "--num-rephrases", "2", "-o", str(elsewhere)]) == 0  # fmt: skip
-    for name in ("3_llm_finetune_data/llm_ft_data.jsonl", "4_train_test_split/ft_splits/train.jsonl",
-                 "4_train_test_split/ft_splits/val.jsonl"):  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare-data",
+                "e2e_tests/hotels",
+                "--project",
+                str(root),
+                "--offline",
+                "--no-progress",
+                "--num-rephrases",
+                "2",
+                "-o",
+                str(elsewhere),
+            ]
+        )
+        == 0
+    )
+    for name in (
+        "3_llm_finetune_data/llm_ft_data.jsonl",
+        "4_train_test_split/ft_splits/train.jsonl",
+        "4_train_test_split/ft_splits/val.jsonl",
+    ):
         assert (here / name).read_text() == (elsewhere / name).read_text(), name
     assert sorted(p.relative_to(here) for p in (here / "1_command_annotations").rglob("*.yaml")) == sorted(
-        p.relative_to(elsewhere) for p in (elsewhere / "1_command_annotations").rglob("*.yaml"))
+        p.relative_to(elsewhere) for p in (elsewhere / "1_command_annotations").rglob("*.yaml")
+    )
 
 
 def test_template_mistakes_are_reported_not_rendered_silently(tmp_path: Path, capsys, caplog):
     broken = tmp_path / "broken.jinja2"
     broken.write_text("{% for f in available_flows %}{{ f.nme.upper() }}{% endfor %}{{ user_message }}")
-    assert main(["prepare-data", "e2e_tests/hotels", "--offline", "--no-progress", "--prompt-template", str(broken),
-                 "-o", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare-data",
+                "e2e_tests/hotels",
+                "--offline",
+                "--no-progress",
+                "--prompt-template",
+                str(broken),
+                "-o",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"{broken}: the template fails to render")
     typo = tmp_path / "typo.jinja2"
     typo.write_text("{{ avaliable_flows }} StartFlow(x) {{ user_message }}")
     with caplog.at_level("WARNING", logger="recipe"):
-        assert main(["prepare-data", "e2e_tests/hotels", "--offline", "--no-progress", "--num-rephrases", "0",
-                     "--prompt-template", str(typo), "-o", str(tmp_path / "t")]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "prepare-data",
+                    "e2e_tests/hotels",
+                    "--offline",
+                    "--no-progress",
+                    "--num-rephrases",
+                    "0",
+                    "--prompt-template",
+                    str(typo),
+                    "-o",
+                    str(tmp_path / "t"),
+                ]
+            )
+            == 0
+        )
     warnings = " ".join(record.getMessage() for record in caplog.records)
     assert "`avaliable_flows`" in warnings and "render empty" in warnings
     assert "but the completions use v2" in warnings  # the template describes v1 commands
 
 
 def test_failed_llm_calls_make_the_run_exit_1_and_keep_the_rows(tmp_path: Path, example_project, capsys):
-    responder = ScriptedAssistantLLM(example_project, SPECS[:1],
-                                     faults=lambda kind, prompt, hit: Reply.error(400) if kind == "rephrase" else None)
+    responder = ScriptedAssistantLLM(
+        example_project, SPECS[:1], faults=lambda kind, prompt, hit: Reply.error(400) if kind == "rephrase" else None
+    )
     with ScriptedOpenAIServer(responder) as server:
         config = write_llm_config(tmp_path / "llm.yml", server.base_url)
-        code = main(["prepare-data", SPECS[0], "-o", str(tmp_path / "out"), "--no-progress", "--num-rephrases", "2",
-                     "--rephrase-config", str(config), "--teacher-config", str(config)])  # fmt: skip
+        code = main(
+            [
+                "prepare-data",
+                SPECS[0],
+                "-o",
+                str(tmp_path / "out"),
+                "--no-progress",
+                "--num-rephrases",
+                "2",
+                "--rephrase-config",
+                str(config),
+                "--teacher-config",
+                str(config),
+            ]
+        )
     assert code == 1
     assert "failed after retries" in capsys.readouterr().err
     assert read_jsonl(tmp_path / "out/4_train_test_split/ft_splits/train.jsonl")  # the original rows are there

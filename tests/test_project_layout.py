@@ -113,17 +113,28 @@ def test_each_step_knows_its_dialect(cases):
     assert [s.syntax for s in cases["short dialect order status"].user_steps] == [Syntax.SHORT, Syntax.SHORT]
     mixed = cases["mixed dialects in one step"].user_steps[0]
     assert mixed.syntax is None
-    assert mixed.commands == [StartFlow("order_pizza"), SetSlot("pizza_size", "medium"),
-                              SetSlot("pizza_topping", "olives")]  # fmt: skip
+    assert mixed.commands == [
+        StartFlow("order_pizza"),
+        SetSlot("pizza_size", "medium"),
+        SetSlot("pizza_topping", "olives"),
+    ]
 
 
 def test_the_three_test_formats(cases):
     assert cases["in stock order"].user_steps[0].commands is None
-    assert [a.kind for a in cases["in stock order"].user_steps[0].assertions] == ["flow_started", "slot_was_set",
-                                                                                  "bot_uttered"]  # fmt: skip
+    assert [a.kind for a in cases["in stock order"].user_steps[0].assertions] == [
+        "flow_started",
+        "slot_was_set",
+        "bot_uttered",
+    ]
     classic = cases["classic support call"]
-    assert [type(step).__name__ for step in classic.steps] == ["UserStep", "BotStep", "UserStep", "SlotCheckStep",
-                                                               "BotStep"]  # fmt: skip
+    assert [type(step).__name__ for step in classic.steps] == [
+        "UserStep",
+        "BotStep",
+        "UserStep",
+        "SlotCheckStep",
+        "BotStep",
+    ]
 
 
 def test_select_one_test_case_by_name(project):
@@ -143,17 +154,31 @@ def test_cli_reads_the_whole_project(tmp_path, capsys):
     report = run_coverage(tmp_path)
     assert report["test_cases"] == 8
     assert report["generator"] == "CompactLLMCommandGenerator"
-    assert sorted(f["flow"] for f in report["flows"]) == ["check_order", "contact_support", "log_in", "order_pizza",
-                                                          "verify_identity"]  # fmt: skip
+    assert sorted(f["flow"] for f in report["flows"]) == [
+        "check_order",
+        "contact_support",
+        "log_in",
+        "order_pizza",
+        "verify_identity",
+    ]
     assert report["dialects"][str(Path("tests/data/rasa_layout/e2e_tests/orders/legacy/old_dialects_du.yml"))] == {
-        "short": 3, "v1": 4, "v2": 1}  # fmt: skip
+        "short": 3,
+        "v1": 4,
+        "v2": 1,
+    }
     assert "old_dialects_du.yml: commands in short, v1, v2" in capsys.readouterr().out
 
 
 def test_cli_flows_and_domain_overrides_replace_discovery(tmp_path):
     alternatives = LAYOUT / "alternatives"
-    report = run_coverage(tmp_path, "--flows", str(alternatives / "flows.yml"), "--domain",
-                          str(alternatives / "domain.yml"), str(alternatives / "drinks_du.yml"))  # fmt: skip
+    report = run_coverage(
+        tmp_path,
+        "--flows",
+        str(alternatives / "flows.yml"),
+        "--domain",
+        str(alternatives / "domain.yml"),
+        str(alternatives / "drinks_du.yml"),
+    )
     assert [f["flow"] for f in report["flows"]] == ["order_drink"]
     assert [s["slot"] for s in report["slots"]] == ["drink"]
     assert report["command_counts"]["start flow"] == 1

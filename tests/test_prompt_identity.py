@@ -34,8 +34,9 @@ def _rendered(project, suite: Path) -> list[str]:
     return [generator.render(case.state, case.user_message, case.when) for case in cases]
 
 
-def test_evaluate_renders_the_validation_suite_as_val_jsonl_byte_for_byte(prepared_example: Path, example_project,
-                                                                          tmp_path: Path):  # fmt: skip
+def test_evaluate_renders_the_validation_suite_as_val_jsonl_byte_for_byte(
+    prepared_example: Path, example_project, tmp_path: Path
+):
     split = prepared_example / "4_train_test_split"
     val_prompts = set(_val_prompts(split / "ft_splits"))
     rendered = _rendered(example_project, split / "e2e_tests" / "validation")

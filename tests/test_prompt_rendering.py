@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -131,7 +131,7 @@ CONVERSATION = (
     "Current day: {{ current_datetime.strftime('%A') }}{% endif %}\n"
 )
 
-MARCH_5 = datetime(2026, 3, 5, 14, 5, 9, tzinfo=timezone.utc)
+MARCH_5 = datetime(2026, 3, 5, 14, 5, 9, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +211,11 @@ def test_one_line_json_flows_with_unquoted_allowed_values(bank):
 def test_current_flow_skips_called_frames_and_current_slot_comes_from_the_called_step(bank):
     during_call = state(
         {"recipient": "Mia", "logged_in": False},
-        [FrameView("transfer_money", "user", "transfer_money_1_call_verify_identity"),
-         FrameView("verify_identity", "called", "verify_identity_0_collect_pin")],
-    )  # fmt: skip
+        [
+            FrameView("transfer_money", "user", "transfer_money_1_call_verify_identity"),
+            FrameView("verify_identity", "called", "verify_identity_0_collect_pin"),
+        ],
+    )
     # flow_slots: the current flow's collect steps (called flow's included), deduplicated by (slot, description):
     # the second `recipient` step (same description) is dropped, the second `amount` (another description) kept;
     # the empty ask_before_filling slot is not asked now, so it is left out.
@@ -248,8 +250,9 @@ def test_flow_slots_values_as_strings_and_the_asked_ask_before_filling_slot(bank
     )
     assert render(bank, CURRENT_STATE, at_confirm) == expected
     (amount_again,) = [s for s in bank.flows["transfer_money"].steps.values() if s.description == "amount again"]
-    confirmed = state({**at_confirm.slots, "confirm_transfer": True},
-                      [FrameView("transfer_money", "user", amount_again.id)])  # fmt: skip
+    confirmed = state(
+        {**at_confirm.slots, "confirm_transfer": True}, [FrameView("transfer_money", "user", amount_again.id)]
+    )
     lines = render(bank, CURRENT_STATE, confirmed).splitlines()
     assert lines[1] == "asking: amount (amount again)"
     assert "- confirm_transfer = True [bool] yes to send [True, False]" in lines
@@ -257,8 +260,13 @@ def test_flow_slots_values_as_strings_and_the_asked_ask_before_filling_slot(bank
 
 def test_no_flow_and_pattern_on_top(bank):
     assert render(bank, CURRENT_STATE, state()) == "no flow\n"
-    clarifying = state({}, [FrameView("transfer_money", "user", "confirm"),
-                            FrameView("pattern_clarification", "pattern", "pattern_clarification_0_action")])
+    clarifying = state(
+        {},
+        [
+            FrameView("transfer_money", "user", "confirm"),
+            FrameView("pattern_clarification", "pattern", "pattern_clarification_0_action"),
+        ],
+    )
     assert render(bank, CURRENT_STATE, clarifying) == "flow: pattern_clarification\n"
 
 
@@ -305,7 +313,7 @@ def test_first_turn_transcript_starts_with_a_newline_and_no_datetime(bank):
 def test_json_filter_keeps_non_ascii_and_turns_none_into_null(bank):
     template = "{{ a | to_json_escaped_string }} {{ b | to_json_escaped_string }} {{ c | to_json_escaped_string }}"
     renderer = PromptRenderer(PromptTemplate(text=template, path="<test>"))
-    assert renderer.render({"a": "Kraków \"old\"\n", "b": None, "c": 40.0}) == '"Kraków \\"old\\"\\n" null 40.0'
+    assert renderer.render({"a": 'Kraków "old"\n', "b": None, "c": 40.0}) == '"Kraków \\"old\\"\\n" null 40.0'
     # no autoescape, and exactly one final newline dropped
     plain = PromptRenderer(PromptTemplate(text="<b>{{ x }}</b>\n\n", path="<test>"))
     assert plain.render({"x": "&"}) == "<b>&</b>\n"
@@ -371,8 +379,11 @@ def test_state_prints_the_stack_and_slots_as_json(capsys):
     assert data["step"] == 5 and data["user_message"] == "a suite would be lovely"
     assert data["stack"] == [{"flow": "book_hotel", "kind": "user", "step": "book_hotel_4_collect_room_type"}]
     assert data["slots"]["num_nights"] == 5.0 and data["slots"]["num_guests"] == 3.0
-    assert data["transcript"][-1] == {"speaker": "AI", "text": "What kind of room would you like?",
-                                      "buttons": ["Single", "Double", "Twin", "Suite"]}  # fmt: skip
+    assert data["transcript"][-1] == {
+        "speaker": "AI",
+        "text": "What kind of room would you like?",
+        "buttons": ["Single", "Double", "Twin", "Suite"],
+    }
     assert data["commands"] == [{"command": "set slot", "name": "room_type", "value": "suite", "extractor": "LLM"}]
     assert "change_flight" not in data["startable_flows"]
 
@@ -425,11 +436,23 @@ def test_mocked_datetime_fixed_datetime_and_no_datetime(capsys):
     assert "Today is Thursday, 05 March 2026, 14:05.\n" in v1
 
 
-@pytest.mark.parametrize(("syntax", "knowledge"), [("v1", "SearchAndReply()"), ("v2", "provide info"),
-                                                   ("v3", "search and reply")])
+@pytest.mark.parametrize(
+    ("syntax", "knowledge"), [("v1", "SearchAndReply()"), ("v2", "provide info"), ("v3", "search and reply")]
+)
 def test_our_templates_offer_every_command_in_the_syntax_the_labels_use(capsys, syntax, knowledge):
-    from recipe.commands import (CancelFlow, ChitChat, Clarify, HumanHandoff, Knowledge, RepeatLastBotMessages,
-                                 SetSlot, SkipQuestion, StartFlow, Syntax, format_command)
+    from recipe.commands import (
+        CancelFlow,
+        ChitChat,
+        Clarify,
+        HumanHandoff,
+        Knowledge,
+        RepeatLastBotMessages,
+        SetSlot,
+        SkipQuestion,
+        StartFlow,
+        Syntax,
+        format_command,
+    )
 
     prompt = _render_cli(capsys, *CASES["inside_flow"], "--command-syntax", syntax, "--no-datetime")
     assert knowledge in prompt
@@ -439,10 +462,15 @@ def test_our_templates_offer_every_command_in_the_syntax_the_labels_use(capsys, 
     # the handoff command only for releases whose parser reads it (up to 3.15)
     handoff = format_command(HumanHandoff(), Syntax(syntax))
     assert handoff not in prompt
-    older = _render_cli(capsys, *CASES["inside_flow"], "--command-syntax", syntax, "--no-datetime",
-                        "--rasa-version", "3.15")  # fmt: skip
-    assert older.replace(handoff + (": the user wants a human" if syntax == "v1" else ": the user asks for a human")
-                         + "\n", "") == prompt
+    older = _render_cli(
+        capsys, *CASES["inside_flow"], "--command-syntax", syntax, "--no-datetime", "--rasa-version", "3.15"
+    )
+    assert (
+        older.replace(
+            handoff + (": the user wants a human" if syntax == "v1" else ": the user asks for a human") + "\n", ""
+        )
+        == prompt
+    )
     for command in (StartFlow("x"), SetSlot("x", "y"), Clarify(("a", "b"))):
         text = format_command(command, Syntax(syntax))  # StartFlow(x) / start flow x, disambiguate flows a b, ...
         keyword = text.split("(")[0] if syntax == "v1" else " ".join(text.split()[:2])
@@ -451,10 +479,13 @@ def test_our_templates_offer_every_command_in_the_syntax_the_labels_use(capsys, 
 
 def test_a_users_own_template_is_used_as_is(capsys, tmp_path):
     template = tmp_path / "mine.jinja2"
-    template.write_text(textwrap.dedent("""\
+    template.write_text(
+        textwrap.dedent("""\
         {{ current_flow }}|{{ current_slot }}|{% for slot in flow_slots %}{{ slot.name }}={{ slot.value }};{% endfor %}
         {{ user_message }}
-    """), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     out = _render_cli(capsys, *CASES["after_correction"], "--prompt-template", str(template))
     assert out == (
         "book_hotel|room_type|hotel_city=Kraków;hotel_checkin_date=12 May;num_nights=5.0;num_guests=3.0;"

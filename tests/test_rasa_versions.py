@@ -74,13 +74,31 @@ def _replay(project, name: str, case_name: str):
 
 def _rows(out: Path) -> list[dict]:
     splits = out / "4_train_test_split" / "ft_splits"
-    return [json.loads(line) for name in ("train.jsonl", "val.jsonl")
-            for line in (splits / name).read_text(encoding="utf-8").splitlines()]  # fmt: skip
+    return [
+        json.loads(line)
+        for name in ("train.jsonl", "val.jsonl")
+        for line in (splits / name).read_text(encoding="utf-8").splitlines()
+    ]
 
 
 def _prepare(name: str, out: Path, *extra: str) -> int:
-    return main(["prepare-data", str(DATA / name / "e2e_tests"), "--project", str(DATA / name), "--offline",
-                 "--num-rephrases", "0", "--no-progress", "-o", str(out), "--train-frac", "1", *extra])  # fmt: skip
+    return main(
+        [
+            "prepare-data",
+            str(DATA / name / "e2e_tests"),
+            "--project",
+            str(DATA / name),
+            "--offline",
+            "--num-rephrases",
+            "0",
+            "--no-progress",
+            "-o",
+            str(out),
+            "--train-frac",
+            "1",
+            *extra,
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- versions
@@ -95,8 +113,9 @@ def test_rasa_versions_are_read_and_bounded():
 
 
 def test_a_bad_rasa_version_is_one_line_and_exit_2(capsys):
-    code = main(["coverage", str(DATA / "handoff" / "e2e_tests"), "--project", str(DATA / "handoff"),
-                 "--rasa-version", "2.8"])  # fmt: skip
+    code = main(
+        ["coverage", str(DATA / "handoff" / "e2e_tests"), "--project", str(DATA / "handoff"), "--rasa-version", "2.8"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--rasa-version 2.8" in err[0] and "3.10 to 3.21" in err[0]
 
@@ -135,8 +154,10 @@ def test_handoff_turns_are_left_out_from_3_16_with_the_reason_and_trained_up_to_
     assert "set slot size large" not in completions  # the turn after it: its state would be a guess
     summary = yaml.safe_load((tmp_path / "new" / "result_summary.yaml").read_text(encoding="utf-8"))
     skipped = {(s["turn"], s["reason"].split(" (")[0]) for s in summary["recipe"]["skipped_turns"]}
-    assert skipped == {(2, "`human handoff` is not a command in Rasa Pro 3.21"),
-                       (3, "comes after turn 2, whose commands are unknown")}  # fmt: skip
+    assert skipped == {
+        (2, "`human handoff` is not a command in Rasa Pro 3.21"),
+        (3, "comes after turn 2, whose commands are unknown"),
+    }
     info = json.loads((tmp_path / "new" / "4_train_test_split/ft_splits/dataset_info.json").read_text())
     assert info["rasa_version"] == "3.21"
     assert _prepare("handoff", tmp_path / "old", "--rasa-version", "3.15") == 0
@@ -149,8 +170,23 @@ def test_evaluate_scores_by_the_version(tmp_path, capsys):
 
     def evaluate(version: str, out: Path) -> dict:
         with ScriptedOpenAIServer(lambda body: "hand over") as server:
-            code = main(["evaluate", tests, "--project", str(DATA / "handoff"), "--endpoint", server.base_url,
-                         "--endpoint-model", "m", "-o", str(out), "--no-progress", "--rasa-version", version])
+            code = main(
+                [
+                    "evaluate",
+                    tests,
+                    "--project",
+                    str(DATA / "handoff"),
+                    "--endpoint",
+                    server.base_url,
+                    "--endpoint-model",
+                    "m",
+                    "-o",
+                    str(out),
+                    "--no-progress",
+                    "--rasa-version",
+                    version,
+                ]
+            )
         assert code == 0
         return json.loads((out / "report.json").read_text(encoding="utf-8"))
 
@@ -178,17 +214,26 @@ def test_current_slot_type_and_allowed_values_are_passed():
     assert (asking_city["current_slot_type"], asking_city["current_slot_allowed_values"]) == ("text", None)
     outside = prompt_variables(project, turns[0].state, "rent a car", None)
     assert outside["current_slot_type"] is None and "active_agent" not in outside  # no sub-agents: not passed
-    assert {"current_slot_type", "current_slot_allowed_values", "active_agent", "completed_agents"} <= COMMAND_PROMPT_VARIABLES
+    assert {
+        "current_slot_type",
+        "current_slot_allowed_values",
+        "active_agent",
+        "completed_agents",
+    } <= COMMAND_PROMPT_VARIABLES
     template = "{{ current_slot_type }}|{{ current_slot_allowed_values }}"
     assert PromptRenderer(PromptTemplate(template, "t"), COMMAND_PROMPT_VARIABLES).render(asking_size) == (
-        "categorical|['small', 'large']")
+        "categorical|['small', 'large']"
+    )
 
 
 def test_buttons_since_3_16_skip_empty_titles_and_newlines():
-    line = TranscriptLine("AI", "Small or large?", (Button("Small\ncar", "/a"), Button("", "/b"), Button("Large", "/c")))
+    line = TranscriptLine(
+        "AI", "Small or large?", (Button("Small\ncar", "/a"), Button("", "/b"), Button("Large", "/c"))
+    )
     assert transcript_lines([line], version=V321) == ['AI: Small or large? button 1: "Small car", button 3: "Large"']
     assert transcript_lines([line], version=V315) == [
-        'AI: Small or large? button 1: "Small\ncar", button 2: "", button 3: "Large"']
+        'AI: Small or large? button 1: "Small\ncar", button 2: "", button 3: "Large"'
+    ]
     only_empty = TranscriptLine("AI", None, (Button("", "/b"),))
     assert transcript_lines([only_empty], version=V321) == []
 
@@ -221,8 +266,7 @@ def test_agent_turns_replay_with_the_agent_variables_and_speaker():
     _, annotation, turns = _replay(project, "agents", "research then buy")
     assert all(turn.commands is not None for turn in annotation.turns)
     second = prompt_variables(project, turns[1].state, turns[1].text, None)
-    assert second["active_agent"] == {"name": "car_research",
-                                      "description": project.agents["car_research"].description}  # fmt: skip
+    assert second["active_agent"] == {"name": "car_research", "description": project.agents["car_research"].description}
     assert second["completed_agents"] == []
     assert second["available_flows"][0]["agent_info"] == [second["active_agent"]]
     assert "car_research: Do you prefer a city car or an SUV?" in second["current_conversation"].splitlines()
@@ -234,7 +278,8 @@ def test_agent_turns_replay_with_the_agent_variables_and_speaker():
     assert "car_research: I recommend the Fiat 500." in lines and "AI: Shall I order it?" in lines
     # the agent commands in the prompt, the grammar and validation
     prompt = CommandGenerator.for_model(project, OpenAIBackend("http://127.0.0.1:1/v1", "m")).render(
-        turns[1].state, turns[1].text)
+        turns[1].state, turns[1].text
+    )
     assert "continue agent: the user answers the active agent car_research" in prompt
     assert "restart agent" not in prompt
     matcher = build_grammar(project, Syntax.V2).matcher()
@@ -243,7 +288,9 @@ def test_agent_turns_replay_with_the_agent_variables_and_speaker():
     assert validate_commands([ContinueAgent()], project, turns[1].state)[0] == [ContinueAgent()]
     assert validate_commands([ContinueAgent()], project, turns[3].state)[0] == []
     assert validate_commands([RestartAgent("car_research")], project, turns[1].state)[0] == []
-    assert validate_commands([RestartAgent("car_research")], project, turns[3].state)[0] == [RestartAgent("car_research")]
+    assert validate_commands([RestartAgent("car_research")], project, turns[3].state)[0] == [
+        RestartAgent("car_research")
+    ]
 
 
 def test_agent_commands_need_3_14():
@@ -267,7 +314,10 @@ def test_custom_commands_in_parser_template_grammar_validation():
     spec = project.custom_commands[0]
     command = parse_command("check balance show_balance savings", custom=project.custom_commands)
     assert isinstance(command, CustomCommand) and command.as_dict() == {
-        "command": "check balance", "flow_id": "show_balance", "account": "savings"}
+        "command": "check balance",
+        "flow_id": "show_balance",
+        "account": "savings",
+    }
     assert format_command(command, Syntax.V1) == "CheckBalance(show_balance, savings)"
     assert parse_command("CheckBalance(show_balance, savings)", [Syntax.V1], project.custom_commands) == command
     assert "check balance FLOW_ID ACCOUNT: the user asks for the balance" in choose_template(project, Syntax.V2).text
@@ -277,8 +327,9 @@ def test_custom_commands_in_parser_template_grammar_validation():
     wrong = parse_command("check balance nope savings", custom=project.custom_commands)
     assert "unknown flow `nope`" in validate_commands([wrong], project)[1][0].reason
     assert spec.name == "check balance"
-    parsed = parse_model_output("check balance transfer checking\nset slot account savings", Syntax.V2,
-                                custom=project.custom_commands)  # fmt: skip
+    parsed = parse_model_output(
+        "check balance transfer checking\nset slot account savings", Syntax.V2, custom=project.custom_commands
+    )
     assert parsed.fully_parsed and parsed.commands[1] == SetSlot("account", "savings")
 
 
@@ -287,9 +338,21 @@ def test_custom_commands_train_and_score(tmp_path):
     assert "check balance show_balance savings" in [row["completion"] for row in _rows(tmp_path / "out")]
     answers = iter(["check balance show_balance savings", "start flow show_balance", "set slot account checking"])
     with ScriptedOpenAIServer(lambda body: next(answers)) as server:
-        code = main(["evaluate", str(DATA / "custom_commands" / "e2e_tests"), "--project", str(DATA / "custom_commands"),
-                     "--endpoint", server.base_url, "--endpoint-model", "m", "-o", str(tmp_path / "eval"),
-                     "--no-progress"])  # fmt: skip
+        code = main(
+            [
+                "evaluate",
+                str(DATA / "custom_commands" / "e2e_tests"),
+                "--project",
+                str(DATA / "custom_commands"),
+                "--endpoint",
+                server.base_url,
+                "--endpoint-model",
+                "m",
+                "-o",
+                str(tmp_path / "eval"),
+                "--no-progress",
+            ]
+        )
     metrics = json.loads((tmp_path / "eval" / "report.json").read_text())["models"][0]["metrics"]
     assert code == 0 and metrics["correct_turns"] == 3 and metrics["per_command"]["check balance"]["tp"] == 1
 
@@ -297,13 +360,16 @@ def test_custom_commands_train_and_score(tmp_path):
 def test_a_bad_custom_command_declaration_is_one_line(tmp_path, capsys):
     root = tmp_path / "p"
     shutil.copytree(DATA / "custom_commands", root)
-    (root / "custom_commands.yml").write_text("commands:\n  - name: x\n    arguments: {a: number}\n"
-                                              "    syntax: {v1: 'X({a})', v2: 'x {a}'}\n", encoding="utf-8")
+    (root / "custom_commands.yml").write_text(
+        "commands:\n  - name: x\n    arguments: {a: number}\n    syntax: {v1: 'X({a})', v2: 'x {a}'}\n",
+        encoding="utf-8",
+    )
     code = main(["coverage", str(root / "e2e_tests"), "--project", str(root), "-o", str(tmp_path / "cov")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].endswith("custom_commands.yml:3: argument `a` has type `number`; expected one of flow, slot, agent, "
-                           "value")  # fmt: skip
+    assert err[0].endswith(
+        "custom_commands.yml:3: argument `a` has type `number`; expected one of flow, slot, agent, value"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the user's Rasa
@@ -324,8 +390,13 @@ def _fake_rasa(root: Path, names: list[str]) -> Path:
 
 @pytest.fixture
 def fake_rasa(tmp_path, monkeypatch):
-    site = _fake_rasa(tmp_path, ["command_prompt_v2_gpt_5_1_2025_11_13_template.jinja2",
-                                 "command_prompt_v2_claude_sonnet_4_5_20250929_template.jinja2"])  # fmt: skip
+    site = _fake_rasa(
+        tmp_path,
+        [
+            "command_prompt_v2_gpt_5_1_2025_11_13_template.jinja2",
+            "command_prompt_v2_claude_sonnet_4_5_20250929_template.jinja2",
+        ],
+    )
     monkeypatch.syspath_prepend(str(site))
     sys.modules.pop("rasa", None)
     yield site
@@ -339,8 +410,21 @@ def test_rasa_template_by_name_is_read_from_the_installed_rasa(fake_rasa, capsys
     with pytest.raises(ConfigError, match="has no such template"):
         choose_template(project, Syntax.V2, "rasa:nope.jinja2")
     test = f"{DATA / 'handoff' / 'e2e_tests' / 'du.yml'}::plain booking"
-    assert main(["render-prompt", test, "--step", "2", "--project", str(DATA / "handoff"), "--prompt-template",
-                 "rasa:command_prompt_v2_gpt_5_1_2025_11_13_template.jinja2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "render-prompt",
+                test,
+                "--step",
+                "2",
+                "--project",
+                str(DATA / "handoff"),
+                "--prompt-template",
+                "rasa:command_prompt_v2_gpt_5_1_2025_11_13_template.jinja2",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("Our stand-in for a Rasa template.\nUSER: rent a car\n")
 
 
@@ -351,7 +435,9 @@ def test_config_yml_picks_the_template_rasa_picks_for_the_model(fake_rasa, tmp_p
         provider = "anthropic" if model.startswith("claude") else "self-hosted"
         (root / "config.yml").write_text(
             f"pipeline:\n  - name: CompactLLMCommandGenerator\n    llm:\n      provider: {provider}\n"
-            f"      model: {model}\n", encoding="utf-8")  # fmt: skip
+            f"      model: {model}\n",
+            encoding="utf-8",
+        )
         template = choose_template(load_project(root), Syntax.V2)
         assert template.path.endswith(f"command_prompt_v2_{expected}_template.jinja2")
 
@@ -359,8 +445,18 @@ def test_config_yml_picks_the_template_rasa_picks_for_the_model(fake_rasa, tmp_p
 def test_without_rasa_a_rasa_template_is_a_one_line_error_naming_the_file(capsys, monkeypatch):
     monkeypatch.setattr("recipe.prompt.installed_rasa_folder", lambda: None)
     test = f"{DATA / 'handoff' / 'e2e_tests' / 'du.yml'}::plain booking"
-    code = main(["render-prompt", test, "--step", "1", "--project", str(DATA / "handoff"), "--prompt-template",
-                 "rasa:command_prompt_v2_gpt_5_1_2025_11_13_template.jinja2"])  # fmt: skip
+    code = main(
+        [
+            "render-prompt",
+            test,
+            "--step",
+            "1",
+            "--project",
+            str(DATA / "handoff"),
+            "--prompt-template",
+            "rasa:command_prompt_v2_gpt_5_1_2025_11_13_template.jinja2",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "Rasa Pro is not installed" in err[0]
@@ -377,15 +473,21 @@ def test_conversational_rows_load_as_a_notebook_reading_messages_loads_them(tmp_
     dataset = datasets.load_dataset("json", data_files=files, cache_dir=str(tmp_path / "hf"))["train"]
 
     def to_text(examples):  # what a notebook's batched map over `examples["messages"]` does
-        return {"text": ["\n".join(f"{m['role']}: {m['content']}" for m in conversation)
-                         for conversation in examples["messages"]]}  # fmt: skip
+        return {
+            "text": [
+                "\n".join(f"{m['role']}: {m['content']}" for m in conversation) for conversation in examples["messages"]
+            ]
+        }
 
     mapped = dataset.map(to_text, batched=True)
     assert len(mapped) == 4 and all(t.startswith("user: ") and "\nassistant: " in t for t in mapped["text"])
     instruction = tmp_path / "out2"
     assert _prepare("handoff", instruction) == 0
-    plain = datasets.load_dataset("json", data_files={"train": str(instruction / "4_train_test_split/ft_splits/train.jsonl")},
-                                  cache_dir=str(tmp_path / "hf2"))["train"]  # fmt: skip
+    plain = datasets.load_dataset(
+        "json",
+        data_files={"train": str(instruction / "4_train_test_split/ft_splits/train.jsonl")},
+        cache_dir=str(tmp_path / "hf2"),
+    )["train"]
     with pytest.raises(KeyError):
         plain.map(to_text, batched=True)  # the default (Rasa's default too) has prompt/completion, no messages
 

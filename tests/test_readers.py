@@ -55,16 +55,24 @@ BRANCHING = """
 
 def test_positional_ids_are_numbered_depth_first(tmp_path):
     flow = flows_of(tmp_path, BRANCHING)["pay"]
-    assert list(flow.steps) == ["pay_0_noop", "pay_1_action_utter_big", "pay_2_collect_confirm",
-                                "pay_3_action_utter_small", "pay_4_collect_amount", "done"]  # fmt: skip
+    assert list(flow.steps) == [
+        "pay_0_noop",
+        "pay_1_action_utter_big",
+        "pay_2_collect_confirm",
+        "pay_3_action_utter_small",
+        "pay_4_collect_amount",
+        "done",
+    ]
     assert flow.first_step == "pay_0_noop"
 
 
 def test_nested_branches_are_flattened(tmp_path):
     flow = flows_of(tmp_path, BRANCHING)["pay"]
     # A branch jumps to the first step of its list; within a list the steps follow each other.
-    assert targets(flow, "pay_0_noop") == [("slots.amount > 100", "pay_1_action_utter_big"),
-                                           (None, "pay_3_action_utter_small")]  # fmt: skip
+    assert targets(flow, "pay_0_noop") == [
+        ("slots.amount > 100", "pay_1_action_utter_big"),
+        (None, "pay_3_action_utter_small"),
+    ]
     assert targets(flow, "pay_1_action_utter_big") == [(None, "pay_2_collect_confirm")]
     assert targets(flow, "pay_3_action_utter_small") == [(None, "done")]  # explicit next kept
 
@@ -85,7 +93,9 @@ def test_collect_step_details_are_kept(tmp_path):
 
 
 def test_guards_are_kept_as_text_and_if_false_is_the_string_false(tmp_path):
-    flows = flows_of(tmp_path, """
+    flows = flows_of(
+        tmp_path,
+        """
         flows:
           guarded:
             description: Only for logged-in users.
@@ -98,14 +108,17 @@ def test_guards_are_kept_as_text_and_if_false_is_the_string_false(tmp_path):
           open:
             description: No guard.
             steps: [{action: utter_hi}]
-        """)  # fmt: skip
+        """,
+    )
     assert flows["guarded"].guard == 'slots.logged_in and slots.tier = "gold"'
     assert flows["child"].guard == "False"
     assert flows["open"].guard is None
 
 
 def test_if_without_else_ends_the_flow_when_no_branch_holds(tmp_path):
-    flow = flows_of(tmp_path, """
+    flow = flows_of(
+        tmp_path,
+        """
         flows:
           check:
             description: Check.
@@ -116,12 +129,15 @@ def test_if_without_else_ends_the_flow_when_no_branch_holds(tmp_path):
                     then: finish
               - id: finish
                 action: utter_ok
-        """)["check"]  # fmt: skip
+        """,
+    )["check"]
     assert flow.steps["check_0_action_action_check"].next == [Branch("slots.ok", "finish"), Branch(None, END)]
 
 
 def test_link_must_be_last_and_ends_the_flow(tmp_path):
-    flow = flows_of(tmp_path, """
+    flow = flows_of(
+        tmp_path,
+        """
         flows:
           a:
             description: Hands over to b.
@@ -131,22 +147,28 @@ def test_link_must_be_last_and_ends_the_flow(tmp_path):
           b:
             description: B.
             steps: [{action: utter_b}]
-        """)["a"]  # fmt: skip
+        """,
+    )["a"]
     assert targets(flow, "a_1_link_b") == [(None, END)]
     with pytest.raises(InputError, match="must be the last step") as error:
-        flows_of(tmp_path, """
+        flows_of(
+            tmp_path,
+            """
             flows:
               a:
                 description: Link in the middle.
                 steps:
                   - link: b
                   - action: utter_a
-            """)  # fmt: skip
+            """,
+        )
     assert error.value.line == 5  # the `- link: b` line
 
 
 def test_link_inside_a_branch_may_end_that_branch(tmp_path):
-    flow = flows_of(tmp_path, """
+    flow = flows_of(
+        tmp_path,
+        """
         flows:
           a:
             description: Links from a branch.
@@ -161,7 +183,8 @@ def test_link_inside_a_branch_may_end_that_branch(tmp_path):
           b:
             description: B.
             steps: [{action: utter_b}]
-        """)["a"]  # fmt: skip
+        """,
+    )["a"]
     assert targets(flow, "a_2_link_b") == [(None, END)]
     assert targets(flow, "a_0_noop")[-1] == (None, END)
 
@@ -198,7 +221,12 @@ def test_domain_slots_types_and_values(tmp_path):
     path = write(tmp_path, "domain.yml", DOMAIN)
     domain = read_domain([path], {path: "domain.yml"})
     assert {name: slot.type for name, slot in domain.slots.items()} == {
-        "account_type": "categorical", "amount": "float", "confirmed": "bool", "note": "text", "tags": "list"}
+        "account_type": "categorical",
+        "amount": "float",
+        "confirmed": "bool",
+        "note": "text",
+        "tags": "list",
+    }
     assert domain.slots["account_type"].values == ("checking", "savings")  # `__other__` is a catch-all, not a value
     assert domain.slots["tags"].initial_value == ["a", "b"]
     assert domain.slots["account_type"].location.line == 3
@@ -217,20 +245,26 @@ def test_domain_responses_keep_buttons_and_actions_their_names(tmp_path):
     domain = read_domain([path], {path: "domain.yml"})
     (variation,) = domain.responses["utter_ask_account_type"]
     assert variation.text == "From which account?"
-    assert [(b.title, b.payload) for b in variation.buttons] == [("Checking", "/SetSlots(account_type=checking)"),
-                                                                  ("Savings", "/SetSlots(account_type=savings)")]
+    assert [(b.title, b.payload) for b in variation.buttons] == [
+        ("Checking", "/SetSlots(account_type=checking)"),
+        ("Savings", "/SetSlots(account_type=savings)"),
+    ]
     assert domain.responses["utter_short"][0].text == "Plain text variation"
     assert domain.actions == {"action_check_funds", "action_transfer"}
 
 
 def test_domain_files_merge_and_the_later_slot_definition_wins(tmp_path, caplog):
     first = write(tmp_path, "a.yml", DOMAIN)
-    second = write(tmp_path, "b.yml", """
+    second = write(
+        tmp_path,
+        "b.yml",
+        """
         slots:
           note: {type: any}
         responses:
           utter_bye: [{text: Bye}]
-        """)  # fmt: skip
+        """,
+    )
     domain = read_domain([first, second], {first: "a.yml", second: "b.yml"})
     assert domain.slots["note"].type == "any"
     assert {"utter_ask_account_type", "utter_bye"} <= set(domain.responses)
@@ -241,7 +275,10 @@ def test_domain_files_merge_and_the_later_slot_definition_wins(tmp_path, caplog)
 
 
 def test_annotated_conversations_accept_both_rephrasing_spellings(tmp_path, example_project):
-    path = write(tmp_path, "annotations.yml", """
+    path = write(
+        tmp_path,
+        "annotations.yml",
+        """
         conversations:
         - original_test_case: e2e_tests/hotels/hotel_du.yml::book a hotel
           steps:
@@ -255,7 +292,8 @@ def test_annotated_conversations_accept_both_rephrasing_spellings(tmp_path, exam
           - user: tomorrow
             llm_commands: [set hotel_checkin_date tomorrow]
             failing_rephrasings: [whenever]
-        """)  # fmt: skip
+        """,
+    )
     (conversation,) = load_annotated_conversations(path, example_project)
     first, bot, last = conversation["steps"]
     assert conversation["original_test_case"] == "e2e_tests/hotels/hotel_du.yml::book a hotel"
@@ -269,13 +307,17 @@ def test_annotated_conversations_accept_both_rephrasing_spellings(tmp_path, exam
 
 
 def test_annotated_conversations_check_commands_against_the_assistant(tmp_path, example_project):
-    path = write(tmp_path, "annotations.yml", """
+    path = write(
+        tmp_path,
+        "annotations.yml",
+        """
         conversations:
         - original_test_case: x.yml::y
           steps:
           - user: hi
             llm_commands: [start flow book_spaceship]
-        """)  # fmt: skip
+        """,
+    )
     with pytest.raises(InputError, match="unknown flow `book_spaceship`") as error:
         load_annotated_conversations(path, example_project)
     assert error.value.line == 5

@@ -33,25 +33,49 @@ def read_yaml(path: Path):
 
 def run_files(folder: Path) -> dict[str, str]:
     """Every file of the run in `folder`: the shared cache and an unfinished run's staging folder left out."""
-    return {str(p.relative_to(folder)): p.read_text(encoding="utf-8") for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).parts[0] not in ("cache", ".staging")}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): p.read_text(encoding="utf-8")
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).parts[0] not in ("cache", ".staging")
+    }
 
 
 def config_for(project, out: Path, server: ScriptedOpenAIServer, tests: list[str], **overrides) -> PrepareConfig:
     llm = LLMConfig(provider="self-hosted", model="scripted-model", api_base=server.base_url, timeout=2.0)
     settings = dict(
-        tests=tests, out=out, syntax=Syntax.V2, template=choose_template(project, Syntax.V2),
-        datetime_policy=DatetimePolicy(), num_rephrases=3, rephrase_llm=llm,
-        rephrase_template=load_template(PROMPTS_DIR / "rephrase.jinja2"), teacher_llm=llm, oracle_llm=llm,
-        max_concurrency=4, show_progress=False, backoff_base_s=0.01,
-    )  # fmt: skip
+        tests=tests,
+        out=out,
+        syntax=Syntax.V2,
+        template=choose_template(project, Syntax.V2),
+        datetime_policy=DatetimePolicy(),
+        num_rephrases=3,
+        rephrase_llm=llm,
+        rephrase_template=load_template(PROMPTS_DIR / "rephrase.jinja2"),
+        teacher_llm=llm,
+        oracle_llm=llm,
+        max_concurrency=4,
+        show_progress=False,
+        backoff_base_s=0.01,
+    )
     settings.update(overrides)
     return PrepareConfig(**settings)
 
 
 def cli(tmp_path: Path, config: Path, *tests: str, out: Path | None = None, extra: tuple[str, ...] = ()) -> list[str]:
-    return ["prepare-data", *(tests or (DU,)), "-o", str(out or tmp_path / "out"), "--no-progress",
-            "--num-rephrases", "2", "--rephrase-config", str(config), "--teacher-config", str(config), *extra]
+    return [
+        "prepare-data",
+        *(tests or (DU,)),
+        "-o",
+        str(out or tmp_path / "out"),
+        "--no-progress",
+        "--num-rephrases",
+        "2",
+        "--rephrase-config",
+        str(config),
+        "--teacher-config",
+        str(config),
+        *extra,
+    ]
 
 
 def default_sigint() -> None:
@@ -69,8 +93,9 @@ def one_line(err: str) -> str:
 
 
 def test_every_failed_oracle_call_is_counted_printed_and_exits_1(tmp_path, example_project, capsys):
-    responder = ScriptedAssistantLLM(example_project, [DU],
-                                     faults=lambda kind, prompt, hit: Reply.error(400) if kind == "commands" else None)
+    responder = ScriptedAssistantLLM(
+        example_project, [DU], faults=lambda kind, prompt, hit: Reply.error(400) if kind == "commands" else None
+    )
     with ScriptedOpenAIServer(responder) as server:
         code = main(cli(tmp_path, write_llm_config(tmp_path / "llm.yml", server.base_url)))
     err = capsys.readouterr().err
@@ -83,11 +108,18 @@ def test_every_failed_oracle_call_is_counted_printed_and_exits_1(tmp_path, examp
 
 
 def test_every_failed_teacher_call_is_counted_and_exits_1(tmp_path, example_project, capsys):
-    responder = ScriptedAssistantLLM(example_project, [CLASSIC], faults=lambda kind, prompt, hit: (
-        Reply.error(400) if kind == "commands" else None))  # fmt: skip
+    responder = ScriptedAssistantLLM(
+        example_project, [CLASSIC], faults=lambda kind, prompt, hit: Reply.error(400) if kind == "commands" else None
+    )
     with ScriptedOpenAIServer(responder) as server:
-        code = main(cli(tmp_path, write_llm_config(tmp_path / "llm.yml", server.base_url), CLASSIC,
-                        extra=("--num-rephrases", "0")))  # fmt: skip
+        code = main(
+            cli(
+                tmp_path,
+                write_llm_config(tmp_path / "llm.yml", server.base_url),
+                CLASSIC,
+                extra=("--num-rephrases", "0"),
+            )
+        )
     assert code == 1
     summary = read_yaml(tmp_path / "out/result_summary.yaml")["recipe"]
     assert summary["failed_llm_calls"]["teacher"] > 0
@@ -96,11 +128,13 @@ def test_every_failed_teacher_call_is_counted_and_exits_1(tmp_path, example_proj
 
 
 def test_a_role_whose_calls_keep_failing_stops_being_called_and_the_run_finishes(tmp_path, example_project):
-    responder = ScriptedAssistantLLM(example_project, [DU],
-                                     faults=lambda kind, prompt, hit: Reply.error(500) if kind == "commands" else None)
+    responder = ScriptedAssistantLLM(
+        example_project, [DU], faults=lambda kind, prompt, hit: Reply.error(500) if kind == "commands" else None
+    )
     with ScriptedOpenAIServer(responder) as server:
-        result = prepare_data(example_project, config_for(example_project, tmp_path / "out", server, [DU],
-                                                          max_concurrency=2))  # fmt: skip
+        result = prepare_data(
+            example_project, config_for(example_project, tmp_path / "out", server, [DU], max_concurrency=2)
+        )
     summary = result.summary["recipe"]
     usage = summary["llm_usage"]["oracle"]
     assert "oracle" in summary["llm_roles_down"] and usage["not_sent"] > 0
@@ -118,8 +152,10 @@ def test_a_wrong_key_stops_before_any_paid_call_with_one_line_and_exit_2(tmp_pat
     wrong = "sk-proj-wrong0123456789abcdef"
     with ScriptedOpenAIServer(ScriptedAssistantLLM(example_project, [DU]), api_key=key) as server:
         config = tmp_path / "llm.yml"
-        config.write_text(f"llm:\n  provider: self-hosted\n  model: scripted-model\n  api_base: {server.base_url}\n"
-                          "  api_key_env: MY_LLM_KEY\n")  # fmt: skip
+        config.write_text(
+            f"llm:\n  provider: self-hosted\n  model: scripted-model\n  api_base: {server.base_url}\n"
+            "  api_key_env: MY_LLM_KEY\n"
+        )
         os.environ["MY_LLM_KEY"] = wrong
         try:
             code = main(cli(tmp_path, config))
@@ -146,8 +182,9 @@ def test_a_401_in_the_middle_of_a_run_stops_it_at_once(tmp_path, example_project
     # The model list answers (the key was fine then), every completion is refused: the key was revoked mid-run.
     responder = ScriptedAssistantLLM(example_project, [DU], faults=lambda kind, prompt, hit: Reply.error(401))
     with ScriptedOpenAIServer(responder) as server:
-        code = main(cli(tmp_path, write_llm_config(tmp_path / "llm.yml", server.base_url),
-                        extra=("--max-concurrency", "2")))  # fmt: skip
+        code = main(
+            cli(tmp_path, write_llm_config(tmp_path / "llm.yml", server.base_url), extra=("--max-concurrency", "2"))
+        )
         hits = server.hits()
     line = one_line(capsys.readouterr().err)
     assert code == 2 and "401" in line and "stopped at once" in line
@@ -169,11 +206,13 @@ def test_an_unreachable_endpoint_stops_within_seconds(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- poisoned cache
 
 
-@pytest.mark.parametrize("bad", [Reply.text("start fl", finish_reason="length"), Reply.text("")],
-                         ids=["cut at the token limit", "empty"])
+@pytest.mark.parametrize(
+    "bad", [Reply.text("start fl", finish_reason="length"), Reply.text("")], ids=["cut at the token limit", "empty"]
+)
 def test_cut_or_empty_answers_are_retried_counted_and_never_cached(tmp_path, example_project, bad):
-    faulty = ScriptedAssistantLLM(example_project, [DU], faults=lambda kind, prompt, hit: bad if kind == "commands"
-                                  else None)  # fmt: skip
+    faulty = ScriptedAssistantLLM(
+        example_project, [DU], faults=lambda kind, prompt, hit: bad if kind == "commands" else None
+    )
     with ScriptedOpenAIServer(faulty) as server:
         broken = prepare_data(example_project, config_for(example_project, tmp_path / "out", server, [DU]))
     summary = broken.summary["recipe"]
@@ -221,8 +260,9 @@ def test_a_rerun_with_a_bad_template_leaves_the_previous_run_untouched(tmp_path,
     broken = tmp_path / "broken.jinja2"
     broken.write_text("{{ user_message }}{{ current_conversation | int(1, 2, 3, 4) }}")
     capsys.readouterr()
-    assert main(["prepare-data", DU, "--offline", "--no-progress", "-o", str(out), "--prompt-template",
-                 str(broken)]) == 2  # fmt: skip
+    assert (
+        main(["prepare-data", DU, "--offline", "--no-progress", "-o", str(out), "--prompt-template", str(broken)]) == 2
+    )
     assert str(broken) in one_line(capsys.readouterr().err)
     assert run_files(out) == before
     assert {p.name for p in out.iterdir()} - {"cache"} == {name.split("/", 1)[0] for name in before}
@@ -258,11 +298,17 @@ def test_an_interrupted_run_keeps_the_previous_outputs_and_resumes_without_payin
         first_oracle = responder.kinds["commands"]
         before = run_files(out)
         responder.kinds.clear()
-        (tmp_path / "other.jinja2").write_text(Path(choose_template(example_project, Syntax.V2).path).read_text()
-                                               + "\n")  # a changed prompt: every oracle call is new  # fmt: skip
+        (tmp_path / "other.jinja2").write_text(
+            Path(choose_template(example_project, Syntax.V2).path).read_text() + "\n"
+        )  # a changed prompt: every oracle call is new
         changed = [*command, "--prompt-template", str(tmp_path / "other.jinja2")]
-        process["proc"] = subprocess.Popen([sys.executable, "-m", "recipe", *changed], stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)  # fmt: skip
+        process["proc"] = subprocess.Popen(
+            [sys.executable, "-m", "recipe", *changed],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_sigint,
+        )
         _, err = process["proc"].communicate(timeout=120)
         assert process.pop("proc").returncode == 130
         assert run_files(out) == before  # the previous run is intact
@@ -279,13 +325,21 @@ def test_an_interrupted_run_keeps_the_previous_outputs_and_resumes_without_payin
 
 def test_a_key_echoed_by_the_server_is_redacted_everywhere(tmp_path, example_project, capsys):
     key = "sk-proj-Secret0123456789abcdefXYZ"
-    responder = ScriptedAssistantLLM(example_project, [DU], faults=lambda kind, prompt, hit: (
-        Reply.error(400, message=f"invalid request made with key {key} (sk-proj-****************fXYZ)")
-        if kind == "commands" else None))  # fmt: skip
+    responder = ScriptedAssistantLLM(
+        example_project,
+        [DU],
+        faults=lambda kind, prompt, hit: (
+            Reply.error(400, message=f"invalid request made with key {key} (sk-proj-****************fXYZ)")
+            if kind == "commands"
+            else None
+        ),
+    )
     with ScriptedOpenAIServer(responder) as server:
         config = tmp_path / "llm.yml"
-        config.write_text(f"llm:\n  provider: self-hosted\n  model: scripted-model\n  api_base: {server.base_url}\n"
-                          "  api_key_env: MY_LLM_KEY\n")  # fmt: skip
+        config.write_text(
+            f"llm:\n  provider: self-hosted\n  model: scripted-model\n  api_base: {server.base_url}\n"
+            "  api_key_env: MY_LLM_KEY\n"
+        )
         os.environ["MY_LLM_KEY"] = key
         try:
             assert main(cli(tmp_path, config)) == 1
@@ -312,9 +366,14 @@ def _suite(folder: Path) -> Path:
 
 def test_hostile_inputs_are_one_line_each_without_a_traceback(tmp_path, capsys):
     bomb = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else 'lol'}]\n" for i in range(9))
-    cases = {"alias bomb": ("bomb.yml", "test_cases:\n  - test_case: t\n    steps:\n      - user: hi\n" + bomb,
-                            "alias bomb"),  # 9**9 values once expanded
-             "deep nesting": ("deep.yml", "test_cases: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply")}
+    cases = {
+        "alias bomb": (
+            "bomb.yml",
+            "test_cases:\n  - test_case: t\n    steps:\n      - user: hi\n" + bomb,
+            "alias bomb",
+        ),  # 9**9 values once expanded
+        "deep nesting": ("deep.yml", "test_cases: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    }
     for name, (file_name, text, words) in cases.items():
         suite = _suite(tmp_path / name.replace(" ", "_"))
         (suite / file_name).write_text(text)
@@ -331,8 +390,21 @@ def test_hostile_inputs_are_one_line_each_without_a_traceback(tmp_path, capsys):
     assert all("symbolic link" in line and "Traceback" not in line for line in lines)
     latin1 = tmp_path / "latin1.jinja2"
     latin1.write_bytes("Caf\xe9 {{ user_message }}".encode("latin-1"))
-    assert main(["prepare-data", DU, "--offline", "--no-progress", "-o", str(tmp_path / "o"), "--prompt-template",
-                 str(latin1)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare-data",
+                DU,
+                "--offline",
+                "--no-progress",
+                "-o",
+                str(tmp_path / "o"),
+                "--prompt-template",
+                str(latin1),
+            ]
+        )
+        == 2
+    )
     assert "not UTF-8" in one_line(capsys.readouterr().err)
     project = tmp_path / "assistant"
     project.mkdir()

@@ -65,14 +65,17 @@ def test_offline_variants_keep_every_value_exactly_and_include_voice_channel_for
     assert rule_based_rephrasings(text, 10, seed=1, values=values) == variants  # seeded
 
 
-@pytest.mark.parametrize("text, bad", [
-    ("Do I need a visa for Brazil?", "I'd like a visa"),  # swaps only at the start of the message
-    ("no preference, skip this", "nope preference"),
-    ("twin beds please", "please please"),
-    ("is a second driver included in the price?", "thank you?"),
-    ("a tour on Sunday 22 March", "twenty-two March"),  # numbers inside values stay as written
-    ("at 14:05 on 3/4", "fourteen"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, bad",
+    [
+        ("Do I need a visa for Brazil?", "I'd like a visa"),  # swaps only at the start of the message
+        ("no preference, skip this", "nope preference"),
+        ("twin beds please", "please please"),
+        ("is a second driver included in the price?", "thank you?"),
+        ("a tour on Sunday 22 March", "twenty-two March"),  # numbers inside values stay as written
+        ("at 14:05 on 3/4", "fourteen"),
+    ],
+)
 def test_offline_variants_do_not_break_the_sentence(text, bad):
     values = ["Sunday 22 March"] if "March" in text else []
     assert all(bad not in v for v in rule_based_rephrasings(text, 10, seed=5, values=values, first_turn=False))
@@ -83,8 +86,17 @@ def test_greetings_open_only_the_first_message():
     assert not any(v.startswith(("Hi,", "Hello,", "Hey,")) for v in later)
 
 
-@pytest.mark.parametrize("a, b", [("Forty euros", "40"), ("€40.00", "40 EUR"), ("1,200", "1200"),
-                                  ("New  York", "new york"), ("boat_trip", "Boat trip"), ("twenty-one", "21")])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("Forty euros", "40"),
+        ("€40.00", "40 EUR"),
+        ("1,200", "1200"),
+        ("New  York", "new york"),
+        ("boat_trip", "Boat trip"),
+        ("twenty-one", "21"),
+    ],
+)
 def test_values_that_say_the_same_thing_normalise_alike(a, b):
     assert normalize_value(a) == normalize_value(b)
 

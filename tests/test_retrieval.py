@@ -98,17 +98,17 @@ responses:
 # The documents, written out by hand from the runtime's flow document template (recipe/retrieval.py docstring).
 DOCUMENTS = {
     "transfer_money": "transfer money: Send money to a friend or family member.\n"
-                      "    recipient: name of the payee\n"
-                      "    is_verified: whether the answer was right, allowed values: [True, False]\n"
-                      "    account: , allowed values: ['checking', 'savings']\n"
-                      "    amount: amount in euros",
+    "    recipient: name of the payee\n"
+    "    is_verified: whether the answer was right, allowed values: [True, False]\n"
+    "    account: , allowed values: ['checking', 'savings']\n"
+    "    amount: amount in euros",
     "check_balance": "Balance check: Show the balance of an account.\n"
-                     "    account: the account to show, allowed values: ['checking', 'savings']",
+    "    account: the account to show, allowed values: ['checking', 'savings']",
     "book_hotel": "book hotel: Book a hotel room in a city.\n    city: the city of the hotel",
     "rent-a_car": "rent a car: Rent a car for a trip.\n    city: pick-up city",
     "premium_support": "premium support: Talk to premium support about a car problem.",
     "report_lost_card": "report lost card: Block a lost or stolen card.",
-}  # fmt: skip
+}
 
 
 def write_project(root: Path, config: str | None = None, endpoints: str | None = None) -> Project:
@@ -134,8 +134,13 @@ def retrieval(server: ScriptedOpenAIServer, cache: Path | None, **settings: Any)
 
 def state(slots: dict[str, Any] | None = None, started: tuple[str, ...] = (), transcript=()) -> DialogueState:
     """`started`: flows in the order they were started, each at the start of the transcript."""
-    return DialogueState(slots=slots or {}, stack=(), transcript=tuple(transcript), started_flows=started,
-                         flow_starts=tuple((flow_id, 0) for flow_id in started))
+    return DialogueState(
+        slots=slots or {},
+        stack=(),
+        transcript=tuple(transcript),
+        started_flows=started,
+        flow_starts=tuple((flow_id, 0) for flow_id in started),
+    )
 
 
 def by_score(message: str, flow_ids: list[str] | None = None) -> list[str]:
@@ -158,8 +163,10 @@ def test_flow_documents_follow_the_runtime_template(tmp_path: Path) -> None:
     project = write_project(tmp_path)
     for flow_id, expected in DOCUMENTS.items():
         assert flow_document(project, project.flows[flow_id]) == expected
-    assert flow_document(project, project.flows["check_balance"], embed_slots=False) == DOCUMENTS[
-        "check_balance"].split("\n")[0]
+    assert (
+        flow_document(project, project.flows["check_balance"], embed_slots=False)
+        == DOCUMENTS["check_balance"].split("\n")[0]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- order and selection
@@ -178,8 +185,13 @@ def test_order_is_always_included_then_started_then_top_k_by_score(tmp_path: Pat
         assert select(project, message, dialogue) == expected
         # without retrieval: every startable flow in file order, today's behaviour
         project.flow_retrieval = None
-        assert select(project, message, dialogue) == ["transfer_money", "check_balance", "book_hotel", "rent-a_car",
-                                                      "report_lost_card"]  # fmt: skip
+        assert select(project, message, dialogue) == [
+            "transfer_money",
+            "check_balance",
+            "book_hotel",
+            "rent-a_car",
+            "report_lost_card",
+        ]
 
 
 def test_started_flows_count_within_the_last_20_messages_latest_start_first(tmp_path: Path) -> None:
@@ -189,11 +201,17 @@ def test_started_flows_count_within_the_last_20_messages_latest_start_first(tmp_
     with ScriptedOpenAIServer() as server:
         project.flow_retrieval = retrieval(server, tmp_path / "cache", num_flows=0)
         # check_balance at line 5 (25 messages ago), transfer_money at 12, check_balance again at 20.
-        recent = DialogueState(slots={}, stack=(), transcript=lines, started_flows=("check_balance", "transfer_money"),
-                               flow_starts=(("check_balance", 5), ("transfer_money", 12), ("check_balance", 20)))
+        recent = DialogueState(
+            slots={},
+            stack=(),
+            transcript=lines,
+            started_flows=("check_balance", "transfer_money"),
+            flow_starts=(("check_balance", 5), ("transfer_money", 12), ("check_balance", 20)),
+        )
         assert select(project, message, recent) == ["book_hotel", "check_balance", "transfer_money"]
-        old = DialogueState(slots={}, stack=(), transcript=lines, started_flows=("check_balance",),
-                            flow_starts=(("check_balance", 5),))
+        old = DialogueState(
+            slots={}, stack=(), transcript=lines, started_flows=("check_balance",), flow_starts=(("check_balance", 5),)
+        )
         assert select(project, message, old) == ["book_hotel"]
 
 
@@ -223,22 +241,27 @@ def test_guard_failing_and_link_only_flows_never_appear(tmp_path: Path) -> None:
         # started before, then its guard failed: still dropped
         assert "premium_support" not in select(project, message, state(started=("premium_support",)))
         # `if: False` is never embedded, never listed, even when started (called) earlier
-        assert "verify_identity" not in select(project, "verify identity secret question", state(
-            started=("verify_identity",)))
+        assert "verify_identity" not in select(
+            project, "verify identity secret question", state(started=("verify_identity",))
+        )
         documents = server.requests[0].body["input"]  # the first request: every document, in one batch
         assert documents == [DOCUMENTS[fid] for fid in DOCUMENTS]  # verify_identity's is not among them
 
 
 def test_turns_to_embed_adds_transcript_lines_to_the_query(tmp_path: Path) -> None:
     project = write_project(tmp_path)
-    transcript = [TranscriptLine("USER", "hello"), TranscriptLine("AI", "Hi! How can I help?"),
-                  TranscriptLine("USER", "about my card")]  # fmt: skip
+    transcript = [
+        TranscriptLine("USER", "hello"),
+        TranscriptLine("AI", "Hi! How can I help?"),
+        TranscriptLine("USER", "about my card"),
+    ]
     with ScriptedOpenAIServer() as server:
         one = retrieval(server, None)
         two = retrieval(server, None, turns_to_embed=2)
         assert one.query_text(state(transcript=transcript), "it was stolen") == "it was stolen"
         assert two.query_text(state(transcript=transcript), "it was stolen") == (
-            "AI: Hi! How can I help?\nUSER: about my card\nUSER: it was stolen")
+            "AI: Hi! How can I help?\nUSER: about my card\nUSER: it was stolen"
+        )
         two.select(project, project.user_flows, state(transcript=transcript), "it was stolen")
         queries = [request.body["input"] for request in server.requests if len(request.body["input"]) == 1]
         assert queries == [["AI: Hi! How can I help?\nUSER: about my card\nUSER: it was stolen"]]
@@ -254,8 +277,9 @@ def test_prompt_from_a_template_lists_the_retrieved_flows(tmp_path: Path) -> Non
     flows_line = next(line for line in prompt.splitlines() if line.startswith('{"flows":'))
     names = [flow["name"] for flow in json.loads(flows_line)["flows"]]
     top = [fid for fid in by_score(message) if fid not in ("verify_identity", "premium_support")]
-    expected = ["book_hotel", "check_balance"] + [fid for fid in by_score(message)[:2]
-                                                   if fid not in ("book_hotel", "check_balance", "premium_support")]
+    expected = ["book_hotel", "check_balance"] + [
+        fid for fid in by_score(message)[:2] if fid not in ("book_hotel", "check_balance", "premium_support")
+    ]
     assert names == expected and names[2] == top[0] == "rent-a_car"
     assert '{"name":"rent-a_car","description":"Rent a car for a trip.","slots":[{"name":"city",' in flows_line
 
@@ -276,7 +300,8 @@ def test_documents_are_one_batch_and_a_second_run_sends_nothing(tmp_path: Path) 
         assert requests[0].body["model"] == "test-embed" and requests[0].body["encoding_format"] == "float"
         again = retrieval(server, cache)  # a new run: vectors come from disk
         assert again.select(project, project.user_flows, state(), "block my card") == first.select(
-            project, project.user_flows, state(), "block my card")
+            project, project.user_flows, state(), "block my card"
+        )
         assert server.hits(endpoint="embeddings") == 3
         assert again.client.usage.api_calls == 0 and again.client.usage.cache_hits > 0
     # the cache key does not depend on where the model runs
@@ -304,10 +329,13 @@ def test_transient_errors_are_retried(tmp_path: Path) -> None:
         assert (client.usage.api_calls, client.usage.retries) == (4, 3)
 
 
-@pytest.mark.parametrize(("reply", "expected"), [
-    (Reply.error(401, message="Incorrect API key provided"), "HTTP 401, the API key was refused"),
-    (Reply.error(404, message="model not found"), "HTTP 404, no such model or route"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (Reply.error(401, message="Incorrect API key provided"), "HTTP 401, the API key was refused"),
+        (Reply.error(404, message="model not found"), "HTTP 404, no such model or route"),
+    ],
+)
 def test_a_bad_key_or_model_is_one_clear_error(reply: Reply, expected: str) -> None:
     with ScriptedOpenAIServer(FaultSchedule().script(reply)) as server:
         client = EmbeddingsClient(embeddings(server), cache_dir=None, environ={}, **FAST)
@@ -329,16 +357,20 @@ def test_an_unreachable_endpoint_is_one_clear_error() -> None:
 
 def test_embeddings_config_files(tmp_path: Path) -> None:
     path = tmp_path / "emb.yml"
-    path.write_text("embeddings:\n  provider: self-hosted\n  model: bge\n  api_base: http://h:8000/v1\n"
-                    "  api_key: ${EMB_KEY}\n", encoding="utf-8")  # fmt: skip
+    path.write_text(
+        "embeddings:\n  provider: self-hosted\n  model: bge\n  api_base: http://h:8000/v1\n  api_key: ${EMB_KEY}\n",
+        encoding="utf-8",
+    )
     config = load_embeddings_config(path)
     assert (config.model, config.api_key_env, config.api_key({"EMB_KEY": "k"})) == ("bge", "EMB_KEY", "k")
     with pytest.raises(ConfigError, match="no API key .* set EMB_KEY"):
         config.api_key({})
-    for text, message in [("model: x\napi_key: sk-123\n", "literal `api_key`"),
-                          ("provider: self-hosted\nmodel: x\n", "needs 'api_base'"),
-                          ("model: x\ncolour: red\n", "unknown embeddings config key 'colour'"),
-                          ("model: x\ndimensions: -1\n", "positive integer")]:  # fmt: skip
+    for text, message in [
+        ("model: x\napi_key: sk-123\n", "literal `api_key`"),
+        ("provider: self-hosted\nmodel: x\n", "needs 'api_base'"),
+        ("model: x\ncolour: red\n", "unknown embeddings config key 'colour'"),
+        ("model: x\ndimensions: -1\n", "positive integer"),
+    ]:
         path.write_text(text, encoding="utf-8")
         with pytest.raises(ConfigError, match=message):
             load_embeddings_config(path)
@@ -348,7 +380,9 @@ def test_embeddings_config_files(tmp_path: Path) -> None:
 
 
 def test_config_yml_flow_retrieval_block(tmp_path: Path) -> None:
-    project = write_project(tmp_path, config="""
+    project = write_project(
+        tmp_path,
+        config="""
         pipeline:
           - name: CompactLLMCommandGenerator
             flow_retrieval:
@@ -357,7 +391,8 @@ def test_config_yml_flow_retrieval_block(tmp_path: Path) -> None:
               should_embed_slots: false
               embeddings:
                 model_group: embedder
-        """, endpoints="""
+        """,
+        endpoints="""
         model_groups:
           - id: embedder
             models:
@@ -365,13 +400,16 @@ def test_config_yml_flow_retrieval_block(tmp_path: Path) -> None:
                 model: bge-small
                 api_base: http://127.0.0.1:9/v1
                 extra_rasa_key: ignored
-        """)  # fmt: skip
+        """,
+    )
     config = read_flow_retrieval_config(project.root)
     assert config is not None and config.active and config.embeddings is not None
     assert (config.num_flows, config.turns_to_embed, config.should_embed_slots) == (3, 2, False)
     assert (config.embeddings.provider, config.embeddings.model) == ("self-hosted", "bge-small")
-    (tmp_path / "config.yml").write_text("pipeline:\n  - name: CompactLLMCommandGenerator\n    flow_retrieval:\n"
-                                         "      num_flows: many\n", encoding="utf-8")  # fmt: skip
+    (tmp_path / "config.yml").write_text(
+        "pipeline:\n  - name: CompactLLMCommandGenerator\n    flow_retrieval:\n      num_flows: many\n",
+        encoding="utf-8",
+    )
     with pytest.raises(ConfigError, match=r"config.yml:3: flow_retrieval `num_flows` must be an integer"):
         read_flow_retrieval_config(project.root)
     (tmp_path / "config.yml").write_text("pipeline:\n  - name: NLUCommandAdapter\n", encoding="utf-8")
@@ -379,8 +417,9 @@ def test_config_yml_flow_retrieval_block(tmp_path: Path) -> None:
 
 
 def test_retrieval_on_without_embeddings_keeps_file_order_and_warns(tmp_path: Path, caplog) -> None:
-    project = write_project(tmp_path, config="pipeline:\n  - name: CompactLLMCommandGenerator\n    flow_retrieval:\n"
-                                             "      num_flows: 2\n")  # fmt: skip
+    project = write_project(
+        tmp_path, config="pipeline:\n  - name: CompactLLMCommandGenerator\n    flow_retrieval:\n      num_flows: 2\n"
+    )
     with caplog.at_level(logging.WARNING, logger="recipe"):
         assert flow_retrieval_for(project, None, cache_dir=tmp_path, environ={}) is None
     messages = [record.getMessage() for record in caplog.records]
@@ -388,8 +427,9 @@ def test_retrieval_on_without_embeddings_keeps_file_order_and_warns(tmp_path: Pa
     assert "serve the finetuned model with `flow_retrieval: {active: false}`" in messages[0]
     assert "6 startable flows" in messages[1] and "only the 2 most similar" in messages[1]
     caplog.clear()
-    (tmp_path / "config.yml").write_text("pipeline:\n  - name: CompactLLMCommandGenerator\n    flow_retrieval:\n"
-                                         "      active: false\n", encoding="utf-8")  # fmt: skip
+    (tmp_path / "config.yml").write_text(
+        "pipeline:\n  - name: CompactLLMCommandGenerator\n    flow_retrieval:\n      active: false\n", encoding="utf-8"
+    )
     with caplog.at_level(logging.WARNING, logger="recipe"):
         assert flow_retrieval_for(project, None, cache_dir=tmp_path, environ={}) is None
     assert caplog.records == []
@@ -416,11 +456,14 @@ def test_render_prompt_with_embeddings_config(tmp_path: Path, capsys, monkeypatc
         expected = [flow["name"] for flow in prompt_variables(project, turn.state, turn.text, None)["available_flows"]]
         assert server.hits(endpoint="embeddings") == 2  # the CLI's cache served this too
         project.flow_retrieval = None
-        file_order = [flow["name"] for flow in
-                      prompt_variables(project, turn.state, turn.text, None)["available_flows"]]
+        file_order = [
+            flow["name"] for flow in prompt_variables(project, turn.state, turn.text, None)["available_flows"]
+        ]
     assert sorted(expected) == sorted(file_order) and expected != file_order  # the bundled example has < 20 flows
-    names = [flow["name"] for flow in json.loads(next(line for line in out.splitlines()
-                                                      if line.startswith('{"flows":')))["flows"]]
+    names = [
+        flow["name"]
+        for flow in json.loads(next(line for line in out.splitlines() if line.startswith('{"flows":')))["flows"]
+    ]
     assert names == expected
 
 
@@ -429,8 +472,17 @@ def test_cli_bad_key_exits_2_with_one_line(tmp_path: Path, capsys, monkeypatch) 
     with ScriptedOpenAIServer(FaultSchedule().script(Reply.error(401))) as server:
         path = tmp_path / "emb.yml"
         path.write_text(f"provider: self-hosted\nmodel: test-embed\napi_base: {server.base_url}\n", encoding="utf-8")
-        code = main(["render-prompt", "e2e_tests/hotels/hotel_du.yml::correct the number of nights", "--step", "1",
-                     "--no-datetime", "--embeddings-config", str(path)])  # fmt: skip
+        code = main(
+            [
+                "render-prompt",
+                "e2e_tests/hotels/hotel_du.yml::correct the number of nights",
+                "--step",
+                "1",
+                "--no-datetime",
+                "--embeddings-config",
+                str(path),
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "HTTP 401, the API key was refused" in err and len(err.splitlines()) == 1
 
@@ -438,18 +490,37 @@ def test_cli_bad_key_exits_2_with_one_line(tmp_path: Path, capsys, monkeypatch) 
 def test_rasa_config_keeps_retrieval_on_when_the_data_was_built_with_it(tmp_path: Path) -> None:
     with ScriptedOpenAIServer() as server:
         info = flow_retrieval_info(retrieval(server, None, num_flows=5))
-    assert info == {"active": True, "embeddings": {"provider": "self-hosted", "model": "test-embed",
-                                                   "api_base": info["embeddings"]["api_base"], "dimensions": None},
-                    "num_flows": 5, "turns_to_embed": 1, "should_embed_slots": True}  # fmt: skip
+    assert info == {
+        "active": True,
+        "embeddings": {
+            "provider": "self-hosted",
+            "model": "test-embed",
+            "api_base": info["embeddings"]["api_base"],
+            "dimensions": None,
+        },
+        "num_flows": 5,
+        "turns_to_embed": 1,
+        "should_embed_slots": True,
+    }
     training = {"command_syntax": "v2", "prompt_template": "/x/cmdgen.jinja2", "flow_retrieval": info}
-    config = rasa_config(model_name="m", api_base="http://h:8000/v1", training_info=training, prompt_template=None,
-                         syntax=None)  # fmt: skip
+    config = rasa_config(
+        model_name="m", api_base="http://h:8000/v1", training_info=training, prompt_template=None, syntax=None
+    )
     block = config.config["pipeline"][0]["flow_retrieval"]
-    assert block == {"active": True, "embeddings": {"provider": "openai", "model": "test-embed",
-                                                    "api_base": info["embeddings"]["api_base"]},
-                     "num_flows": 5, "turns_to_embed": 1, "should_embed_slots": True}  # fmt: skip
+    assert block == {
+        "active": True,
+        "embeddings": {"provider": "openai", "model": "test-embed", "api_base": info["embeddings"]["api_base"]},
+        "num_flows": 5,
+        "turns_to_embed": 1,
+        "should_embed_slots": True,
+    }
     assert any("keep flow_retrieval on" in note for note in config.notes)
-    off = rasa_config(model_name="m", api_base="http://h:8000/v1", training_info={**training, "flow_retrieval": {
-        "active": False}}, prompt_template=None, syntax=None)
+    off = rasa_config(
+        model_name="m",
+        api_base="http://h:8000/v1",
+        training_info={**training, "flow_retrieval": {"active": False}},
+        prompt_template=None,
+        syntax=None,
+    )
     assert off.config["pipeline"][0]["flow_retrieval"] == {"active": False}
     assert json.dumps(info)  # plain values, ready for dataset_info.json

@@ -68,17 +68,20 @@ def info(finetuned) -> dict:
 # ---------------------------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize(("command", "reason"), [
-    (StartFlow("book_spaceship"), "unknown flow `book_spaceship`"),
-    (StartFlow("pattern_chitchat"), "unknown flow `pattern_chitchat`"),
-    (StartFlow("offer_travel_insurance"), "reached only through a link or call"),
-    (SetSlot("hotel_stars", "5"), "unknown slot `hotel_stars`"),
-    (SetSlot("room_type", "penthouse"), "`penthouse` is not a value of categorical slot `room_type`"),
-    (SetSlot("confirm_hotel_booking", "maybe"), "not a valid bool value"),
-    (SetSlot("num_nights", "three"), "not a valid float value"),
-    (SetSlot("user_logged_in", "True"), "slot `user_logged_in` is not filled by the command generator"),
-    (Clarify(("book_spaceship", "book_yacht")), "clarify option `book_spaceship`"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [
+        (StartFlow("book_spaceship"), "unknown flow `book_spaceship`"),
+        (StartFlow("pattern_chitchat"), "unknown flow `pattern_chitchat`"),
+        (StartFlow("offer_travel_insurance"), "reached only through a link or call"),
+        (SetSlot("hotel_stars", "5"), "unknown slot `hotel_stars`"),
+        (SetSlot("room_type", "penthouse"), "`penthouse` is not a value of categorical slot `room_type`"),
+        (SetSlot("confirm_hotel_booking", "maybe"), "not a valid bool value"),
+        (SetSlot("num_nights", "three"), "not a valid float value"),
+        (SetSlot("user_logged_in", "True"), "slot `user_logged_in` is not filled by the command generator"),
+        (Clarify(("book_spaceship", "book_yacht")), "clarify option `book_spaceship`"),
+    ],
+)
 def test_invalid_commands_are_dropped_with_their_reason(project, command, reason):
     kept, dropped = validate_commands([StartFlow("book_hotel"), command], project)
     assert kept == [StartFlow("book_hotel")]
@@ -87,8 +90,15 @@ def test_invalid_commands_are_dropped_with_their_reason(project, command, reason
 
 
 def test_valid_commands_are_kept_in_order(project):
-    commands = [StartFlow("book_hotel"), SetSlot("room_type", "Suite"), SetSlot("hotel_city", "New York"),
-                SetSlot("num_nights", "3"), SetSlot("hotel_city", None), CancelFlow(), ChitChat()]  # fmt: skip
+    commands = [
+        StartFlow("book_hotel"),
+        SetSlot("room_type", "Suite"),
+        SetSlot("hotel_city", "New York"),
+        SetSlot("num_nights", "3"),
+        SetSlot("hotel_city", None),
+        CancelFlow(),
+        ChitChat(),
+    ]
     assert validate_commands(commands, project) == (commands, [])
 
 
@@ -110,8 +120,13 @@ def test_flow_guards_are_checked_against_the_state(project):
 
 
 def test_conversation_state_from_plain_turns(project, template):
-    state = conversation_state(project, [("user", "I need a hotel"), ("bot", "Which city?")], active_flow="book_hotel",
-                               requested_slot="hotel_city", slots={"hotel_checkin_date": "friday"})  # fmt: skip
+    state = conversation_state(
+        project,
+        [("user", "I need a hotel"), ("bot", "Which city?")],
+        active_flow="book_hotel",
+        requested_slot="hotel_city",
+        slots={"hotel_checkin_date": "friday"},
+    )
     generator = CommandGenerator.for_model(project, ScriptlessBackend(), training_info=None, template_path=V2_TEMPLATE)
     prompt = generator.render(state, "Lisbon")
     assert "Active flow: book_hotel, waiting for slot hotel_city" in prompt
@@ -125,7 +140,7 @@ def test_conversation_state_from_plain_turns(project, template):
         (dict(turns=[], active_flow="book_hotel", requested_slot="car_type"), "does not collect"),
         (dict(turns=[], requested_slot="hotel_city"), "needs the active flow"),
         (dict(turns=[], slots={"hotel_stars": 5}), "not in the domain"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(ConfigError, match=message):
             conversation_state(project, bad.pop("turns"), **bad)
 
@@ -168,18 +183,22 @@ def test_template_comes_from_the_training_info_and_a_mismatch_is_loud(project, i
 def test_endpoint_is_called_like_rasa_and_the_answer_is_validated(project, info):
     answer = "start flow book_hotel\nset slot hotel_city Lisbon\nset slot hotel_stars 5\nStart flow book_hotel"
     with ScriptedOpenAIServer(lambda body: Reply.text(answer, prompt_tokens=900, completion_tokens=20)) as server:
-        generator = CommandGenerator.for_model(project, OpenAIBackend(server.base_url, "cmdgen", max_tokens=48),
-                                               training_info=info)  # fmt: skip
+        generator = CommandGenerator.for_model(
+            project, OpenAIBackend(server.base_url, "cmdgen", max_tokens=48), training_info=info
+        )
         prediction = generator.predict([("user", "hi"), ("bot", "Hello!")], "a hotel in Lisbon please")
         body = server.requests[0].body
     assert body["messages"] == [{"role": "user", "content": prediction.prompt}]
     assert body["model"] == "cmdgen" and body["temperature"] == 0 and body["max_completion_tokens"] == 48
     assert "structured_outputs" not in body
-    assert prediction.prompt == generator.render(conversation_state(project, [("user", "hi"), ("bot", "Hello!")]),
-                                                 "a hotel in Lisbon please")  # fmt: skip
+    assert prediction.prompt == generator.render(
+        conversation_state(project, [("user", "hi"), ("bot", "Hello!")]), "a hotel in Lisbon please"
+    )
     assert prediction.commands == (StartFlow("book_hotel"), SetSlot("hotel_city", "Lisbon"))
-    assert [(d.item, d.unparsed) for d in prediction.dropped] == [("Start flow book_hotel", True),
-                                                                  (SetSlot("hotel_stars", "5"), False)]  # fmt: skip
+    assert [(d.item, d.unparsed) for d in prediction.dropped] == [
+        ("Start flow book_hotel", True),
+        (SetSlot("hotel_stars", "5"), False),
+    ]
     assert not prediction.parseable and len(prediction.invalid) == 1
     assert (prediction.prompt_tokens, prediction.completion_tokens, prediction.finish_reason) == (900, 20, "stop")
     assert prediction.latency_s > 0 and prediction.overhead_s > 0
@@ -196,8 +215,14 @@ def test_constrained_endpoint_gets_the_grammar_and_completions_get_the_raw_promp
     state = conversation_state(project, [])
     assert body["structured_outputs"] == {"regex": generator.grammar(state).regex}
     assert "change_flight" not in generator.grammar(state).flows  # its guard needs a logged-in user
-    assert generator.grammar(state).flows == build_grammar(project, Syntax.V2, flows=[
-        f for f in build_grammar(project, Syntax.V2).flows if f not in ("change_flight",)]).flows
+    assert (
+        generator.grammar(state).flows
+        == build_grammar(
+            project,
+            Syntax.V2,
+            flows=[f for f in build_grammar(project, Syntax.V2).flows if f not in ("change_flight",)],
+        ).flows
+    )
     assert prediction.commands == (CancelFlow(),) and prediction.parseable
 
 
@@ -240,8 +265,11 @@ def test_model_folders_are_resolved_like_finetune_leaves_them(finetuned, tmp_pat
         resolve_model(moved)
     with pytest.raises(ConfigError, match="no merged model"):
         resolve_model(moved, variant="merged", base_model="x")
-    for bad, message in [(tmp_path / "missing", "model folder not found"), (moved / "adapter_config.json", "got a file"),
-                         (tmp_path, "not a model folder")]:  # fmt: skip
+    for bad, message in [
+        (tmp_path / "missing", "model folder not found"),
+        (moved / "adapter_config.json", "got a file"),
+        (tmp_path, "not a model folder"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             resolve_model(bad)
 

@@ -63,8 +63,10 @@ def test_a_declined_correction_keeps_the_old_value_and_the_flow_where_it_was(pro
     variables = prompt_variables(project, declined.state, declined.text, None)
     assert variables["current_flow"] == "pattern_correction"
     assert variables["current_slot"] == "confirm_slot_correction"
-    assert said(declined) == [("utter_not_corrected_previous_input", "Okay, I kept what you said before."),
-                              ("utter_ask_confirm_transfer", "Send 50.0 to Mia?")]  # fmt: skip
+    assert said(declined) == [
+        ("utter_not_corrected_previous_input", "Okay, I kept what you said before."),
+        ("utter_ask_confirm_transfer", "Send 50.0 to Mia?"),
+    ]
     assert declined.slots_after["amount"] == 50.0 and "confirm_slot_correction" not in declined.slots_after
     # the next prompt shows the old value, and the transfer asks its question again
     assert confirmed.state.slots["amount"] == 50.0
@@ -79,8 +81,10 @@ def test_a_confirmed_correction_is_applied_by_action_correct_flow_slot(project):
     assert correction.slots_after["amount"] == 50.0  # not yet
     assert "action_correct_flow_slot" in accepted.events.actions
     assert ("amount", 80.0) in accepted.events.slots_set
-    assert said(accepted) == [("utter_corrected_previous_input", "Done, the amount is now 80.0."),
-                              ("utter_ask_confirm_transfer", "Send 80.0 to Mia?")]  # fmt: skip
+    assert said(accepted) == [
+        ("utter_corrected_previous_input", "Done, the amount is now 80.0."),
+        ("utter_ask_confirm_transfer", "Send 80.0 to Mia?"),
+    ]
     assert last.state.slots["amount"] == 80.0 and "80" in str(flow_slot(project, last, "amount"))
     assert said(last) == [("utter_transfer_done", "Sent 80.0 to Mia.")]
 
@@ -88,8 +92,10 @@ def test_a_confirmed_correction_is_applied_by_action_correct_flow_slot(project):
 def test_the_override_branches_on_context_corrected_slots(project):
     _, correction = replay(project, "a corrected recipient is applied without asking")
     # not the amount: applied at once, as the default pattern does
-    assert said(correction) == [("utter_corrected_previous_input", "Done, the recipient is now Leo."),
-                                ("utter_ask_confirm_transfer", "Send 50.0 to Leo?")]  # fmt: skip
+    assert said(correction) == [
+        ("utter_corrected_previous_input", "Done, the recipient is now Leo."),
+        ("utter_ask_confirm_transfer", "Send 50.0 to Leo?"),
+    ]
     assert correction.slots_after["recipient"] == "Leo"
 
 
@@ -110,8 +116,9 @@ def test_the_default_correction_pattern_applies_at_once_and_a_reset_says_nothing
     (tmp_path / "domain.yml").write_text((ROOT / "domain.yml").read_text(encoding="utf-8"), encoding="utf-8")
     plain = load_project(tmp_path)
     tracker = DialogueTracker(plain)
-    tracker.user_turn("send 50 to Mia", [StartFlow("transfer_money"), SetSlot("recipient", "Mia"),
-                                         SetSlot("amount", "50")])  # fmt: skip
+    tracker.user_turn(
+        "send 50 to Mia", [StartFlow("transfer_money"), SetSlot("recipient", "Mia"), SetSlot("amount", "50")]
+    )
     events = tracker.user_turn("make it 80", [SetSlot("amount", "80")])
     assert tracker.slots["amount"] == 80.0
     assert [m.utter for m in events.bot_messages] == ["utter_corrected_previous_input", "utter_ask_confirm_transfer"]
@@ -136,8 +143,9 @@ def test_a_cancel_override_branches_on_context_canceled_name(project):
 
 def test_pattern_frames_carry_the_runtime_context(project):
     tracker = DialogueTracker(project)
-    tracker.user_turn("send 50 to Mia", [StartFlow("transfer_money"), SetSlot("recipient", "Mia"),
-                                         SetSlot("amount", "50")])  # fmt: skip
+    tracker.user_turn(
+        "send 50 to Mia", [StartFlow("transfer_money"), SetSlot("recipient", "Mia"), SetSlot("amount", "50")]
+    )
     tracker.user_turn("make it 80", [SetSlot("amount", "80")])
     frame = tracker.stack[-1]
     assert frame.flow_id == "pattern_correction"

@@ -19,11 +19,13 @@ from recipe.testing import FaultSchedule, Reply, ScriptedOpenAIServer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _client(server: ScriptedOpenAIServer, cache: Path | None, in_flight: dict | None = None,
-            role: str = "llm") -> LLMClient:  # fmt: skip
+def _client(
+    server: ScriptedOpenAIServer, cache: Path | None, in_flight: dict | None = None, role: str = "llm"
+) -> LLMClient:
     config = LLMConfig(provider="self-hosted", model="m", api_base=server.base_url, timeout=5)
-    return LLMClient(config, cache_dir=cache, environ={}, backoff_base_s=0.01, backoff_cap_s=0.05, role=role,
-                     in_flight=in_flight)  # fmt: skip
+    return LLMClient(
+        config, cache_dir=cache, environ={}, backoff_base_s=0.01, backoff_cap_s=0.05, role=role, in_flight=in_flight
+    )
 
 
 def test_identical_requests_in_flight_are_paid_once(tmp_path: Path) -> None:
@@ -33,8 +35,10 @@ def test_identical_requests_in_flight_are_paid_once(tmp_path: Path) -> None:
         shared: dict = {}
         teacher, oracle = _client(server, tmp_path, shared, "teacher"), _client(server, tmp_path, shared, "oracle")
         try:
-            results = await asyncio.gather(*(client.chat(messages) for client in (teacher, oracle) * 4),
-                                           teacher.chat([{"role": "user", "content": "another"}]))  # fmt: skip
+            results = await asyncio.gather(
+                *(client.chat(messages) for client in (teacher, oracle) * 4),
+                teacher.chat([{"role": "user", "content": "another"}]),
+            )
         finally:
             await teacher.aclose()
             await oracle.aclose()
@@ -68,21 +72,28 @@ def test_a_failed_call_does_not_fail_the_requests_waiting_for_it(tmp_path: Path)
 
 
 def _tree(folder: Path, skip: tuple[str, ...] = ("cache", "params.yaml", "result_summary.yaml")) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).parts[0] not in skip}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).parts[0] not in skip
+    }
 
 
 def test_shards_by_test_file_merge_into_the_one_run_data_set(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     files = [f.path for f in load_tests(["e2e_tests/"], load_project(ROOT))]
     whole = tmp_path / "whole"
-    assert main(["prepare-data", "--offline", "--no-progress", "--num-rephrases", "2", "-o", str(whole),
-                 "e2e_tests/"]) == 0  # fmt: skip
+    assert (
+        main(["prepare-data", "--offline", "--no-progress", "--num-rephrases", "2", "-o", str(whole), "e2e_tests/"])
+        == 0
+    )
     shards = []
     for index, path in enumerate(files):  # one shard per test file, each its own output folder (and cache)
         shards.append(tmp_path / f"shard_{index}")
-        assert main(["prepare-data", "--offline", "--no-progress", "--num-rephrases", "2", "-o", str(shards[-1]),
-                     path]) == 0  # fmt: skip
+        assert (
+            main(["prepare-data", "--offline", "--no-progress", "--num-rephrases", "2", "-o", str(shards[-1]), path])
+            == 0
+        )
     merged = tmp_path / "merged"
     assert main(["prepare-data", "--merge", *map(str, shards), "-o", str(merged), "e2e_tests/"]) == 0
     whole_tree, merged_tree = _tree(whole), _tree(merged)
@@ -99,9 +110,12 @@ def test_shards_by_test_file_merge_into_the_one_run_data_set(tmp_path: Path, mon
         assert both[key] == one[key], key
     assert both["recipe"]["split"] == {k: v for k, v in one["recipe"]["split"].items()}
     assert {k: v["rows"] for k, v in both["recipe"]["per_test_case"].items()} == {
-        k: v["rows"] for k, v in one["recipe"]["per_test_case"].items() if v["rows"]}
-    counted = Counter(json.loads(line)["original_test_name"]
-                      for line in (whole / "3_llm_finetune_data" / "llm_ft_data.jsonl").read_text().splitlines())
+        k: v["rows"] for k, v in one["recipe"]["per_test_case"].items() if v["rows"]
+    }
+    counted = Counter(
+        json.loads(line)["original_test_name"]
+        for line in (whole / "3_llm_finetune_data" / "llm_ft_data.jsonl").read_text().splitlines()
+    )
     assert {k: v["rows"] for k, v in one["recipe"]["per_test_case"].items() if v["rows"]} == dict(counted)
 
 
@@ -110,8 +124,23 @@ def test_merge_refuses_shards_of_other_options_and_missing_folders(tmp_path: Pat
     v2, v1 = tmp_path / "v2", tmp_path / "v1"
     test = "e2e_tests/hotels/hotel_du.yml"
     assert main(["prepare-data", "--offline", "--no-progress", "--num-rephrases", "0", "-o", str(v2), test]) == 0
-    assert main(["prepare-data", "--offline", "--no-progress", "--num-rephrases", "0", "--command-syntax", "v1",
-                 "-o", str(v1), test]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare-data",
+                "--offline",
+                "--no-progress",
+                "--num-rephrases",
+                "0",
+                "--command-syntax",
+                "v1",
+                "-o",
+                str(v1),
+                test,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["prepare-data", "--merge", str(v2), str(v1), "-o", str(tmp_path / "m"), test]) == 2
     assert "differ in command_syntax" in capsys.readouterr().err
@@ -133,8 +162,16 @@ def test_a_rerun_takes_unchanged_test_cases_from_the_cache_and_redoes_changed_on
     shutil.copytree(ROOT / "flows", project / "flows")
     shutil.copytree(ROOT / "e2e_tests", project / "e2e_tests")
     out = tmp_path / "out"
-    argv = ["prepare-data", "--offline", "--no-progress", "--project", str(project), "-o", str(out),
-            str(project / "e2e_tests")]  # fmt: skip
+    argv = [
+        "prepare-data",
+        "--offline",
+        "--no-progress",
+        "--project",
+        str(project),
+        "-o",
+        str(out),
+        str(project / "e2e_tests"),
+    ]
     assert main(argv) == 0
     first = _tree(out)
     assert _reused(out) == 0
@@ -170,10 +207,12 @@ def test_the_offline_path_never_imports_the_openai_sdk(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    script = ("import sys; from recipe.cli import main; "
-              f"code = main(['prepare-data', '--offline', '--no-progress', '-o', {str(tmp_path / 'out')!r}, "
-              "'e2e_tests/hotels/hotel_du.yml']); "
-              "print('openai' in sys.modules); sys.exit(code)")  # fmt: skip
+    script = (
+        "import sys; from recipe.cli import main; "
+        f"code = main(['prepare-data', '--offline', '--no-progress', '-o', {str(tmp_path / 'out')!r}, "
+        "'e2e_tests/hotels/hotel_du.yml']); "
+        "print('openai' in sys.modules); sys.exit(code)"
+    )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
@@ -185,8 +224,10 @@ def test_rows_come_back_from_the_spool_in_input_order_whatever_order_test_cases_
     spool = RowSpool(tmp_path / "rows")
     try:
         for position in (2, 0, 3, 1):  # finishing order
-            spool.add(position, [SpooledRow({"n": f"{position}.{i}", "text": "a\nb\u2028c"}, ("start flow",))
-                                 for i in range(position)])  # fmt: skip
+            spool.add(
+                position,
+                [SpooledRow({"n": f"{position}.{i}", "text": "a\nb\u2028c"}, ("start flow",)) for i in range(position)],
+            )
         rows = list(spool.rows())
     finally:
         spool.close()

@@ -27,8 +27,9 @@ from recipe.serve import ModelServer, ServeLimits, check_exposure, create_app, r
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
 NAME = "cmdgen-wayfarer"
-LIMITS = ServeLimits(max_request_bytes=64_000, max_prompt_tokens=3000, max_tokens=24, default_max_tokens=12,
-                     max_pending=2)  # fmt: skip
+LIMITS = ServeLimits(
+    max_request_bytes=64_000, max_prompt_tokens=3000, max_tokens=24, default_max_tokens=12, max_pending=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +65,17 @@ def client(base_url) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def prompt(project) -> str:
-    generator = CommandGenerator.for_model(project, OpenAIBackend("http://127.0.0.1:1/v1", NAME),
-                                           template_path=PROMPTS_DIR / "command_prompt_v2.jinja2")  # fmt: skip
+    generator = CommandGenerator.for_model(
+        project, OpenAIBackend("http://127.0.0.1:1/v1", NAME), template_path=PROMPTS_DIR / "command_prompt_v2.jinja2"
+    )
     return generator.render(conversation_state(project, [("user", "hi"), ("bot", "Hello!")]), "a car in Porto")
 
 
 def test_serves_on_loopback_and_answers_chat_like_the_local_model(client, base_url, backend, prompt):
     assert base_url.startswith("http://127.0.0.1:")
-    response = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}],
-                                              temperature=0, max_tokens=10)  # fmt: skip
+    response = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=10
+    )
     local = backend.generate(backend.encode_messages([{"role": "user", "content": prompt}]), max_new_tokens=10)
     choice = response.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == local.text
@@ -93,7 +96,9 @@ def test_stop_strings_end_the_answer(client, prompt):
 def test_completions_take_the_raw_prompt(client, backend):
     response = client.completions.create(model=NAME, prompt="start flow", max_tokens=5)
     local = backend.generate(backend.encode_text("start flow"), max_new_tokens=5)
-    assert response.choices[0].text == local.text and response.usage.prompt_tokens == len(backend.encode_text("start flow"))
+    assert response.choices[0].text == local.text and response.usage.prompt_tokens == len(
+        backend.encode_text("start flow")
+    )
     default = client.completions.create(model=NAME, prompt="start flow")
     assert default.usage.completion_tokens == LIMITS.default_max_tokens
 
@@ -108,14 +113,17 @@ def test_models_health_and_the_key(client, base_url):
     assert httpx.post(f"{base_url}/chat/completions", json={"messages": []}).status_code == 401
 
 
-@pytest.mark.parametrize(("request_options", "error", "param"), [
-    ({"model": "gpt-4o"}, openai.NotFoundError, "model"),
-    ({"max_tokens": LIMITS.max_tokens + 1}, openai.BadRequestError, "max_tokens"),
-    ({"temperature": 5}, openai.BadRequestError, "temperature"),
-    ({"n": 2}, openai.BadRequestError, "n"),
-    ({"extra_body": {"structured_outputs": {"regex": "yes|no"}}}, openai.BadRequestError, "structured_outputs"),
-    ({"extra_body": {"guided_regex": "yes|no"}}, openai.BadRequestError, "guided_regex"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("request_options", "error", "param"),
+    [
+        ({"model": "gpt-4o"}, openai.NotFoundError, "model"),
+        ({"max_tokens": LIMITS.max_tokens + 1}, openai.BadRequestError, "max_tokens"),
+        ({"temperature": 5}, openai.BadRequestError, "temperature"),
+        ({"n": 2}, openai.BadRequestError, "n"),
+        ({"extra_body": {"structured_outputs": {"regex": "yes|no"}}}, openai.BadRequestError, "structured_outputs"),
+        ({"extra_body": {"guided_regex": "yes|no"}}, openai.BadRequestError, "guided_regex"),
+    ],
+)
 def test_bad_requests_get_structured_errors(client, request_options, error, param):
     options = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], **request_options}
     with pytest.raises(error) as raised:
@@ -125,8 +133,11 @@ def test_bad_requests_get_structured_errors(client, request_options, error, para
 
 def test_size_limits_and_malformed_bodies(client, base_url):
     headers = {"Authorization": f"Bearer {KEY}"}
-    too_big = httpx.post(f"{base_url}/chat/completions", headers=headers,
-                         json={"messages": [{"role": "user", "content": "x" * LIMITS.max_request_bytes}]})  # fmt: skip
+    too_big = httpx.post(
+        f"{base_url}/chat/completions",
+        headers=headers,
+        json={"messages": [{"role": "user", "content": "x" * LIMITS.max_request_bytes}]},
+    )
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "booking " * 3000}])
@@ -136,8 +147,11 @@ def test_size_limits_and_malformed_bodies(client, base_url):
     for body in ({"messages": "hi"}, {"messages": [{"role": "user"}]}, {"prompt": ["a", "b"]}):
         route = "completions" if "prompt" in body else "chat/completions"
         assert httpx.post(f"{base_url}/{route}", headers=headers, json=body).status_code == 400
-    streaming = httpx.post(f"{base_url}/chat/completions", headers=headers,
-                           json={"messages": [{"role": "user", "content": "hi"}], "stream": True})  # fmt: skip
+    streaming = httpx.post(
+        f"{base_url}/chat/completions",
+        headers=headers,
+        json={"messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
     assert streaming.status_code == 400
     missing = httpx.get(f"{base_url}/embeddings", headers=headers)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
@@ -147,7 +161,9 @@ def test_concurrent_requests_queue_and_overload_is_503(client, base_url, backend
     results: list[str] = []
 
     def ask() -> None:
-        response = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        response = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
         results.append(response.choices[0].message.content)
 
     with backend._lock:  # hold the model: both requests wait in the queue
@@ -157,8 +173,11 @@ def test_concurrent_requests_queue_and_overload_is_503(client, base_url, backend
         deadline = time.monotonic() + 20
         while model_server._pending < LIMITS.max_pending and time.monotonic() < deadline:
             time.sleep(0.01)
-        overloaded = httpx.post(f"{base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                                json={"messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        overloaded = httpx.post(
+            f"{base_url}/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"messages": [{"role": "user", "content": "hi"}]},
+        )
         assert httpx.get(f"{base_url.removesuffix('/v1')}/health").status_code == 200  # the loop stays free
     for thread in threads:
         thread.join(timeout=30)
@@ -177,7 +196,9 @@ def test_runtime_api_through_the_server(project, base_url, finetuned, backend):
     assert not served.parseable  # an untrained model: garbage
     constrained = CommandGenerator.for_model(project, remote, training_info=info, constrained=True)
     for user_logged_in in (False, True):  # the grammar of each state: change_flight only when logged in
-        state = conversation_state(project, [("user", "hi"), ("bot", "Hello!")], slots={"user_logged_in": user_logged_in})
+        state = conversation_state(
+            project, [("user", "hi"), ("bot", "Hello!")], slots={"user_logged_in": user_logged_in}
+        )
         prediction = constrained.predict(state, "a car in Porto")  # structured_outputs with the state's grammar
         assert prediction.parseable and prediction.commands and not prediction.dropped
         assert parse_model_output(prediction.raw_text, Syntax.V2).fully_parsed
@@ -197,9 +218,11 @@ def test_server_can_constrain_every_answer(backend, project):
     with running_in_background(create_app(without_project)) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="--project"):
-            client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
-                                           extra_body={"structured_outputs": build_grammar(project, Syntax.V2)
-                                                       .structured_outputs()})  # fmt: skip
+            client.chat.completions.create(
+                model=NAME,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_body={"structured_outputs": build_grammar(project, Syntax.V2).structured_outputs()},
+            )
 
 
 def test_exposed_host_without_key_is_warned_about(caplog):
@@ -239,8 +262,9 @@ def test_vllm_command_for_the_adapter(finetuned):
     assert _option(command, "--max-lora-rank") == "8"  # r=4, rounded up to a rank vLLM supports
     assert _option(command, "--chat-template") == str((finetuned / "chat_template.jinja").resolve())
     assert _option(command, "--max-model-len") == "6000" and _option(command, "--port") == "9000"
-    other = vllm_serve_command(finetuned, served_name=NAME, merged=False, base_model="meta-llama/Llama-3.1-8B-Instruct",
-                               max_lora_rank=64)  # fmt: skip
+    other = vllm_serve_command(
+        finetuned, served_name=NAME, merged=False, base_model="meta-llama/Llama-3.1-8B-Instruct", max_lora_rank=64
+    )
     assert other[2] == "meta-llama/Llama-3.1-8B-Instruct" and _option(other, "--max-lora-rank") == "64"
 
 
@@ -283,13 +307,22 @@ def _blocks(text: str) -> tuple[dict, dict]:
 
 
 def test_rasa_config_points_the_assistant_at_the_served_model(finetuned, capsys, tmp_path):
-    assert main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base",
-                 "http://llm-host:8000/v1/"]) == 0  # fmt: skip
+    assert (
+        main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base", "http://llm-host:8000/v1/"])
+        == 0
+    )
     text = capsys.readouterr().out
     endpoints, config = _blocks(text)
     group = endpoints["model_groups"][0]
-    assert group["models"] == [{"provider": "self-hosted", "model": NAME, "api_base": "http://llm-host:8000/v1",
-                                "temperature": 0.0, "max_tokens": 256}]  # fmt: skip
+    assert group["models"] == [
+        {
+            "provider": "self-hosted",
+            "model": NAME,
+            "api_base": "http://llm-host:8000/v1",
+            "temperature": 0.0,
+            "max_tokens": 256,
+        }
+    ]
     component = config["pipeline"][0]
     info = read_training_info(finetuned)
     assert component["name"] == "CompactLLMCommandGenerator" and component["llm"] == {"model_group": group["id"]}
@@ -300,8 +333,24 @@ def test_rasa_config_points_the_assistant_at_the_served_model(finetuned, capsys,
     assert "provider: rasa" not in text and "WARNING" not in text
 
     written = tmp_path / "prompts" / "cmdgen.jinja2"
-    assert main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base", "http://h:8000/v1",
-                 "--write-template", str(written), "--api-key-env", "CMDGEN_KEY"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "rasa-config",
+                "--model",
+                str(finetuned),
+                "--model-name",
+                NAME,
+                "--api-base",
+                "http://h:8000/v1",
+                "--write-template",
+                str(written),
+                "--api-key-env",
+                "CMDGEN_KEY",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     endpoints, config = _blocks(text)
     assert "WARNING" not in text and "copy" not in text
@@ -310,17 +359,40 @@ def test_rasa_config_points_the_assistant_at_the_served_model(finetuned, capsys,
     assert endpoints["model_groups"][0]["models"][0]["api_key"] == "${CMDGEN_KEY}"
     other = tmp_path / "other.jinja2"
     other.write_text("{{ user_message }}", encoding="utf-8")
-    assert main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base", "http://h:8000/v1",
-                 "--prompt-template", str(other)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "rasa-config",
+                "--model",
+                str(finetuned),
+                "--model-name",
+                NAME,
+                "--api-base",
+                "http://h:8000/v1",
+                "--prompt-template",
+                str(other),
+            ]
+        )
+        == 0
+    )
     assert "WARNING: " + str(other) + " is not the template the model was trained with" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("syntax", "generator"), [("v1", "SingleStepLLMCommandGenerator"),
-                                                   ("v2", "CompactLLMCommandGenerator"),
-                                                   ("v3", "SearchReadyLLMCommandGenerator")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("syntax", "generator"),
+    [
+        ("v1", "SingleStepLLMCommandGenerator"),
+        ("v2", "CompactLLMCommandGenerator"),
+        ("v3", "SearchReadyLLMCommandGenerator"),
+    ],
+)
 def test_rasa_config_generator_follows_the_syntax(syntax, generator):
-    info = {"command_syntax": syntax, "prompt_template": "prompts/p.jinja2", "include_date_time": True,
-            "training": {"prompt_format": "raw"}}  # fmt: skip
+    info = {
+        "command_syntax": syntax,
+        "prompt_template": "prompts/p.jinja2",
+        "include_date_time": True,
+        "training": {"prompt_format": "raw"},
+    }
     result = rasa_config(model_name=NAME, api_base="http://h/v1", training_info=info, prompt_template=None, syntax=None)
     component = result.config["pipeline"][0]
     assert component["name"] == generator and component["include_date_time"] is True
@@ -337,12 +409,40 @@ def test_rasa_config_mistakes(tmp_path, capsys):
 
 
 def test_rasa_config_rejects_a_syntax_the_model_was_not_trained_with(finetuned, capsys):
-    assert main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base", "http://h/v1",
-                 "--command-syntax", "v1"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "rasa-config",
+                "--model",
+                str(finetuned),
+                "--model-name",
+                NAME,
+                "--api-base",
+                "http://h/v1",
+                "--command-syntax",
+                "v1",
+            ]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     assert not captured.out and "trained with v2" in captured.err and len(captured.err.strip().splitlines()) == 1
-    assert main(["rasa-config", "--model", str(finetuned), "--model-name", NAME, "--api-base", "http://h/v1",
-                 "--command-syntax", "v2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "rasa-config",
+                "--model",
+                str(finetuned),
+                "--model-name",
+                NAME,
+                "--api-base",
+                "http://h/v1",
+                "--command-syntax",
+                "v2",
+            ]
+        )
+        == 0
+    )
     assert "CompactLLMCommandGenerator" in capsys.readouterr().out
 
 

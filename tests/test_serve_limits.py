@@ -54,8 +54,9 @@ class Server:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
     def headers(self, extra: str) -> bytes:
-        return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"{extra}\r\n").encode()
+        return (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}\r\n"
+        ).encode()
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,9 @@ def server(tmp_path_factory):
     port, log = free_port(), directory / "server.log"
     script = SERVER.format(max_body=MAX_BODY, header=HEADER_TIMEOUT_S, body=BODY_TIMEOUT_S)
     with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", script, str(model), str(port)], stderr=stderr,
-                                   stdout=subprocess.DEVNULL)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, str(model), str(port)], stderr=stderr, stdout=subprocess.DEVNULL
+        )
     deadline = time.monotonic() + 120
     while True:
         try:

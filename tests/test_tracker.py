@@ -146,7 +146,9 @@ def test_collect_is_skipped_when_the_slot_is_already_filled(tmp_path):
 
 
 def test_ask_before_filling_asks_even_when_filled_and_again_when_reached_again(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           f:
             description: confirm in a loop
@@ -159,7 +161,8 @@ def test_ask_before_filling_asks_even_when_filled_and_again_when_reached_again(t
                   - if: not slots.confirm
                     then: ask_confirm
                   - else: END
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     events = tracker.user_turn("yes, do it", [StartFlow("f"), SetSlot("confirm", "true")])
     assert said(events) == ["utter_ask_confirm"]
@@ -173,7 +176,9 @@ def test_ask_before_filling_asks_even_when_filled_and_again_when_reached_again(t
 
 
 def test_rejection_says_its_response_clears_the_slot_and_asks_again(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           f:
             description: age check
@@ -183,7 +188,8 @@ def test_rejection_says_its_response_clears_the_slot_and_asks_again(tmp_path):
                   - if: slots.age < 21
                     utter: utter_too_young
               - action: utter_info
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     tracker.user_turn("go", [StartFlow("f")])
     events = tracker.user_turn("19", [SetSlot("age", "19")])
@@ -198,14 +204,17 @@ def test_rejection_says_its_response_clears_the_slot_and_asks_again(tmp_path):
 
 
 def test_collect_with_its_own_utter(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           f:
             description: custom question
             steps:
               - collect: a
                 utter: utter_info
-    """)
+    """,
+    )
     events = DialogueTracker(project).user_turn("go", [StartFlow("f")])
     assert said(events) == ["utter_info"]
 
@@ -256,7 +265,8 @@ def test_stubs_per_file_and_per_test_case_override(tmp_path):
     project = make_project(tmp_path, CHECKED)
     tests = tmp_path / "e2e_tests"
     tests.mkdir()
-    (tests / "checks.yml").write_text(textwrap.dedent("""
+    (tests / "checks.yml").write_text(
+        textwrap.dedent("""
         stub_custom_actions:
           action_check:
             events: [{event: slot, name: ok, value: true}]
@@ -273,7 +283,9 @@ def test_stubs_per_file_and_per_test_case_override(tmp_path):
             steps:
               - user: go
                 commands: [start flow f, set slot a x]
-    """), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     cases = {case.name: case for case in all_test_cases(load_tests([str(tests / "checks.yml")], project))}
     (ok_turn,) = replay_test_case(project, cases["ok here"])
     (not_ok_turn,) = replay_test_case(project, cases["not ok here"])
@@ -290,7 +302,8 @@ def test_listed_responses_keep_the_slot_values_of_the_moment_they_were_said(tmp_
     project = make_project(tmp_path, TWO_SLOTS)
     tests = tmp_path / "e2e_tests"
     tests.mkdir()
-    (tests / "du.yml").write_text(textwrap.dedent("""
+    (tests / "du.yml").write_text(
+        textwrap.dedent("""
         test_cases:
           - test_case: done
             steps:
@@ -300,12 +313,16 @@ def test_listed_responses_keep_the_slot_values_of_the_moment_they_were_said(tmp_
               - utter: utter_can_do_something_else
               - user: thanks
                 commands: [offtopic reply]
-    """), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     (case,) = all_test_cases(load_tests([str(tests)], project))
     first, second = replay_test_case(project, case)
     assert "a" not in first.slots_after
     assert [line.text for line in second.state.transcript[1:]] == [
-        "Done with Lisbon.", DEFAULT_RESPONSES["utter_can_do_something_else"]]
+        "Done with Lisbon.",
+        DEFAULT_RESPONSES["utter_can_do_something_else"],
+    ]
 
 
 def test_e2e_tests_may_list_only_some_bot_messages(tmp_path):
@@ -314,7 +331,8 @@ def test_e2e_tests_may_list_only_some_bot_messages(tmp_path):
     project = make_project(tmp_path, TWO_SLOTS)
     tests = tmp_path / "e2e_tests"
     tests.mkdir()
-    (tests / "e2e.yml").write_text(textwrap.dedent("""
+    (tests / "e2e.yml").write_text(
+        textwrap.dedent("""
         test_cases:
           - test_case: partial
             steps:
@@ -323,17 +341,23 @@ def test_e2e_tests_may_list_only_some_bot_messages(tmp_path):
               - user: thanks
               - utter: utter_info
               - user: bye
-    """), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     (case,) = all_test_cases(load_tests([str(tests)], project))
     commands = {1: [StartFlow("f"), SetSlot("a", "Lisbon"), SetSlot("b", "Porto")], 2: [ChitChat()], 3: [ChitChat()]}
     turns = replay_test_case(project, case, lambda number, step: commands[number])
     assert [line.text for line in turns[1].state.transcript[1:]] == [
-        "Done with Lisbon.", DEFAULT_RESPONSES["utter_can_do_something_else"]]
+        "Done with Lisbon.",
+        DEFAULT_RESPONSES["utter_can_do_something_else"],
+    ]
     assert turns[2].state.transcript[-1].text == "Info."  # not what the simulation said (a generated reply)
 
 
 def test_set_slots_step_sets_and_unsets(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           f:
             description: set slots
@@ -343,7 +367,8 @@ def test_set_slots_step_sets_and_unsets(tmp_path):
                   - n: 3
                   - a: null
               - collect: b
-    """)
+    """,
+    )
     tracker = DialogueTracker(project, fixture_slots=[("a", "was set")])
     events = tracker.user_turn("go", [StartFlow("f")])
     assert ("kind", "large") in events.slots_set and ("n", 3) in events.slots_set and ("a", None) in events.slots_set
@@ -409,8 +434,8 @@ def test_or_branch_taken_by_its_second_operand(tmp_path):
         ("slots.n < 40", {"n": 40.0}, False),
         ("slots.n != 3", {"n": 3.0}, False),
         ("slots.kind == 'small'", {"kind": "small"}, True),
-        ("slots.kind is \"large\"", {"kind": "small"}, False),
-        ("slots.kind is not \"large\"", {"kind": "small"}, True),
+        ('slots.kind is "large"', {"kind": "small"}, False),
+        ('slots.kind is not "large"', {"kind": "small"}, True),
         ("slots.a and (slots.n > 1 or slots.flag)", {"a": "x", "flag": True}, True),
         ("slots.a and (slots.n > 1 or slots.flag)", {"a": "x", "flag": False}, False),
         ("slots.flag = true", {"flag": True}, True),
@@ -423,7 +448,9 @@ def test_condition_language(condition, slots, holds):
 
 
 def test_link_ends_the_flow_and_starts_the_linked_one(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           f:
             description: links on
@@ -435,7 +462,8 @@ def test_link_ends_the_flow_and_starts_the_linked_one(tmp_path):
             if: False
             steps:
               - collect: b
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     events = tracker.user_turn("go", [StartFlow("f"), SetSlot("a", "x")])
     assert [flow for flow, _ in events.flows_completed] == ["f"]
@@ -446,7 +474,9 @@ def test_link_ends_the_flow_and_starts_the_linked_one(tmp_path):
 
 
 def test_call_runs_the_child_inline_and_returns_to_the_caller(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           rent:
             description: rent with a called driver check
@@ -461,12 +491,15 @@ def test_call_runs_the_child_inline_and_returns_to_the_caller(tmp_path):
             steps:
               - collect: driver
               - collect: age
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     events = tracker.user_turn("rent", [StartFlow("rent"), SetSlot("a", "x")])
     assert said(events) == ["utter_ask_driver"]
-    assert stack(tracker) == [("rent", "user", "rent_1_call_driver_details"),
-                              ("driver_details", "called", "driver_details_0_collect_driver")]  # fmt: skip
+    assert stack(tracker) == [
+        ("rent", "user", "rent_1_call_driver_details"),
+        ("driver_details", "called", "driver_details_0_collect_driver"),
+    ]
     events = tracker.user_turn("Ana", [SetSlot("driver", "Ana")])
     assert said(events) == ["utter_ask_age"]
     events = tracker.user_turn("30", [SetSlot("age", "30")])
@@ -479,7 +512,9 @@ def test_call_runs_the_child_inline_and_returns_to_the_caller(tmp_path):
 
 
 def test_next_end_stops_the_flow_early_and_run_pattern_completed_false_skips_completion(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           f:
             description: ends early
@@ -492,7 +527,8 @@ def test_next_end_stops_the_flow_early_and_run_pattern_completed_false_skips_com
             run_pattern_completed: false
             steps:
               - action: utter_first
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     events = tracker.user_turn("go", [StartFlow("f")])
     assert said(events) == ["utter_first", "utter_can_do_something_else"]
@@ -549,7 +585,9 @@ def test_if_false_flow_is_never_started_by_a_command(tmp_path):
 
 
 def test_cancel_resets_the_flows_slots_and_resumes_the_interrupted_flow(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           outer:
             description: outer
@@ -561,7 +599,8 @@ def test_cancel_resets_the_flows_slots_and_resumes_the_interrupted_flow(tmp_path
             steps:
               - collect: c
               - collect: n
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     tracker.user_turn("outer", [StartFlow("outer"), SetSlot("a", "x")])
     events = tracker.user_turn("inner first", [StartFlow("inner"), SetSlot("c", "y")])
@@ -579,7 +618,9 @@ def test_cancel_resets_the_flows_slots_and_resumes_the_interrupted_flow(tmp_path
 def test_correction_rewinds_to_the_corrected_collect_and_reruns_later_actions(tmp_path):
     from recipe.types import Stub
 
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           f:
             description: correctable
@@ -588,7 +629,8 @@ def test_correction_rewinds_to_the_corrected_collect_and_reruns_later_actions(tm
               - collect: b
               - action: action_check
               - collect: c
-    """)
+    """,
+    )
     tracker = DialogueTracker(project, {"action_check": Stub(events=(("ok", True),), responses=())})
     tracker.user_turn("go", [StartFlow("f"), SetSlot("a", "x")])
     events = tracker.user_turn("b", [SetSlot("b", "y")])
@@ -611,7 +653,9 @@ def test_not_a_correction_same_value_or_the_slot_being_asked(tmp_path):
 
 
 def test_clarification_offers_the_valid_options_and_ends(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           book_a:
             name: book an A
@@ -620,14 +664,16 @@ def test_clarification_offers_the_valid_options_and_ends(tmp_path):
           book_b:
             description: b
             steps: [{collect: b}]
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     events = tracker.user_turn("book something", [Clarify(("book_b", "book_a", "pattern_search"))])
     assert events.clarification_options == ["book_a", "book_b"]
     assert "pattern_clarification" in events.flows_started
     # the response names the options by their flow names (the id where a flow has no name)
     expected = DEFAULT_RESPONSES["utter_clarification_options_rasa"].replace(
-        "{clarification_options}", "book an A or book_b")
+        "{clarification_options}", "book an A or book_b"
+    )
     assert texts(events) == [expected]
     assert stack(tracker) == []  # the pattern is done: the user answers with no flow active
     events = tracker.user_turn("the A", [StartFlow("book_a")])
@@ -666,14 +712,17 @@ def test_patterns_outside_a_flow_say_their_piece_only(tmp_path):
 
 
 def test_repeat_in_a_collect_repeats_earlier_messages_and_asks_the_question_once(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           f:
             description: info then a question
             steps:
               - action: utter_info
               - collect: a
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     events = tracker.user_turn("go", [StartFlow("f")])
     assert said(events) == ["utter_info", "utter_ask_a"]
@@ -692,7 +741,9 @@ def test_repeat_outside_a_flow_repeats_every_last_message(tmp_path):
 
 
 def test_digression_then_continue_interrupted(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           outer:
             description: outer
@@ -704,7 +755,8 @@ def test_digression_then_continue_interrupted(tmp_path):
             steps:
               - collect: c
               - action: utter_info
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     tracker.user_turn("outer", [StartFlow("outer"), SetSlot("a", "x")])
     events = tracker.user_turn("first this", [StartFlow("quick")])
@@ -732,14 +784,17 @@ def test_fixtures_set_typed_slots_before_the_first_turn(tmp_path):
     tests = tmp_path / "e2e_tests"
     (tests / "sub").mkdir(parents=True)
     (tests / "conftest.yml").write_text("fixtures:\n  - member: [{logged_in: true}, {n: 3}]\n", encoding="utf-8")
-    (tests / "sub" / "t.yml").write_text(textwrap.dedent("""
+    (tests / "sub" / "t.yml").write_text(
+        textwrap.dedent("""
         test_cases:
           - test_case: member
             fixtures: [member]
             steps:
               - user: hi
                 commands: [start flow members]
-    """), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     (case,) = all_test_cases(load_tests([str(tests)], project))
     (turn,) = replay_test_case(project, case)
     assert turn.state.slots["logged_in"] is True and turn.state.slots["n"] == 3  # before the first turn
@@ -749,7 +804,9 @@ def test_fixtures_set_typed_slots_before_the_first_turn(tmp_path):
 
 
 def test_button_payload_sets_slots_without_commands(tmp_path):
-    project = make_project(tmp_path, """
+    project = make_project(
+        tmp_path,
+        """
         flows:
           f:
             description: kind then flag
@@ -757,7 +814,8 @@ def test_button_payload_sets_slots_without_commands(tmp_path):
               - collect: kind
               - collect: flag
               - collect: a
-    """)
+    """,
+    )
     tracker = DialogueTracker(project)
     events = tracker.user_turn("go", [StartFlow("f")])
     assert events.bot_messages[0].buttons[1].payload == "/SetSlots(kind=large)"
@@ -768,21 +826,25 @@ def test_button_payload_sets_slots_without_commands(tmp_path):
 
 
 def test_project_patterns_and_domain_responses_override_our_defaults(tmp_path):
-    flows = TWO_SLOTS + """
+    flows = (
+        TWO_SLOTS
+        + """
   pattern_cancel_flow:
     description: our own cancel
     steps:
       - action: action_cancel_flow
       - action: utter_first
 """
+    )
     overridden = make_project(tmp_path / "own", flows)
     tracker = DialogueTracker(overridden)
     tracker.user_turn("go", [StartFlow("f")])
     assert texts(tracker.user_turn("stop", [CancelFlow()])) == ["First."]
 
     # no pattern in the project: our default pattern, whose response text the domain may override
-    reworded = make_project(tmp_path / "reworded", TWO_SLOTS,
-                            domain_extra='  utter_flow_cancelled_rasa: [{text: "Stopped it."}]')  # fmt: skip
+    reworded = make_project(
+        tmp_path / "reworded", TWO_SLOTS, domain_extra='  utter_flow_cancelled_rasa: [{text: "Stopped it."}]'
+    )
     tracker = DialogueTracker(reworded)
     tracker.user_turn("go", [StartFlow("f")])
     assert texts(tracker.user_turn("stop", [CancelFlow()])) == ["Stopped it."]

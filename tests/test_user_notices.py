@@ -27,9 +27,15 @@ def test_smoke_flag_builds_the_config_and_refuses_a_second_config():
 
     args = build_parser().parse_args(["finetune", "--smoke", "--data", "d", "-o", "o", "--epochs", "1"])
     config = config_from_args(args)
-    assert (config.model, config.quantization, config.max_train_rows, config.num_train_epochs) == ("recipe:tiny", "none",
-                                                                                                   48, 1.0)
-    both = build_parser().parse_args(["finetune", "--smoke", "--config", "finetune/config.yaml", "--data", "d", "-o", "o"])
+    assert (config.model, config.quantization, config.max_train_rows, config.num_train_epochs) == (
+        "recipe:tiny",
+        "none",
+        48,
+        1.0,
+    )
+    both = build_parser().parse_args(
+        ["finetune", "--smoke", "--config", "finetune/config.yaml", "--data", "d", "-o", "o"]
+    )
     with pytest.raises(ConfigError, match="--smoke and --config"):
         config_from_args(both)
 
@@ -37,7 +43,9 @@ def test_smoke_flag_builds_the_config_and_refuses_a_second_config():
 def test_the_shortest_rows_are_kept_in_file_order():
     from recipe.finetune.data import Example, shortest
 
-    rows = [Example(({"role": "user", "content": "x" * n},), "start flow a", "f", i) for i, n in enumerate([9, 1, 5, 3])]
+    rows = [
+        Example(({"role": "user", "content": "x" * n},), "start flow a", "f", i) for i, n in enumerate([9, 1, 5, 3])
+    ]
     assert [row.line for row in shortest(rows, 2)] == [1, 3]
     assert shortest(rows, None) == rows and shortest(rows, 10) == rows
 
@@ -70,9 +78,11 @@ def test_one_concise_line_per_logging_step():
     from recipe.finetune.progress import duration_text, log_line
 
     assert log_line({"loss": 2.94571, "learning_rate": 0.02, "grad_norm": 1.83, "epoch": 0.6667}, 8, 36, 58.2) == (
-        "step 8/36 epoch 0.67: loss 2.9457, lr 2.0e-02, grad norm 1.83, ETA 58 s")
+        "step 8/36 epoch 0.67: loss 2.9457, lr 2.0e-02, grad norm 1.83, ETA 58 s"
+    )
     assert log_line({"eval_loss": 0.5110, "eval_runtime": 1.2, "epoch": 3.0}, 36, 36, None) == (
-        "step 36/36 epoch 3.00: val loss 0.5110 (1 s)")
+        "step 36/36 epoch 3.00: val loss 0.5110 (1 s)"
+    )
     assert log_line({"total_flos": 1.0}, 3, 36, None) is None
     assert (duration_text(24_000), duration_text(190), duration_text(42)) == ("6 h 40 min", "3 min 10 s", "42 s")
 
@@ -82,8 +92,12 @@ def test_bar_charts_show_zero_counts_integer_ticks_and_a_legend_beside_the_bars(
 
     from recipe.coverage import bar_figure
 
-    figure = bar_figure(["start flow", "cancel flow", "cannot handle"], [("written", [2, 1, 0]), ("derived", [1, 0, 0])],
-                        "Command types", "commands")  # fmt: skip
+    figure = bar_figure(
+        ["start flow", "cancel flow", "cannot handle"],
+        [("written", [2, 1, 0]), ("derived", [1, 0, 0])],
+        "Command types",
+        "commands",
+    )
     axes = figure.axes[0]
     figure.canvas.draw()
     ticks = [tick for tick in axes.get_xticks() if axes.get_xlim()[0] <= tick <= axes.get_xlim()[1]]
@@ -101,13 +115,31 @@ def test_coverage_names_commands_in_the_syntax_it_says():
     from recipe.coverage import command_label
 
     assert [command_label(kind, Syntax.V2) for kind in ("clarify", "knowledge", "chitchat", "start flow")] == [
-        "disambiguate flows", "provide info", "offtopic reply", "start flow"]
+        "disambiguate flows",
+        "provide info",
+        "offtopic reply",
+        "start flow",
+    ]
     assert command_label("knowledge", Syntax.V3) == "search and reply"
     assert command_label("knowledge", Syntax.V1) == "SearchAndReply"
 
 
 def test_abstention_rows_say_when_no_turn_is_empty(tmp_path):
-    result = subprocess.run(["recipe", "prepare-data", "--offline", "--no-progress", "--abstention-rows", "-o",
-                             str(tmp_path / "out"), "e2e_tests/hotels"], check=False, cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            "recipe",
+            "prepare-data",
+            "--offline",
+            "--no-progress",
+            "--abstention-rows",
+            "-o",
+            str(tmp_path / "out"),
+            "e2e_tests/hotels",
+        ],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "--abstention-rows: no turn has empty commands" in result.stderr

@@ -33,12 +33,20 @@ from recipe.finetune.tiny import (
     build_tiny_model,
 )
 
-__all__ = ["CHATML_TEMPLATE", "CPU_FINETUNE_SETTINGS", "SPECIAL_TOKENS", "VOCAB_SIZE", "build_tiny_model",
-           "write_cpu_finetune_config"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "CPU_FINETUNE_SETTINGS",
+    "SPECIAL_TOKENS",
+    "VOCAB_SIZE",
+    "build_tiny_model",
+    "write_cpu_finetune_config",
+]
 
 
 def write_cpu_finetune_config(path: Path, **changes: object) -> Path:
     """`CPU_FINETUNE_SETTINGS` updated with `changes`, as YAML (JSON scalars are valid YAML) at `path`."""
     settings = CPU_FINETUNE_SETTINGS | changes
-    Path(path).write_text("".join(f"{name}: {json.dumps(value)}\n" for name, value in settings.items()), encoding="utf-8")
+    Path(path).write_text(
+        "".join(f"{name}: {json.dumps(value)}\n" for name, value in settings.items()), encoding="utf-8"
+    )
     return Path(path)

@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{error.filename}: too many levels of symbolic links; expected a file or folder", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
-        print(INTERRUPTED.get(args.command, "interrupted: nothing was finished; run the same command again"),
-              file=sys.stderr)  # fmt: skip
+        print(
+            INTERRUPTED.get(args.command, "interrupted: nothing was finished; run the same command again"),
+            file=sys.stderr,
+        )
         return 130
 
 

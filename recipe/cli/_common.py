@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from recipe.errors import ConfigError
@@ -13,40 +13,80 @@ from recipe.errors import ConfigError
 
 def add_project_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("assistant project")
-    group.add_argument("--project", type=Path, default=Path("."), metavar="DIR",
-                       help="the assistant's folder: flows under flows/ or data/, domain.yml or domain/, config.yml "
-                            "(default: current folder)")  # fmt: skip
-    group.add_argument("--flows", type=Path, action="append", metavar="PATH",
-                       help="flows file or folder, instead of discovery (repeatable)")
-    group.add_argument("--domain", type=Path, action="append", metavar="PATH",
-                       help="domain file or folder, instead of discovery (repeatable)")
-    group.add_argument("--rasa-version", metavar="X.Y", default=None,
-                       help="the Rasa Pro release the assistant runs, 3.10 to 3.21: its command parser decides which "
-                            "commands are offered, trained and scored (3.16+ has no `hand over`; 3.14+ has agent "
-                            "commands) (default: the newest, 3.21)")  # fmt: skip
-    group.add_argument("--max-errors", type=int, default=50, metavar="N",
-                       help="input problems listed before stopping; every file is read first, then every problem is "
-                            "printed as path:line, sorted; 0 lists all (default: 50)")  # fmt: skip
+    group.add_argument(
+        "--project",
+        type=Path,
+        default=Path("."),
+        metavar="DIR",
+        help="the assistant's folder: flows under flows/ or data/, domain.yml or domain/, config.yml "
+        "(default: current folder)",
+    )
+    group.add_argument(
+        "--flows",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="flows file or folder, instead of discovery (repeatable)",
+    )
+    group.add_argument(
+        "--domain",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="domain file or folder, instead of discovery (repeatable)",
+    )
+    group.add_argument(
+        "--rasa-version",
+        metavar="X.Y",
+        default=None,
+        help="the Rasa Pro release the assistant runs, 3.10 to 3.21: its command parser decides which "
+        "commands are offered, trained and scored (3.16+ has no `hand over`; 3.14+ has agent "
+        "commands) (default: the newest, 3.21)",
+    )
+    group.add_argument(
+        "--max-errors",
+        type=int,
+        default=50,
+        metavar="N",
+        help="input problems listed before stopping; every file is read first, then every problem is "
+        "printed as path:line, sorted; 0 lists all (default: 50)",
+    )
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("prompt")
-    group.add_argument("--command-syntax", choices=["v1", "v2", "v3"],
-                       help="command dialect of the completions (default: from config.yml's command generator, "
-                            "else v2)")  # fmt: skip
-    group.add_argument("--prompt-template", type=Path, metavar="FILE",
-                       help="Jinja2 template of the command prompt, or rasa:<file> for a template of your installed "
-                            "Rasa Pro (default: config.yml's prompt_template; else, with Rasa Pro installed, the one "
-                            "it picks for config.yml's generator and model; else ours for the syntax, in prompts/)")  # fmt: skip
-    group.add_argument("--no-datetime", action="store_true",
-                       help="leave the date and time out of prompts (serve with include_date_time: false)")
-    group.add_argument("--datetime", metavar="ISO",
-                       help="put this fixed date and time in every prompt instead of one derived from --seed")
+    group.add_argument(
+        "--command-syntax",
+        choices=["v1", "v2", "v3"],
+        help="command dialect of the completions (default: from config.yml's command generator, else v2)",
+    )
+    group.add_argument(
+        "--prompt-template",
+        type=Path,
+        metavar="FILE",
+        help="Jinja2 template of the command prompt, or rasa:<file> for a template of your installed "
+        "Rasa Pro (default: config.yml's prompt_template; else, with Rasa Pro installed, the one "
+        "it picks for config.yml's generator and model; else ours for the syntax, in prompts/)",
+    )
+    group.add_argument(
+        "--no-datetime",
+        action="store_true",
+        help="leave the date and time out of prompts (serve with include_date_time: false)",
+    )
+    group.add_argument(
+        "--datetime",
+        metavar="ISO",
+        help="put this fixed date and time in every prompt instead of one derived from --seed",
+    )
     group.add_argument("--seed", type=int, default=42, help="seed for derived dates, splits and sampling (default: 42)")
-    group.add_argument("--embeddings-config", type=Path, metavar="FILE",
-                       help="YAML of an OpenAI-compatible embeddings endpoint (provider, model, api_base, "
-                            "api_key_env): list the flows flow retrieval picks, as the runtime does (default: "
-                            "config.yml's flow_retrieval embeddings, else every startable flow)")  # fmt: skip
+    group.add_argument(
+        "--embeddings-config",
+        type=Path,
+        metavar="FILE",
+        help="YAML of an OpenAI-compatible embeddings endpoint (provider, model, api_base, "
+        "api_key_env): list the flows flow retrieval picks, as the runtime does (default: "
+        "config.yml's flow_retrieval embeddings, else every startable flow)",
+    )
 
 
 def load_project_from_args(args: argparse.Namespace, *, flow_retrieval: bool = False, cache_dir: Path | None = None):
@@ -83,22 +123,37 @@ def parse_datetime_flag(value: str | None) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise ConfigError(f"--datetime {value}: expected an ISO date and time like 2026-03-05T14:05:09") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def add_action_server_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("custom actions")
-    group.add_argument("--action-endpoint", metavar="URL",
-                       help="webhook of your running action server (`rasa run actions`), e.g. "
-                            "http://localhost:5055/webhook: custom actions the tests do not stub run there for real "
-                            "(default: endpoints.yml's action_endpoint url, if any)")  # fmt: skip
-    group.add_argument("--endpoints", type=Path, metavar="FILE",
-                       help="endpoints.yml to take action_endpoint from, ${VAR} filled from the environment "
-                            "(default: the project's endpoints.yml)")  # fmt: skip
-    group.add_argument("--no-action-server", action="store_true",
-                       help="run no custom action, even when endpoints.yml names a server (slots they set stay unset)")
-    group.add_argument("--action-timeout", type=float, default=10.0, metavar="S",
-                       help="seconds to wait for one action's answer before retrying (default: 10)")
+    group.add_argument(
+        "--action-endpoint",
+        metavar="URL",
+        help="webhook of your running action server (`rasa run actions`), e.g. "
+        "http://localhost:5055/webhook: custom actions the tests do not stub run there for real "
+        "(default: endpoints.yml's action_endpoint url, if any)",
+    )
+    group.add_argument(
+        "--endpoints",
+        type=Path,
+        metavar="FILE",
+        help="endpoints.yml to take action_endpoint from, ${VAR} filled from the environment "
+        "(default: the project's endpoints.yml)",
+    )
+    group.add_argument(
+        "--no-action-server",
+        action="store_true",
+        help="run no custom action, even when endpoints.yml names a server (slots they set stay unset)",
+    )
+    group.add_argument(
+        "--action-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for one action's answer before retrying (default: 10)",
+    )
 
 
 def connect_action_server(args: argparse.Namespace, project, cache_dir: Path | None):
@@ -133,12 +188,15 @@ def connect_action_server(args: argparse.Namespace, project, cache_dir: Path | N
         # refuse the project: what the actions did is then read from the tests' own bot turns.
         logging.getLogger("recipe").warning(
             "%s; custom actions without a stub are read from the tests' bot turns instead (start the server, or "
-            "pass --no-action-server to silence this)", error)  # fmt: skip
+            "pass --no-action-server to silence this)",
+            error,
+        )
         return None
     project.action_server = server
     return server
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )

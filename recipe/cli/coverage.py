@@ -23,10 +23,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "gaps: unused command types, user flows never started, collected slots never set, turns without commands, "
         "button-payload turns and the command dialects of each file. Writes coverage.md, coverage.json and charts.",
     )
-    parser.add_argument("tests", nargs="*", metavar="TESTS",
-                        help="test files or folders, or FILE::TEST CASE (default: e2e_tests/ in the project)")
-    parser.add_argument("-o", "--out", type=Path, default=Path("coverage"), metavar="DIR",
-                        help="folder for coverage.md, coverage.json and the PNG charts (default: coverage/)")
+    parser.add_argument(
+        "tests",
+        nargs="*",
+        metavar="TESTS",
+        help="test files or folders, or FILE::TEST CASE (default: e2e_tests/ in the project)",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=Path("coverage"),
+        metavar="DIR",
+        help="folder for coverage.md, coverage.json and the PNG charts (default: coverage/)",
+    )
     add_project_arguments(parser)
     add_action_server_arguments(parser)
     parser.set_defaults(run=run)

@@ -54,38 +54,88 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "commands (e.g. prepare-data's validation suites, or any dialogue-understanding test folder) or over "
         "val.jsonl rows, and write report.md, report.json and plots to --out. Models are shown side by side.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="TESTS_OR_JSONL",
-                        help="test files or folders, FILE::TEST CASE, or val.jsonl split files")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="TESTS_OR_JSONL",
+        help="test files or folders, FILE::TEST CASE, or val.jsonl split files",
+    )
     models = parser.add_argument_group("models (repeatable; the options after a model apply to it)")
-    models.add_argument("--model", dest="model", action=_ModelAction, metavar="DIR",
-                        help="a recipe finetune folder, adapter folder, model folder or hub id")
-    models.add_argument("--base-model", dest="base_model", action=_ModelAction, metavar="PATH_OR_ID",
-                        help="base model of the preceding adapter --model (default: from its adapter_config.json)")
-    models.add_argument("--endpoint", dest="endpoint", action=_ModelAction, metavar="URL",
-                        help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    models.add_argument("--endpoint-model", dest="endpoint_model", action=_ModelAction, metavar="NAME",
-                        help="the model name to call at the preceding --endpoint")
-    models.add_argument("--api-key-env", dest="api_key_env", action=_ModelAction, metavar="VAR",
-                        help="environment variable holding the preceding endpoint's key")
+    models.add_argument(
+        "--model",
+        dest="model",
+        action=_ModelAction,
+        metavar="DIR",
+        help="a recipe finetune folder, adapter folder, model folder or hub id",
+    )
+    models.add_argument(
+        "--base-model",
+        dest="base_model",
+        action=_ModelAction,
+        metavar="PATH_OR_ID",
+        help="base model of the preceding adapter --model (default: from its adapter_config.json)",
+    )
+    models.add_argument(
+        "--endpoint",
+        dest="endpoint",
+        action=_ModelAction,
+        metavar="URL",
+        help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1",
+    )
+    models.add_argument(
+        "--endpoint-model",
+        dest="endpoint_model",
+        action=_ModelAction,
+        metavar="NAME",
+        help="the model name to call at the preceding --endpoint",
+    )
+    models.add_argument(
+        "--api-key-env",
+        dest="api_key_env",
+        action=_ModelAction,
+        metavar="VAR",
+        help="environment variable holding the preceding endpoint's key",
+    )
     models.add_argument("--label", dest="label", action=_ModelAction, help="name of the preceding model in the report")
-    parser.add_argument("-o", "--out", type=Path, default=Path("evaluation"), metavar="DIR",
-                        help="report folder (default: evaluation)")
-    parser.add_argument("--fail-under", metavar="ACCURACY",
-                        help="exit 1 when a model's turn accuracy is below this (0.8 or 80%%), for CI")
-    parser.add_argument("--constrained", action="store_true",
-                        help="constrain answers to the assistant's command grammar (local: logits processor; "
-                             "endpoints: vLLM structured_outputs)")  # fmt: skip
-    parser.add_argument("--scoring", choices=("recipe", "rasa"), default="recipe",
-                        help="recipe (default): per turn as multisets, payload turns and dropped commands left out; "
-                             "rasa: also write each model's rasa_du_results_<label>.yml in `rasa test du`'s layout, "
-                             "and print and --fail-under its user-utterance accuracy (report.md shows both)")  # fmt: skip
-    parser.add_argument("--include-derived", action="store_true",
-                        help="also score turns whose commands are derived from the test's assertions")
+    parser.add_argument(
+        "-o", "--out", type=Path, default=Path("evaluation"), metavar="DIR", help="report folder (default: evaluation)"
+    )
+    parser.add_argument(
+        "--fail-under",
+        metavar="ACCURACY",
+        help="exit 1 when a model's turn accuracy is below this (0.8 or 80%%), for CI",
+    )
+    parser.add_argument(
+        "--constrained",
+        action="store_true",
+        help="constrain answers to the assistant's command grammar (local: logits processor; "
+        "endpoints: vLLM structured_outputs)",
+    )
+    parser.add_argument(
+        "--scoring",
+        choices=("recipe", "rasa"),
+        default="recipe",
+        help="recipe (default): per turn as multisets, payload turns and dropped commands left out; "
+        "rasa: also write each model's rasa_du_results_<label>.yml in `rasa test du`'s layout, "
+        "and print and --fail-under its user-utterance accuracy (report.md shows both)",
+    )
+    parser.add_argument(
+        "--include-derived",
+        action="store_true",
+        help="also score turns whose commands are derived from the test's assertions",
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="answer token bound (default: 64)")
-    parser.add_argument("--use-completions", action="store_true",
-                        help="send raw prompts to the endpoints' /completions (models trained on raw prompts)")
-    parser.add_argument("--concurrency", type=int, default=1,
-                        help="endpoint calls in flight per model (default: 1, which keeps latencies honest)")
+    parser.add_argument(
+        "--use-completions",
+        action="store_true",
+        help="send raw prompts to the endpoints' /completions (models trained on raw prompts)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="endpoint calls in flight per model (default: 1, which keeps latencies honest)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads per local generation (default: torch's, all cores)")
     parser.add_argument("--worst", type=int, default=10, help="worst turns listed per model (default: 10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -135,32 +185,55 @@ def run(args: argparse.Namespace) -> int:
         print("--prompt-template is ignored for .jsonl inputs: their prompts are already rendered", file=sys.stderr)
         template_path = None
     # Build every generator first: a missing model or bad endpoint fails before any model runs.
-    generators = [build_generator(spec, project, template_path=template_path, syntax=args.command_syntax,
-                                  constrained=args.constrained, max_tokens=args.max_tokens,
-                                  use_completions=args.use_completions, threads=args.threads)
-                  for spec in args.models]  # fmt: skip
+    generators = [
+        build_generator(
+            spec,
+            project,
+            template_path=template_path,
+            syntax=args.command_syntax,
+            constrained=args.constrained,
+            max_tokens=args.max_tokens,
+            use_completions=args.use_completions,
+            threads=args.threads,
+        )
+        for spec in args.models
+    ]
     labels = [spec.name for spec in args.models]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two models share a label ({', '.join(labels)}); name them with --label")
     info = next((g.backend.training_info for g in generators if getattr(g.backend, "training_info", None)), None) or {}
     include = not args.no_datetime and info.get("include_date_time", project.config.include_date_time) is not False
     if args.no_datetime and info.get("include_date_time") is True:
-        print("warning: --no-datetime, but the model was trained on prompts with the date and time "
-              "(include_date_time: true): the prompts will differ from training", file=sys.stderr)  # fmt: skip
+        print(
+            "warning: --no-datetime, but the model was trained on prompts with the date and time "
+            "(include_date_time: true): the prompts will differ from training",
+            file=sys.stderr,
+        )
     policy = DatetimePolicy(include=include, fixed=parse_datetime_flag(args.datetime), seed=args.seed)
     skipped: list[tuple[str, str]] = []
     runtime_turns: list = []  # payload and NLU turns: only Rasa's counting scores them
     cases = load_cases(project, args.inputs, policy, generators[0].syntax, args.include_derived, skipped, runtime_turns)
     left_out = left_out_summary(cases, skipped)
     if not cases:
-        raise ConfigError(f"{', '.join(args.inputs)}: no turns with commands to score (DU tests give `commands:`; "
-                          "use --include-derived for turns whose commands follow from assertions)")  # fmt: skip
+        raise ConfigError(
+            f"{', '.join(args.inputs)}: no turns with commands to score (DU tests give `commands:`; "
+            "use --include-derived for turns whose commands follow from assertions)"
+        )
     results = []
     for spec, generator in zip(args.models, generators):
         with tqdm(total=len(cases), desc=spec.name, unit="turn", disable=args.no_progress, file=sys.stderr) as bar:
             concurrency = args.concurrency if spec.endpoint else 1
-            results.append(evaluate_model(spec, generator, cases, concurrency=concurrency, worst=args.worst,
-                                          progress=lambda: bar.update(1), runtime_turns=runtime_turns))  # fmt: skip
+            results.append(
+                evaluate_model(
+                    spec,
+                    generator,
+                    cases,
+                    concurrency=concurrency,
+                    worst=args.worst,
+                    progress=lambda: bar.update(1),
+                    runtime_turns=runtime_turns,
+                )
+            )
     written = write_report(args.out, results, args.inputs, cases, left_out, scoring=args.scoring)
     for result in results:
         metrics = result.metrics
@@ -168,19 +241,26 @@ def run(args: argparse.Namespace) -> int:
         if args.scoring == "rasa":
             steps = rasa["number_of_passed_user_utterances"] + rasa["number_of_failed_user_utterances"]
             tests = rasa["number_of_passed_tests"] + rasa["number_of_failed_tests"]
-            print(f"{result.label} (as rasa test du): user utterances {_pct(rasa['accuracy']['user_utterances'])} "
-                  f"({rasa['number_of_passed_user_utterances']}/{steps}), test cases "
-                  f"{_pct(rasa['accuracy']['test_cases'])} ({rasa['number_of_passed_tests']}/{tests})")  # fmt: skip
-        print(f"{result.label}: turn accuracy {_pct(metrics['turn_accuracy'])} ({metrics['correct_turns']}/"
-              f"{metrics['turns']}), test cases {_pct(metrics['test_case_accuracy'])}, empty "
-              f"{_pct(metrics['empty_rate'])}, unparseable {_pct(metrics['unparseable_rate'])}, invalid commands "
-              f"{_pct(metrics['invalid_command_rate'])}, p50 {metrics['latency']['p50_s'] or 0:.3f} s")  # fmt: skip
+            print(
+                f"{result.label} (as rasa test du): user utterances {_pct(rasa['accuracy']['user_utterances'])} "
+                f"({rasa['number_of_passed_user_utterances']}/{steps}), test cases "
+                f"{_pct(rasa['accuracy']['test_cases'])} ({rasa['number_of_passed_tests']}/{tests})"
+            )
+        print(
+            f"{result.label}: turn accuracy {_pct(metrics['turn_accuracy'])} ({metrics['correct_turns']}/"
+            f"{metrics['turns']}), test cases {_pct(metrics['test_case_accuracy'])}, empty "
+            f"{_pct(metrics['empty_rate'])}, unparseable {_pct(metrics['unparseable_rate'])}, invalid commands "
+            f"{_pct(metrics['invalid_command_rate'])}, p50 {metrics['latency']['p50_s'] or 0:.3f} s"
+        )
     if left_out.message():
         print(left_out.message())
     print(f"report: {written[0]}")
     if threshold is not None:
-        metrics_of = (lambda r: {"turn_accuracy": r.metrics["rasa"]["accuracy"]["user_utterances"]}) \
-            if args.scoring == "rasa" else (lambda r: r.metrics)
+        metrics_of = (
+            (lambda r: {"turn_accuracy": r.metrics["rasa"]["accuracy"]["user_utterances"]})
+            if args.scoring == "rasa"
+            else (lambda r: r.metrics)
+        )
         failing = [r.label for r in results if not passes(metrics_of(r), threshold)]
         if failing:
             print(f"below --fail-under {threshold:.0%}: {', '.join(failing)}", file=sys.stderr)

@@ -54,59 +54,133 @@ def register(subparsers: Any) -> None:
         # Every flag defaults to "not given", so only what the user typed overrides the config file.
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", metavar="YAML", help="config file (default: built-in defaults, the same as "
-                        "finetune/config.yaml)")
-    parser.add_argument("--smoke", action="store_const", const=True, help="try the whole path on a CPU in minutes: "
-                        "a tiny model built offline (recipe:tiny), the 48 shortest train and 8 shortest val rows, no "
-                        "quantization, merged; the settings of finetune/cpu-smoke.yaml. It proves the plumbing "
-                        "(train, save, serve, evaluate), not the quality (default: off)")
-    parser.add_argument("--data", nargs="+", metavar="PATH", help="the ft_splits folder (train.jsonl, val.jsonl, "
-                        "dataset_info.json), or TRAIN.jsonl [VAL.jsonl]; local, gs:// or s3:// folder (required, "
-                        "here or as data: in --config; no default)")
+    parser.add_argument(
+        "--config", metavar="YAML", help="config file (default: built-in defaults, the same as finetune/config.yaml)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_const",
+        const=True,
+        help="try the whole path on a CPU in minutes: "
+        "a tiny model built offline (recipe:tiny), the 48 shortest train and 8 shortest val rows, no "
+        "quantization, merged; the settings of finetune/cpu-smoke.yaml. It proves the plumbing "
+        "(train, save, serve, evaluate), not the quality (default: off)",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="the ft_splits folder (train.jsonl, val.jsonl, "
+        "dataset_info.json), or TRAIN.jsonl [VAL.jsonl]; local, gs:// or s3:// folder (required, "
+        "here or as data: in --config; no default)",
+    )
     parser.add_argument("--model", help=f"base model: hub id or local folder (default: {DEFAULTS.model})")
-    parser.add_argument("-o", "--output-dir", dest="output_dir", metavar="DIR",
-                        help="output folder, or gs://... / s3://... to upload there (needs the [cloud] extra) "
-                        "(required, here or as output_dir: in --config; no default)")
-    parser.add_argument("--backend", choices=BACKENDS, help="auto: Unsloth on one CUDA GPU with the [gpu] extra, "
-                        f"else transformers + PEFT + TRL (hf) (default: {DEFAULTS.backend})")
+    parser.add_argument(
+        "-o",
+        "--output-dir",
+        dest="output_dir",
+        metavar="DIR",
+        help="output folder, or gs://... / s3://... to upload there (needs the [cloud] extra) "
+        "(required, here or as output_dir: in --config; no default)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="auto: Unsloth on one CUDA GPU with the [gpu] extra, "
+        f"else transformers + PEFT + TRL (hf) (default: {DEFAULTS.backend})",
+    )
     quantization = parser.add_mutually_exclusive_group()
-    quantization.add_argument("--load-in-8bit", dest="quantization", action="store_const", const="8bit",
-                              help=f"load the base in 8 bits (bitsandbytes) (default: {DEFAULTS.quantization})")
-    quantization.add_argument("--load-in-4bit", dest="quantization", action="store_const", const="4bit",
-                              help=f"load the base in 4 bits (nf4, QLoRA) (default: {DEFAULTS.quantization})")
-    quantization.add_argument("--no-quantization", dest="quantization", action="store_const", const="none",
-                              help=f"load the base in 16 bits (32 on CPU) (default: {DEFAULTS.quantization})")
-    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="chat: the tokenizer's chat template (what "
-                        "Rasa Pro's chat-completions call gets); raw: prompt string + completion + eos; auto: chat "
-                        f"when the tokenizer has a template (default: {DEFAULTS.prompt_format})")
-    parser.add_argument("--template-answer-text", choices=("prompt", "train", "error"),
-                        help="text the chat template writes into every answer (a Qwen3-style empty <think> block): "
-                             "prompt: give it in the prompt, train only the commands; train: train it too; error: "
-                             f"stop (default: {DEFAULTS.template_answer_text})")  # fmt: skip
+    quantization.add_argument(
+        "--load-in-8bit",
+        dest="quantization",
+        action="store_const",
+        const="8bit",
+        help=f"load the base in 8 bits (bitsandbytes) (default: {DEFAULTS.quantization})",
+    )
+    quantization.add_argument(
+        "--load-in-4bit",
+        dest="quantization",
+        action="store_const",
+        const="4bit",
+        help=f"load the base in 4 bits (nf4, QLoRA) (default: {DEFAULTS.quantization})",
+    )
+    quantization.add_argument(
+        "--no-quantization",
+        dest="quantization",
+        action="store_const",
+        const="none",
+        help=f"load the base in 16 bits (32 on CPU) (default: {DEFAULTS.quantization})",
+    )
+    parser.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        help="chat: the tokenizer's chat template (what "
+        "Rasa Pro's chat-completions call gets); raw: prompt string + completion + eos; auto: chat "
+        f"when the tokenizer has a template (default: {DEFAULTS.prompt_format})",
+    )
+    parser.add_argument(
+        "--template-answer-text",
+        choices=("prompt", "train", "error"),
+        help="text the chat template writes into every answer (a Qwen3-style empty <think> block): "
+        "prompt: give it in the prompt, train only the commands; train: train it too; error: "
+        f"stop (default: {DEFAULTS.template_answer_text})",
+    )
     parser.add_argument("--lora-r", type=int, help=f"LoRA rank (default: {DEFAULTS.lora_r})")
-    parser.add_argument("--lora-alpha", type=int, help=f"LoRA alpha; the update is scaled by alpha/r "
-                        f"(default: {DEFAULTS.lora_alpha})")
-    parser.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default: 0 on unsloth, whose "
-                        "fast path needs it, 0.05 on hf)")
-    parser.add_argument("--lora-target-modules", nargs="+", metavar="NAME", help="layers that get adapters "
-                        f"(default: {' '.join(ALL_PROJECTIONS)})")
+    parser.add_argument(
+        "--lora-alpha", type=int, help=f"LoRA alpha; the update is scaled by alpha/r (default: {DEFAULTS.lora_alpha})"
+    )
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        help="dropout on the LoRA input (default: 0 on unsloth, whose fast path needs it, 0.05 on hf)",
+    )
+    parser.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        metavar="NAME",
+        help=f"layers that get adapters (default: {' '.join(ALL_PROJECTIONS)})",
+    )
     parser.add_argument("--lr", type=float, help=f"peak learning rate (default: {DEFAULTS.learning_rate})")
-    parser.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, help="learning-rate schedule after warmup "
-                        f"(default: {DEFAULTS.lr_scheduler_type})")
-    parser.add_argument("--warmup-ratio", type=float, help=f"share of the steps spent warming up "
-                        f"(default: {DEFAULTS.warmup_ratio})")
-    parser.add_argument("--epochs", type=float, help=f"passes over the training rows (default: {DEFAULTS.num_train_epochs:g})")
-    parser.add_argument("--batch-size", type=int, help=f"rows per device per step (default: "
-                        f"{DEFAULTS.per_device_train_batch_size})")
-    parser.add_argument("--grad-accum", type=int, help="steps whose gradients add up to one update; effective batch "
-                        f"= batch size x this x GPUs (default: {DEFAULTS.gradient_accumulation_steps})")
-    parser.add_argument("--max-length", type=int, help="longest row in tokens (default: the longest row of the "
-                        "data; a longer row is an error, never cut)")
-    parser.add_argument("--seed", type=int, help=f"seed for LoRA init, dropout and batch order (default: {DEFAULTS.seed})")
-    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, help="also save the base with the "
-                        "adapter merged in, to merged/ (default: off)")
-    parser.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in "
-                        "-o (e.g. after an interruption, or with more --epochs) (default: off)")
+    parser.add_argument(
+        "--lr-scheduler",
+        choices=LR_SCHEDULERS,
+        help=f"learning-rate schedule after warmup (default: {DEFAULTS.lr_scheduler_type})",
+    )
+    parser.add_argument(
+        "--warmup-ratio", type=float, help=f"share of the steps spent warming up (default: {DEFAULTS.warmup_ratio})"
+    )
+    parser.add_argument(
+        "--epochs", type=float, help=f"passes over the training rows (default: {DEFAULTS.num_train_epochs:g})"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help=f"rows per device per step (default: {DEFAULTS.per_device_train_batch_size})"
+    )
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        help="steps whose gradients add up to one update; effective batch "
+        f"= batch size x this x GPUs (default: {DEFAULTS.gradient_accumulation_steps})",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="longest row in tokens (default: the longest row of the data; a longer row is an error, never cut)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help=f"seed for LoRA init, dropout and batch order (default: {DEFAULTS.seed})"
+    )
+    parser.add_argument(
+        "--merge",
+        action=argparse.BooleanOptionalAction,
+        help="also save the base with the adapter merged in, to merged/ (default: off)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_const",
+        const=True,
+        help="continue from the last checkpoint in "
+        "-o (e.g. after an interruption, or with more --epochs) (default: off)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -141,9 +215,11 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if not result.main_process:
         return 0  # under accelerate launch / torchrun, the main process reports
-    print(f"finetuned {result.info.get('training', {}).get('base_model', config.model)} in {result.duration_s:.0f} s: "
-          f"last train loss {_loss(result.train_loss)} (run mean {_loss(result.train_loss_mean)}), "
-          f"val loss {_loss(result.eval_loss)}")
+    print(
+        f"finetuned {result.info.get('training', {}).get('base_model', config.model)} in {result.duration_s:.0f} s: "
+        f"last train loss {_loss(result.train_loss)} (run mean {_loss(result.train_loss_mean)}), "
+        f"val loss {_loss(result.eval_loss)}"
+    )
     remote = result.output_dir != str(result.local_dir) and "://" in result.output_dir
     print(f"output: {result.output_dir}" + (f" (local copy: {result.local_dir})" if remote else ""))
     return 0
@@ -154,14 +230,17 @@ def _interrupted(config) -> str:
     from recipe.finetune.train import last_checkpoint
 
     if "://" in config.output_dir:
-        return ("interrupted: nothing was uploaded; run the same command with --resume to continue from the last "
-                "checkpoint of the local copy, if one was saved")
+        return (
+            "interrupted: nothing was uploaded; run the same command with --resume to continue from the last "
+            "checkpoint of the local copy, if one was saved"
+        )
     checkpoint = last_checkpoint(Path(config.output_dir).expanduser())
     if checkpoint is None:
-        return (f"interrupted: no checkpoint was saved yet in {config.output_dir} (one is saved per epoch); run the "
-                "same command with --resume to start again in place")
-    return (f"interrupted: the last checkpoint is {checkpoint}; run the same command with --resume to continue "
-            "from it")
+        return (
+            f"interrupted: no checkpoint was saved yet in {config.output_dir} (one is saved per epoch); run the "
+            "same command with --resume to start again in place"
+        )
+    return f"interrupted: the last checkpoint is {checkpoint}; run the same command with --resume to continue from it"
 
 
 def _loss(value: float | None) -> str:

@@ -32,46 +32,105 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "are cached under OUT/cache, so an interrupted run resumes for free. Without an LLM configured (no "
         "--rephrase-config/--teacher-config and no OPENAI_API_KEY) or with --offline, everything runs offline.",
     )
-    parser.add_argument("tests", nargs="*", default=["e2e_tests/"], metavar="TESTS",
-                        help="test files or folders, or FILE::TEST CASE NAME; relative to the current folder or to --project "
-                             "(default: e2e_tests/)")  # fmt: skip
-    parser.add_argument("-o", "--out", type=Path, default=Path("output"), help="output folder; stage outputs are replaced on every run, the LLM cache in OUT/cache is kept "
-                        "(default: output)")
-    parser.add_argument("--num-rephrases", type=int, default=10, help="paraphrases per user message; 0 skips rephrasing (default: 10; offline, the rules write about 5)")
-    parser.add_argument("--rephrase-config", type=Path, metavar="FILE",
-                        help="YAML with `llm` (provider, model, api_base, ... or model_group) and optionally "
-                             "`prompt_template` for the rephraser (default model: gpt-4o-mini)")  # fmt: skip
-    parser.add_argument("--teacher-config", type=Path, metavar="FILE",
-                        help="YAML LLM config of the teacher that annotates turns without commands "
-                             "(default: openai gpt-4o)")  # fmt: skip
-    parser.add_argument("--oracle-config", type=Path, metavar="FILE",
-                        help="YAML LLM config of the oracle that validates paraphrases (default: the teacher's)")
-    parser.add_argument("--annotator", choices=["auto", "test", "assertions", "llm"], default="auto",
-                        help="where commands come from for turns the test gives none for: auto (teacher when an "
-                             "LLM is configured, else assertions), test (only written commands), assertions "
-                             "(derived offline from the test's assertions), llm (teacher) (default: auto)")  # fmt: skip
-    parser.add_argument("--validation", choices=["strict", "loose"], default="strict",
-                        help="oracle comparison: strict compares slot values too (normalised), loose slot names only "
-                             "(default: strict)")
-    parser.add_argument("--abstention-rows", action="store_true",
-                        help="turns whose commands are empty (the model should do nothing) become `cannot handle` "
-                             "rows instead of being left out")  # fmt: skip
-    parser.add_argument("--keep-disagreeing", action="store_true",
-                        help="keep rows of turns whose dialogue state the test's own bot turns or assertions "
-                             "contradict (left out by default; result_summary.yaml lists them)")  # fmt: skip
-    parser.add_argument("--train-frac", type=float, default=0.8, help="share of test cases in train, in (0, 1] (default: 0.8)")
-    parser.add_argument("--output-format", choices=["instruction", "conversational"], default="instruction",
-                        help="rows as prompt/completion (recipe finetune, TRL), or as user/assistant messages "
-                             "(Rasa's finetuning notebook reads examples[\"messages\"]: use conversational) "
-                             "(default: instruction)")  # fmt: skip
-    parser.add_argument("--max-concurrency", type=int, default=16, help="LLM calls in flight per role: rephraser, teacher, oracle (default: 16)")
-    parser.add_argument("--offline", action="store_true",
-                        help="no LLM at all: assertion annotator, rule-based paraphrases, lexical check")
+    parser.add_argument(
+        "tests",
+        nargs="*",
+        default=["e2e_tests/"],
+        metavar="TESTS",
+        help="test files or folders, or FILE::TEST CASE NAME; relative to the current folder or to --project "
+        "(default: e2e_tests/)",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=Path("output"),
+        help="output folder; stage outputs are replaced on every run, the LLM cache in OUT/cache is kept "
+        "(default: output)",
+    )
+    parser.add_argument(
+        "--num-rephrases",
+        type=int,
+        default=10,
+        help="paraphrases per user message; 0 skips rephrasing (default: 10; offline, the rules write about 5)",
+    )
+    parser.add_argument(
+        "--rephrase-config",
+        type=Path,
+        metavar="FILE",
+        help="YAML with `llm` (provider, model, api_base, ... or model_group) and optionally "
+        "`prompt_template` for the rephraser (default model: gpt-4o-mini)",
+    )
+    parser.add_argument(
+        "--teacher-config",
+        type=Path,
+        metavar="FILE",
+        help="YAML LLM config of the teacher that annotates turns without commands (default: openai gpt-4o)",
+    )
+    parser.add_argument(
+        "--oracle-config",
+        type=Path,
+        metavar="FILE",
+        help="YAML LLM config of the oracle that validates paraphrases (default: the teacher's)",
+    )
+    parser.add_argument(
+        "--annotator",
+        choices=["auto", "test", "assertions", "llm"],
+        default="auto",
+        help="where commands come from for turns the test gives none for: auto (teacher when an "
+        "LLM is configured, else assertions), test (only written commands), assertions "
+        "(derived offline from the test's assertions), llm (teacher) (default: auto)",
+    )
+    parser.add_argument(
+        "--validation",
+        choices=["strict", "loose"],
+        default="strict",
+        help="oracle comparison: strict compares slot values too (normalised), loose slot names only (default: strict)",
+    )
+    parser.add_argument(
+        "--abstention-rows",
+        action="store_true",
+        help="turns whose commands are empty (the model should do nothing) become `cannot handle` "
+        "rows instead of being left out",
+    )
+    parser.add_argument(
+        "--keep-disagreeing",
+        action="store_true",
+        help="keep rows of turns whose dialogue state the test's own bot turns or assertions "
+        "contradict (left out by default; result_summary.yaml lists them)",
+    )
+    parser.add_argument(
+        "--train-frac", type=float, default=0.8, help="share of test cases in train, in (0, 1] (default: 0.8)"
+    )
+    parser.add_argument(
+        "--output-format",
+        choices=["instruction", "conversational"],
+        default="instruction",
+        help="rows as prompt/completion (recipe finetune, TRL), or as user/assistant messages "
+        '(Rasa\'s finetuning notebook reads examples["messages"]: use conversational) '
+        "(default: instruction)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=16,
+        help="LLM calls in flight per role: rephraser, teacher, oracle (default: 16)",
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="no LLM at all: assertion annotator, rule-based paraphrases, lexical check",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--merge", type=Path, nargs="+", metavar="SHARD_OUT",
-                        help="instead of a run: merge the output folders of runs over shards of the tests (e.g. one "
-                             "test file each, each with its own -o) into one data set in -o, deduplicated and split "
-                             "once (TESTS: every shard's tests, for the split suites; --train-frac and --seed apply)")  # fmt: skip
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="SHARD_OUT",
+        help="instead of a run: merge the output folders of runs over shards of the tests (e.g. one "
+        "test file each, each with its own -o) into one data set in -o, deduplicated and split "
+        "once (TESTS: every shard's tests, for the split suites; --train-frac and --seed apply)",
+    )
     add_project_arguments(parser)
     add_prompt_arguments(parser)
     add_action_server_arguments(parser)
@@ -125,9 +184,11 @@ def run(args: argparse.Namespace) -> int:
         project = load_project_from_args(args)
         result = merge_prepared(project, args.merge, args.out, args.tests, args.train_frac, args.seed)
         summary = result.summary
-        print(f"merged {len(args.merge)} shard(s): {summary['num_ft_data_points']} rows "
-              f"({summary['recipe']['rows']['duplicates_dropped']} duplicates dropped); split: "
-              f"{result.train_rows} train rows / {result.val_rows} val rows")
+        print(
+            f"merged {len(args.merge)} shard(s): {summary['num_ft_data_points']} rows "
+            f"({summary['recipe']['rows']['duplicates_dropped']} duplicates dropped); split: "
+            f"{result.train_rows} train rows / {result.val_rows} val rows"
+        )
         print(f"train/val files: {result.out / '4_train_test_split' / 'ft_splits'}")
         return 0
     check_output_folder(args.out, args.tests, args.project)  # before anything (embeddings, actions) caches there
@@ -150,14 +211,21 @@ def run(args: argparse.Namespace) -> int:
             rephrase_template = custom or rephrase_template
         else:
             rephrase_llm = DEFAULT_REPHRASE_MODEL
-        teacher_llm = (load_llm_role_config(args.teacher_config, project.root, DEFAULT_TEACHER_MODEL)
-                       if args.teacher_config else DEFAULT_TEACHER_MODEL)  # fmt: skip
-        oracle_llm = (load_llm_role_config(args.oracle_config, project.root, teacher_llm)
-                      if args.oracle_config else teacher_llm)  # fmt: skip
+        teacher_llm = (
+            load_llm_role_config(args.teacher_config, project.root, DEFAULT_TEACHER_MODEL)
+            if args.teacher_config
+            else DEFAULT_TEACHER_MODEL
+        )
+        oracle_llm = (
+            load_llm_role_config(args.oracle_config, project.root, teacher_llm) if args.oracle_config else teacher_llm
+        )
         if args.annotator in ("test", "assertions"):
             teacher_llm = None
-        roles = {"rephraser": rephrase_llm if args.num_rephrases else None, "teacher": teacher_llm,
-                 "oracle": oracle_llm if args.num_rephrases else None}  # fmt: skip
+        roles = {
+            "rephraser": rephrase_llm if args.num_rephrases else None,
+            "teacher": teacher_llm,
+            "oracle": oracle_llm if args.num_rephrases else None,
+        }
         for role, llm in roles.items():
             if llm is None:
                 continue
@@ -165,10 +233,13 @@ def run(args: argparse.Namespace) -> int:
                 llm.api_key()
             except ConfigError as error:
                 flag = "--rephrase-config" if role == "rephraser" else f"--{role}-config"
-                raise ConfigError(f"the {role} ({llm.provider} {llm.model}): {error}; or give {flag} (with "
-                                  "--offline, no LLM is used)") from None
+                raise ConfigError(
+                    f"the {role} ({llm.provider} {llm.model}): {error}; or give {flag} (with --offline, no LLM is used)"
+                ) from None
     elif args.annotator == "llm":
-        raise ConfigError("--annotator llm needs an LLM: give --teacher-config or set OPENAI_API_KEY, without --offline")
+        raise ConfigError(
+            "--annotator llm needs an LLM: give --teacher-config or set OPENAI_API_KEY, without --offline"
+        )
 
     include_datetime = not args.no_datetime and project.config.include_date_time is not False
     config = PrepareConfig(
@@ -192,11 +263,18 @@ def run(args: argparse.Namespace) -> int:
         teacher_llm=teacher_llm,
         oracle_llm=oracle_llm,
         show_progress=not args.no_progress,
-        parameters={key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-                    if key not in ("run", "command", "merge")} | {
-            "flows": [str(p) for p in args.flows or []], "domain": [str(p) for p in args.domain or []],
-            "project": str(args.project), "offline": offline},
-    )  # fmt: skip
+        parameters={
+            key: (str(value) if isinstance(value, Path) else value)
+            for key, value in vars(args).items()
+            if key not in ("run", "command", "merge")
+        }
+        | {
+            "flows": [str(p) for p in args.flows or []],
+            "domain": [str(p) for p in args.domain or []],
+            "project": str(args.project),
+            "offline": offline,
+        },
+    )
     result = prepare_data(project, config)
     for line in summary_lines(result.summary):
         print(line)
@@ -208,9 +286,11 @@ def run(args: argparse.Namespace) -> int:
     if errors or failed:
         for line in failure_lines(result.summary):
             print(line, file=sys.stderr)
-        print(f"{failed or len(errors)} LLM call(s) failed after retries (see errors and failed_llm_calls in "
-              "result_summary.yaml); the rows that did not need them are written. Run the same command again to retry "
-              "only those: answers already received are cached.", file=sys.stderr)  # fmt: skip
+        print(
+            f"{failed or len(errors)} LLM call(s) failed after retries (see errors and failed_llm_calls in "
+            "result_summary.yaml); the rows that did not need them are written. Run the same command again to retry "
+            "only those: answers already received are cached.",
+            file=sys.stderr,
+        )
         return 1
     return 0
-

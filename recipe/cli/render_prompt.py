@@ -28,9 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "nothing else, so you can see and diff what the model is trained on. Earlier turns are replayed through "
         "the dialogue state tracker with their commands (written in the test, or derived from its assertions).",
     )
-    parser.add_argument("test", metavar="TESTS::TEST_CASE", help="a test file and the test case's name, e.g. "
-                        "'e2e_tests/hotels/hotel_du.yml::hotel step by step with a pinned date' (the name may be "
-                        "left out if the file has one)")
+    parser.add_argument(
+        "test",
+        metavar="TESTS::TEST_CASE",
+        help="a test file and the test case's name, e.g. "
+        "'e2e_tests/hotels/hotel_du.yml::hotel step by step with a pinned date' (the name may be "
+        "left out if the file has one)",
+    )
     parser.add_argument("--step", type=int, required=True, metavar="N", help="the user turn, 1-based")
     parser.add_argument("--state", action="store_true", help="print the tracker's state before that turn (JSON)")
     add_project_arguments(parser)
@@ -74,17 +78,26 @@ def run(args: argparse.Namespace) -> int:
     turn = turns[args.step - 1]
     if args.state:
         state = turn.state
-        print(json.dumps({
-            "test_case": test_case.id,
-            "step": args.step,
-            "user_message": turn.text,
-            "stack": [{"flow": f.flow_id, "kind": f.kind, "step": f.step_id} for f in state.stack],
-            "slots": {name: value for name, value in sorted(state.slots.items())},
-            "startable_flows": [flow.id for flow in startable_flows(project, state.slots)],
-            "transcript": [{"speaker": line.speaker, "text": line.text,
-                            "buttons": [b.title for b in line.buttons]} for line in state.transcript],
-            "commands": [command.as_dict() for command in turn.commands],
-        }, indent=2, ensure_ascii=False, default=str))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "test_case": test_case.id,
+                    "step": args.step,
+                    "user_message": turn.text,
+                    "stack": [{"flow": f.flow_id, "kind": f.kind, "step": f.step_id} for f in state.stack],
+                    "slots": {name: value for name, value in sorted(state.slots.items())},
+                    "startable_flows": [flow.id for flow in startable_flows(project, state.slots)],
+                    "transcript": [
+                        {"speaker": line.speaker, "text": line.text, "buttons": [b.title for b in line.buttons]}
+                        for line in state.transcript
+                    ],
+                    "commands": [command.as_dict() for command in turn.commands],
+                },
+                indent=2,
+                ensure_ascii=False,
+                default=str,
+            )
+        )
         return 0
     include = not args.no_datetime and project.config.include_date_time is not False
     policy = DatetimePolicy(include=include, fixed=parse_datetime_flag(args.datetime), seed=args.seed)

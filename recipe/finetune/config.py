@@ -70,7 +70,9 @@ class FinetuneConfig:
     resume: bool = False
 
     @classmethod
-    def from_sources(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+    def from_sources(
+        cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> FinetuneConfig:
         """Defaults, then the YAML file (if any), then `overrides`; validated."""
         values: dict[str, Any] = {}
         if yaml_path is not None:
@@ -100,8 +102,17 @@ class FinetuneConfig:
         if not self.output_dir:
             raise ConfigError("output_dir: no output folder given (-o DIR, gs://... or s3://...)")
         check_model_path(self.model)
-        positive = ("lora_r", "lora_alpha", "learning_rate", "num_train_epochs", "per_device_train_batch_size",
-                    "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps", "max_grad_norm")
+        positive = (
+            "lora_r",
+            "lora_alpha",
+            "learning_rate",
+            "num_train_epochs",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "per_device_eval_batch_size",
+            "logging_steps",
+            "max_grad_norm",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -152,8 +163,10 @@ def check_model_path(model: str) -> None:
     if path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file()):  # a GGUF file: recipe/finetune/gguf.py
         return
     problem = "not a folder" if path.exists() else "folder not found"
-    raise ConfigError(f"--model {model}: {problem}; expected a local model folder, a .gguf file or a hub id like "
-                      "meta-llama/Llama-3.1-8B-Instruct")
+    raise ConfigError(
+        f"--model {model}: {problem}; expected a local model folder, a .gguf file or a hub id like "
+        "meta-llama/Llama-3.1-8B-Instruct"
+    )
 
 
 def field_types() -> dict[str, Any]:

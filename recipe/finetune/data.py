@@ -107,7 +107,8 @@ def resolve_data_files(data: str, val_data: str | None) -> DataFiles:
         beside = data_path.parent / VAL_FILE
         no_val_reason = "no validation file given" + (
             f" ({beside} is not used: give it as the second --data path)"
-            if beside.is_file() and beside != data_path else " (--data TRAIN.jsonl VAL.jsonl)"
+            if beside.is_file() and beside != data_path
+            else " (--data TRAIN.jsonl VAL.jsonl)"
         )
     else:
         raise ConfigError(f"{data_path}: training data not found")
@@ -115,8 +116,12 @@ def resolve_data_files(data: str, val_data: str | None) -> DataFiles:
         raise ConfigError(f"{val}: validation file not found")
     info = info_dir / DATASET_INFO_FILE
     has_val = val is not None and val.is_file()
-    return DataFiles(train=train, val=val if has_val else None, dataset_info=info if info.is_file() else None,
-                     no_val_reason=None if has_val else no_val_reason)
+    return DataFiles(
+        train=train,
+        val=val if has_val else None,
+        dataset_info=info if info.is_file() else None,
+        no_val_reason=None if has_val else no_val_reason,
+    )
 
 
 def read_dataset_info(path: Path | None) -> dict[str, Any] | None:
@@ -157,7 +162,9 @@ def shortest(examples: list[Example], limit: int | None) -> list[Example]:
     """The `limit` shortest rows (by characters, ties in file order), in file order; every row without a limit."""
     if limit is None or len(examples) <= limit:
         return examples
-    size = {id(example): sum(len(m["content"]) for m in example.prompt) + len(example.completion) for example in examples}
+    size = {
+        id(example): sum(len(m["content"]) for m in example.prompt) + len(example.completion) for example in examples
+    }
     kept = {id(example) for example in sorted(examples, key=lambda example: size[id(example)])[:limit]}
     return [example for example in examples if id(example) in kept]
 
@@ -175,8 +182,10 @@ def example_from_row(row: Any, path: str, line: int) -> Example:
         if not isinstance(messages, list) or len(messages) < 2:
             raise fail('"messages" must list the prompt message(s) and the assistant answer')
         for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
-                message.get("content"), str
+            if (
+                not isinstance(message, dict)
+                or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)
             ):
                 raise fail('every message needs a string "role" and "content"')
         if messages[-1]["role"] != "assistant":
@@ -213,8 +222,9 @@ class TemplateInjection:
     suffix: str
 
     def describe(self) -> str:
-        parts = [f"{json.dumps(text)} {where}" for text, where in ((self.prefix, "before"), (self.suffix, "after"))
-                 if text]  # fmt: skip
+        parts = [
+            f"{json.dumps(text)} {where}" for text, where in ((self.prefix, "before"), (self.suffix, "after")) if text
+        ]
         return " and ".join(parts) + " every answer"
 
 
@@ -224,7 +234,7 @@ def template_injection(tokenizer: PreTrainedTokenizerBase, probe: Example) -> Te
     it at all: then the template rewrites answers, which encode_example's own checks report)."""
     prompt_ids = encode_prompt(tokenizer, probe.prompt, "chat")
     full_ids = _render_chat(tokenizer, [*probe.prompt, {"role": "assistant", "content": probe.completion}])
-    answer_ids = full_ids[_common_prefix(prompt_ids, full_ids):]
+    answer_ids = full_ids[_common_prefix(prompt_ids, full_ids) :]
     specials = special_token_ids(tokenizer)
     end = next((index for index, token_id in enumerate(answer_ids) if token_id in specials), len(answer_ids))
     text = tokenizer.decode(answer_ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -233,11 +243,12 @@ def template_injection(tokenizer: PreTrainedTokenizerBase, probe: Example) -> Te
     at = text.find(probe.completion)
     if at < 0:
         return None
-    return TemplateInjection(prefix=text[:at], suffix=text[at + len(probe.completion):])
+    return TemplateInjection(prefix=text[:at], suffix=text[at + len(probe.completion) :])
 
 
-def choose_prompt_format(tokenizer: PreTrainedTokenizerBase, requested: str, probe: Example,
-                         template_answer_text: str = "prompt") -> PromptFormat:  # fmt: skip
+def choose_prompt_format(
+    tokenizer: PreTrainedTokenizerBase, requested: str, probe: Example, template_answer_text: str = "prompt"
+) -> PromptFormat:
     """The tokenizer's chat template when it has one (what Rasa Pro's chat-completions call gets), else raw strings.
 
     A template that injects text into the assistant turn (Qwen3's empty think block) would train that text before
@@ -254,7 +265,7 @@ def choose_prompt_format(tokenizer: PreTrainedTokenizerBase, requested: str, pro
     # Render one row to learn which special token the template puts right after the answer.
     prompt_ids = encode_prompt(tokenizer, probe.prompt, "chat")
     full_ids = _render_chat(tokenizer, [*probe.prompt, {"role": "assistant", "content": probe.completion}])
-    answer_ids = full_ids[_common_prefix(prompt_ids, full_ids):]
+    answer_ids = full_ids[_common_prefix(prompt_ids, full_ids) :]
     specials = special_token_ids(tokenizer)
     end_ids = [token_id for token_id in answer_ids if token_id in specials]
     if not end_ids:
@@ -268,19 +279,28 @@ def choose_prompt_format(tokenizer: PreTrainedTokenizerBase, requested: str, pro
         return PromptFormat(kind="chat", end_token=end_token)
     what = f"the chat template writes {injection.describe()}"
     if template_answer_text == "error":
-        raise ConfigError(f"{what}; set template_answer_text: prompt (give it to the model as part of the prompt) or "
-                          "train (train it), or use another chat template")  # fmt: skip
+        raise ConfigError(
+            f"{what}; set template_answer_text: prompt (give it to the model as part of the prompt) or "
+            "train (train it), or use another chat template"
+        )
     if template_answer_text == "train":
-        log.warning("%s: training it as rendered (template_answer_text: train); the runtime will read those lines "
-                    "as unparseable unless the model is served with the same template", what)  # fmt: skip
+        log.warning(
+            "%s: training it as rendered (template_answer_text: train); the runtime will read those lines "
+            "as unparseable unless the model is served with the same template",
+            what,
+        )
         return PromptFormat(kind="chat", end_token=end_token)
     if injection.suffix.strip():
-        log.warning("%s: the text after the answer is trained as rendered; only a prefix can move into the prompt",
-                    what)  # fmt: skip
+        log.warning(
+            "%s: the text after the answer is trained as rendered; only a prefix can move into the prompt", what
+        )
     if injection.prefix:
-        log.warning("%s: the prefix is given to the model after the generation prompt instead of trained, in "
-                    "training, evaluate and serve alike (template_answer_text: prompt). Another server (vLLM) must "
-                    "render it too: for Qwen3, chat_template_kwargs {\"enable_thinking\": false}", what)  # fmt: skip
+        log.warning(
+            "%s: the prefix is given to the model after the generation prompt instead of trained, in "
+            "training, evaluate and serve alike (template_answer_text: prompt). Another server (vLLM) must "
+            'render it too: for Qwen3, chat_template_kwargs {"enable_thinking": false}',
+            what,
+        )
     return PromptFormat(kind="chat", end_token=end_token, answer_prefix=injection.prefix)
 
 
@@ -298,8 +318,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return length
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: tuple[dict[str, str], ...] | list, kind: str,
-                  answer_prefix: str = "") -> list[int]:  # fmt: skip
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: tuple[dict[str, str], ...] | list, kind: str, answer_prefix: str = ""
+) -> list[int]:
     """Token ids the model sees before it answers: in training, in `generate_completions`, and when served (then
     the template's injected answer prefix, if any)."""
     if kind == "chat":
@@ -325,13 +346,16 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, prompt_
         full_ids = _render_chat(tokenizer, [*example.prompt, {"role": "assistant", "content": example.completion}])
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise InputError(
-                example.path, example.line,
+                example.path,
+                example.line,
                 "the chat template renders this prompt differently with and without the answer, so training "
                 "would not match serving; set prompt_format: raw",
             )
-        answer_ids = full_ids[len(prompt_ids):]
+        answer_ids = full_ids[len(prompt_ids) :]
         if end_id not in answer_ids:
-            raise InputError(example.path, example.line, f"the chat template did not end the answer with {prompt_format.end_token}")
+            raise InputError(
+                example.path, example.line, f"the chat template did not end the answer with {prompt_format.end_token}"
+            )
         # Whatever the template prints after the end token (ChatML's newline) is never generated: leave it out.
         answer_ids = answer_ids[: answer_ids.index(end_id) + 1]
     else:
@@ -340,7 +364,9 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, prompt_
     return Encoded(input_ids=prompt_ids + answer_ids, completion_mask=[0] * len(prompt_ids) + [1] * len(answer_ids))
 
 
-def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: list[Example], prompt_format: PromptFormat) -> list[Encoded]:
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase, examples: list[Example], prompt_format: PromptFormat
+) -> list[Encoded]:
     return [encode_example(tokenizer, example, prompt_format) for example in examples]
 
 
@@ -352,9 +378,12 @@ def resolve_max_length(requested: int | None, examples: list[Example], encoded: 
     too_long = [(example, row) for example, row in zip(examples, encoded) if len(row.input_ids) > requested]
     if too_long:
         example, row = too_long[0]
-        others = f" ({len(too_long) - 1} more rows are too long; the longest has {longest})" if len(too_long) > 1 else ""
+        others = (
+            f" ({len(too_long) - 1} more rows are too long; the longest has {longest})" if len(too_long) > 1 else ""
+        )
         raise InputError(
-            example.path, example.line,
+            example.path,
+            example.line,
             f"row is {len(row.input_ids)} tokens ({row.prompt_length} prompt + "
             f"{len(row.input_ids) - row.prompt_length} completion), longer than max_length {requested}; raise "
             f"--max-length or leave it unset to use the longest row{others}",

@@ -43,15 +43,21 @@ class Finetuned:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         results = []
         for start in range(0, len(prompts), batch_size):
-            encoded = [self.encode(prompt) for prompt in prompts[start:start + batch_size]]
+            encoded = [self.encode(prompt) for prompt in prompts[start : start + batch_size]]
             width = max(len(ids) for ids in encoded)
             # Left padding, so every row's answer starts right after its prompt.
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=self.model.device)
-            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.model.device)
+            attention = torch.tensor(
+                [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.model.device
+            )
             with torch.no_grad():
                 output = self.model.generate(
-                    input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                    eos_token_id=self.stop_ids, pad_token_id=pad_id,
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=self.stop_ids,
+                    pad_token_id=pad_id,
                 )
             results += [self._until_stop(row[width:].tolist()) for row in output]
         return results
@@ -82,8 +88,14 @@ def load_finetuned(model_dir: str | Path, merged: bool = False) -> Finetuned:
     return Finetuned(loaded, tokenizer, data.PromptFormat(training["prompt_format"], training["end_token"]))
 
 
-def generate_completions(model_dir: str | Path, prompts: Sequence[Prompt], max_new_tokens: int = 64, *,
-                         merged: bool = False, batch_size: int = 8) -> list[str]:
+def generate_completions(
+    model_dir: str | Path,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int = 64,
+    *,
+    merged: bool = False,
+    batch_size: int = 8,
+) -> list[str]:
     """Greedy answers of a finetuned output folder to `prompts` (strings are single user messages)."""
     finetuned = load_finetuned(model_dir, merged)
     return [finetuned.decode(ids) for ids in finetuned.generate_ids(prompts, max_new_tokens, batch_size)]

@@ -71,8 +71,9 @@ def resolve_gguf_model(model: str) -> str:
     staging = Path(tempfile.mkdtemp(prefix=f"{path.stem}.", dir=folder.parent))
     try:
         fixes = convert_gguf(path, staging)
-        (staging / SOURCE_FILE).write_text(json.dumps({"gguf_file": str(path), "sha256": sha256, "fixes": fixes},
-                                                      indent=2) + "\n", encoding="utf-8")  # fmt: skip
+        (staging / SOURCE_FILE).write_text(
+            json.dumps({"gguf_file": str(path), "sha256": sha256, "fixes": fixes}, indent=2) + "\n", encoding="utf-8"
+        )
         try:
             os.replace(staging, folder)
         except OSError:  # another run put it there first
@@ -131,7 +132,7 @@ def chat_end_token(tokenizer: Any) -> str | None:
     prompt_ids = data.encode_prompt(tokenizer, probe.prompt, "chat")
     full = data._render_chat(tokenizer, [*probe.prompt, {"role": "assistant", "content": probe.completion}])
     specials = data.special_token_ids(tokenizer)
-    ends = [t for t in full[data._common_prefix(prompt_ids, full):] if t in specials]
+    ends = [t for t in full[data._common_prefix(prompt_ids, full) :] if t in specials]
     return tokenizer.convert_ids_to_tokens(ends[0]) if ends else None
 
 

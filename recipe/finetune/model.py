@@ -69,7 +69,9 @@ def resolve_backend(requested: str) -> str:
     if not cuda_available():
         raise ConfigError("backend unsloth needs a CUDA GPU (Unsloth cannot train on CPU); use --backend hf or auto")
     if not unsloth_installed():
-        raise ConfigError("backend unsloth: Unsloth is not installed; pip install -c constraints/gpu.txt '.[train,gpu]'")
+        raise ConfigError(
+            "backend unsloth: Unsloth is not installed; pip install -c constraints/gpu.txt '.[train,gpu]'"
+        )
     if world_size() > 1:
         raise ConfigError("backend unsloth runs on one GPU; under accelerate launch use --backend hf")
     return "unsloth"
@@ -146,7 +148,10 @@ def load_hf_model(model_id: str, quantization: str, dtype: torch.dtype) -> PreTr
         raise ConfigError("FSDP cannot shard 8-bit weights; use --load-in-4bit or --no-quantization with FSDP")
     try:
         return AutoModelForCausalLM.from_pretrained(
-            model_id, dtype=dtype, quantization_config=bnb_config(quantization, dtype), device_map=device_map(quantization)
+            model_id,
+            dtype=dtype,
+            quantization_config=bnb_config(quantization, dtype),
+            device_map=device_map(quantization),
         )
     except (OSError, ValueError) as error:
         raise ConfigError(f"model {model_id!r}: cannot load it: {first_line(error)}") from error
@@ -218,8 +223,9 @@ def logical_numel(parameter: Any) -> int:
     return parameter.numel()
 
 
-def check_quantization(model: Any, quantization: str, target_modules: list[str], dtype: torch.dtype,
-                       cuda_bytes_loaded: int | None = None) -> QuantizationCheck:
+def check_quantization(
+    model: Any, quantization: str, target_modules: list[str], dtype: torch.dtype, cuda_bytes_loaded: int | None = None
+) -> QuantizationCheck:
     """Count quantized layer types among the LoRA targets and measure the weights' memory.
 
     On a GPU the memory is what the load allocated on the device (catches a 16-bit copy kept aside); on CPU it is
@@ -270,8 +276,9 @@ def load_base_model(config: FinetuneConfig, backend: str, dtype: torch.dtype, ma
     raise RecipeError("; ".join(failures) + " (see quantization_fallback in finetune/config.yaml)")
 
 
-def _load_and_check(config: FinetuneConfig, backend: str, quantization: str, dtype: torch.dtype,
-                    max_length: int) -> BaseModel:
+def _load_and_check(
+    config: FinetuneConfig, backend: str, quantization: str, dtype: torch.dtype, max_length: int
+) -> BaseModel:
     import torch
 
     on_cuda = torch.cuda.is_available()
@@ -342,12 +349,16 @@ def add_lora(base: BaseModel, config: FinetuneConfig, backend: str, max_length: 
 
 
 def _linear_layers(model: Any) -> list[tuple[str, Any]]:
-    return [(name, module) for name, module in model.named_modules()
-            if getattr(module, "weight", None) is not None and module.weight.dim() == 2 and name]
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if getattr(module, "weight", None) is not None and module.weight.dim() == 2 and name
+    ]
 
 
-def merge_adapter(base_model: str, adapter_dir: Path, merged_dir: Path, dtype: torch.dtype,
-                  tokenizer: PreTrainedTokenizerBase) -> None:
+def merge_adapter(
+    base_model: str, adapter_dir: Path, merged_dir: Path, dtype: torch.dtype, tokenizer: PreTrainedTokenizerBase
+) -> None:
     """Merge the adapter into an unquantized copy of the base (merging into 8/4-bit weights would lose precision)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -361,8 +372,9 @@ def merge_adapter(base_model: str, adapter_dir: Path, merged_dir: Path, dtype: t
     release_memory()
 
 
-def load_trained_model(model_dir: Path, base_model: str, quantization: str, dtype: torch.dtype,
-                       merged: bool) -> PreTrainedModel:
+def load_trained_model(
+    model_dir: Path, base_model: str, quantization: str, dtype: torch.dtype, merged: bool
+) -> PreTrainedModel:
     """The finetuned model for generation: the merged weights, or the base (as trained on a GPU) plus the adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

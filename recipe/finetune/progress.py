@@ -64,9 +64,13 @@ class LogLineCallback(TrainerCallback):
             eta = self.eta_s(state)
             if eta is not None:
                 self._warned = True
-                log.warning("%s: this run will take about %s more (%d steps). For a first try on a CPU use "
-                            "`recipe finetune --smoke`; on a GPU the same run takes minutes",
-                            self.slow_reason, duration_text(eta), state.max_steps - state.global_step)  # fmt: skip
+                log.warning(
+                    "%s: this run will take about %s more (%d steps). For a first try on a CPU use "
+                    "`recipe finetune --smoke`; on a GPU the same run takes minutes",
+                    self.slow_reason,
+                    duration_text(eta),
+                    state.max_steps - state.global_step,
+                )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -85,8 +89,9 @@ def log_line(logs: dict[str, Any], step: int, max_steps: int, eta_s: float | Non
         return f"{where}: val loss {logs['eval_loss']:.4f}" + (f" ({runtime:.0f} s)" if runtime is not None else "")
     if "train_loss" in logs:
         runtime = logs.get("train_runtime")
-        return (f"{where}: training done, run mean loss {logs['train_loss']:.4f}"
-                + (f" in {duration_text(runtime)}" if runtime is not None else ""))  # fmt: skip
+        return f"{where}: training done, run mean loss {logs['train_loss']:.4f}" + (
+            f" in {duration_text(runtime)}" if runtime is not None else ""
+        )
     if "loss" in logs:
         parts = [f"loss {logs['loss']:.4f}"]
         if logs.get("learning_rate") is not None:

@@ -93,7 +93,8 @@ def model_card(info: dict[str, Any], vllm_commands: dict[str, str] | None = None
     template_text = info.get("prompt_template_text")
     template_block = (
         f"\n<details><summary>prompt template text</summary>\n\n```jinja2\n{template_text}\n```\n</details>"
-        if template_text else "\nPrompt template text: unknown (no dataset_info.json next to the data)."
+        if template_text
+        else "\nPrompt template text: unknown (no dataset_info.json next to the data)."
     )
     losses = training["final_losses"]
     speed = training["throughput"]
@@ -105,63 +106,85 @@ def model_card(info: dict[str, Any], vllm_commands: dict[str, str] | None = None
         "## Prompt template and command syntax",
         "Serve this model only with the template it was trained on; the runtime compares the hash below with "
         "`prompt_template_sha256` in `recipe_training_info.json`.\n\n"
-        + _table([
-            ("prompt template", info.get("prompt_template")),
-            ("prompt template sha256", info.get("prompt_template_sha256")),
-            ("command syntax", info.get("command_syntax")),
-            ("row format of the data", info.get("output_format")),
-            ("prompt format in training", f"{training['prompt_format']} "
-             + ("(one user message through the tokenizer's chat template, as Rasa Pro calls chat completions)"
-                if training["prompt_format"] == "chat" else "(raw prompt string: serve through /v1/completions)")),
-            ("chat template sha256", training.get("chat_template_sha256")),
-            ("end-of-answer token", training["end_token"]),
-            ("text the template injects before answers (given in the prompt, not trained)",
-             json.dumps(training["answer_prefix"]) if training.get("answer_prefix") else "none"),
-        ])
-        + "\n" + template_block,
+        + _table(
+            [
+                ("prompt template", info.get("prompt_template")),
+                ("prompt template sha256", info.get("prompt_template_sha256")),
+                ("command syntax", info.get("command_syntax")),
+                ("row format of the data", info.get("output_format")),
+                (
+                    "prompt format in training",
+                    f"{training['prompt_format']} "
+                    + (
+                        "(one user message through the tokenizer's chat template, as Rasa Pro calls chat completions)"
+                        if training["prompt_format"] == "chat"
+                        else "(raw prompt string: serve through /v1/completions)"
+                    ),
+                ),
+                ("chat template sha256", training.get("chat_template_sha256")),
+                ("end-of-answer token", training["end_token"]),
+                (
+                    "text the template injects before answers (given in the prompt, not trained)",
+                    json.dumps(training["answer_prefix"]) if training.get("answer_prefix") else "none",
+                ),
+            ]
+        )
+        + "\n"
+        + template_block,
         "## Data",
-        _table([
-            ("train rows", data["train"]["rows"]),
-            ("val rows", data["val"]["rows"] if data["val"] else "none"),
-            ("train file", data["train_file"]),
-            ("val file", data["val_file"]),
-            ("prompt tokens (min / median / max)", _span(data["train"]["prompt_tokens"])),
-            ("completion tokens incl. end token (min / median / max)", _span(data["train"]["completion_tokens"])),
-            ("max_length", training["max_length"]),
-            ("commands in train completions", ", ".join(f"{k}: {v}" for k, v in data["commands"].items())),
-            ("data seed (prepare-data)", info.get("seed")),
-            ("prepare-data version", info.get("recipe_version")),
-        ]),
+        _table(
+            [
+                ("train rows", data["train"]["rows"]),
+                ("val rows", data["val"]["rows"] if data["val"] else "none"),
+                ("train file", data["train_file"]),
+                ("val file", data["val_file"]),
+                ("prompt tokens (min / median / max)", _span(data["train"]["prompt_tokens"])),
+                ("completion tokens incl. end token (min / median / max)", _span(data["train"]["completion_tokens"])),
+                ("max_length", training["max_length"]),
+                ("commands in train completions", ", ".join(f"{k}: {v}" for k, v in data["commands"].items())),
+                ("data seed (prepare-data)", info.get("seed")),
+                ("prepare-data version", info.get("recipe_version")),
+            ]
+        ),
         "## Training",
-        _table([
-            ("backend", training["backend"]),
-            ("quantization requested / used", f"{hyper['quantization']} / {training['quantization']}"),
-            ("quantization check", training["quantization_check"]),
-            ("precision", training["precision"]),
-            ("LoRA r / alpha / dropout", f"{hyper['lora_r']} / {hyper['lora_alpha']} / {hyper['lora_dropout']}"),
-            ("LoRA target modules", ", ".join(hyper["lora_target_modules"])),
-            ("learning rate / schedule / warmup", f"{hyper['learning_rate']} / {hyper['lr_scheduler_type']} / "
-                                                   f"{hyper['warmup_ratio']}"),
-            ("epochs", hyper["num_train_epochs"]),
-            ("batch size x gradient accumulation x processes",
-             f"{hyper['per_device_train_batch_size']} x {hyper['gradient_accumulation_steps']} x "
-             f"{training['hardware']['processes']}"),
-            ("length-grouped batches", hyper["group_by_length"]),
-            ("seed", hyper["seed"]),
-            ("last logged train loss", _loss(losses["train_last"])),
-            ("mean train loss over the run", _loss(losses["train_run_mean"])),
-            ("final val loss", _loss(losses["val"]) if losses["val"] is not None else "none (no validation rows)"),
-            ("duration", f"{training['duration_s']:.0f} s"),
-            ("train tokens / s (without padding)", f"{speed['tokens_per_second']:.0f}"),
-            ("padding share of the train batches", f"{speed['padding_share']:.1%}"),
-        ]),
+        _table(
+            [
+                ("backend", training["backend"]),
+                ("quantization requested / used", f"{hyper['quantization']} / {training['quantization']}"),
+                ("quantization check", training["quantization_check"]),
+                ("precision", training["precision"]),
+                ("LoRA r / alpha / dropout", f"{hyper['lora_r']} / {hyper['lora_alpha']} / {hyper['lora_dropout']}"),
+                ("LoRA target modules", ", ".join(hyper["lora_target_modules"])),
+                (
+                    "learning rate / schedule / warmup",
+                    f"{hyper['learning_rate']} / {hyper['lr_scheduler_type']} / {hyper['warmup_ratio']}",
+                ),
+                ("epochs", hyper["num_train_epochs"]),
+                (
+                    "batch size x gradient accumulation x processes",
+                    f"{hyper['per_device_train_batch_size']} x {hyper['gradient_accumulation_steps']} x "
+                    f"{training['hardware']['processes']}",
+                ),
+                ("length-grouped batches", hyper["group_by_length"]),
+                ("seed", hyper["seed"]),
+                ("last logged train loss", _loss(losses["train_last"])),
+                ("mean train loss over the run", _loss(losses["train_run_mean"])),
+                ("final val loss", _loss(losses["val"]) if losses["val"] is not None else "none (no validation rows)"),
+                ("duration", f"{training['duration_s']:.0f} s"),
+                ("train tokens / s (without padding)", f"{speed['tokens_per_second']:.0f}"),
+                ("padding share of the train batches", f"{speed['padding_share']:.1%}"),
+            ]
+        ),
         "Loss curves: `loss_curves.png`; per-step log: `training_log.csv` (all entries: `training_log.json`).",
         "## Versions and hardware",
-        _table([(package, version) for package, version in training["versions"].items()]
-               + [(key, value) for key, value in training["hardware"].items()]),
+        _table(
+            [(package, version) for package, version in training["versions"].items()]
+            + [(key, value) for key, value in training["hardware"].items()]
+        ),
         "## Use",
         "Files: the adapter (`adapter_model.safetensors`, `adapter_config.json`) and the tokenizer at the top level"
-        + (", the merged model in `merged/`" if training["merged"] else "") + ".",
+        + (", the merged model in `merged/`" if training["merged"] else "")
+        + ".",
         _use_section(training, vllm_commands or {}),
     ]
     return "\n\n".join(sections) + "\n"
@@ -169,20 +192,35 @@ def model_card(info: dict[str, Any], vllm_commands: dict[str, str] | None = None
 
 def _use_section(training: dict[str, Any], vllm_commands: dict[str, str]) -> str:
     folder = "<this folder>"
-    lines = ["On a CPU or a small GPU:", "", "```bash", f"recipe serve --model {folder} --name {SERVED_NAME}", "```", ""]
+    lines = [
+        "On a CPU or a small GPU:",
+        "",
+        "```bash",
+        f"recipe serve --model {folder} --name {SERVED_NAME}",
+        "```",
+        "",
+    ]
     for variant in ("merged", "adapter"):  # the merged model first: unmerged LoRA is slower per token
         if variant not in vllm_commands:
             continue
         which = "the merged model" if variant == "merged" else "the base model with the adapter"
         flag = " --vllm-adapter" if variant == "adapter" and "merged" in vllm_commands else ""
         printed = f"`recipe serve --model {folder} --name {SERVED_NAME} --print-vllm-command{flag}`"
-        lines += [f"With vLLM, {which} ({printed} printed this on the training machine):", "", "```bash",
-                  vllm_commands[variant], "```", ""]
+        lines += [
+            f"With vLLM, {which} ({printed} printed this on the training machine):",
+            "",
+            "```bash",
+            vllm_commands[variant],
+            "```",
+            "",
+        ]
     chat = training["prompt_format"] == "chat"
-    lines += ["Then `recipe rasa-config --model <this folder> --model-name cmdgen --api-base http://HOST:8000/v1` prints "
-              "the `endpoints.yml` model group (`provider: self-hosted`, `model: cmdgen`, `temperature: 0.0`"
-              + ("" if chat else ", `use_chat_completions_endpoint: false` (raw prompts)")
-              + ") and the `config.yml` generator with the `prompt_template` the model was trained with."]
+    lines += [
+        "Then `recipe rasa-config --model <this folder> --model-name cmdgen --api-base http://HOST:8000/v1` prints "
+        "the `endpoints.yml` model group (`provider: self-hosted`, `model: cmdgen`, `temperature: 0.0`"
+        + ("" if chat else ", `use_chat_completions_endpoint: false` (raw prompts)")
+        + ") and the `config.yml` generator with the `prompt_template` the model was trained with."
+    ]
     return "\n".join(lines)
 
 

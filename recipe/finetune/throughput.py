@@ -27,8 +27,9 @@ class ThroughputCallback(TrainerCallback):
         self.started = time.perf_counter()
         self.tokens_at_start = state.num_input_tokens_seen  # non-zero when resuming
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
-                    **kwargs: Any) -> None:
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
         self.eval_seconds += (metrics or {}).get("eval_runtime", 0.0)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -35,9 +35,19 @@ CHECKPOINTS = "checkpoints"
 RUN_IN_PROGRESS = ".run_in_progress"  # in the output folder from the start of a run until its outputs are written
 MERGED = "merged"
 # Keys of prepare-data's dataset_info.json; null in our info file when the data came without it.
-DATASET_INFO_KEYS = ("prompt_template", "prompt_template_sha256", "prompt_template_text", "command_syntax",
-                     "output_format", "include_date_time", "flow_retrieval", "num_train_rows", "num_val_rows", "seed",
-                     "recipe_version")
+DATASET_INFO_KEYS = (
+    "prompt_template",
+    "prompt_template_sha256",
+    "prompt_template_text",
+    "command_syntax",
+    "output_format",
+    "include_date_time",
+    "flow_retrieval",
+    "num_train_rows",
+    "num_val_rows",
+    "seed",
+    "recipe_version",
+)
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth")
 
 
@@ -97,8 +107,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     trainer.save_model(str(run.local_dir))  # adapter + tokenizer; collective under FSDP, so every process calls it
     if not trainer.is_world_process_zero():
         end_distributed_run()  # waits for the main process to finish writing
-        return FinetuneResult(config.output_dir, run.local_dir, None, None, None, time.monotonic() - started, {},
-                              main_process=False)
+        return FinetuneResult(
+            config.output_dir, run.local_dir, None, None, None, time.monotonic() - started, {}, main_process=False
+        )
     (run.local_dir / "training_args.bin").unlink(missing_ok=True)  # pickled arguments: not portable, not needed
     loaded_as = record_adapter_base(run.local_dir, run.config.model)
     log_history = trainer.state.log_history
@@ -111,16 +122,32 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     merged_dir = None
     if config.merge:
         merged_dir = run.local_dir / MERGED
-        model.merge_adapter(run.config.model, run.local_dir, merged_dir, model.torch_dtype(run.precision), run.tokenizer)
-    info = training_info(run, final_losses, padding, merged=merged_dir is not None, duration_s=time.monotonic() - started,
-                         loaded_as=loaded_as)  # fmt: skip
+        model.merge_adapter(
+            run.config.model, run.local_dir, merged_dir, model.torch_dtype(run.precision), run.tokenizer
+        )
+    info = training_info(
+        run,
+        final_losses,
+        padding,
+        merged=merged_dir is not None,
+        duration_s=time.monotonic() - started,
+        loaded_as=loaded_as,
+    )
     write_outputs(run.local_dir, info, log_history)
     (run.local_dir / RUN_IN_PROGRESS).unlink(missing_ok=True)
     if upload.is_remote(config.output_dir):
         upload.upload_directory(run.local_dir, config.output_dir, exclude=(CHECKPOINTS,))
     end_distributed_run()
-    return FinetuneResult(config.output_dir, run.local_dir, merged_dir, final_losses["train_last"], final_losses["val"],
-                          info["training"]["duration_s"], info, train_loss_mean=final_losses["train_run_mean"])
+    return FinetuneResult(
+        config.output_dir,
+        run.local_dir,
+        merged_dir,
+        final_losses["train_last"],
+        final_losses["val"],
+        info["training"]["duration_s"],
+        info,
+        train_loss_mean=final_losses["train_run_mean"],
+    )
 
 
 def end_distributed_run() -> None:
@@ -140,7 +167,9 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     local_dir = prepare_output_dir(config)
     files = fetch_data_files(config)
     train_examples = data.shortest(data.read_examples(files.train), config.max_train_rows)
-    val_examples = data.shortest(data.read_examples(files.val, allow_empty=True), config.max_val_rows) if files.val else []
+    val_examples = (
+        data.shortest(data.read_examples(files.val, allow_empty=True), config.max_val_rows) if files.val else []
+    )
     without_val = data.validation_warning(files, len(val_examples))
     if without_val:
         log.warning(without_val)
@@ -157,8 +186,9 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     # recipe:tiny is built offline, a .gguf file converted once to a Hugging Face folder: both then load as folders
     config = dataclasses.replace(config, model=absolute_model_id(resolve_gguf_model(resolve_tiny_model(config.model))))
     tokenizer = model.load_tokenizer(config.model)
-    prompt_format = data.choose_prompt_format(tokenizer, config.prompt_format, train_examples[0],
-                                              config.template_answer_text)  # fmt: skip
+    prompt_format = data.choose_prompt_format(
+        tokenizer, config.prompt_format, train_examples[0], config.template_answer_text
+    )
     train_rows = data.encode_examples(tokenizer, train_examples, prompt_format)
     val_rows = data.encode_examples(tokenizer, val_examples, prompt_format)
     # Before the (slow) model load: a row that would be cut stops the run here.
@@ -180,21 +210,49 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     from recipe.finetune import throughput
 
     speed = throughput.ThroughputCallback()
-    trainer = build_trainer(config, peft_model, tokenizer, train_rows, val_rows, max_length, precision,
-                            local_dir / CHECKPOINTS, [speed], LogLineCallback(slow))
+    trainer = build_trainer(
+        config,
+        peft_model,
+        tokenizer,
+        train_rows,
+        val_rows,
+        max_length,
+        precision,
+        local_dir / CHECKPOINTS,
+        [speed],
+        LogLineCallback(slow),
+    )
     if len(trainer.train_dataset) != len(train_rows):
         raise RuntimeError(f"the trainer kept {len(trainer.train_dataset)} of {len(train_rows)} training rows")
-    return PreparedRun(config, local_dir, files, dataset_info, train_examples, val_examples, train_rows, val_rows,
-                       prompt_format, max_length, backend, precision, base, tokenizer, trainer, speed,
-                       requested_model=requested_model)  # fmt: skip
+    return PreparedRun(
+        config,
+        local_dir,
+        files,
+        dataset_info,
+        train_examples,
+        val_examples,
+        train_rows,
+        val_rows,
+        prompt_format,
+        max_length,
+        backend,
+        precision,
+        base,
+        tokenizer,
+        trainer,
+        speed,
+        requested_model=requested_model,
+    )
 
 
 def slow_setup_reason(config: FinetuneConfig, backend: str) -> str | None:
     """Why this run will be very slow, when it will: 8-bit on a CPU (bitsandbytes' int8 matmuls crawl there; a
     tiny model on 3,000-token rows was measured at 6 h 40 min)."""
     if config.quantization == "8bit" and not model.cuda_available():
-        return (f"8-bit quantization on a CPU ({config.model}): bitsandbytes' int8 matmuls are very slow there; "
-                "--no-quantization is faster where the 32-bit weights fit in memory")  # fmt: skip
+        return (
+            f"8-bit quantization on a CPU ({config.model}): bitsandbytes' int8 matmuls are very slow there; "
+            "--no-quantization is faster where the 32-bit weights fit in memory"
+        )
     return None
 
 
@@ -240,9 +298,18 @@ def sft_config(config: FinetuneConfig, max_length: int, precision: str, checkpoi
     )
 
 
-def build_trainer(config: FinetuneConfig, peft_model: Any, tokenizer: Any, train_rows: list[data.Encoded],
-                  val_rows: list[data.Encoded], max_length: int, precision: str, checkpoints_dir: Path,
-                  callbacks: list[Any], line_callback: Any = None) -> SFTTrainer:
+def build_trainer(
+    config: FinetuneConfig,
+    peft_model: Any,
+    tokenizer: Any,
+    train_rows: list[data.Encoded],
+    val_rows: list[data.Encoded],
+    max_length: int,
+    precision: str,
+    checkpoints_dir: Path,
+    callbacks: list[Any],
+    line_callback: Any = None,
+) -> SFTTrainer:
     from trl import SFTTrainer
 
     from recipe.finetune.progress import LogLineCallback, quiet_trainer_output
@@ -284,8 +351,11 @@ def prepare_output_dir(config: FinetuneConfig) -> Path:
             log.warning("%s: the interrupted run saved no checkpoint; starting it again in place", local_dir)
     # Only the main process checks: in a distributed run the others may look after it has started writing.
     elif model.is_main_process() and interrupted:
-        how = (f"--resume continues it from {Path(checkpoint).name}" if checkpoint is not None
-               else "it saved no checkpoint; --resume starts it again in place")
+        how = (
+            f"--resume continues it from {Path(checkpoint).name}"
+            if checkpoint is not None
+            else "it saved no checkpoint; --resume starts it again in place"
+        )
         raise ConfigError(f"{local_dir}: holds an interrupted run; {how} (or choose a new output folder)")
     elif model.is_main_process() and local_dir.exists() and any(local_dir.iterdir()):
         raise ConfigError(f"{local_dir}: output folder is not empty; choose a new one, or --resume a run there")
@@ -309,7 +379,9 @@ def fetch_data_files(config: FinetuneConfig) -> data.DataFiles:
     if not upload.is_remote(config.data):
         return data.resolve_data_files(config.data, config.val_data)
     local = upload.download_directory(
-        config.data, upload.local_staging_dir(config.data, "data"), (data.TRAIN_FILE, data.VAL_FILE, data.DATASET_INFO_FILE)
+        config.data,
+        upload.local_staging_dir(config.data, "data"),
+        (data.TRAIN_FILE, data.VAL_FILE, data.DATASET_INFO_FILE),
     )
     return data.resolve_data_files(str(local), config.val_data)
 
@@ -374,15 +446,25 @@ def hardware() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(0)
-        facts |= {"gpu": properties.name, "gpu_count": torch.cuda.device_count(),
-                  "gpu_memory_gib": round(properties.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+        facts |= {
+            "gpu": properties.name,
+            "gpu_count": torch.cuda.device_count(),
+            "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+        }
     else:
         facts["gpu"] = "none"
     return facts
 
 
-def training_info(run: PreparedRun, final_losses: dict[str, float | None], padding: float, merged: bool,
-                  duration_s: float, loaded_as: str | None = None) -> dict[str, Any]:
+def training_info(
+    run: PreparedRun,
+    final_losses: dict[str, float | None],
+    padding: float,
+    merged: bool,
+    duration_s: float,
+    loaded_as: str | None = None,
+) -> dict[str, Any]:
     """prepare-data's dataset_info.json (its keys at the top, null when unknown) extended with the training facts."""
     source = run.dataset_info or {}
     info: dict[str, Any] = {key: source.get(key) for key in DATASET_INFO_KEYS} | source
@@ -410,9 +492,13 @@ def training_info(run: PreparedRun, final_losses: dict[str, float | None], paddi
             "val": data.token_stats(run.val_rows) if run.val_rows else None,
             "commands": data.command_counts(run.train_examples),
         },
-        "throughput": {"tokens_per_second": run.speed.tokens_per_second, "train_tokens": run.speed.tokens,
-                       "train_seconds": run.speed.train_seconds, "padding_share": padding,
-                       "peak_gpu_memory_gib": peak_gpu_memory_gib()},
+        "throughput": {
+            "tokens_per_second": run.speed.tokens_per_second,
+            "train_tokens": run.speed.tokens,
+            "train_seconds": run.speed.train_seconds,
+            "padding_share": padding,
+            "peak_gpu_memory_gib": peak_gpu_memory_gib(),
+        },
         "final_losses": final_losses,
         "merged": merged,
         "versions": package_versions(),
@@ -433,17 +519,25 @@ def peak_gpu_memory_gib() -> float | None:
 def write_outputs(local_dir: Path, info: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
     (local_dir / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     report.write_logs(log_history, local_dir)
-    report.plot_losses(log_history, local_dir / report.LOSS_PNG, title=f"{Path(info['training']['base_model']).name} + LoRA")
-    (local_dir / report.MODEL_CARD).write_text(report.model_card(info, vllm_commands(local_dir, info)), encoding="utf-8")
+    report.plot_losses(
+        log_history, local_dir / report.LOSS_PNG, title=f"{Path(info['training']['base_model']).name} + LoRA"
+    )
+    (local_dir / report.MODEL_CARD).write_text(
+        report.model_card(info, vllm_commands(local_dir, info)), encoding="utf-8"
+    )
 
 
 def vllm_commands(local_dir: Path, info: dict[str, Any]) -> dict[str, str]:
     """What `recipe serve --print-vllm-command` (merged) and `... --vllm-adapter` (adapter) print for this folder."""
     from recipe.serve import format_command_line, vllm_serve_command
 
-    commands = {"adapter": format_command_line(vllm_serve_command(local_dir, served_name=report.SERVED_NAME, merged=False))}
+    commands = {
+        "adapter": format_command_line(vllm_serve_command(local_dir, served_name=report.SERVED_NAME, merged=False))
+    }
     if info["training"].get("merged"):
-        commands["merged"] = format_command_line(vllm_serve_command(local_dir, served_name=report.SERVED_NAME, merged=True))
+        commands["merged"] = format_command_line(
+            vllm_serve_command(local_dir, served_name=report.SERVED_NAME, merged=True)
+        )
     return commands
 
 
@@ -452,4 +546,3 @@ def read_training_info(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{model_dir}: not a `recipe finetune` output folder (no {INFO_FILE})")
     return json.loads(path.read_text(encoding="utf-8"))
-

@@ -72,23 +72,36 @@ class NativeLLMServer:
                 headers = dict(reply.headers)
                 if reply.status != 200:
                     message = reply.error_message or f"error {reply.status}"
-                    error = ({"type": "error", "error": {"type": "api_error", "message": message}}
-                             if owner.dialect == "anthropic" else {"message": message})  # fmt: skip
+                    error = (
+                        {"type": "error", "error": {"type": "api_error", "message": message}}
+                        if owner.dialect == "anthropic"
+                        else {"message": message}
+                    )
                     self._json(reply.status, error, headers)
                     return
                 prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else 11
                 completion_tokens = reply.completion_tokens if reply.completion_tokens is not None else 3
                 cut = reply.finish_reason == "length"
                 if owner.dialect == "anthropic":
-                    payload = {"id": "msg_1", "type": "message", "role": "assistant", "model": (body or {}).get("model"),
-                               "content": [{"type": "text", "text": reply.content}],
-                               "stop_reason": "max_tokens" if cut else "end_turn",
-                               "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}}  # fmt: skip
+                    payload = {
+                        "id": "msg_1",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": (body or {}).get("model"),
+                        "content": [{"type": "text", "text": reply.content}],
+                        "stop_reason": "max_tokens" if cut else "end_turn",
+                        "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
+                    }
                 else:
-                    payload = {"output": {"message": {"role": "assistant", "content": [{"text": reply.content}]}},
-                               "stopReason": "max_tokens" if cut else "end_turn",
-                               "usage": {"inputTokens": prompt_tokens, "outputTokens": completion_tokens,
-                                         "totalTokens": prompt_tokens + completion_tokens}}  # fmt: skip
+                    payload = {
+                        "output": {"message": {"role": "assistant", "content": [{"text": reply.content}]}},
+                        "stopReason": "max_tokens" if cut else "end_turn",
+                        "usage": {
+                            "inputTokens": prompt_tokens,
+                            "outputTokens": completion_tokens,
+                            "totalTokens": prompt_tokens + completion_tokens,
+                        },
+                    }
                 self._json(200, payload, headers)
 
             def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
@@ -115,8 +128,9 @@ class NativeLLMServer:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        request = NativeRequest(handler.command, handler.path, {k.lower(): v for k, v in handler.headers.items()},
-                                body, raw)  # fmt: skip
+        request = NativeRequest(
+            handler.command, handler.path, {k.lower(): v for k, v in handler.headers.items()}, body, raw
+        )
         with self._lock:
             self._requests.append(request)
         return body

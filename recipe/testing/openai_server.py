@@ -75,8 +75,9 @@ class Reply:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
     ) -> Reply:
-        return cls(content=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                   completion_tokens=completion_tokens)
+        return cls(
+            content=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        )
 
     @classmethod
     def error(
@@ -94,8 +95,9 @@ class Reply:
             all_headers["Retry-After"] = _format_number(retry_after)
         if retry_after_ms is not None:
             all_headers["retry-after-ms"] = _format_number(retry_after_ms)
-        return cls(status=status, error_message=message or f"scripted error {status}",
-                   headers=tuple(all_headers.items()))
+        return cls(
+            status=status, error_message=message or f"scripted error {status}", headers=tuple(all_headers.items())
+        )
 
     @classmethod
     def delay(cls, seconds: float, *, then: Reply | str) -> Reply:
@@ -221,8 +223,9 @@ class ScriptedOpenAIServer:
     def start(self) -> ScriptedOpenAIServer:
         self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler, owner=self)
         # A short poll interval makes stop() quick (serve_forever checks for shutdown once per interval).
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name="scripted-openai-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="scripted-openai-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -237,8 +240,9 @@ class ScriptedOpenAIServer:
     def __enter__(self) -> ScriptedOpenAIServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -263,9 +267,13 @@ class ScriptedOpenAIServer:
 
     def hits(self, prompt: str | None = None, *, endpoint: Endpoint | None = None) -> int:
         """POST requests received, in total, for one prompt (see `prompt_of`) and/or to one endpoint."""
-        return sum(1 for request in self.requests
-                   if request.endpoint != "models" and (prompt is None or request.prompt == prompt)
-                   and (endpoint is None or request.endpoint == endpoint))
+        return sum(
+            1
+            for request in self.requests
+            if request.endpoint != "models"
+            and (prompt is None or request.prompt == prompt)
+            and (endpoint is None or request.endpoint == endpoint)
+        )
 
     @property
     def max_in_flight(self) -> int:
@@ -319,8 +327,7 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the default backlog of 5 drops connections under benchmark concurrency
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
-                 owner: ScriptedOpenAIServer):
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, owner: ScriptedOpenAIServer):
         self.owner = owner
         super().__init__(address, handler)
 
@@ -347,15 +354,34 @@ class _Handler(BaseHTTPRequestHandler):
             given = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
             if given != owner.api_key:
                 masked = given[:8] + "*" * max(len(given) - 12, 0) + given[-4:]
-                message = (f"Incorrect API key provided: {masked}. You can find your API key at "
-                           f"https://platform.openai.com/account/api-keys. (sent: {given})")
-                self._send_json(401, {"error": {"message": message, "type": "invalid_request_error",
-                                                "param": None, "code": "invalid_api_key"}})
+                message = (
+                    f"Incorrect API key provided: {masked}. You can find your API key at "
+                    f"https://platform.openai.com/account/api-keys. (sent: {given})"
+                )
+                self._send_json(
+                    401,
+                    {
+                        "error": {
+                            "message": message,
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": "invalid_api_key",
+                        }
+                    },
+                )
                 return True
         if owner.only_model and model is not None and model != owner.model:
-            self._send_json(404, {"error": {"message": f"The model `{model}` does not exist or you do not have "
-                                            "access to it.", "type": "invalid_request_error", "param": None,
-                                            "code": "model_not_found"}})  # fmt: skip
+            self._send_json(
+                404,
+                {
+                    "error": {
+                        "message": f"The model `{model}` does not exist or you do not have access to it.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "model_not_found",
+                    }
+                },
+            )
             return True
         return False
 
@@ -367,8 +393,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, _error_body(f"no route for GET {self.path}", 404))
             return
         owner._record(RecordedRequest("models", self.path, {}, dict(self.headers), None))
-        self._send_json(200, {"object": "list", "data": [
-            {"id": owner.model, "object": "model", "created": 0, "owned_by": "recipe-tests"}]})
+        self._send_json(
+            200,
+            {
+                "object": "list",
+                "data": [{"id": owner.model, "object": "model", "created": 0, "owned_by": "recipe-tests"}],
+            },
+        )
 
     def do_POST(self) -> None:
         owner = self.server.owner
@@ -414,19 +445,40 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer_body(self, reply: Reply, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
         owner = self.server.owner
         prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else _word_count(prompt_of(body))
-        completion_tokens = reply.completion_tokens if reply.completion_tokens is not None else _word_count(reply.content)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        completion_tokens = (
+            reply.completion_tokens if reply.completion_tokens is not None else _word_count(reply.content)
+        )
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         number = owner._next_id()
         model = body.get("model") or owner.model
         if endpoint == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": reply.content},
-                      "finish_reason": reply.finish_reason, "logprobs": None}
-            return {"id": f"chatcmpl-{number}", "object": "chat.completion", "created": int(time.time()),
-                    "model": model, "choices": [choice], "usage": usage}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.content},
+                "finish_reason": reply.finish_reason,
+                "logprobs": None,
+            }
+            return {
+                "id": f"chatcmpl-{number}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [choice],
+                "usage": usage,
+            }
         choice = {"index": 0, "text": reply.content, "finish_reason": reply.finish_reason, "logprobs": None}
-        return {"id": f"cmpl-{number}", "object": "text_completion", "created": int(time.time()),
-                "model": model, "choices": [choice], "usage": usage}
+        return {
+            "id": f"cmpl-{number}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
 
     def _send_json(self, status: int, payload: object, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self._send_bytes(status, json.dumps(payload).encode(), headers)
@@ -452,8 +504,12 @@ def _embeddings_body(body: dict[str, Any]) -> dict[str, Any]:
             vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         data.append({"object": "embedding", "index": index, "embedding": vector})
     tokens = sum(_word_count(text) for text in texts)
-    return {"object": "list", "data": data, "model": body.get("model") or "scripted-model",
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.get("model") or "scripted-model",
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def _endpoint_of(path: str) -> Endpoint | None:

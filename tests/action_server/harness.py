@@ -45,14 +45,22 @@ def rasa_sdk_python(venv: Path = VENV) -> Path:
     shutil.rmtree(build, ignore_errors=True)
     build.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(build)], check=True, capture_output=True, timeout=120)
-    command = [str(build / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-               f"rasa-sdk=={RASA_SDK_VERSION}"]  # fmt: skip
+    command = [
+        str(build / "bin" / "python"),
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "-q",
+        f"rasa-sdk=={RASA_SDK_VERSION}",
+    ]
     try:
         result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         shutil.rmtree(build, ignore_errors=True)
-        raise HarnessError(f"installing rasa-sdk=={RASA_SDK_VERSION} took over 10 minutes; is the package index "
-                           "reachable?") from None  # fmt: skip
+        raise HarnessError(
+            f"installing rasa-sdk=={RASA_SDK_VERSION} took over 10 minutes; is the package index reachable?"
+        ) from None
     if result.returncode != 0:
         shutil.rmtree(build, ignore_errors=True)
         tail = "\n".join(line for line in result.stderr.splitlines() if "is ignored" not in line)[-2000:]
@@ -88,35 +96,54 @@ class RunningActionServer:
 
 
 @contextmanager
-def running_action_server(python: Path, workdir: Path, startup_timeout_s: float = 60.0) -> Iterator[
-        RunningActionServer]:  # fmt: skip
+def running_action_server(
+    python: Path, workdir: Path, startup_timeout_s: float = 60.0
+) -> Iterator[RunningActionServer]:
     """Start the test actions on a free port of 127.0.0.1, wait for `/health`, and kill the server at the end."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = RunningActionServer(url=f"http://127.0.0.1:{port}/webhook", port=port, log=workdir / "calls.jsonl",
-                                 state=workdir / "state", output=workdir / "server.log")  # fmt: skip
+    server = RunningActionServer(
+        url=f"http://127.0.0.1:{port}/webhook",
+        port=port,
+        log=workdir / "calls.jsonl",
+        state=workdir / "state",
+        output=workdir / "server.log",
+    )
     server.state.mkdir(exist_ok=True)
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(SANIC_HOST="127.0.0.1", PYTHONDONTWRITEBYTECODE="1", RECIPE_TEST_ACTIONS_LOG=str(server.log),
-               RECIPE_TEST_ACTIONS_STATE=str(server.state))  # fmt: skip
+    env.update(
+        SANIC_HOST="127.0.0.1",
+        PYTHONDONTWRITEBYTECODE="1",
+        RECIPE_TEST_ACTIONS_LOG=str(server.log),
+        RECIPE_TEST_ACTIONS_STATE=str(server.state),
+    )
     with open(server.output, "wb") as output:
-        process = subprocess.Popen([str(python), "-m", "rasa_sdk", "--actions", "actions", "--port", str(port)],
-                                   cwd=HERE, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            [str(python), "-m", "rasa_sdk", "--actions", "actions", "--port", str(port)],
+            cwd=HERE,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
             if process.poll() is not None:
-                raise HarnessError(f"the action server exited with {process.returncode}:\n"
-                                   + server.output.read_text(errors="replace")[-3000:])  # fmt: skip
+                raise HarnessError(
+                    f"the action server exited with {process.returncode}:\n"
+                    + server.output.read_text(errors="replace")[-3000:]
+                )
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise HarnessError(f"the action server did not answer /health within {startup_timeout_s:g}s:\n"
-                                   + server.output.read_text(errors="replace")[-3000:])  # fmt: skip
+                raise HarnessError(
+                    f"the action server did not answer /health within {startup_timeout_s:g}s:\n"
+                    + server.output.read_text(errors="replace")[-3000:]
+                )
             time.sleep(0.1)
         yield server
     finally:
