@@ -267,7 +267,7 @@ def tracker_json(call: ActionCall, slot_names: list[str]) -> dict[str, Any]:
         if line.speaker == "USER":
             if events[-1].get("name") != "action_listen":
                 action("action_listen")
-            parse_data = {
+            parse_data: dict[str, Any] = {
                 "text": line.text,
                 "intent": {},
                 "entities": [],

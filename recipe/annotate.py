@@ -246,7 +246,7 @@ def _derive_turn(
             else:
                 unknown_values.append(name)
                 continue
-        command = SetSlot(name, _value_text(value))
+        command: Command = SetSlot(name, _value_text(value))
         if command not in slot_commands:
             slot_commands.append(command)
     # A flow whose guard fails (`if: False` included) can only have been started by a link or call step.

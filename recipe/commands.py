@@ -1,6 +1,6 @@
 """The command language: one typed model for every command, printed and parsed in every dialect.
 
-Dialects (see rasa-formats.md §5.1):
+Dialects (as Rasa Pro's command generators write them):
   v1     `StartFlow(book_hotel)`, `SetSlot(city, Lisbon)`           (SingleStepLLMCommandGenerator)
   v2     `start flow book_hotel`, `set slot city Lisbon`             (CompactLLMCommandGenerator)
   v3     as v2, but knowledge is `search and reply`                  (SearchReadyLLMCommandGenerator)
@@ -12,8 +12,9 @@ exactly (`C++` stays `C++`), reject trailing junk, and read one command per line
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
@@ -248,8 +249,8 @@ class CustomCommand(Command):
     spec: CustomCommandSpec = field(repr=False)
     values: tuple[tuple[str, str], ...] = ()
 
-    @property  # type: ignore[override]
-    def kind(self) -> str:
+    @property
+    def kind(self) -> str:  # type: ignore[override]  # the class attribute of the built-in commands, per spec here
         return self.spec.name
 
     def as_dict(self) -> dict:
@@ -383,6 +384,9 @@ def _parse_words(line: str, syntax: Syntax) -> Command | None:
     """v2, v3 and the short dialect: keyword phrases (case-sensitive, as at runtime) with arguments."""
     words = line.split()
     text = " ".join(words)  # extra spaces are harmless
+    start: tuple[str, ...]
+    set_: tuple[str, ...]
+    clarify: tuple[str, ...]
     if syntax is Syntax.SHORT:
         start, set_, clarify = ("start",), ("set",), ("clarify",)
     else:
@@ -517,22 +521,39 @@ def _normal_value(value: str | None) -> str | None:
     return None if value is None else " ".join(value.split()).casefold()
 
 
-def command_key(command: Command) -> tuple:
-    """What makes two commands equal (rasa-formats §5.4): flow id, option list, slot name and case-folded value."""
+def command_key(
+    command: Command,
+    *,
+    with_values: bool = True,
+    normalize: Callable[[str | None], str | None] = _normal_value,
+    float_slots: frozenset[str] = frozenset(),
+) -> tuple:
+    """What makes two commands equal: flow id, option list, agent, slot name and normalised value (the one comparison
+    behind validation, evaluation and deduplication). `with_values=False` compares slot names only; `normalize`
+    folds values (default: case and spaces; validation folds number words and currencies too); a slot in
+    `float_slots` compares its value as a number (`3` == `3.0`), as the runtime stores it."""
     match command:
         case StartFlow(flow=flow):
             return (command.kind, flow)
         case SetSlot(slot=slot, value=value):
-            return (command.kind, slot, _normal_value(value))
+            if not with_values:
+                return (command.kind, slot)
+            if slot in float_slots and value is not None:
+                try:
+                    number = float(value)
+                except ValueError:
+                    number = math.nan
+                if math.isfinite(number):
+                    return (command.kind, slot, number)
+            return (command.kind, slot, normalize(value))
         case Clarify(options=options):
             return (command.kind, options)
         case RestartAgent(agent=agent):
             return (command.kind, agent)
         case CustomCommand(values=values):
-            return (command.kind, tuple((name, _normal_value(value)) for name, value in values))
+            return (
+                (command.kind, tuple((name, normalize(value)) for name, value in values))
+                if with_values
+                else (command.kind,)
+            )
     return (command.kind,)
-
-
-def same_commands(expected: Iterable[Command], predicted: Iterable[Command]) -> bool:
-    """Multiset equality ignoring order (`[A, A]` differs from `[A, B]`)."""
-    return sorted(map(command_key, expected), key=repr) == sorted(map(command_key, predicted), key=repr)

@@ -63,14 +63,22 @@ class _Parser:
         left = self.parse_and()
         while self.accept_word("or"):
             right, previous = self.parse_and(), left
-            left = lambda ns, a=previous, b=right: bool(a(ns)) or bool(b(ns))  # noqa: E731
+
+            def either(ns: Mapping[str, Any], a: Evaluator = previous, b: Evaluator = right) -> bool:
+                return bool(a(ns)) or bool(b(ns))
+
+            left = either
         return left
 
     def parse_and(self) -> Evaluator:
         left = self.parse_not()
         while self.accept_word("and"):
             right, previous = self.parse_not(), left
-            left = lambda ns, a=previous, b=right: bool(a(ns)) and bool(b(ns))  # noqa: E731
+
+            def both(ns: Mapping[str, Any], a: Evaluator = previous, b: Evaluator = right) -> bool:
+                return bool(a(ns)) and bool(b(ns))
+
+            left = both
         return left
 
     def parse_not(self) -> Evaluator:
@@ -110,8 +118,8 @@ class _Parser:
             value = float(text) if "." in text else int(text)
             return lambda ns: value
         if kind == "string":
-            value = text[1:-1]
-            return lambda ns: value
+            string = text[1:-1]
+            return lambda ns: string
         if kind == "word":
             lowered = text.lower()
             if lowered in _LITERALS:

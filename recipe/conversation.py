@@ -73,8 +73,8 @@ def listed_bot_messages(
 ) -> list[BotMessage] | None:
     """The bot messages the transcript shows after a user turn when the test's list decides them; None: simulated.
 
-    A DU test lists every bot message (rasa-formats.md §4.4), so its list is the authority. An E2E test may leave
-    messages out (§4.2: extra bot messages are allowed): when each listed message is among the simulated ones, in
+    A DU test lists every bot message, so its list is the authority. An E2E test may leave
+    messages out (extra bot messages are allowed): when each listed message is among the simulated ones, in
     order, the simulation is the fuller record of what the assistant said; otherwise the test's list wins. A listed
     message that the simulation also said is taken from the simulation, whose text was filled with the slot values
     of the moment it was said (a flow's slots may be reset by the end of the turn).

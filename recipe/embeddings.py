@@ -194,7 +194,7 @@ class EmbeddingsClient:
         key = config.api_key(environ)  # a missing key fails here, before any work
         if config.provider == "azure":
             self._sdk: openai.OpenAI = openai.AzureOpenAI(
-                azure_endpoint=config.api_base,
+                azure_endpoint=config.api_base,  # type: ignore[arg-type]  # the SDK takes None too (its stubs do not)
                 api_version=config.api_version,
                 api_key=key,
                 timeout=config.timeout,

@@ -3,7 +3,7 @@
 Cases come from test cases with commands (each user turn's prompt rendered from the replayed dialogue state, as the
 runtime would) or from `val.jsonl` rows (prompt and expected completion as written). Every model answers every case
 through `recipe.runtime.CommandGenerator` (render, call, parse, validate); a turn is correct when its kept commands
-equal the expected ones as a multiset (`scoring_key`: flows by id, slots by name and normalised value, float slots'
+equal the expected ones as a multiset (`command_key`: flows by id, slots by name and normalised value, float slots'
 values as numbers, clarify by options), and a test case when all its scored turns are.
 
 The report has what dialogue-understanding tests show (per command type TP/FP/FN, precision, recall, F1; accuracy
@@ -129,18 +129,6 @@ class LeftOut:
             "nlu_turns": self.nlu_turns,
             "rasa_version_turns": self.rasa_version_turns,
         }
-
-
-def scoring_key(command: Command, float_slots: frozenset[str] = frozenset()) -> tuple:
-    """`command_key`, except that a float slot's value compares as a number (`3` == `3.0`), as the runtime stores it."""
-    if isinstance(command, SetSlot) and command.slot in float_slots and command.value is not None:
-        try:
-            number = float(command.value)
-        except ValueError:
-            return command_key(command)
-        if math.isfinite(number):
-            return (command.kind, command.slot, number)
-    return command_key(command)
 
 
 def _flow_of(expected: Sequence[Command], state: DialogueState | None, project: Project | None) -> str:
@@ -297,7 +285,7 @@ class Outcome:
         return self.prediction.commands if self.prediction is not None else ()
 
     def key(self, command: Command) -> tuple:
-        return scoring_key(command, self.case.float_slots)
+        return command_key(command, float_slots=self.case.float_slots)
 
     @property
     def correct(self) -> bool:
@@ -467,7 +455,7 @@ class RasaStep:
     component: str  # who answered: the model's label, or the runtime's payload / NLU path
 
     def key(self, command: Command) -> tuple:
-        return scoring_key(command, self.case.float_slots)
+        return command_key(command, float_slots=self.case.float_slots)
 
     @property
     def passed(self) -> bool:
@@ -660,7 +648,7 @@ def _turn_record(outcome: Outcome, syntax: Syntax) -> dict[str, Any]:
         "predicted": format_commands(outcome.predicted, syntax),
         "raw_answer": prediction.raw_text if prediction else None,
         "dropped": [
-            {"item": d.item if d.unparsed else format_commands([d.item], syntax), "reason": d.reason}
+            {"item": d.item if isinstance(d.item, str) else format_commands([d.item], syntax), "reason": d.reason}
             for d in (prediction.dropped if prediction else ())
         ],
         "error": outcome.error,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from recipe.commands import (
     CancelFlow,
@@ -253,19 +253,19 @@ def _custom_node(
     """A project's own command as its declared form prints it, each argument from its type's language."""
     from recipe.commands import _PLACEHOLDER
 
-    form, parts, at = spec.form(syntax), [], 0
+    form, at = spec.form(syntax), 0
+    parts: list[Node] = []
     types = dict(spec.arguments)
     text = Seq((TEXT_FIRST, Repeat(TEXT_CHAR, 0, MAX_TEXT_VALUE - 1)))
     for match in _PLACEHOLDER.finditer(form):
         parts.append(Literal(form[at : match.start()]))
         kind = types[match.group(1)]
-        parts.append(
-            {
-                "flow": _choice(flows),
-                "slot": _choice(fillable_slots(project)),
-                "agent": _choice(agents or sorted(project.agents)),
-            }.get(kind, text)
-        )
+        by_type: dict[str, Node] = {
+            "flow": _choice(flows),
+            "slot": _choice(fillable_slots(project)),
+            "agent": _choice(agents or sorted(project.agents)),
+        }
+        parts.append(by_type.get(kind, text))  # a placeholder by its argument type; free text otherwise
         at = match.end()
     parts.append(Literal(form[at:]))
     return Seq(tuple(part for part in parts if not (isinstance(part, Literal) and not part.text)))
@@ -456,11 +456,6 @@ class ByteMatcher:
             self._sets.append(states)
             self._transitions.append({})
         return self._ids[states]
-
-    @property
-    def size(self) -> int:
-        """DFA states built so far."""
-        return len(self._sets)
 
     def step(self, state: int, byte: int) -> int:
         if state == DEAD:
@@ -672,4 +667,4 @@ class CommandLogitsProcessor:
             allowed = self.constraint.allowed(state, tokens_left) or list(self.constraint.eos_token_ids)
             index = scores.new_tensor(allowed, dtype=input_ids.dtype)
             masked[row, index] = scores[row, index]
-        return masked
+        return cast("torch.FloatTensor", masked)

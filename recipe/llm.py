@@ -1,7 +1,7 @@
-"""The LLM execution layer: config, a retrying and caching async client, usage accounting, bounded fan-out.
+"""The LLM execution layer: config, a retrying and caching async client, usage accounting.
 
 Used by `recipe prepare-data` (rephrasing, teacher annotation, oracle validation) and `recipe evaluate`. Design
-points, each answering a weakness of Rasa Pro's tool (see known-weaknesses.md A.8, A.12, A.20):
+points, each answering a weakness of Rasa Pro's tool (one call at a time, no cache, no retries):
 
 * Provider errors are retried with exponential backoff and jitter, honouring `Retry-After`; only after the last retry
   does a call raise `LLMCallFailed`, which callers record before moving on (one error never drops other work).
@@ -9,7 +9,7 @@ points, each answering a weakness of Rasa Pro's tool (see known-weaknesses.md A.
 * Calls run concurrently, bounded by a semaphore, all inside the one event loop of the run: an `LLMClient` refuses
   to be used from a second loop, because the HTTP connections it pools belong to the first.
 
-    config = load_llm_config("rephrase.yml")
+    config = LLMConfig.from_mapping({"provider": "openai", "model": "gpt-4o-mini"}, source="example")
     async with LLMClient(config, cache_dir=run_dir / "llm_cache", max_concurrency=16) as client:
         result = await client.chat([{"role": "user", "content": prompt}])
 """
@@ -26,13 +26,11 @@ import os
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, Literal
 
 from recipe.cache import JsonCache
 from recipe.errors import ConfigError
@@ -207,14 +205,6 @@ def _checked_value(key: str, value: Any, source: str) -> Any:
             raise fail("a positive integer")
         return value
     raise AssertionError(f"unchecked config key {key}")
-
-
-def load_llm_config(path: str | Path) -> LLMConfig:
-    """Read an LLM config from YAML: the keys at top level, or under `llm:` (siblings belong to the caller)."""
-    from recipe.yamlio import load_config_section
-
-    data = load_config_section(path, "llm")
-    return LLMConfig.from_mapping(data, source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -621,8 +611,8 @@ class LLMClient:
         except (openai.OpenAIError, ValueError) as error:  # no /models route, a 5xx, a body we cannot read
             log.info("%s: model list not available (%s); not checked", self.endpoint, self._describe(error))
             return None
-        served = [getattr(model, "id", None) for model in getattr(listing, "data", None) or []]
-        served = [name for name in served if isinstance(name, str)]
+        ids = [getattr(model, "id", None) for model in getattr(listing, "data", None) or []]
+        served: list[str] = [name for name in ids if isinstance(name, str)]
         # Azure lists base models, not the deployment names its config gives as `model`.
         if self.config.provider != "azure" and served and self.config.model not in served:
             shown = ", ".join(sorted(served)[:8]) + (", ..." if len(served) > 8 else "")
@@ -683,7 +673,7 @@ def _make_sdk_client(config: LLMConfig, api_key: str) -> openai.AsyncOpenAI:
         return _native_client(config, api_key)  # type: ignore[return-value]  # shaped like the SDK client
     if config.provider == "azure":
         return openai.AsyncAzureOpenAI(
-            azure_endpoint=config.api_base,
+            azure_endpoint=config.api_base or "",  # LLMConfig requires api_base for azure
             api_version=config.api_version,
             api_key=api_key,
             timeout=config.timeout,
@@ -792,45 +782,3 @@ def _describe(error: Exception) -> str:
     prefix = f"HTTP {status}" if status is not None else type(error).__name__
     message = " ".join(str(error).split())
     return f"{prefix}: {message[:500]}"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Fan-out
-
-T = TypeVar("T")
-
-
-async def run_bounded(
-    calls: Sequence[Callable[[], Awaitable[T]] | Awaitable[T]],
-    *,
-    progress_desc: str,
-    max_in_flight: int | None = None,
-    show_progress: bool = True,
-) -> list[T | Exception]:
-    """Run all calls concurrently with a progress bar; the result list holds each call's value or its exception.
-
-    A failing call never cancels the others. Pass factories (`lambda: client.chat(...)`) rather than coroutines for
-    large batches, so coroutines are created only when started. The LLMClient's semaphore already bounds HTTP
-    concurrency; `max_in_flight` additionally bounds how many calls are started at once (e.g. for memory).
-    """
-    results: list[T | Exception] = [RuntimeError("not run")] * len(calls)
-    limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
-    with tqdm(total=len(calls), desc=progress_desc, unit="call", disable=not show_progress) as progress:
-
-        async def run_one(index: int, call: Callable[[], Awaitable[T]] | Awaitable[T]) -> None:
-            try:
-                if limit is not None:
-                    async with limit:
-                        results[index] = await _awaitable(call)
-                else:
-                    results[index] = await _awaitable(call)
-            except Exception as error:  # recorded per item; CancelledError (a BaseException) still propagates
-                results[index] = error
-            progress.update(1)
-
-        await asyncio.gather(*(run_one(index, call) for index, call in enumerate(calls)))
-    return results
-
-
-def _awaitable(call: Callable[[], Awaitable[T]] | Awaitable[T]) -> Awaitable[T]:
-    return call() if callable(call) else call

@@ -7,7 +7,7 @@ Every LLM call goes through one cached, retrying, bounded client per role, so a 
 crash pays for nothing twice. Each test case's records are written atomically as soon as it is done; a failed call
 is recorded and never drops other work or the original rows.
 
-Output layout (compatible with Rasa Pro's tool; see rasa-formats.md §7):
+Output layout (that of Rasa Pro's `rasa llm finetune prepare-data`):
     <out>/1_command_annotations/<test file path>/<test case>.yaml
     <out>/2_rephrasings/<test file path>/<test case>.yaml
     <out>/3_llm_finetune_data/llm_ft_data.jsonl
@@ -70,7 +70,7 @@ from recipe.rephrase import (
 from recipe.retrieval import flow_retrieval_info
 from recipe.split import Split, coverage_features, split_test_cases
 from recipe.stitch import Row, conversation_rows
-from recipe.testcases import all_test_cases, load_tests
+from recipe.testcases import all_test_cases, load_annotated_conversations, load_tests
 from recipe.tracker import TranscriptLine
 from recipe.types import BotStep, TestCase, TestFile, UserStep
 from recipe.validate import (
@@ -221,7 +221,7 @@ async def _annotate(
 
 
 def _messages_to_rephrase(test_case: TestCase, annotation: TestAnnotation) -> list[MessageToRephrase]:
-    messages = []
+    messages: list[MessageToRephrase] = []
     for turn, step in zip(annotation.turns, test_case.user_steps):
         if turn.trains and turn.commands:
             messages.append(MessageToRephrase(len(messages) + 1, turn.number, step.text))
@@ -365,7 +365,7 @@ def _record_path(base: Path, test_case: TestCase) -> Path:
 
 
 def annotated_conversation(result: TestCaseResult, syntax: Syntax, with_rephrasings: bool) -> dict[str, Any]:
-    """The §4.5 record of one test case."""
+    """The `conversations:` record of one test case, as Rasa Pro's tool writes it."""
     steps: list[dict[str, Any]] = []
     turns = iter(result.annotation.turns)
     for step in result.test_case.steps:
@@ -787,11 +787,12 @@ def _check_templates(project: Project, config: PrepareConfig, cases: list[TestCa
     ]
     if config.rephrase_template is not None and config.rephrase_llm is not None and not config.offline:
         messages = [MessageToRephrase(1, 1, turns[0].step.text)]
+        rephrase_template = config.rephrase_template
         checks.append(
             (
                 config.rephrase_template,
                 lambda: rephrase_prompt(
-                    PromptRenderer(config.rephrase_template, REPHRASE_PROMPT_VARIABLES),
+                    PromptRenderer(rephrase_template, REPHRASE_PROMPT_VARIABLES),
                     case.name,
                     whole_transcript(turns),
                     messages,
@@ -1024,18 +1025,12 @@ def _shard_rows(path: Path) -> Iterator[SpooledRow]:
                 yield SpooledRow(json.loads(line))
 
 
-def _shard_features(shard: Path, syntax: Syntax, project: Project) -> dict[str, set[str]]:
+def _shard_features(shard: Path, project: Project) -> dict[str, set[str]]:
     """Test case id -> coverage features, read back from a shard's command annotations (every turn's commands)."""
-    from recipe.commands import CommandParseError, parse_command
-
     features: dict[str, set[str]] = {}
     for record in sorted((shard / STAGE_DIRS[0]).rglob("*.yaml")):
-        for conversation in (plain(load_yaml(record)) or {}).get("conversations", []):
-            lines = [line for step in conversation.get("steps", []) for line in step.get("llm_commands") or []]
-            try:
-                commands = [parse_command(line, [syntax], project.custom_commands) for line in lines]
-            except CommandParseError as error:
-                raise ConfigError(f"{record}: {error}") from None
+        for conversation in load_annotated_conversations(record, project):
+            commands = [c for step in conversation["steps"] for c in step.get("llm_commands") or []]
             features[conversation["original_test_case"]] = coverage_features(commands)
     return features
 
@@ -1066,7 +1061,7 @@ def merge_prepared(
     check_output_folder(out, tests, project.root)
     features_of: dict[str, set[str]] = {}
     for shard in shards:
-        features_of |= _shard_features(shard, syntax, project)
+        features_of |= _shard_features(shard, project)
         if not (shard / STAGE_DIRS[2] / "llm_ft_data.jsonl").is_file():
             raise ConfigError(
                 f"{shard / STAGE_DIRS[2] / 'llm_ft_data.jsonl'}: not found; expected the output folder "
@@ -1166,7 +1161,7 @@ def _summary(
         for t in r.annotation.turns
         if t.source in ("payload", "nlu")
     ]
-    warnings = Counter()
+    warnings: Counter[str] = Counter()
     for result in results:
         warnings.update(result.tracker_warnings)
     requested = sum(r.rephrase.requested if r.rephrase else len(r.messages) * config.num_rephrases for r in results)

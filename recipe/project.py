@@ -104,6 +104,12 @@ class Project:
     agents: dict[str, Agent] = field(default_factory=dict)  # sub_agents/ (3.14+), by name
     mcp_servers: dict[str, str] = field(default_factory=dict)  # endpoints.yml `mcp_servers`: name -> url
     custom_commands: tuple[CustomCommandSpec, ...] = ()  # custom_commands.yml
+    # Derived once per flow and kept with the project (not in a module global that would keep every project alive):
+    # flow id -> (the flow, the collect steps its prompt lists) (recipe.prompt). init=False: a copy made with
+    # dataclasses.replace starts empty.
+    collect_steps_by_flow: dict[str, tuple[Flow, list]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def user_flows(self) -> list[Flow]:

@@ -1,4 +1,4 @@
-"""Rendering the command generator's prompt exactly as the runtime does (rasa-formats.md §6).
+"""Rendering the command generator's prompt exactly as the runtime does.
 
 The variables, their order and their string forms follow the runtime's semantics, so a template written for the
 runtime renders here byte for byte as it would there. Without `project.flow_retrieval` every startable user flow is in
@@ -288,7 +288,7 @@ def jinja_environment() -> jinja2.Environment:
     return environment
 
 
-# What the runtime passes to a command-generator template (rasa-formats.md §6; Rasa Pro 3.21's single-step
+# What the runtime passes to a command-generator template (Rasa Pro 3.21's single-step
 # generators): `active_agent` and `completed_agents` only in projects with sub-agents (None / [] otherwise here).
 COMMAND_PROMPT_VARIABLES = frozenset(
     {
@@ -382,17 +382,12 @@ def _collect_steps_uncached(project: Project, flow: Flow, calling: tuple[str, ..
     return steps
 
 
-_COLLECT_STEPS_CACHE: dict[tuple[int, int], tuple[Project, Flow, list[Step]]] = {}
-
-
 def _collect_steps(project: Project, flow: Flow) -> list[Step]:
     """Collect steps of a flow and of the flows it reaches through `call`, in step order (computed once per flow)."""
-    key = (id(project), id(flow))
-    cached = _COLLECT_STEPS_CACHE.get(key)
-    if cached is None or cached[0] is not project or cached[1] is not flow:
-        cached = (project, flow, _collect_steps_uncached(project, flow))
-        _COLLECT_STEPS_CACHE[key] = cached
-    return cached[2]
+    cached = project.collect_steps_by_flow.get(flow.id)
+    if cached is None or cached[0] is not flow:  # a flow replaced in project.flows is derived again
+        cached = project.collect_steps_by_flow[flow.id] = (flow, _collect_steps_uncached(project, flow))
+    return cached[1]
 
 
 def _extractable(project: Project, step: Step, slots: dict[str, Any], asked_slot: str | None = None) -> bool:
@@ -492,10 +487,10 @@ def prompt_variables(
     current_slot = current_slot_description = None
     if state.stack:
         top = state.stack[-1]
-        flow = project.flows.get(top.flow_id)
-        step = flow.steps.get(top.step_id) if flow else None
-        if step is not None and step.kind == "collect":
-            current_slot, current_slot_description = step.collect, step.description
+        top_flow = project.flows.get(top.flow_id)
+        top_step = top_flow.steps.get(top.step_id) if top_flow else None
+        if top_step is not None and top_step.kind == "collect":
+            current_slot, current_slot_description = top_step.collect, top_step.description
     asked = project.domain.slots.get(current_slot) if current_slot else None
 
     flow_slots = []
@@ -516,7 +511,7 @@ def prompt_variables(
                     "description": step.description,
                 }
             )
-    variables = {
+    variables: dict[str, Any] = {
         "available_flows": available_flows,
         "current_conversation": transcript_text(
             state.transcript, user_message, version=project.rasa_version, highlight_agents=has_agents

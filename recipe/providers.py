@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -40,6 +40,8 @@ _STOP_REASONS = {
     "maxTokens": "length",
     "toolUse": "tool_calls",
 }
+# The SDK's exceptions are annotated with httpx2's Request/Response; they take httpx's (what is passed here) alike,
+# hence the `cast(Any, ...)` around them.
 _ERRORS: dict[int, type[openai.APIStatusError]] = {
     400: openai.BadRequestError,
     401: openai.AuthenticationError,
@@ -77,7 +79,7 @@ def _raise_for(response: httpx.Response) -> None:
     error_class = _ERRORS.get(
         response.status_code, openai.InternalServerError if response.status_code >= 500 else openai.APIStatusError
     )
-    raise error_class(f"Error code: {response.status_code} - {message}", response=response, body=body)
+    raise error_class(f"Error code: {response.status_code} - {message}", response=cast(Any, response), body=body)
 
 
 @dataclass
@@ -114,30 +116,38 @@ class _NativeClient:
         try:
             response = await self._client().send(request)
         except httpx.TimeoutException:
-            raise openai.APITimeoutError(request=request) from None
+            raise openai.APITimeoutError(request=cast(Any, request)) from None
         except httpx.HTTPError as error:
-            raise openai.APIConnectionError(message=str(error) or type(error).__name__, request=request) from None
+            raise openai.APIConnectionError(
+                message=str(error) or type(error).__name__, request=cast(Any, request)
+            ) from None
         _raise_for(response)
         try:
             return response.json()
         except ValueError as error:
             raise openai.APIResponseValidationError(
-                response=response, body=response.text, message=f"not JSON: {error}"
+                response=cast(Any, response),
+                body=response.text,
+                message=f"not JSON: {error}",
             ) from None
 
     async def _raw_completion(self, **_: Any) -> Any:
         raise openai.BadRequestError(
             "this provider has no /completions endpoint; use chat completions",
-            response=httpx.Response(400, request=httpx.Request("POST", self.api_base)),
+            response=cast(Any, httpx.Response(400, request=httpx.Request("POST", self.api_base))),
             body=None,
         )
 
-    async def _chat(self, **_: Any) -> Any:  # pragma: no cover - overridden
+    async def _chat(  # pragma: no cover - overridden
+        self, *, messages: list[dict[str, Any]], model: str, **_: Any
+    ) -> Any:
         raise NotImplementedError
 
     async def _models(self) -> Any:
         raise openai.NotFoundError(
-            "no model list", response=httpx.Response(404, request=httpx.Request("GET", self.api_base)), body=None
+            "no model list",
+            response=cast(Any, httpx.Response(404, request=httpx.Request("GET", self.api_base))),
+            body=None,
         )
 
 

@@ -2,7 +2,7 @@
 
 `endpoints.yml` gets a model group (provider self-hosted, the server's `api_base`, the served model name, temperature
 0, a bounded `max_tokens`); `config.yml` gets the command generator of the trained syntax with `llm: {model_group}`,
-the `prompt_template` the model was trained with and `include_date_time` as in training (rasa-formats §8). Never
+the `prompt_template` the model was trained with and `include_date_time` as in training. Never
 `provider: rasa`: that provider sends the Rasa licence as the bearer token.
 """
 

@@ -231,7 +231,11 @@ _KEEP_CAPITAL = {"I", "I'm", "I'd", "I'll", "I've"}
 def _restore_values(text: str, values: list[str]) -> str:
     """Put every protected value back in its original spelling (a paraphrase lower-cased it)."""
     for value in values:
-        text = re.sub(re.escape(value.lower()), lambda _m, v=value: v, text) if value.lower() != value else text
+
+        def original(_m: re.Match[str], v: str = value) -> str:
+            return v
+
+        text = re.sub(re.escape(value.lower()), original, text) if value.lower() != value else text
     return text
 
 

@@ -288,7 +288,7 @@ def flow_retrieval_info(retrieval: FlowRetrieval | None) -> dict[str, Any]:
     config = retrieval.config
     return {
         "active": True,
-        "embeddings": config.embeddings.describe(),
+        "embeddings": retrieval.config.embeddings.describe(),
         "num_flows": config.num_flows,
         "turns_to_embed": config.turns_to_embed,
         "should_embed_slots": config.should_embed_slots,

@@ -400,7 +400,9 @@ class OpenAIBackend:
     def complete(self, prompt: str, *, grammar: CommandGrammar | None = None) -> Completion:
         import openai
 
-        extra = {"extra_body": {"structured_outputs": grammar.structured_outputs()}} if grammar is not None else {}
+        extra: dict[str, Any] = (
+            {"extra_body": {"structured_outputs": grammar.structured_outputs()}} if grammar is not None else {}
+        )
         started = time.perf_counter()
         try:
             if self.use_completions:

@@ -8,7 +8,6 @@ updates the state but yields no row (it never reaches the command generator).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -89,15 +88,3 @@ def conversation_rows(
                 )
             )
     return rows, disagreeing
-
-
-def deduplicate(rows: list[Row], completion_of: Callable[[Row], str]) -> tuple[list[Row], int]:
-    """Keep the first row of every (prompt, completion) pair; return the rows and how many were dropped."""
-    seen: set[tuple[str, str]] = set()
-    kept = []
-    for row in rows:
-        key = (row.prompt, completion_of(row))
-        if key not in seen:
-            seen.add(key)
-            kept.append(row)
-    return kept, len(rows) - len(kept)

@@ -563,7 +563,7 @@ def _read_test_case(
 
 
 def load_annotated_conversations(path: Path, project: Project) -> list[dict[str, Any]]:
-    """Read the §4.5 `conversations:` YAML; commands parsed and checked like in test files."""
+    """Read prepare-data's `conversations:` records (1_command_annotations/, 2_rephrasings/); commands parsed and checked like in test files."""
     shown = relative(path)
     data = load_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):

@@ -318,9 +318,6 @@ class DialogueTracker:
             return self.project.flows[flow_id]
         return _default_pattern(flow_id)
 
-    def has_pattern(self, flow_id: str) -> bool:
-        return flow_id in self.project.flows or flow_id in _PATTERN_FLOWS_YAML
-
     # ------------------------------------------------------------------------------------------ a user turn
 
     def user_turn(self, text: str, commands: list[Command], evidence: TurnEvidence | None = None) -> TurnEvents:
@@ -353,7 +350,10 @@ class DialogueTracker:
         self.transcript.extend(TranscriptLine("AI", m.text, m.buttons, m.utter, agent) for m in messages)
 
     def _intent_commands(self, intent: str) -> list[Command]:
-        return [StartFlow(flow.id) for flow in self.project.user_flows if intent in flow.nlu_triggers][:1]
+        commands: list[Command] = [
+            StartFlow(flow.id) for flow in self.project.user_flows if intent in flow.nlu_triggers
+        ]
+        return commands[:1]
 
     def _apply_commands(self, commands: list[Command]) -> None:
         # Order as a flow engine applies them: cancel, then slots (corrections), then new flows, then patterns.
@@ -440,8 +440,8 @@ class DialogueTracker:
         collects = [s for flow in self.project.flows.values() for s in flow.collect_steps() if s.collect in proposed]
         reset_flow_id = reset_step_id = None
         for frame in reversed(self.stack):
-            steps = [self._collect_step_of(frame, name) for name in proposed] if frame.kind != "pattern" else []
-            steps = [s for s in steps if s is not None]
+            found = [self._collect_step_of(frame, name) for name in proposed] if frame.kind != "pattern" else []
+            steps = [s for s in found if s is not None]
             if steps:
                 reset_flow_id = frame.flow_id
                 reset_step_id = min(steps, key=lambda s: frame.visited.index(s.id)).id
@@ -466,8 +466,8 @@ class DialogueTracker:
         for frame in self.stack[:below]:
             if frame.kind == "pattern":
                 continue
-            steps = [self._collect_step_of(frame, name) for name in corrected]
-            steps = [s for s in steps if s is not None]
+            found = [self._collect_step_of(frame, name) for name in corrected]
+            steps = [s for s in found if s is not None]
             if steps:
                 earliest = min(steps, key=lambda s: frame.visited.index(s.id))
                 frame.visited = frame.visited[: frame.visited.index(earliest.id)]
@@ -578,7 +578,7 @@ class DialogueTracker:
     def _reset_flow_slots(self, flow_id: str) -> None:
         flow = self.flow(flow_id)
         for step in flow.collect_steps():
-            if step.reset_after_flow_ends and step.collect not in flow.persisted_slots:
+            if step.collect and step.reset_after_flow_ends and step.collect not in flow.persisted_slots:
                 self.slots.pop(step.collect, None)
 
     # ------------------------------------------------------------------------------------------ running flows

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from recipe.commands import Clarify, Command, RestartAgent, SetSlot, StartFlow, Syntax, parse_model_output
+from recipe.commands import Command, SetSlot, Syntax, command_key, parse_model_output
 from recipe.llm import LLMCallFailed, LLMClient
 from recipe.textnorm import contains_value, normalize_value
 
@@ -29,27 +29,14 @@ class Verdict:
     reason: str | None = None
 
 
-def comparable(command: Command, with_values: bool = True) -> tuple:
-    match command:
-        case StartFlow(flow=flow):
-            return (command.kind, flow)
-        case SetSlot(slot=slot, value=value):
-            return (command.kind, slot, normalize_value(value)) if with_values else (command.kind, slot)
-        case Clarify(options=options):
-            return (command.kind, options)
-        case RestartAgent(agent=agent):
-            return (command.kind, agent)
-    return (command.kind,)
-
-
 def difference(
     expected: list[Command] | tuple[Command, ...],
     predicted: list[Command] | tuple[Command, ...],
     with_values: bool = True,
 ) -> str | None:
     """None when the two multisets agree, else what is missing and what is extra."""
-    want = Counter(comparable(c, with_values) for c in expected)
-    got = Counter(comparable(c, with_values) for c in predicted)
+    want = Counter(command_key(c, with_values=with_values, normalize=normalize_value) for c in expected)
+    got = Counter(command_key(c, with_values=with_values, normalize=normalize_value) for c in predicted)
     if want == got:
         return None
     missing = list((want - got).elements())

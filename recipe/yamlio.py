@@ -99,9 +99,9 @@ def load_yaml(path: Path) -> Any:
         raise InputError(
             shown, None, "invalid YAML: nested too deeply to read; expected at most a few hundred levels of nesting"
         ) from None
-    problem = _expansion_problem(data)
-    if problem:
-        raise InputError(shown, None, f"invalid YAML: {problem}")
+    expansion_problem = _expansion_problem(data)
+    if expansion_problem:
+        raise InputError(shown, None, f"invalid YAML: {expansion_problem}")
     return data
 
 
@@ -186,7 +186,7 @@ def dump_yaml(data: Any) -> str:
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     yaml.allow_unicode = True
-    yaml.sort_base_mapping_type_on_output = False  # keep our key order
+    yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]  # keep key order; ruamel types it as None
     yaml.width = 4096
     stream = io.StringIO()
     yaml.dump(data, stream)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from recipe.errors import ConfigError
-from recipe.llm import LLMCallFailed, LLMClient, LLMConfig, load_llm_config, run_bounded
+from recipe.llm import LLMCallFailed, LLMClient, LLMConfig
 from recipe.testing import FaultSchedule, Reply, ScriptedOpenAIServer
 
 FAST_BACKOFF: dict[str, Any] = {"backoff_base_s": 0.01, "backoff_cap_s": 0.05}
@@ -163,9 +163,7 @@ def test_exhausted_retries_fail_one_call_and_the_others_still_succeed() -> None:
 
     async def scenario(server: ScriptedOpenAIServer) -> None:
         async with make_client(self_hosted(server), max_retries=2) as client:
-            results = await run_bounded(
-                [lambda p=p: client.chat(user(p)) for p in prompts], progress_desc="test", show_progress=False
-            )
+            results = await asyncio.gather(*(client.chat(user(p)) for p in prompts), return_exceptions=True)
             failure = results[2]
             assert isinstance(failure, LLMCallFailed)
             assert failure.attempts == 3 and failure.status_code == 500 and "model overloaded" in failure.last_error
@@ -186,9 +184,7 @@ def test_exhausted_retries_fail_one_call_and_the_others_still_succeed() -> None:
 def test_concurrency_limit_is_respected() -> None:
     async def scenario(server: ScriptedOpenAIServer) -> None:
         async with make_client(self_hosted(server), max_concurrency=3) as client:
-            results = await run_bounded(
-                [client.chat(user(f"q{i}")) for i in range(12)], progress_desc="test", show_progress=False
-            )
+            results = await asyncio.gather(*(client.chat(user(f"q{i}")) for i in range(12)), return_exceptions=True)
             assert not [r for r in results if isinstance(r, Exception)]
 
     with ScriptedOpenAIServer(latency_s=0.1) as server:
@@ -332,25 +328,30 @@ def test_config_accepts_model_name_alias_and_defaults() -> None:
     assert (config.provider, config.model, config.timeout, config.temperature) == ("openai", "gpt-4.1-mini", 30.0, 0.0)
 
 
-def test_load_llm_config_reads_top_level_or_llm_key(tmp_path: Path) -> None:
+def test_role_configs_read_top_level_or_llm_key(tmp_path: Path) -> None:
+    from recipe.prepare import load_llm_role_config
+
+    default = LLMConfig()
     nested = tmp_path / "rephrase.yml"
     nested.write_text(
         "prompt_template: p.jinja\nllm:\n  provider: self-hosted\n  model: qwen\n"
         "  api_base: http://localhost:8000/v1\n  temperature: 0.7\n"
     )
-    assert load_llm_config(nested) == LLMConfig(
+    assert load_llm_role_config(nested, tmp_path, default) == LLMConfig(
         provider="self-hosted", model="qwen", api_base="http://localhost:8000/v1", temperature=0.7
     )
     flat = tmp_path / "teacher.yml"
     flat.write_text("model: gpt-4o\nmax_completion_tokens: 256\n")
-    assert load_llm_config(flat) == LLMConfig(model="gpt-4o", max_completion_tokens=256)
+    assert load_llm_role_config(flat, tmp_path, default) == LLMConfig(model="gpt-4o", max_completion_tokens=256)
 
     broken = tmp_path / "broken.yml"
     broken.write_text("llm: [unclosed\n")
-    with pytest.raises(ConfigError, match="broken.yml: invalid YAML"):
-        load_llm_config(broken)
-    with pytest.raises(ConfigError, match="missing.yml: file not found"):
-        load_llm_config(tmp_path / "missing.yml")
+    from recipe.errors import InputError
+
+    with pytest.raises(InputError, match="broken.yml:1: invalid YAML"):
+        load_llm_role_config(broken, tmp_path, default)
+    with pytest.raises(InputError, match="missing.yml: file not found"):
+        load_llm_role_config(tmp_path / "missing.yml", tmp_path, default)
 
 
 def test_api_keys_come_from_the_environment() -> None:

@@ -168,6 +168,7 @@ def connect_action_server(args: argparse.Namespace, project, cache_dir: Path | N
         return None
     if args.action_timeout <= 0:
         raise ConfigError(f"--action-timeout {args.action_timeout}: expected a positive number of seconds")
+    endpoint: ActionEndpoint | None
     if args.action_endpoint:
         endpoint, remedy = ActionEndpoint(args.action_endpoint), "leave out --action-endpoint"
     else:

@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     labels = [spec.name for spec in args.models]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two models share a label ({', '.join(labels)}); name them with --label")
-    info = next((g.backend.training_info for g in generators if getattr(g.backend, "training_info", None)), None) or {}
+    info = next((found for g in generators if (found := getattr(g.backend, "training_info", None))), None) or {}
     include = not args.no_datetime and info.get("include_date_time", project.config.include_date_time) is not False
     if args.no_datetime and info.get("include_date_time") is True:
         print(

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from recipe.errors import ConfigError, InputError
 
@@ -178,6 +178,7 @@ def field_types() -> dict[str, Any]:
 def load_yaml_values(path: Path) -> dict[str, Any]:
     """Read a YAML mapping of config fields; unknown keys and wrong types are errors at `path:line`."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
     from ruamel.yaml.error import YAMLError
 
     if not path.is_file():
@@ -194,7 +195,7 @@ def load_yaml_values(path: Path) -> dict[str, Any]:
     known = field_types()
     values = {}
     for key, value in document.items():
-        line = document.lc.key(key)[0] + 1
+        line = cast(CommentedMap, document).lc.key(key)[0] + 1  # typ="rt" loads mappings as CommentedMap
         if key not in known:
             hint = difflib.get_close_matches(str(key), known, n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else ""

@@ -19,13 +19,13 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from recipe.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerBase
+    from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def resolve_data_files(data: str, val_data: str | None) -> DataFiles:
         train = data_path / TRAIN_FILE
         if not train.is_file():
             raise ConfigError(f"{data_path}: no {TRAIN_FILE} in this folder (expected prepare-data's ft_splits)")
-        val = Path(val_data) if val_data else data_path / VAL_FILE
+        val: Path | None = Path(val_data) if val_data else data_path / VAL_FILE
         info_dir = data_path
         no_val_reason = f"no {VAL_FILE} in {data_path}"
     elif data_path.is_file():
@@ -112,7 +112,7 @@ def resolve_data_files(data: str, val_data: str | None) -> DataFiles:
         )
     else:
         raise ConfigError(f"{data_path}: training data not found")
-    if val_data and not val.is_file():
+    if val_data and val is not None and not val.is_file():  # val is set whenever val_data is
         raise ConfigError(f"{val}: validation file not found")
     info = info_dir / DATASET_INFO_FILE
     has_val = val is not None and val.is_file()
@@ -237,7 +237,9 @@ def template_injection(tokenizer: PreTrainedTokenizerBase, probe: Example) -> Te
     answer_ids = full_ids[_common_prefix(prompt_ids, full_ids) :]
     specials = special_token_ids(tokenizer)
     end = next((index for index, token_id in enumerate(answer_ids) if token_id in specials), len(answer_ids))
-    text = tokenizer.decode(answer_ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    text = cast(  # one sequence of ids decodes to one str
+        str, tokenizer.decode(answer_ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    )
     if text == probe.completion:
         return None
     at = text.find(probe.completion)
@@ -273,7 +275,7 @@ def choose_prompt_format(
             "the chat template does not close the assistant turn with a special token, so the model could not "
             "learn to stop; set prompt_format: raw"
         )
-    end_token = tokenizer.convert_ids_to_tokens(end_ids[0])
+    end_token = cast(str, tokenizer.convert_ids_to_tokens(end_ids[0]))  # one id gives one token
     injection = template_injection(tokenizer, probe)
     if injection is None:
         return PromptFormat(kind="chat", end_token=end_token)
@@ -305,7 +307,9 @@ def choose_prompt_format(
 
 
 def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    encoded = cast(  # what tokenize=True, return_dict=True returns
+        "BatchEncoding", tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    )
     return list(encoded["input_ids"])
 
 

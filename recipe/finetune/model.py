@@ -259,7 +259,7 @@ def load_base_model(config: FinetuneConfig, backend: str, dtype: torch.dtype, ma
     attempts = [config.quantization]
     if config.quantization != "none" and config.quantization_fallback not in ("error", config.quantization):
         attempts.append(config.quantization_fallback)
-    failures = []
+    failures: list[str] = []
     for quantization in attempts:
         base = _load_and_check(config, backend, quantization, dtype, max_length)
         if base.check.ok:
@@ -328,6 +328,8 @@ def add_lora(base: BaseModel, config: FinetuneConfig, backend: str, max_length: 
         )
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    assert config.lora_dropout is not None  # train.prepare() resolves it (`resolved_lora_dropout`)
+
     model = base.model
     if base.quantization != "none":
         # Casts norms to fp32 and enables input gradients, which k-bit LoRA needs to train stably.
@@ -379,6 +381,7 @@ def load_trained_model(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    model: Any  # a PreTrainedModel, or a PeftModel around one
     if merged:
         merged_dir = model_dir / "merged"
         if not merged_dir.is_dir():

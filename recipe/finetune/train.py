@@ -13,10 +13,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sized
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from recipe import __version__
 from recipe.errors import ConfigError
@@ -100,6 +101,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     started = time.monotonic()
     run = prepare(config)
     trainer = run.trainer
+    assert trainer is not None and config.output_dir is not None  # prepare() validated the config, built the trainer
     if trainer.is_world_process_zero():  # from the first step until the outputs are written: an interrupted run
         (run.local_dir / RUN_IN_PROGRESS).write_text("training; removed once the outputs are written\n")
     checkpoint = last_checkpoint(run.local_dir) if config.resume else None
@@ -222,8 +224,9 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
         [speed],
         LogLineCallback(slow),
     )
-    if len(trainer.train_dataset) != len(train_rows):
-        raise RuntimeError(f"the trainer kept {len(trainer.train_dataset)} of {len(train_rows)} training rows")
+    kept = len(cast(Sized, trainer.train_dataset))  # a datasets.Dataset, built from the rows
+    if kept != len(train_rows):
+        raise RuntimeError(f"the trainer kept {kept} of {len(train_rows)} training rows")
     return PreparedRun(
         config,
         local_dir,
@@ -334,6 +337,7 @@ def absolute_model_id(model_id: str) -> str:
 
 def prepare_output_dir(config: FinetuneConfig) -> Path:
     """The local folder to train in; a fresh one unless resuming, and a writable remote target checked up front."""
+    assert config.output_dir is not None  # config.validate() requires it
     if upload.is_remote(config.output_dir):
         upload.check_writable(config.output_dir)
         local_dir = upload.local_staging_dir(config.output_dir, "outputs")
@@ -374,6 +378,7 @@ def last_checkpoint(local_dir: Path) -> str | None:
 
 def fetch_data_files(config: FinetuneConfig) -> data.DataFiles:
     """Local data as is; a gs:// or s3:// ft_splits folder is downloaded first."""
+    assert config.data is not None  # config.validate() requires it
     if config.val_data and upload.is_remote(config.val_data):
         raise ConfigError(f"{config.val_data}: give a remote ft_splits folder as --data instead of remote files")
     if not upload.is_remote(config.data):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
@@ -32,7 +32,7 @@ class NativeRequest:
 
 
 class NativeLLMServer:
-    def __init__(self, dialect: Dialect, answer: Callable[[dict[str, Any]], Reply | str], models: list[str] = ()):
+    def __init__(self, dialect: Dialect, answer: Callable[[dict[str, Any]], Reply | str], models: Sequence[str] = ()):
         self.dialect = dialect
         self.answer = answer
         self.models = list(models)

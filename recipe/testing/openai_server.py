@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 Endpoint = Literal["chat", "completions", "models", "embeddings"]
 EMBEDDING_DIMENSIONS = 64  # of `/v1/embeddings` answers, unless the request asks for `dimensions`
@@ -256,7 +256,7 @@ class ScriptedOpenAIServer:
         if self._httpd is None:
             raise RuntimeError("the server is not running; use it as a context manager")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{cast(str, host)}:{port}"  # an AF_INET server's host is a str, never bytes
 
     # -- what happened ---------------------------------------------------------------------------------------------
 
@@ -496,7 +496,8 @@ class _Handler(BaseHTTPRequestHandler):
 def _embeddings_body(body: dict[str, Any]) -> dict[str, Any]:
     inputs = body.get("input")
     texts = [inputs] if isinstance(inputs, str) else [str(text) for text in inputs or []]
-    dimensions = body.get("dimensions") if isinstance(body.get("dimensions"), int) else EMBEDDING_DIMENSIONS
+    requested = body.get("dimensions")
+    dimensions = requested if isinstance(requested, int) else EMBEDDING_DIMENSIONS
     data: list[dict[str, Any]] = []
     for index, text in enumerate(texts):
         vector: Any = hashing_embedding(text, dimensions)
