@@ -45,6 +45,15 @@ from recipe.annotate import (
     annotate_from_assertions,
     annotate_with_teacher,
 )
+from recipe.artifacts import (
+    DATASET_INFO_FILE,
+    FT_DATA_FILE,
+    SPLITS_DIR,
+    STAGE_DIRS,
+    DatasetInfo,
+    read_dataset_info,
+    write_dataset_info,
+)
 from recipe.commands import Command, SetSlot, Syntax, format_command, format_commands
 from recipe.conversation import mocked_datetime, replay_test_case
 from recipe.errors import ConfigError
@@ -87,11 +96,9 @@ from recipe.yamlio import (
     open_atomic,
     plain,
     write_atomic,
-    write_json,
     write_yaml,
 )
 
-STAGE_DIRS = ("1_command_annotations", "2_rephrasings", "3_llm_finetune_data", "4_train_test_split")
 RUN_FILES = (*STAGE_DIRS, "params.yaml", "result_summary.yaml")  # what one run writes; OUT/cache is shared
 STAGING_DIR, PREVIOUS_DIR = ".staging", ".previous"  # under OUT: the run being written, the run being replaced
 DEFAULT_REPHRASE_MODEL = LLMConfig(provider="openai", model="gpt-4o-mini", temperature=1.0)
@@ -690,7 +697,7 @@ def write_rows_and_split(
     """Deduplicate `rows` (input order; the first of every (prompt, completion) pair is kept) into
     llm_ft_data.jsonl, split the test cases that have rows, and write train.jsonl and val.jsonl; a validation row
     whose prompt is a train prompt is dropped. Streams: only a digest per row stays in memory."""
-    ft_path = work / STAGE_DIRS[2] / "llm_ft_data.jsonl"
+    ft_path = work / STAGE_DIRS[2] / FT_DATA_FILE
     seen: set[bytes] = set()
     kept: list[tuple[str, bytes]] = []  # (test case id, prompt digest) of every kept row, in file order
     per_command: Counter = Counter()
@@ -717,7 +724,7 @@ def write_rows_and_split(
         )
     split = split_test_cases({test_id: features_of[test_id] for test_id in rows_per_test}, train_frac, seed)
     train_ids = set(split.train)
-    splits_dir = work / STAGE_DIRS[3] / "ft_splits"
+    splits_dir = work / SPLITS_DIR
     train_prompts: set[bytes] = set()
     counts = {"train": 0, "val": 0, "leaked": 0}
     for side in ("train", "val"):
@@ -985,25 +992,22 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
     finally:
         spool.close()
     split = rows.split
-    splits_dir = work / STAGE_DIRS[3] / "ft_splits"
-    write_json(
-        splits_dir / "dataset_info.json",
-        {
-            "prompt_template": config.template.path,
-            "prompt_template_sha256": config.template.sha256,
-            "prompt_template_text": config.template.text,
-            "command_syntax": config.syntax.value,
-            "rasa_version": str(project.rasa_version),  # the release whose commands the rows use (--rasa-version)
-            "output_format": config.output_format,
-            "include_date_time": config.datetime_policy.include,
-            # How the prompts listed flows: serve with the same flow retrieval (rasa-config writes it).
-            "flow_retrieval": flow_retrieval_info(project.flow_retrieval),
-            "num_train_rows": rows.train_rows,
-            "num_val_rows": rows.val_rows,
-            "seed": config.seed,
-            "recipe_version": __version__,
-        },
+    splits_dir = work / SPLITS_DIR
+    info = DatasetInfo(
+        prompt_template=config.template.path,
+        prompt_template_sha256=config.template.sha256,
+        prompt_template_text=config.template.text,
+        command_syntax=config.syntax.value,
+        rasa_version=str(project.rasa_version),
+        output_format=config.output_format,
+        include_date_time=config.datetime_policy.include,
+        flow_retrieval=flow_retrieval_info(project.flow_retrieval),
+        num_train_rows=rows.train_rows,
+        num_val_rows=rows.val_rows,
+        seed=config.seed,
+        recipe_version=__version__,
     )
+    write_dataset_info(splits_dir, info)
     suites = write_split_suites(work, [f for f in files if f.test_cases], split, config.syntax)
 
     if config.abstention_rows and not rows.per_command["cannot handle"]:
@@ -1046,25 +1050,25 @@ def merge_prepared(
         raise ConfigError("--merge: expected the output folders of one or more prepare-data runs")
     infos = []
     for shard in shards:
-        info_path = shard / STAGE_DIRS[3] / "ft_splits" / "dataset_info.json"
+        info_path = shard / SPLITS_DIR / DATASET_INFO_FILE
         if not info_path.is_file():
             raise ConfigError(f"{info_path}: not found; expected the output folder of a finished prepare-data run")
-        infos.append(json.loads(info_path.read_text(encoding="utf-8")))
+        infos.append(read_dataset_info(info_path))
     for key in ("command_syntax", "prompt_template_sha256", "output_format", "include_date_time", "rasa_version"):
-        values = {str(info.get(key)) for info in infos}
+        values = {str(getattr(info, key)) for info in infos}
         if len(values) > 1:
             raise ConfigError(
                 f"--merge: the shards differ in {key} ({', '.join(sorted(values))}); expected shards "
                 "prepared with the same options"
             )
-    syntax, output_format = Syntax(infos[0]["command_syntax"]), infos[0]["output_format"]
+    syntax, output_format = Syntax(str(infos[0].command_syntax)), str(infos[0].output_format)
     check_output_folder(out, tests, project.root)
     features_of: dict[str, set[str]] = {}
     for shard in shards:
         features_of |= _shard_features(shard, project)
-        if not (shard / STAGE_DIRS[2] / "llm_ft_data.jsonl").is_file():
+        if not (shard / STAGE_DIRS[2] / FT_DATA_FILE).is_file():
             raise ConfigError(
-                f"{shard / STAGE_DIRS[2] / 'llm_ft_data.jsonl'}: not found; expected the output folder "
+                f"{shard / STAGE_DIRS[2] / FT_DATA_FILE}: not found; expected the output folder "
                 "of a finished prepare-data run"
             )
     files = load_tests(tests, project)
@@ -1081,17 +1085,16 @@ def merge_prepared(
         for shard in shards:
             if (shard / stage).is_dir():
                 shutil.copytree(shard / stage, work / stage, dirs_exist_ok=True)
-    shard_rows = (row for shard in shards for row in _shard_rows(shard / STAGE_DIRS[2] / "llm_ft_data.jsonl"))
+    shard_rows = (row for shard in shards for row in _shard_rows(shard / STAGE_DIRS[2] / FT_DATA_FILE))
     try:
         rows = write_rows_and_split(shard_rows, features_of, work, output_format, train_frac, seed)
     except ConfigError:
         shutil.rmtree(work, ignore_errors=True)  # nothing was swapped in: the previous outputs stay
         raise
     split, rows_per_test, train_ids = rows.split, rows.rows_per_test, set(rows.split.train)
-    splits_dir = work / STAGE_DIRS[3] / "ft_splits"
-    write_json(
-        splits_dir / "dataset_info.json",
-        infos[0] | {"num_train_rows": rows.train_rows, "num_val_rows": rows.val_rows, "seed": seed},
+    splits_dir = work / SPLITS_DIR
+    write_dataset_info(
+        splits_dir, dataclasses.replace(infos[0], num_train_rows=rows.train_rows, num_val_rows=rows.val_rows, seed=seed)
     )
     suites = write_split_suites(work, [f for f in files if f.test_cases], split, syntax)
     shard_summaries = [plain(load_yaml(shard / "result_summary.yaml")) or {} for shard in shards]

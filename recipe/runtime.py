@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from recipe.artifacts import MERGED_DIR, TRAINING_INFO_FILE, read_training_info
 from recipe.commands import (
     Clarify,
     Command,
@@ -41,7 +42,6 @@ from recipe.commands import (
     parse_model_output,
 )
 from recipe.errors import ConfigError, RecipeError
-from recipe.finetune.train import INFO_FILE, MERGED
 from recipe.grammar import (
     CommandGrammar,
     CommandLogitsProcessor,
@@ -100,17 +100,6 @@ class Backend(Protocol):
     def complete(self, prompt: str, *, grammar: CommandGrammar | None = None) -> Completion: ...
 
 
-def read_training_info(model_dir: Path) -> dict[str, Any] | None:
-    """`recipe_training_info.json` of a `recipe finetune` folder, or None for any other model folder."""
-    path = model_dir / INFO_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
-
-
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
 
@@ -128,7 +117,7 @@ class ModelSource:
         """What is served, for the start-up line: the merged model, the adapter on its base, or a plain model."""
         if self.adapter is not None:
             return f"the adapter {self.adapter} on its base {self.weights}"
-        if Path(self.weights).name == MERGED:
+        if Path(self.weights).name == MERGED_DIR:
             return f"the merged model {self.weights}"
         return f"the model {self.weights}"
 
@@ -153,7 +142,7 @@ def resolve_model(model: str | Path, *, base_model: str | None = None, variant: 
     if not path.is_dir():
         raise ConfigError(f"{text}: expected a model folder, got a file")
     info = read_training_info(path)
-    merged = path / MERGED
+    merged = path / MERGED_DIR
     if variant == "merged" and not merged.is_dir():
         raise ConfigError(f"{text}: no merged model in {merged} (train with --merge, or use the adapter)")
     if variant != "adapter" and merged.is_dir():
@@ -163,7 +152,7 @@ def resolve_model(model: str | Path, *, base_model: str | None = None, variant: 
     if variant == "adapter":
         raise ConfigError(f"{text}: no LoRA adapter here (adapter_config.json missing)")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"{text}: not a model folder (no config.json, adapter_config.json or {MERGED}/)")
+        raise ConfigError(f"{text}: not a model folder (no config.json, adapter_config.json or {MERGED_DIR}/)")
     return ModelSource(str(path), None, str(path), info)
 
 
@@ -613,7 +602,7 @@ def prompt_setup(
     if template_path is not None:
         template = load_template(template_path)
     elif info.get("prompt_template_text"):
-        template = PromptTemplate(info["prompt_template_text"], info.get("prompt_template") or INFO_FILE)
+        template = PromptTemplate(info["prompt_template_text"], info.get("prompt_template") or TRAINING_INFO_FILE)
     elif info.get("prompt_template") and Path(info["prompt_template"]).is_file():
         template = load_template(Path(info["prompt_template"]))
     else:

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from recipe.artifacts import MERGED_DIR, read_training_info
 from recipe.commands import Syntax
 from recipe.errors import ConfigError
-from recipe.finetune.train import MERGED
 from recipe.grammar import CommandGrammar, build_grammar, grammar_from_regex
 from recipe.project import Project
-from recipe.runtime import LocalModelBackend, read_training_info
+from recipe.runtime import LocalModelBackend
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -520,7 +520,7 @@ def vllm_serve_command(
         raise ConfigError(f"{model_dir}: model folder not found")
     info = read_training_info(model_dir) or {}
     training = info.get("training") or {}
-    merged_dir = model_dir / MERGED
+    merged_dir = model_dir / MERGED_DIR
     use_merged = merged_dir.is_dir() if merged is None else merged
     length = max_model_len or _model_len(training.get("max_length"), max_tokens)
     tail = ["--max-model-len", str(length), "--host", host, "--port", str(port)]

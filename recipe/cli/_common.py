@@ -7,8 +7,12 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recipe.prompt import DatetimePolicy
 
 
 def add_project_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +118,17 @@ def rasa_version_from_args(args: argparse.Namespace):
         return parse_rasa_version(text)
     except ValueError as error:
         raise ConfigError(f"--rasa-version {text}: {error}") from None
+
+
+def datetime_policy(args: argparse.Namespace, configured: bool | None) -> DatetimePolicy:
+    """The prompts' date line from --no-datetime / --datetime / --seed and what the assistant (or the model's training
+    info) says (`include_date_time`; None when it says nothing): the one place these flags become a policy."""
+    from recipe.prompt import DatetimePolicy
+
+    if args.datetime and args.no_datetime:
+        raise ConfigError("--datetime and --no-datetime contradict each other; give one of them")
+    include = not args.no_datetime and configured is not False
+    return DatetimePolicy(include=include, fixed=parse_datetime_flag(args.datetime), seed=args.seed)
 
 
 def parse_datetime_flag(value: str | None) -> datetime | None:

@@ -12,8 +12,8 @@ from recipe.cli._common import (
     add_project_arguments,
     add_prompt_arguments,
     connect_action_server,
+    datetime_policy,
     load_project_from_args,
-    parse_datetime_flag,
     setup_logging,
 )
 from recipe.errors import ConfigError
@@ -169,7 +169,6 @@ def run(args: argparse.Namespace) -> int:
         passes,
         write_report,
     )
-    from recipe.prompt import DatetimePolicy
 
     setup_logging()
     threshold = parse_threshold(args.fail_under)
@@ -202,14 +201,13 @@ def run(args: argparse.Namespace) -> int:
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two models share a label ({', '.join(labels)}); name them with --label")
     info = next((found for g in generators if (found := getattr(g.backend, "training_info", None))), None) or {}
-    include = not args.no_datetime and info.get("include_date_time", project.config.include_date_time) is not False
+    policy = datetime_policy(args, info.get("include_date_time", project.config.include_date_time))
     if args.no_datetime and info.get("include_date_time") is True:
         print(
             "warning: --no-datetime, but the model was trained on prompts with the date and time "
             "(include_date_time: true): the prompts will differ from training",
             file=sys.stderr,
         )
-    policy = DatetimePolicy(include=include, fixed=parse_datetime_flag(args.datetime), seed=args.seed)
     skipped: list[tuple[str, str]] = []
     runtime_turns: list = []  # payload and NLU turns: only Rasa's counting scores them
     cases = load_cases(project, args.inputs, policy, generators[0].syntax, args.include_derived, skipped, runtime_turns)

@@ -8,13 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+from recipe.artifacts import SPLITS_DIR
 from recipe.cli._common import (
     add_action_server_arguments,
     add_project_arguments,
     add_prompt_arguments,
     connect_action_server,
+    datetime_policy,
     load_project_from_args,
-    parse_datetime_flag,
     setup_logging,
 )
 from recipe.errors import ConfigError
@@ -138,8 +139,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.datetime and args.no_datetime:
-        raise ConfigError("--datetime and --no-datetime contradict each other; give one of them")
     if not 0 < args.train_frac <= 1:
         raise ConfigError(f"--train-frac {args.train_frac}: expected a number in (0, 1]")
     if not 0 <= args.num_rephrases <= 100:
@@ -169,7 +168,6 @@ def run(args: argparse.Namespace) -> int:
         summary_lines,
     )
     from recipe.prompt import (
-        DatetimePolicy,
         bundled_template,
         choose_syntax,
         choose_template,
@@ -189,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             f"({summary['recipe']['rows']['duplicates_dropped']} duplicates dropped); split: "
             f"{result.train_rows} train rows / {result.val_rows} val rows"
         )
-        print(f"train/val files: {result.out / '4_train_test_split' / 'ft_splits'}")
+        print(f"train/val files: {result.out / SPLITS_DIR}")
         return 0
     check_output_folder(args.out, args.tests, args.project)  # before anything (embeddings, actions) caches there
     project = load_project_from_args(args, flow_retrieval=True, cache_dir=args.out / "cache")
@@ -241,13 +239,12 @@ def run(args: argparse.Namespace) -> int:
             "--annotator llm needs an LLM: give --teacher-config or set OPENAI_API_KEY, without --offline"
         )
 
-    include_datetime = not args.no_datetime and project.config.include_date_time is not False
     config = PrepareConfig(
         tests=args.tests,
         out=args.out,
         syntax=syntax,
         template=template,
-        datetime_policy=DatetimePolicy(include_datetime, parse_datetime_flag(args.datetime), args.seed),
+        datetime_policy=datetime_policy(args, project.config.include_date_time),
         num_rephrases=args.num_rephrases,
         train_frac=args.train_frac,
         output_format=args.output_format,
@@ -278,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     result = prepare_data(project, config)
     for line in summary_lines(result.summary):
         print(line)
-    print(f"train/val files: {result.out / '4_train_test_split' / 'ft_splits'}")
+    print(f"train/val files: {result.out / SPLITS_DIR}")
     if action_server is not None:
         print(action_server.summary_line())
     errors = result.summary["recipe"]["errors"]

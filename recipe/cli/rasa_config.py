@@ -68,8 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from recipe.artifacts import read_training_info
     from recipe.rasa_config import rasa_config, write_trained_template
-    from recipe.runtime import read_training_info
 
     setup_logging()
     info = None

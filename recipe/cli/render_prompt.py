@@ -11,8 +11,8 @@ from recipe.cli._common import (
     add_project_arguments,
     add_prompt_arguments,
     connect_action_server,
+    datetime_policy,
     load_project_from_args,
-    parse_datetime_flag,
     setup_logging,
 )
 from recipe.errors import ConfigError
@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     from recipe.conversation import mocked_datetime, replay_test_case
     from recipe.prompt import (
         COMMAND_PROMPT_VARIABLES,
-        DatetimePolicy,
         PromptRenderer,
         choose_syntax,
         choose_template,
@@ -99,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    include = not args.no_datetime and project.config.include_date_time is not False
-    policy = DatetimePolicy(include=include, fixed=parse_datetime_flag(args.datetime), seed=args.seed)
+    policy = datetime_policy(args, project.config.include_date_time)
     when = policy.for_conversation(test_case.id, mocked_datetime(test_case))
     print(renderer.render(prompt_variables(project, turn.state, turn.text, when)))
     return 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from recipe.artifacts import DATASET_INFO_FILE, TRAIN_FILE, VAL_FILE
 from recipe.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -28,10 +29,6 @@ if TYPE_CHECKING:
     from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-TRAIN_FILE = "train.jsonl"
-VAL_FILE = "val.jsonl"
-DATASET_INFO_FILE = "dataset_info.json"
 
 
 @dataclass(frozen=True)
@@ -122,19 +119,6 @@ def resolve_data_files(data: str, val_data: str | None) -> DataFiles:
         dataset_info=info if info.is_file() else None,
         no_val_reason=None if has_val else no_val_reason,
     )
-
-
-def read_dataset_info(path: Path | None) -> dict[str, Any] | None:
-    """prepare-data's provenance (template hash, command syntax, ...); None for user-provided data without it."""
-    if path is None:
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(path, error.lineno, f"invalid JSON: {error.msg}") from error
-    if not isinstance(info, dict):
-        raise InputError(path, 1, "expected a JSON object")
-    return info
 
 
 def read_examples(path: Path, allow_empty: bool = False) -> list[Example]:

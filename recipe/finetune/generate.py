@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recipe.artifacts import require_training_info
 from recipe.finetune import data, model
-from recipe.finetune.train import read_training_info
 
 Prompt = str | Sequence[dict[str, str]]  # a prompt string is one user message, as Rasa Pro sends it
 
@@ -80,7 +80,7 @@ def load_finetuned(model_dir: str | Path, merged: bool = False) -> Finetuned:
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
-    training = read_training_info(model_dir)["training"]
+    training = require_training_info(model_dir)["training"]
     loaded = model.load_trained_model(
         model_dir, training["base_model"], training["quantization"], model.torch_dtype(training["precision"]), merged
     )

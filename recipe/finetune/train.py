@@ -20,6 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from recipe import __version__
+from recipe.artifacts import (
+    DATASET_INFO_FILE,
+    MERGED_DIR,
+    TRAIN_FILE,
+    VAL_FILE,
+    DatasetInfo,
+    read_dataset_info,
+    write_training_info,
+)
 from recipe.errors import ConfigError
 from recipe.finetune import data, model, report, upload
 from recipe.finetune.config import FinetuneConfig, resolved_lora_dropout
@@ -31,24 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFO_FILE = "recipe_training_info.json"
 CHECKPOINTS = "checkpoints"
 RUN_IN_PROGRESS = ".run_in_progress"  # in the output folder from the start of a run until its outputs are written
-MERGED = "merged"
-# Keys of prepare-data's dataset_info.json; null in our info file when the data came without it.
-DATASET_INFO_KEYS = (
-    "prompt_template",
-    "prompt_template_sha256",
-    "prompt_template_text",
-    "command_syntax",
-    "output_format",
-    "include_date_time",
-    "flow_retrieval",
-    "num_train_rows",
-    "num_val_rows",
-    "seed",
-    "recipe_version",
-)
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth")
 
 
@@ -74,7 +67,7 @@ class PreparedRun:
     config: FinetuneConfig  # with the model as an absolute path when it is a local folder
     local_dir: Path
     files: data.DataFiles
-    dataset_info: dict[str, Any] | None
+    dataset_info: DatasetInfo | None
     train_examples: list[data.Example]
     val_examples: list[data.Example]
     train_rows: list[data.Encoded]
@@ -123,7 +116,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     run.release_model()
     merged_dir = None
     if config.merge:
-        merged_dir = run.local_dir / MERGED
+        merged_dir = run.local_dir / MERGED_DIR
         model.merge_adapter(
             run.config.model, run.local_dir, merged_dir, model.torch_dtype(run.precision), run.tokenizer
         )
@@ -175,7 +168,7 @@ def prepare(config: FinetuneConfig) -> PreparedRun:
     without_val = data.validation_warning(files, len(val_examples))
     if without_val:
         log.warning(without_val)
-    dataset_info = data.read_dataset_info(files.dataset_info)
+    dataset_info = read_dataset_info(files.dataset_info) if files.dataset_info else None
 
     backend = model.resolve_backend(config.backend)
     config = dataclasses.replace(config, lora_dropout=resolved_lora_dropout(config.lora_dropout, backend))
@@ -386,7 +379,7 @@ def fetch_data_files(config: FinetuneConfig) -> data.DataFiles:
     local = upload.download_directory(
         config.data,
         upload.local_staging_dir(config.data, "data"),
-        (data.TRAIN_FILE, data.VAL_FILE, data.DATASET_INFO_FILE),
+        (TRAIN_FILE, VAL_FILE, DATASET_INFO_FILE),
     )
     return data.resolve_data_files(str(local), config.val_data)
 
@@ -471,8 +464,8 @@ def training_info(
     loaded_as: str | None = None,
 ) -> dict[str, Any]:
     """prepare-data's dataset_info.json (its keys at the top, null when unknown) extended with the training facts."""
-    source = run.dataset_info or {}
-    info: dict[str, Any] = {key: source.get(key) for key in DATASET_INFO_KEYS} | source
+    # dataset_info.json's keys at the top, null when the data came without it
+    info: dict[str, Any] = (run.dataset_info or DatasetInfo.from_mapping({})).as_dict()
     chat_template = getattr(run.tokenizer, "chat_template", None) if run.prompt_format.kind == "chat" else None
     info["output_dir"] = run.config.output_dir
     info["training"] = {
@@ -522,7 +515,7 @@ def peak_gpu_memory_gib() -> float | None:
 
 
 def write_outputs(local_dir: Path, info: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
-    (local_dir / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_training_info(local_dir, info)
     report.write_logs(log_history, local_dir)
     report.plot_losses(
         log_history, local_dir / report.LOSS_PNG, title=f"{Path(info['training']['base_model']).name} + LoRA"
@@ -544,10 +537,3 @@ def vllm_commands(local_dir: Path, info: dict[str, Any]) -> dict[str, str]:
             vllm_serve_command(local_dir, served_name=report.SERVED_NAME, merged=True)
         )
     return commands
-
-
-def read_training_info(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / INFO_FILE
-    if not path.is_file():
-        raise ConfigError(f"{model_dir}: not a `recipe finetune` output folder (no {INFO_FILE})")
-    return json.loads(path.read_text(encoding="utf-8"))
