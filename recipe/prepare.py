@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -84,7 +84,6 @@ from recipe.tracker import TranscriptLine
 from recipe.types import BotStep, TestCase, TestFile, UserStep
 from recipe.validate import (
     LEXICAL,
-    STRICT,
     Verdict,
     validate_lexically,
     validate_with_oracle,
@@ -107,9 +106,15 @@ TEST_CASES_IN_FLIGHT_PER_CALL = 4  # test cases started per LLM call allowed in 
 _LOSSY_AT_RUNTIME = re.compile(r"\W$")  # v2/v3 runtime parsers strip trailing non-word characters from values
 
 
-@dataclass
+OutputFormat = Literal["instruction", "conversational"]
+Annotator = Literal["auto", "test", "assertions", "llm"]
+Validation = Literal["strict", "loose"]
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
-    """Everything one run needs, validated by the CLI before any paid call."""
+    """Everything one run needs, validated by the CLI before any paid call; the single source of prepare-data's
+    defaults (the CLI's flags are checked against these by tests/test_prepare_data.py)."""
 
     tests: list[str]
     out: Path
@@ -118,10 +123,10 @@ class PrepareConfig:
     datetime_policy: DatetimePolicy
     num_rephrases: int = 10
     train_frac: float = 0.8
-    output_format: str = "instruction"  # or "conversational"
+    output_format: OutputFormat = "instruction"
     seed: int = 42
-    annotator: str = "auto"  # auto | test | assertions | llm
-    validation: str = STRICT  # strict | loose (with an oracle); offline runs use the lexical check
+    annotator: Annotator = "auto"
+    validation: Validation = "strict"  # with an oracle; offline runs use the lexical check
     abstention_rows: bool = False  # turns annotated with no command become `cannot handle` rows
     keep_disagreeing: bool = False  # keep rows whose state the test's own bot turns or assertions contradict
     offline: bool = False

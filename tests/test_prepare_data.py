@@ -588,3 +588,40 @@ def test_teacher_and_oracle_configs_are_read_alike_and_may_name_a_model_group(tm
     from_group = load_llm_role_config(grouped, project_dir, DEFAULT_TEACHER_MODEL)
     assert from_group == load_llm_role_config(inline, project_dir, DEFAULT_TEACHER_MODEL)
     assert (from_group.model, from_group.temperature) == ("judge", DEFAULT_TEACHER_MODEL.temperature)
+
+
+def test_the_cli_defaults_are_prepare_configs() -> None:
+    """PrepareConfig is the single source of prepare-data's defaults: every flag that sets one of its fields
+    defaults to the same value."""
+    import argparse
+    import dataclasses
+
+    from recipe.cli import prepare_data as cli
+    from recipe.prepare import PrepareConfig
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = vars(parser.parse_args(["prepare-data"]))
+    fields = {f.name: f.default for f in dataclasses.fields(PrepareConfig) if f.default is not dataclasses.MISSING}
+    shared = sorted(set(fields) & set(args) - {"offline"})  # --offline is a switch; the config says what was decided
+    assert {
+        "num_rephrases",
+        "train_frac",
+        "output_format",
+        "seed",
+        "annotator",
+        "validation",
+        "max_concurrency",
+    } <= set(shared)
+    assert {name: args[name] for name in shared} == {name: fields[name] for name in shared}
+
+
+def test_an_offline_run_nobody_asked_for_says_why(tmp_path: Path, monkeypatch, caplog) -> None:
+    # the tests run from the repository root (tests/conftest.py)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    argv = ["prepare-data", "--no-progress", "--num-rephrases", "0", "-o", str(tmp_path / "out"), SPECS[0]]
+    assert main(argv) == 0
+    assert "no LLM is configured" in caplog.text and "running offline" in caplog.text
+    caplog.clear()
+    assert main([*argv, "--offline"]) == 0
+    assert "running offline" not in caplog.text

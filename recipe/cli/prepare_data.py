@@ -201,6 +201,18 @@ def run(args: argparse.Namespace) -> int:
     # Decide which LLMs run, and check their settings and keys now: before any paid call.
     configured = any([args.rephrase_config, args.teacher_config, args.oracle_config, os.environ.get("OPENAI_API_KEY")])
     offline = args.offline or not configured or (args.annotator == "assertions" and args.num_rephrases == 0)
+    if offline and not args.offline:  # said, not silent: a user who meant to call an LLM learns why none was called
+        why = (
+            "--annotator assertions with --num-rephrases 0 needs no LLM"
+            if configured
+            else "no LLM is configured (no --rephrase-config, --teacher-config or --oracle-config, and OPENAI_API_KEY "
+            "is not set)"
+        )
+        log.warning(
+            "%s: running offline (assertion annotator, rule-based paraphrases, lexical check); --offline "
+            "says so explicitly",
+            why,
+        )
     rephrase_llm = teacher_llm = oracle_llm = None
     rephrase_template = bundled_template("rephrase.jinja2")
     if not offline:
