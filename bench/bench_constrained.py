@@ -122,7 +122,8 @@ def large_tokenizer(vocab_size: int, folder: Path) -> Any:
 
 def mask_cost(project: Any, cases: list[Any], vocab_size: int) -> dict[str, Any]:
     from recipe.commands import Syntax, format_commands
-    from recipe.grammar import DEAD, TokenConstraint, TokenVocabulary, build_grammar
+    from recipe.decoding import TokenConstraint, TokenVocabulary
+    from recipe.grammar import DEAD, build_grammar
     from recipe.tracker import startable_flows
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -705,13 +704,12 @@ def default_api_key_envs(endpoint: str) -> tuple[str, ...]:
 
 
 def _api_key(spec: ModelSpec) -> str | None:
+    from recipe.llm import key_from_environment, key_from_named_variable
+
     if spec.api_key_env:
-        key = os.environ.get(spec.api_key_env)
-        if not key:
-            raise ConfigError(f"--api-key-env {spec.api_key_env}: the variable is not set")
-        return key
+        return key_from_named_variable(spec.api_key_env)
     names = default_api_key_envs(spec.endpoint or "")
-    key = next((os.environ[name] for name in names if os.environ.get(name)), None)
+    key = key_from_environment(names)
     if key is None and "SELF_HOSTED_API_KEY" not in names and names:
         # OpenAI and Azure answer no key with a 401, after the local models are loaded: say so now. A server of
         # one's own elsewhere may well take no key.

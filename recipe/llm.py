@@ -167,6 +167,14 @@ def key_from_environment(
     return SELF_HOSTED_DUMMY_KEY if keyless else None
 
 
+def key_from_named_variable(variable: str, flag: str = "--api-key-env") -> str:
+    """The key in the environment variable a user named (`--api-key-env VAR`); an error when it is not set."""
+    key = os.environ.get(variable)
+    if not key:
+        raise ConfigError(f"{flag} {variable}: the variable is not set")
+    return key
+
+
 def _checked_value(key: str, value: Any, source: str) -> Any:
     """Check one config value's type and range; returns it normalised (ints become floats where floats are meant)."""
 

@@ -41,17 +41,9 @@ from recipe.commands import (
     Syntax,
     parse_model_output,
 )
+from recipe.decoding import CommandLogitsProcessor, TokenConstraint, TokenVocabulary, token_constraint
 from recipe.errors import ConfigError, RecipeError
-from recipe.grammar import (
-    CommandGrammar,
-    CommandLogitsProcessor,
-    TokenConstraint,
-    TokenVocabulary,
-    build_grammar,
-    fillable_slots,
-    startable_flow_ids,
-    token_constraint,
-)
+from recipe.grammar import CommandGrammar, build_grammar, fillable_slots, startable_flow_ids
 from recipe.project import Project, command_problem
 from recipe.prompt import (
     PromptRenderer,

@@ -16,17 +16,9 @@ from tiny_model import build_tiny_model
 from recipe.annotate import annotate_from_assertions
 from recipe.commands import Syntax, format_commands, parse_model_output
 from recipe.conversation import replay_test_case
+from recipe.decoding import CommandLogitsProcessor, token_bytes, token_constraint
 from recipe.errors import ConfigError
-from recipe.grammar import (
-    DEAD,
-    MAX_TEXT_VALUE,
-    CommandLogitsProcessor,
-    build_grammar,
-    grammar_from_regex,
-    startable_flow_ids,
-    token_bytes,
-    token_constraint,
-)
+from recipe.grammar import DEAD, MAX_TEXT_VALUE, build_grammar, grammar_from_regex, startable_flow_ids
 from recipe.project import load_project
 from recipe.prompt import PROMPTS_DIR, PromptRenderer, load_template, prompt_variables
 from recipe.runtime import _torch_threads, validate_commands

@@ -329,7 +329,7 @@ def test_config_accepts_model_name_alias_and_defaults() -> None:
 
 
 def test_role_configs_read_top_level_or_llm_key(tmp_path: Path) -> None:
-    from recipe.prepare import load_llm_role_config
+    from recipe.llm_roles import load_llm_role_config
 
     default = LLMConfig()
     nested = tmp_path / "rephrase.yml"

@@ -357,7 +357,7 @@ def test_loose_validation_labels_a_paraphrase_with_the_oracles_commands(tmp_path
 
 
 def test_rephrase_config_may_name_a_model_group_of_endpoints_yml(tmp_path, example_project):
-    from recipe.prepare import load_rephrase_config
+    from recipe.llm_roles import load_rephrase_config
 
     project_dir = tmp_path / "assistant"
     project_dir.mkdir()
@@ -574,7 +574,7 @@ def test_failed_llm_calls_make_the_run_exit_1_and_keep_the_rows(tmp_path: Path, 
 
 
 def test_teacher_and_oracle_configs_are_read_alike_and_may_name_a_model_group(tmp_path, example_project):
-    from recipe.prepare import DEFAULT_TEACHER_MODEL, load_llm_role_config
+    from recipe.llm_roles import DEFAULT_TEACHER_MODEL, load_llm_role_config
 
     project_dir = tmp_path / "assistant"
     project_dir.mkdir()

@@ -412,7 +412,7 @@ def test_hostile_inputs_are_one_line_each_without_a_traceback(tmp_path, capsys):
     config = tmp_path / "rephrase.yml"
     config.write_text("llm:\n  model_group: rephraser\n")
     from recipe.errors import ConfigError
-    from recipe.prepare import load_rephrase_config
+    from recipe.llm_roles import load_rephrase_config
 
     with pytest.raises(ConfigError, match="`model_groups` must be a list"):
         load_rephrase_config(config, project)

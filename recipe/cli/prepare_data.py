@@ -150,23 +150,19 @@ def _check_args(args: argparse.Namespace) -> None:
         if path is not None and not path.is_file():
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: file not found")
     if args.prompt_template is not None:
-        from recipe.prepare import check_utf8_file
+        from recipe.llm_roles import check_utf8_file
 
         check_utf8_file(args.prompt_template, "--prompt-template")
 
 
 def run(args: argparse.Namespace) -> int:
-    from recipe.prepare import (
+    from recipe.llm_roles import (
         DEFAULT_REPHRASE_MODEL,
         DEFAULT_TEACHER_MODEL,
-        PrepareConfig,
-        check_output_folder,
-        failure_lines,
         load_llm_role_config,
         load_rephrase_config,
-        prepare_data,
-        summary_lines,
     )
+    from recipe.prepare import PrepareConfig, check_output_folder, failure_lines, prepare_data, summary_lines
     from recipe.prompt import (
         bundled_template,
         choose_syntax,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from recipe.cli._common import setup_logging
@@ -130,13 +129,10 @@ def run(args: argparse.Namespace) -> int:
         )
         print(format_command_line(command))
         return 0
+    from recipe.llm import key_from_named_variable
     from recipe.serve import ModelServer, ServeLimits, check_exposure, create_app, serve_forever
 
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise ConfigError(f"--api-key-env {args.api_key_env}: the variable is not set")
+    api_key = key_from_named_variable(args.api_key_env) if args.api_key_env else None
     limits = ServeLimits(
         max_request_bytes=args.max_request_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
