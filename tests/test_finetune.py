@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -305,6 +308,33 @@ def test_label_mask_covers_exactly_the_completion_and_end_token(row_format, rows
     assert set(batch_decoded) <= set(expected)
 
 
+def launch_with_stacks_on_hang(command: list[str], timeout_s: int) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group; if it outlives timeout_s, SIGABRT the whole group so every Python
+    process (PYTHONFAULTHANDLER) prints the stacks of its threads before dying: a hang says where it hangs."""
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        stderr += f"\n[test] the launch was still running after {timeout_s} s: stacks above\n"
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def is_teardown_flake(finished: subprocess.CompletedProcess) -> bool:
+    """An abort at exit, or a launch that hung after the main process had reported the finished training."""
+    if "terminate called without an active exception" in finished.stderr:
+        return True
+    return "[test] the launch was still running" in finished.stderr and finished.stdout.count("finetuned ") == 1
+
+
 def test_distributed_data_parallel_run_on_two_cpu_processes(tiny, rows, cpu_config, tmp_path):
     """The hf backend under a multi-process launcher (torchrun, which `accelerate launch` drives on GPUs): the rows
     are split between the processes and only the main process writes the outputs."""
@@ -337,12 +367,14 @@ def test_distributed_data_parallel_run_on_two_cpu_processes(tiny, rows, cpu_conf
         "--batch-size",
         "2",
     ]
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    if finished.returncode != 0 and "terminate called without an active exception" in finished.stderr:
-        # Seen once in ~30 runs on a loaded 2-core machine, before finetune tore the process group down at the end
-        # (`end_distributed_run`); never reproduced since. One more launch tells a teardown flake from a real failure.
+    finished = launch_with_stacks_on_hang(command, timeout_s=240)
+    if finished.returncode != 0 and is_teardown_flake(finished):
+        # Seen about once in 30 runs on a loaded 2-core machine, always after training and the outputs were done: a
+        # process aborted by its communication threads at exit, or a launch that never returned. One more launch
+        # tells such a flake from a real failure; the first launch's Python stacks are kept as a warning.
+        warnings.warn(f"multi-process teardown flake, relaunched; its end: {finished.stderr[-4000:]}", stacklevel=1)
         shutil.rmtree(out, ignore_errors=True)
-        finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        finished = launch_with_stacks_on_hang(command, timeout_s=240)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert finished.stdout.count("finetuned ") == 1, "only the main process reports"
     training = training_info(out)["training"]
