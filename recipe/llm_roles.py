@@ -6,6 +6,7 @@ keys it leaves out come from the role's default. The rephraser's config may also
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,76 @@ def resolve_llm_mapping(data: dict[str, Any], source: str, project_root: Path, d
         data = {k: v for k, v in models[0].items() if k in LLMConfig.__dataclass_fields__ or k in ("model_name",)}
     merged = {k: v for k, v in vars(default).items() if v is not None} | dict(data)
     return LLMConfig.from_mapping(merged, source=source)
+
+
+@dataclass(frozen=True)
+class RoleLLMs:
+    """Which LLM plays each role in one run. `offline` means none does (assertion annotator, rule-based paraphrases,
+    lexical check); `offline_reason` says why when nobody asked for it with --offline."""
+
+    offline: bool
+    offline_reason: str | None = None
+    rephraser: LLMConfig | None = None
+    rephrase_template: PromptTemplate | None = None
+    teacher: LLMConfig | None = None
+    oracle: LLMConfig | None = None
+
+
+def choose_role_llms(
+    *,
+    project_root: Path,
+    offline: bool,
+    annotator: str,
+    num_rephrases: int,
+    rephrase_config: Path | None,
+    teacher_config: Path | None,
+    oracle_config: Path | None,
+    openai_key_set: bool,
+) -> RoleLLMs:
+    """The LLM of each role, with its key checked now, before any paid call: a role's config file wins, else its
+    default model (the oracle's default is the teacher); no config and no OpenAI key means offline, said not silent."""
+    configured = any([rephrase_config, teacher_config, oracle_config, openai_key_set])
+    needless = annotator == "assertions" and num_rephrases == 0
+    if offline or not configured or needless:
+        if annotator == "llm":
+            raise ConfigError(
+                "--annotator llm needs an LLM: give --teacher-config or set OPENAI_API_KEY, without --offline"
+            )
+        reason = None
+        if not offline:
+            reason = (
+                "--annotator assertions with --num-rephrases 0 needs no LLM"
+                if configured
+                else "no LLM is configured (no --rephrase-config, --teacher-config or --oracle-config, and "
+                "OPENAI_API_KEY is not set)"
+            )
+        return RoleLLMs(offline=True, offline_reason=reason)
+
+    rephraser, rephrase_template = DEFAULT_REPHRASE_MODEL, None
+    if rephrase_config:
+        rephraser, rephrase_template = load_rephrase_config(rephrase_config, project_root)
+    teacher = (
+        load_llm_role_config(teacher_config, project_root, DEFAULT_TEACHER_MODEL)
+        if teacher_config
+        else DEFAULT_TEACHER_MODEL
+    )
+    oracle = load_llm_role_config(oracle_config, project_root, teacher) if oracle_config else teacher
+    roles = RoleLLMs(
+        offline=False,
+        rephraser=rephraser,
+        rephrase_template=rephrase_template,
+        teacher=None if annotator in ("test", "assertions") else teacher,
+        oracle=oracle,
+    )
+    called = {"rephraser": num_rephrases > 0, "teacher": roles.teacher is not None, "oracle": num_rephrases > 0}
+    for role, llm in (("rephraser", rephraser), ("teacher", teacher), ("oracle", oracle)):
+        if not called[role]:
+            continue
+        try:
+            llm.api_key()
+        except ConfigError as error:
+            flag = "--rephrase-config" if role == "rephraser" else f"--{role}-config"
+            raise ConfigError(
+                f"the {role} ({llm.provider} {llm.model}): {error}; or give {flag} (with --offline, no LLM is used)"
+            ) from None
+    return roles

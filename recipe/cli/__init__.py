@@ -15,6 +15,7 @@ import signal
 import sys
 
 from recipe import __version__
+from recipe.cli._common import REPLAY_DEST, apply_replay_config
 from recipe.errors import EXIT_INPUT_ERROR, InputErrors, RecipeError
 
 # The order subcommands are listed in `--help` (the order users run them in); any other module comes after.
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_INPUT_ERROR
     try:
+        if getattr(args, REPLAY_DEST, None) is not None:
+            apply_replay_config(parser, argv, args)
         return int(args.run(args) or 0)
     except InputErrors as errors:
         print(errors.format(getattr(args, "max_errors", None)), file=sys.stderr)

@@ -7,7 +7,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from recipe.errors import ConfigError
 
@@ -216,3 +216,117 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         stream=sys.stderr, level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
+
+
+# ---------------------------------------------------------------------------------------------- --config replay
+
+REPLAY_DEST = "replay_config"
+_NOT_GIVEN = object()
+
+
+def add_replay_argument(parser: argparse.ArgumentParser, written: str) -> None:
+    """`--config FILE`: every option of a run from YAML, `written` (the run's own record of them) included, so a run
+    replays with one flag; options typed on the command line win over the file."""
+    parser.add_argument(
+        "--config",
+        dest=REPLAY_DEST,
+        type=Path,
+        metavar="YAML",
+        help=f"options from a YAML file (keys as the long flags, e.g. num_rephrases: 3), or a run's {written} to "
+        "replay it; flags given here win; paths in it are relative to the folder the command runs in",
+    )
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def apply_replay_config(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> None:
+    """Fill every option the command line did not give from `--config`; each bad key or value is one file:line."""
+    from recipe.errors import InputError, Problems
+    from recipe.types import relative
+    from recipe.yamlio import line_of, load_yaml, plain
+
+    sub = subcommand_parser(parser, args.command)
+    path: Path = getattr(args, REPLAY_DEST)
+    shown = relative(path)
+    document = load_yaml(path)
+    if isinstance(document, dict) and isinstance(document.get("parameters"), dict):
+        document = document["parameters"]  # a run's params.yaml: its `provenance` is a record, not an option
+    if document is None:
+        return
+    if not isinstance(document, dict):
+        raise InputError(shown, line_of(document), "expected a mapping of option names to values")
+    actions = {
+        action.dest: action
+        for action in sub._actions
+        if action.dest not in (REPLAY_DEST, "help", "run", "command") and action.dest is not argparse.SUPPRESS
+    }
+    problems = Problems()
+    values: dict[str, Any] = {}
+    for key, raw in document.items():
+        dest = str(key).removeprefix("--").replace("-", "_")
+        action = actions.get(dest)
+        with problems.catch():
+            if action is None:
+                raise InputError(
+                    shown, line_of(document, key), f"unknown option {key!r}; expected one of: {', '.join(actions)}"
+                )
+            try:
+                values[dest] = _option_value(action, plain(raw))
+            except (TypeError, ValueError) as error:
+                raise InputError(shown, line_of(document, key), f"{key}: {error}") from None
+    problems.raise_if_any()
+    given = _given_on_command_line(parser, sub, argv)
+    for dest, value in values.items():
+        if dest not in given:
+            setattr(args, dest, value)
+
+
+def _option_value(action: argparse.Action, value: Any) -> Any:
+    """A YAML value as the flag would have parsed it: its type applied, its choices checked."""
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    many = isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+")
+    if many:
+        items = value if isinstance(value, list) else [value]
+        return [_one_value(action, item) for item in items]
+    if isinstance(value, list | dict):
+        raise ValueError(f"expected one value, got {type(value).__name__}")
+    return _one_value(action, value)
+
+
+def _one_value(action: argparse.Action, value: Any) -> Any:
+    if isinstance(value, list | dict):
+        raise ValueError(f"expected a plain value, got {type(value).__name__}")
+    convert = action.type if callable(action.type) else None
+    converted = convert(str(value) if convert is Path else value) if convert else value
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return converted
+
+
+def _given_on_command_line(
+    parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None
+) -> set[str]:
+    """The options the command line itself set: parsed once more with every default a marker nobody can type."""
+    saved = {action.dest: action.default for action in sub._actions if action.dest != "help"}
+    appending = {action.dest for action in sub._actions if isinstance(action, argparse._AppendAction)}
+    # A repeatable flag appends to its default, so its marker is None: any value at all was typed.
+    sub.set_defaults(**{dest: None if dest in appending else _NOT_GIVEN for dest in saved})
+    try:
+        marked = parser.parse_args(argv)
+    finally:
+        sub.set_defaults(**saved)
+    return {
+        dest
+        for dest, value in vars(marked).items()
+        if value is not (None if dest in appending else _NOT_GIVEN) and dest in saved
+    }

@@ -10,9 +10,11 @@ from pathlib import Path
 
 from recipe.artifacts import SPLITS_DIR
 from recipe.cli._common import (
+    REPLAY_DEST,
     add_action_server_arguments,
     add_project_arguments,
     add_prompt_arguments,
+    add_replay_argument,
     connect_action_server,
     datetime_policy,
     load_project_from_args,
@@ -135,6 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_project_arguments(parser)
     add_prompt_arguments(parser)
     add_action_server_arguments(parser)
+    add_replay_argument(parser, "params.yaml")
     parser.set_defaults(run=run)
 
 
@@ -156,12 +159,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recipe.llm_roles import (
-        DEFAULT_REPHRASE_MODEL,
-        DEFAULT_TEACHER_MODEL,
-        load_llm_role_config,
-        load_rephrase_config,
-    )
+    from recipe.llm_roles import choose_role_llms
     from recipe.prepare import PrepareConfig, check_output_folder, failure_lines, prepare_data, summary_lines
     from recipe.prompt import (
         bundled_template,
@@ -194,59 +192,23 @@ def run(args: argparse.Namespace) -> int:
     if mismatch:
         log.warning("%s: the model would learn to answer in another syntax than its prompt asks for", mismatch)
 
-    # Decide which LLMs run, and check their settings and keys now: before any paid call.
-    configured = any([args.rephrase_config, args.teacher_config, args.oracle_config, os.environ.get("OPENAI_API_KEY")])
-    offline = args.offline or not configured or (args.annotator == "assertions" and args.num_rephrases == 0)
-    if offline and not args.offline:  # said, not silent: a user who meant to call an LLM learns why none was called
-        why = (
-            "--annotator assertions with --num-rephrases 0 needs no LLM"
-            if configured
-            else "no LLM is configured (no --rephrase-config, --teacher-config or --oracle-config, and OPENAI_API_KEY "
-            "is not set)"
-        )
+    roles = choose_role_llms(
+        project_root=project.root,
+        offline=args.offline,
+        annotator=args.annotator,
+        num_rephrases=args.num_rephrases,
+        rephrase_config=args.rephrase_config,
+        teacher_config=args.teacher_config,
+        oracle_config=args.oracle_config,
+        openai_key_set=bool(os.environ.get("OPENAI_API_KEY")),
+    )
+    if roles.offline_reason:  # said, not silent: a user who meant to call an LLM learns why none was called
         log.warning(
             "%s: running offline (assertion annotator, rule-based paraphrases, lexical check); --offline "
             "says so explicitly",
-            why,
+            roles.offline_reason,
         )
-    rephrase_llm = teacher_llm = oracle_llm = None
-    rephrase_template = bundled_template("rephrase.jinja2")
-    if not offline:
-        if args.rephrase_config:
-            rephrase_llm, custom = load_rephrase_config(args.rephrase_config, project.root)
-            rephrase_template = custom or rephrase_template
-        else:
-            rephrase_llm = DEFAULT_REPHRASE_MODEL
-        teacher_llm = (
-            load_llm_role_config(args.teacher_config, project.root, DEFAULT_TEACHER_MODEL)
-            if args.teacher_config
-            else DEFAULT_TEACHER_MODEL
-        )
-        oracle_llm = (
-            load_llm_role_config(args.oracle_config, project.root, teacher_llm) if args.oracle_config else teacher_llm
-        )
-        if args.annotator in ("test", "assertions"):
-            teacher_llm = None
-        roles = {
-            "rephraser": rephrase_llm if args.num_rephrases else None,
-            "teacher": teacher_llm,
-            "oracle": oracle_llm if args.num_rephrases else None,
-        }
-        for role, llm in roles.items():
-            if llm is None:
-                continue
-            try:
-                llm.api_key()
-            except ConfigError as error:
-                flag = "--rephrase-config" if role == "rephraser" else f"--{role}-config"
-                raise ConfigError(
-                    f"the {role} ({llm.provider} {llm.model}): {error}; or give {flag} (with --offline, no LLM is used)"
-                ) from None
-    elif args.annotator == "llm":
-        raise ConfigError(
-            "--annotator llm needs an LLM: give --teacher-config or set OPENAI_API_KEY, without --offline"
-        )
-
+    rephrase_template = roles.rephrase_template or bundled_template("rephrase.jinja2")
     config = PrepareConfig(
         tests=args.tests,
         out=args.out,
@@ -261,23 +223,23 @@ def run(args: argparse.Namespace) -> int:
         validation=args.validation,
         abstention_rows=args.abstention_rows,
         keep_disagreeing=args.keep_disagreeing,
-        offline=offline,
+        offline=roles.offline,
         max_concurrency=args.max_concurrency,
-        rephrase_llm=rephrase_llm,
-        rephrase_template=rephrase_template if rephrase_llm else None,
-        teacher_llm=teacher_llm,
-        oracle_llm=oracle_llm,
+        rephrase_llm=roles.rephraser,
+        rephrase_template=rephrase_template if roles.rephraser else None,
+        teacher_llm=roles.teacher,
+        oracle_llm=roles.oracle,
         show_progress=not args.no_progress,
         parameters={
             key: (str(value) if isinstance(value, Path) else value)
             for key, value in vars(args).items()
-            if key not in ("run", "command", "merge")
+            if key not in ("run", "command", "merge", REPLAY_DEST)
         }
         | {
             "flows": [str(p) for p in args.flows or []],
             "domain": [str(p) for p in args.domain or []],
             "project": str(args.project),
-            "offline": offline,
+            "offline": roles.offline,
         },
     )
     result = prepare_data(project, config)
