@@ -1,18 +1,19 @@
 """Answers kept on disk, one JSON file per request key: `<dir>/<first 2 hex>/<key>.json`, written atomically.
 
 One layout for every cache of a run (LLM answers, embeddings, custom-action answers); each kind says what a sound
-entry looks like. Kept free of heavy imports: the action cache is used by commands that never load the LLM client.
+entry looks like. Kept free of heavy imports (yamlio's ruamel is light): the action cache is used by commands that
+never load the LLM client.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from recipe.yamlio import write_atomic
 
 log = logging.getLogger("recipe")
 
@@ -47,18 +48,9 @@ class JsonCache:
             return None
 
     def put(self, key: str, request: Mapping[str, Any], answer: Mapping[str, Any]) -> None:
-        path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Readers see either no file or a complete one: write a temp file next to it, then rename over.
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
-        try:
-            # Encoded in one piece and written at once: json.dump to a file writes every token on its own.
-            text = json.dumps(
-                {"key": key, "request": request, "answer": answer}, ensure_ascii=False, default=self.json_default
-            )
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        # Encoded in one piece and written at once (json.dump to a file writes every token on its own); readers see
+        # no file or a complete one.
+        text = json.dumps(
+            {"key": key, "request": request, "answer": answer}, ensure_ascii=False, default=self.json_default
+        )
+        write_atomic(self.path_for(key), text)
