@@ -13,20 +13,28 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from recipe.errors import ConfigError, InputError
 
-BACKENDS = ("auto", "unsloth", "hf")
-QUANTIZATIONS = ("8bit", "4bit", "none")
-QUANTIZATION_FALLBACKS = ("4bit", "none", "error")
-PROMPT_FORMATS = ("auto", "chat", "raw")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+Backend = Literal["auto", "unsloth", "hf"]
+Quantization = Literal["8bit", "4bit", "none"]
+QuantizationFallback = Literal["4bit", "none", "error"]
+PromptFormat = Literal["auto", "chat", "raw"]
+TemplateAnswerText = Literal["prompt", "train", "error"]  # text a chat template injects into answers
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+BACKENDS = typing.get_args(Backend)
+QUANTIZATIONS = typing.get_args(Quantization)
+QUANTIZATION_FALLBACKS = typing.get_args(QuantizationFallback)
+PROMPT_FORMATS = typing.get_args(PromptFormat)
+TEMPLATE_ANSWER_TEXTS = typing.get_args(TemplateAnswerText)
+PRECISIONS = typing.get_args(Precision)
+LR_SCHEDULERS = typing.get_args(LrScheduler)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Everything `recipe finetune` needs; see `finetune/config.yaml` for what each field does."""
 
@@ -35,11 +43,11 @@ class FinetuneConfig:
     data: str | None = None
     val_data: str | None = None
     output_dir: str | None = None
-    backend: str = "auto"
-    quantization: str = "8bit"
-    quantization_fallback: str = "4bit"
-    prompt_format: str = "auto"
-    template_answer_text: str = "prompt"  # text a chat template injects into answers: prompt | train | error
+    backend: Backend = "auto"
+    quantization: Quantization = "8bit"
+    quantization_fallback: QuantizationFallback = "4bit"
+    prompt_format: PromptFormat = "auto"
+    template_answer_text: TemplateAnswerText = "prompt"
     # LoRA.
     lora_r: int = 16
     lora_alpha: int = 16
@@ -47,7 +55,7 @@ class FinetuneConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     # Optimisation.
     learning_rate: float = 2e-4
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: LrScheduler = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -61,7 +69,7 @@ class FinetuneConfig:
     max_val_rows: int | None = None
     group_by_length: bool = True
     gradient_checkpointing: bool = True
-    precision: str = "auto"
+    precision: Precision = "auto"
     seed: int = 42
     logging_steps: int = 5
     # Outputs.
@@ -90,7 +98,7 @@ class FinetuneConfig:
             "quantization": QUANTIZATIONS,
             "quantization_fallback": QUANTIZATION_FALLBACKS,
             "prompt_format": PROMPT_FORMATS,
-            "template_answer_text": ("prompt", "train", "error"),
+            "template_answer_text": TEMPLATE_ANSWER_TEXTS,
             "precision": PRECISIONS,
             "lr_scheduler_type": LR_SCHEDULERS,
         }
@@ -242,7 +250,7 @@ def _coerce(value: Any, expected: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"expected a number, got {value!r}")
         return float(value)
-    if expected is str:
+    if expected is str or typing.get_origin(expected) is Literal:  # a Literal's choices: checked by validate()
         if not isinstance(value, str):
             raise TypeError(f"expected a string, got {value!r}")
         return str(value)

@@ -256,7 +256,7 @@ class BaseModel:
 
 def load_base_model(config: FinetuneConfig, backend: str, dtype: torch.dtype, max_length: int) -> BaseModel:
     """Load with the requested quantization, verify it, and fall back (with a clear message) where it did not happen."""
-    attempts = [config.quantization]
+    attempts: list[str] = [config.quantization]
     if config.quantization != "none" and config.quantization_fallback not in ("error", config.quantization):
         attempts.append(config.quantization_fallback)
     failures: list[str] = []
