@@ -18,7 +18,8 @@ from recipe.commands import (
     SetSlot,
     StartFlow,
 )
-from recipe.evaluate import Case, Outcome, model_metrics, rasa_report_name
+from recipe.evaluate import Case, Outcome, model_metrics
+from recipe.evaluate_report import rasa_report_name
 from recipe.runtime import Dropped, Prediction
 from recipe.testing.openai_server import ScriptedOpenAIServer
 

@@ -167,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
         left_out_summary,
         load_cases,
         passes,
-        write_report,
     )
+    from recipe.evaluate_report import write_report
 
     setup_logging()
     threshold = parse_threshold(args.fail_under)
