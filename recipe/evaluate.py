@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from recipe.commands import (
@@ -840,3 +840,115 @@ class ModelResult:
     constrained: bool
     warnings: tuple[str, ...]
     metrics: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+Scoring = Literal["recipe", "rasa"]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Everything `recipe evaluate` needs; the single source of its defaults (the CLI's are checked against these)."""
+
+    inputs: tuple[str, ...]  # test files or folders, FILE::TEST CASE, or val.jsonl split files
+    models: tuple[ModelSpec, ...]
+    out: Path = Path("evaluation")
+    template_path: Path | None = None  # ignored (with a warning) when every input is .jsonl: already rendered
+    syntax: str | None = None
+    constrained: bool = False
+    scoring: Scoring = "recipe"
+    include_derived: bool = False
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    use_completions: bool = False
+    concurrency: int = 1  # endpoint calls in flight per model; local models run one turn at a time
+    threads: int | None = None
+    worst: int = 10
+    fail_under: float | None = None
+    datetime: DatetimePolicy = DatetimePolicy()  # as asked; a model trained without the date line turns it off
+    show_progress: bool = True
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ConfigError("no model to evaluate: give --model DIR and/or --endpoint URL --endpoint-model NAME")
+        if self.concurrency < 1 or self.max_tokens < 1 or self.worst < 0:
+            raise ConfigError("--concurrency and --max-tokens must be at least 1, --worst at least 0")
+        labels = [spec.name for spec in self.models]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"two models share a label ({', '.join(labels)}); name them with --label")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    results: tuple[ModelResult, ...]
+    cases: tuple[Case, ...]
+    left_out: LeftOut
+
+    def below(self, threshold: float, scoring: Scoring) -> list[str]:
+        """The labels of the models under `threshold`: turn accuracy, or Rasa's user-utterance accuracy."""
+
+        def accuracy(result: ModelResult) -> dict[str, Any]:
+            if scoring == "rasa":
+                return {"turn_accuracy": result.metrics["rasa"]["accuracy"]["user_utterances"]}
+            return result.metrics
+
+        return [result.label for result in self.results if not passes(accuracy(result), threshold)]
+
+
+def evaluate(project: Project, config: EvaluateConfig, warn: Callable[[str], None] = log.warning) -> Evaluation:
+    """Every model of `config` over the cases of its inputs. Inputs are checked and every generator is built before
+    any model runs, so a missing path, model or key fails in seconds; `warn` hears what the user should know first."""
+    from tqdm import tqdm
+
+    config.validate()
+    check_inputs(project, config.inputs)
+    template_path = config.template_path
+    if template_path is not None and all(spec.endswith(".jsonl") for spec in config.inputs):
+        warn("--prompt-template is ignored for .jsonl inputs: their prompts are already rendered")
+        template_path = None
+    generators = [
+        build_generator(
+            spec,
+            project,
+            template_path=template_path,
+            syntax=config.syntax,
+            constrained=config.constrained,
+            max_tokens=config.max_tokens,
+            use_completions=config.use_completions,
+            threads=config.threads,
+        )
+        for spec in config.models
+    ]
+    info = next((found for g in generators if (found := getattr(g.backend, "training_info", None))), None) or {}
+    trained_with_date = info.get("include_date_time", project.config.include_date_time)
+    if not config.datetime.include and trained_with_date is True:
+        warn(
+            "warning: --no-datetime, but the model was trained on prompts with the date and time "
+            "(include_date_time: true): the prompts will differ from training"
+        )
+    policy = replace(config.datetime, include=config.datetime.include and trained_with_date is not False)
+    skipped: list[tuple[str, str]] = []
+    runtime_turns: list[Case] = []  # payload and NLU turns: only Rasa's counting scores them
+    cases = load_cases(
+        project, config.inputs, policy, generators[0].syntax, config.include_derived, skipped, runtime_turns
+    )
+    if not cases:
+        raise ConfigError(
+            f"{', '.join(config.inputs)}: no turns with commands to score (DU tests give `commands:`; "
+            "use --include-derived for turns whose commands follow from assertions)"
+        )
+    results = []
+    for spec, generator in zip(config.models, generators):
+        with tqdm(total=len(cases), desc=spec.name, unit="turn", disable=not config.show_progress) as bar:
+            results.append(
+                evaluate_model(
+                    spec,
+                    generator,
+                    cases,
+                    concurrency=config.concurrency if spec.endpoint else 1,
+                    worst=config.worst,
+                    progress=lambda: bar.update(1),
+                    runtime_turns=runtime_turns,
+                )
+            )
+    return Evaluation(tuple(results), tuple(cases), left_out_summary(cases, skipped))

@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recipe.cli._common import (
     add_action_server_arguments,
@@ -17,6 +18,9 @@ from recipe.cli._common import (
     setup_logging,
 )
 from recipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recipe.evaluate import EvaluateConfig
 
 EXIT_BELOW_THRESHOLD = 1
 
@@ -157,86 +161,46 @@ def parse_threshold(text: str | None) -> float | None:
     return value
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
+    from recipe.evaluate import EvaluateConfig
 
-    from recipe.evaluate import (
-        build_generator,
-        check_inputs,
-        evaluate_model,
-        left_out_summary,
-        load_cases,
-        passes,
+    return EvaluateConfig(
+        inputs=tuple(args.inputs),
+        models=tuple(args.models),
+        out=args.out,
+        template_path=args.prompt_template,
+        syntax=args.command_syntax,
+        constrained=args.constrained,
+        scoring=args.scoring,
+        include_derived=args.include_derived,
+        max_tokens=args.max_tokens,
+        use_completions=args.use_completions,
+        concurrency=args.concurrency,
+        threads=args.threads,
+        worst=args.worst,
+        fail_under=parse_threshold(args.fail_under),
+        datetime=datetime_policy(args, None),  # the model's training info may still turn the date line off
+        show_progress=not args.no_progress,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from recipe.evaluate import evaluate
     from recipe.evaluate_report import write_report
 
     setup_logging()
-    threshold = parse_threshold(args.fail_under)
-    if not args.models:
-        raise ConfigError("no model to evaluate: give --model DIR and/or --endpoint URL --endpoint-model NAME")
-    if args.concurrency < 1 or args.max_tokens < 1 or args.worst < 0:
-        raise ConfigError("--concurrency and --max-tokens must be at least 1, --worst at least 0")
+    config = config_from_args(args)
+    config.validate()
     project = load_project_from_args(args, flow_retrieval=True)
-    check_inputs(project, args.inputs)  # a missing test path or bad row fails before any model is loaded
-    connect_action_server(args, project, args.out / "cache" / "actions")  # replays run the custom actions too
-    template_path = args.prompt_template
-    if template_path is not None and all(spec.endswith(".jsonl") for spec in args.inputs):
-        print("--prompt-template is ignored for .jsonl inputs: their prompts are already rendered", file=sys.stderr)
-        template_path = None
-    # Build every generator first: a missing model or bad endpoint fails before any model runs.
-    generators = [
-        build_generator(
-            spec,
-            project,
-            template_path=template_path,
-            syntax=args.command_syntax,
-            constrained=args.constrained,
-            max_tokens=args.max_tokens,
-            use_completions=args.use_completions,
-            threads=args.threads,
-        )
-        for spec in args.models
-    ]
-    labels = [spec.name for spec in args.models]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"two models share a label ({', '.join(labels)}); name them with --label")
-    info = next((found for g in generators if (found := getattr(g.backend, "training_info", None))), None) or {}
-    policy = datetime_policy(args, info.get("include_date_time", project.config.include_date_time))
-    if args.no_datetime and info.get("include_date_time") is True:
-        print(
-            "warning: --no-datetime, but the model was trained on prompts with the date and time "
-            "(include_date_time: true): the prompts will differ from training",
-            file=sys.stderr,
-        )
-    skipped: list[tuple[str, str]] = []
-    runtime_turns: list = []  # payload and NLU turns: only Rasa's counting scores them
-    cases = load_cases(project, args.inputs, policy, generators[0].syntax, args.include_derived, skipped, runtime_turns)
-    left_out = left_out_summary(cases, skipped)
-    if not cases:
-        raise ConfigError(
-            f"{', '.join(args.inputs)}: no turns with commands to score (DU tests give `commands:`; "
-            "use --include-derived for turns whose commands follow from assertions)"
-        )
-    results = []
-    for spec, generator in zip(args.models, generators):
-        with tqdm(total=len(cases), desc=spec.name, unit="turn", disable=args.no_progress, file=sys.stderr) as bar:
-            concurrency = args.concurrency if spec.endpoint else 1
-            results.append(
-                evaluate_model(
-                    spec,
-                    generator,
-                    cases,
-                    concurrency=concurrency,
-                    worst=args.worst,
-                    progress=lambda: bar.update(1),
-                    runtime_turns=runtime_turns,
-                )
-            )
-    written = write_report(args.out, results, args.inputs, cases, left_out, scoring=args.scoring)
-    for result in results:
+    connect_action_server(args, project, config.out / "cache" / "actions")  # replays run the custom actions too
+    evaluation = evaluate(project, config, warn=lambda text: print(text, file=sys.stderr))
+    written = write_report(
+        config.out, evaluation.results, config.inputs, evaluation.cases, evaluation.left_out, scoring=config.scoring
+    )
+    for result in evaluation.results:
         metrics = result.metrics
         rasa = metrics["rasa"]
-        if args.scoring == "rasa":
+        if config.scoring == "rasa":
             steps = rasa["number_of_passed_user_utterances"] + rasa["number_of_failed_user_utterances"]
             tests = rasa["number_of_passed_tests"] + rasa["number_of_failed_tests"]
             print(
@@ -250,18 +214,13 @@ def run(args: argparse.Namespace) -> int:
             f"{_pct(metrics['empty_rate'])}, unparseable {_pct(metrics['unparseable_rate'])}, invalid commands "
             f"{_pct(metrics['invalid_command_rate'])}, p50 {metrics['latency']['p50_s'] or 0:.3f} s"
         )
-    if left_out.message():
-        print(left_out.message())
+    if evaluation.left_out.message():
+        print(evaluation.left_out.message())
     print(f"report: {written[0]}")
-    if threshold is not None:
-        metrics_of = (
-            (lambda r: {"turn_accuracy": r.metrics["rasa"]["accuracy"]["user_utterances"]})
-            if args.scoring == "rasa"
-            else (lambda r: r.metrics)
-        )
-        failing = [r.label for r in results if not passes(metrics_of(r), threshold)]
+    if config.fail_under is not None:
+        failing = evaluation.below(config.fail_under, config.scoring)
         if failing:
-            print(f"below --fail-under {threshold:.0%}: {', '.join(failing)}", file=sys.stderr)
+            print(f"below --fail-under {config.fail_under:.0%}: {', '.join(failing)}", file=sys.stderr)
             return EXIT_BELOW_THRESHOLD
     return 0
 
