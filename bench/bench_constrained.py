@@ -75,7 +75,8 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 def invalid_rates(project: Any, cases: list[Any], model: str | None, max_tokens: int, threads: int) -> dict[str, Any]:
-    from recipe.runtime import CommandGenerator, LocalModelBackend
+    from recipe.backends import LocalModelBackend
+    from recipe.runtime import CommandGenerator
 
     with tempfile.TemporaryDirectory() as scratch:
         if model is None:

@@ -67,7 +67,7 @@ class InstantBackend:
         self.answer = ""
 
     def complete(self, prompt: str, *, grammar: Any = None) -> Any:
-        from recipe.runtime import Completion
+        from recipe.backends import Completion
 
         return Completion(self.answer, 0, 0, "stop", 0.0)
 
@@ -78,8 +78,9 @@ def microseconds(values: list[float]) -> dict[str, float]:
 
 
 def measure_overhead(project: Any, cases: list[Any], repeat: int) -> dict[str, Any]:
+    from recipe.command_validation import validate_commands
     from recipe.commands import Syntax, format_commands, parse_model_output
-    from recipe.runtime import CommandGenerator, validate_commands
+    from recipe.runtime import CommandGenerator
 
     backend = InstantBackend()
     generator = CommandGenerator.for_model(project, backend)
@@ -120,8 +121,9 @@ def measure_serving(
     import openai
     from rt_artifacts import finetuned_folder
 
+    from recipe.backends import LocalModelBackend
     from recipe.prompt import PROMPTS_DIR, load_template
-    from recipe.runtime import CommandGenerator, LocalModelBackend
+    from recipe.runtime import CommandGenerator
     from recipe.serve import ModelServer, ServeLimits, create_app, running_in_background
 
     with tempfile.TemporaryDirectory() as scratch:

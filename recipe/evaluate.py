@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from recipe.backends import DEFAULT_MAX_TOKENS, Backend, BackendError, LocalModelBackend, OpenAIBackend
 from recipe.commands import (
     CannotHandle,
     Clarify,
@@ -42,15 +43,7 @@ from recipe.commands import (
 from recipe.errors import ConfigError, InputError
 from recipe.project import Project
 from recipe.prompt import DatetimePolicy
-from recipe.runtime import (
-    DEFAULT_MAX_TOKENS,
-    Backend,
-    BackendError,
-    CommandGenerator,
-    LocalModelBackend,
-    OpenAIBackend,
-    Prediction,
-)
+from recipe.runtime import CommandGenerator, Prediction
 from recipe.tracker import DialogueState
 
 log = logging.getLogger(__name__)

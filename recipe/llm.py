@@ -273,6 +273,43 @@ def price_per_million_tokens(config: LLMConfig) -> tuple[float, float] | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Retries
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Which failed calls to an OpenAI-compatible endpoint are asked again, how often, and how long to wait first.
+
+    Shared by `LLMClient` and `recipe.backends.OpenAIBackend`, which differ in the numbers only (see
+    `recipe.backends.ENDPOINT_RETRY`). Retried: timeouts and dropped connections, HTTP 408, 409, 429 and every 5xx,
+    broken bodies; never a 400, 401, 403 or 404 (asking again gets the same answer). The wait before retry n
+    (0-based) is `min(backoff_cap_s, backoff_base_s * 2**n)` plus up to `backoff_base_s` of jitter, unless the server
+    says how long (`Retry-After`, `retry-after-ms`; capped at `max_retry_after_s`).
+    """
+
+    max_retries: int = 6
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 30.0
+    max_retry_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be 0 or more, got {self.max_retries}")
+
+    def retryable(self, error: Exception) -> bool:
+        return _is_retryable(error)
+
+    def delay(self, error: Exception, *, retry_number: int, jitter: random.Random) -> float:
+        """Seconds to wait before retry `retry_number` (0-based) after `error`."""
+        response = getattr(error, "response", None)
+        server_says = _retry_after_seconds(response.headers) if response is not None else None
+        if server_says is not None:
+            return min(server_says, self.max_retry_after_s)
+        backoff = min(self.backoff_cap_s, self.backoff_base_s * 2**retry_number)
+        return backoff + jitter.uniform(0, self.backoff_base_s)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Cache
 
 
@@ -319,9 +356,8 @@ class _Answer:
 class LLMClient:
     """Calls one model with bounded concurrency, retries, an on-disk cache and usage accounting.
 
-    Create it, use it and close it inside one event loop (one `asyncio.run` per run). Backoff before retry n
-    (0-based) is `min(backoff_cap_s, backoff_base_s * 2**n)` plus up to `backoff_base_s` of jitter, unless the server
-    says how long to wait (`Retry-After`, `retry-after-ms`; capped at `max_retry_after_s`).
+    Create it, use it and close it inside one event loop (one `asyncio.run` per run). Failed calls are retried as
+    `RetryPolicy` says, with `max_retries`, `backoff_base_s`, `backoff_cap_s` and `max_retry_after_s` as given.
 
     With `refuse_incomplete`, an empty answer or one cut at the token limit is retried, counted, never cached, and
     in the end a failure naming the limit to raise (data generation needs whole answers; `evaluate` scores them).
@@ -349,14 +385,9 @@ class LLMClient:
     ):
         if max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        if max_retries < 0:
-            raise ConfigError(f"max_retries must be 0 or more, got {max_retries}")
+        self.retry = RetryPolicy(max_retries, backoff_base_s, backoff_cap_s, max_retry_after_s)
         self.config = config
         self.cache = ResponseCache(Path(cache_dir)) if cache_dir is not None else None
-        self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
-        self.max_retry_after_s = max_retry_after_s
         self.usage = LLMUsage()
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._jitter = random.Random(seed)
@@ -536,7 +567,7 @@ class LLMClient:
         import openai  # imported on first use: the offline path never needs it
 
         attempts = 0
-        retries_left = self.max_retries
+        retries_left = self.retry.max_retries
         truncated_retries_left = TRUNCATED_RETRIES
         while True:
             attempts += 1
@@ -573,18 +604,18 @@ class LLMClient:
                 status_code = getattr(error, "status_code", None)
                 self._failed_attempts_in_a_row += 1
                 if self.down is None and self._failed_attempts_in_a_row >= self.max_consecutive_failures * (
-                    self.max_retries + 1
+                    self.retry.max_retries + 1
                 ):
                     self.down = (
                         f"{self._failed_attempts_in_a_row} attempts in a row failed, the last with "
                         f"{self._describe(error)}"
                     )
                     log.error("%s is down and is no longer called: %s", self.endpoint, self.down)
-                if not _is_retryable(error) or retries_left == 0:
+                if not self.retry.retryable(error) or retries_left == 0:
                     raise LLMCallFailed(
                         self._describe(error), attempts=attempts, status_code=status_code, endpoint=self.endpoint
                     ) from error
-                delay = self._retry_delay(error, retry_number=self.max_retries - retries_left)
+                delay = self.retry.delay(error, retry_number=self.retry.max_retries - retries_left, jitter=self._jitter)
                 log.info("LLM call failed (%s); retry in %.2fs", self._describe(error), delay)
                 retries_left -= 1
                 self.usage.retries += 1
@@ -626,14 +657,6 @@ class LLMClient:
             shown = ", ".join(sorted(served)[:8]) + (", ..." if len(served) > 8 else "")
             return f"the endpoint does not serve model {self.config.model!r} (it serves: {shown})"
         return None
-
-    def _retry_delay(self, error: Exception, *, retry_number: int) -> float:
-        response = getattr(error, "response", None)
-        server_says = _retry_after_seconds(response.headers) if response is not None else None
-        if server_says is not None:
-            return min(server_says, self.max_retry_after_s)
-        backoff = min(self.backoff_cap_s, self.backoff_base_s * 2**retry_number)
-        return backoff + self._jitter.uniform(0, self.backoff_base_s)
 
     async def _send_once(self, request: dict[str, Any], *, send_response_format: bool) -> _Answer:
         common: dict[str, Any] = {"model": request["model"], "temperature": request["temperature"]}

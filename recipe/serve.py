@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recipe.artifacts import MERGED_DIR, read_training_info
+from recipe.backends import LocalModelBackend
 from recipe.commands import Syntax
 from recipe.errors import ConfigError
 from recipe.grammar import CommandGrammar, build_grammar, grammar_from_regex
 from recipe.project import Project
-from recipe.runtime import LocalModelBackend
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -86,7 +86,7 @@ def test_train_keeps_the_block_and_error_stops(thinking_model, caplog):
 def test_finetuned_through_a_thinking_template_answers_parseable_dsl(thinking_model, tmp_path):
     """Overfit four rows through the thinking template, then answer their prompts through the runtime's local
     backend: exactly the trained DSL, no think lines, stopped at the end token."""
-    from recipe.runtime import LocalModelBackend
+    from recipe.backends import LocalModelBackend
 
     rows = example_rows()
     chosen = rows_with_distinct_starts(rows)

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from rt_artifacts import finetuned_folder
 
+from recipe.backends import OpenAIBackend
 from recipe.cli import main
 from recipe.commands import StartFlow, Syntax, format_commands
 from recipe.evaluate import NAME_ONLY, load_cases, percentile
 from recipe.project import load_project
 from recipe.prompt import PROMPTS_DIR, DatetimePolicy, load_template
-from recipe.runtime import CommandGenerator, OpenAIBackend
+from recipe.runtime import CommandGenerator
 from recipe.testcases import all_test_cases, load_tests
 from recipe.testing.openai_server import Reply, ScriptedOpenAIServer, prompt_of
 from recipe.tracker import is_button_payload

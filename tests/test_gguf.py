@@ -64,7 +64,7 @@ def test_finetune_evaluate_path_on_the_gguf_model(converted, tmp_path):
     the result and the raw .gguf alike and stops at the fixed end token."""
     from finetune_rows import example_rows
 
-    from recipe.runtime import LocalModelBackend
+    from recipe.backends import LocalModelBackend
 
     rows = sorted(example_rows(), key=lambda row: len(row["prompt"]))[:8]
     splits = tmp_path / "ft_splits"

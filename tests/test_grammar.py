@@ -14,6 +14,8 @@ from rt_artifacts import offline
 from tiny_model import build_tiny_model
 
 from recipe.annotate import annotate_from_assertions
+from recipe.backends import _torch_threads
+from recipe.command_validation import validate_commands
 from recipe.commands import Syntax, format_commands, parse_model_output
 from recipe.conversation import replay_test_case
 from recipe.decoding import CommandLogitsProcessor, token_bytes, token_constraint
@@ -21,7 +23,6 @@ from recipe.errors import ConfigError
 from recipe.grammar import DEAD, MAX_TEXT_VALUE, build_grammar, grammar_from_regex, startable_flow_ids
 from recipe.project import load_project
 from recipe.prompt import PROMPTS_DIR, PromptRenderer, load_template, prompt_variables
-from recipe.runtime import _torch_threads, validate_commands
 from recipe.testcases import all_test_cases, load_tests
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,10 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+from recipe.backends import Completion
 from recipe.commands import Syntax
 from recipe.evaluate import load_cases
 from recipe.prompt import DatetimePolicy, conversation_date_key, conversation_datetime
-from recipe.runtime import CommandGenerator, Completion
+from recipe.runtime import CommandGenerator
 
 
 class _NoModel:

@@ -22,7 +22,9 @@ import pytest
 import yaml
 
 from recipe.annotate import annotate_from_assertions
+from recipe.backends import OpenAIBackend
 from recipe.cli import main
+from recipe.command_validation import validate_commands
 from recipe.commands import (
     NEWEST_RASA_VERSION,
     ContinueAgent,
@@ -50,7 +52,7 @@ from recipe.prompt import (
     prompt_variables,
     transcript_lines,
 )
-from recipe.runtime import CommandGenerator, OpenAIBackend, validate_commands
+from recipe.runtime import CommandGenerator
 from recipe.testcases import all_test_cases, load_tests
 from recipe.testing.openai_server import ScriptedOpenAIServer
 from recipe.tracker import TranscriptLine

@@ -11,7 +11,10 @@ import pytest
 from rt_artifacts import finetuned_folder, offline
 
 from recipe.annotate import annotate_from_assertions
+from recipe.artifacts import read_training_info
+from recipe.backends import BackendError, LocalModelBackend, OpenAIBackend, resolve_model
 from recipe.cli import main
+from recipe.command_validation import validate_commands
 from recipe.commands import (
     CancelFlow,
     ChitChat,
@@ -26,17 +29,7 @@ from recipe.errors import ConfigError
 from recipe.grammar import build_grammar
 from recipe.project import load_project
 from recipe.prompt import PROMPTS_DIR, DatetimePolicy, load_template
-from recipe.runtime import (
-    BackendError,
-    CommandGenerator,
-    LocalModelBackend,
-    OpenAIBackend,
-    conversation_state,
-    prompt_setup,
-    read_training_info,
-    resolve_model,
-    validate_commands,
-)
+from recipe.runtime import CommandGenerator, conversation_state, prompt_setup
 from recipe.testcases import all_test_cases, load_tests
 from recipe.testing.openai_server import Reply, ScriptedOpenAIServer, prompt_of
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from recipe.cli import main
+from recipe.command_validation import Dropped
 from recipe.commands import (
     CancelFlow,
     ChitChat,
@@ -20,7 +21,7 @@ from recipe.commands import (
 )
 from recipe.evaluate import Case, Outcome, model_metrics
 from recipe.evaluate_report import rasa_report_name
-from recipe.runtime import Dropped, Prediction
+from recipe.runtime import Prediction
 from recipe.testing.openai_server import ScriptedOpenAIServer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,6 +14,8 @@ import pytest
 from rt_artifacts import finetuned_folder
 from ruamel.yaml import YAML
 
+from recipe.artifacts import read_training_info
+from recipe.backends import LocalModelBackend, OpenAIBackend
 from recipe.cli import main
 from recipe.commands import Syntax, parse_model_output
 from recipe.errors import ConfigError
@@ -21,7 +23,7 @@ from recipe.grammar import build_grammar
 from recipe.project import load_project
 from recipe.prompt import PROMPTS_DIR, load_template
 from recipe.rasa_config import rasa_config
-from recipe.runtime import CommandGenerator, LocalModelBackend, OpenAIBackend, conversation_state, read_training_info
+from recipe.runtime import CommandGenerator, conversation_state
 from recipe.serve import ModelServer, ServeLimits, check_exposure, create_app, running_in_background, vllm_serve_command
 
 REPO = Path(__file__).resolve().parent.parent

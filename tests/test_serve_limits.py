@@ -24,7 +24,7 @@ HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 1.0, 2.0
 SERVER = """
 import logging, sys
 from pathlib import Path
-from recipe.runtime import LocalModelBackend
+from recipe.backends import LocalModelBackend
 from recipe.serve import ModelServer, ServeLimits, create_app, serve_forever
 logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s: %(message)s")
 limits = ServeLimits(max_request_bytes={max_body}, header_timeout_s={header}, body_timeout_s={body})

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.constrained and args.project is None:
         raise ConfigError("--constrained needs --project DIR (the grammar comes from the assistant's flows and domain)")
-    from recipe.runtime import LocalModelBackend
+    from recipe.backends import LocalModelBackend
 
     backend = LocalModelBackend(
         args.model, base_model=args.base_model, variant=args.variant, dtype=args.dtype, threads=args.threads, name=name
