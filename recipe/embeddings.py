@@ -27,9 +27,8 @@ from recipe.errors import ConfigError
 from recipe.llm import (
     DEFAULT_KEY_ENV_VARS,
     PROVIDERS,
+    RetryPolicy,
     _describe,
-    _is_retryable,
-    _retry_after_seconds,
     key_from_environment,
     request_key,
 )
@@ -184,10 +183,7 @@ class EmbeddingsClient:
 
         self.config = config
         self.cache = EmbeddingCache(Path(cache_dir)) if cache_dir is not None else None
-        self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
-        self.max_retry_after_s = max_retry_after_s
+        self.retry = RetryPolicy(max_retries, backoff_base_s, backoff_cap_s, max_retry_after_s)
         self.usage = EmbeddingsUsage()
         self._memory: dict[str, list[float]] = {}
         self._jitter = random.Random(seed)
@@ -245,7 +241,7 @@ class EmbeddingsClient:
     def _fetch(self, batch: list[str]) -> list[list[float]]:
         import openai  # imported on first use: the offline path never needs it
 
-        retries_left = self.max_retries
+        retries_left = self.retry.max_retries
         attempts = 0
         while True:
             attempts += 1
@@ -253,18 +249,11 @@ class EmbeddingsClient:
             try:
                 return self._send_once(batch)
             except (openai.OpenAIError, _Malformed) as error:
-                retryable = isinstance(error, _Malformed) or _is_retryable(error)
+                retryable = isinstance(error, _Malformed) or self.retry.retryable(error)
                 if not retryable or retries_left == 0:
                     raise self._config_error(error, attempts) from None
-                response = getattr(error, "response", None)
-                waited = _retry_after_seconds(response.headers) if response is not None else None
-                retry_number = self.max_retries - retries_left
-                delay = (
-                    min(waited, self.max_retry_after_s)
-                    if waited is not None
-                    else min(self.backoff_cap_s, self.backoff_base_s * 2**retry_number)
-                    + self._jitter.uniform(0, self.backoff_base_s)
-                )
+                retry_number = self.retry.max_retries - retries_left
+                delay = self.retry.delay(error, retry_number=retry_number, jitter=self._jitter)
                 log.info("embeddings call failed (%s); retry in %.2fs", _describe(error), delay)
                 retries_left -= 1
                 self.usage.retries += 1
