@@ -41,6 +41,7 @@ from recipe.commands import (
     unsupported_reason,
 )
 from recipe.errors import ConfigError, InputError
+from recipe.llm import is_loopback
 from recipe.project import Project
 from recipe.prompt import DatetimePolicy
 from recipe.runtime import CommandGenerator, Prediction
@@ -676,15 +677,12 @@ class ModelSpec:
         return Path(self.model).name if self.model is not None else str(self.endpoint_model)
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
 def default_api_key_envs(endpoint: str) -> tuple[str, ...]:
     """The provider's usual key variables for an endpoint without --api-key-env (the same names as LLM configs use):
     none on a loopback host (a local `recipe serve` or vLLM), Azure's on *.openai.azure.com, else OpenAI's and then
     the self-hosted one, since OpenAI-compatible servers elsewhere mostly take one of them."""
     host = (urlsplit(endpoint).hostname or "").lower()
-    if host in LOOPBACK_HOSTS or host.startswith("127."):
+    if is_loopback(host):
         return ()
     if host.endswith(".openai.azure.com"):
         return ("AZURE_API_KEY", "AZURE_OPENAI_API_KEY")

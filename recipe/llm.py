@@ -167,6 +167,12 @@ def key_from_environment(
     return SELF_HOSTED_DUMMY_KEY if keyless else None
 
 
+def is_loopback(host: str) -> bool:
+    """This machine only: where a server needs no key and an endpoint is sent none by default."""
+    host = host.lower().strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def key_from_named_variable(variable: str, flag: str = "--api-key-env") -> str:
     """The key in the environment variable a user named (`--api-key-env VAR`); an error when it is not set."""
     key = os.environ.get(variable)

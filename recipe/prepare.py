@@ -14,6 +14,8 @@ Output layout (that of Rasa Pro's `rasa llm finetune prepare-data`):
     <out>/4_train_test_split/ft_splits/{train,val}.jsonl  (+ dataset_info.json)
     <out>/4_train_test_split/e2e_tests/{train,validation}/<input tree>/<file>.yml
     <out>/params.yaml, <out>/result_summary.yaml, <out>/cache/ (LLM answers; kept between runs)
+
+The files of stages 1-4 are written by `recipe.records`, `result_summary.yaml` is made by `recipe.prepare_summary`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -53,10 +54,11 @@ from recipe.artifacts import (
     read_dataset_info,
     write_dataset_info,
 )
-from recipe.commands import Command, SetSlot, Syntax, format_command, format_commands
+from recipe.commands import Command, SetSlot, Syntax
 from recipe.conversation import mocked_datetime, replay_test_case
 from recipe.errors import ConfigError
 from recipe.llm import LLMCallFailed, LLMClient, LLMConfig
+from recipe.prepare_summary import run_summary
 from recipe.project import Project
 from recipe.prompt import (
     COMMAND_PROMPT_VARIABLES,
@@ -65,6 +67,16 @@ from recipe.prompt import (
     PromptTemplate,
     prompt_variables,
     transcript_lines,
+)
+from recipe.records import (
+    RowSpool,
+    SpooledRow,
+    TestCaseResult,
+    spooled_row,
+    test_case_records,
+    write_rows_and_split,
+    write_split_suites,
+    write_test_case_records,
 )
 from recipe.rephrase import (
     REPHRASE_PROMPT_VARIABLES,
@@ -75,11 +87,11 @@ from recipe.rephrase import (
     rule_based_rephrasings,
 )
 from recipe.retrieval import flow_retrieval_info
-from recipe.split import Split, coverage_features, split_test_cases
-from recipe.stitch import Row, conversation_rows
+from recipe.split import coverage_features
+from recipe.stitch import conversation_rows
 from recipe.testcases import all_test_cases, load_annotated_conversations, load_tests
 from recipe.tracker import TranscriptLine
-from recipe.types import BotStep, TestCase, TestFile, UserStep
+from recipe.types import TestCase, TestFile
 from recipe.validate import (
     LEXICAL,
     Verdict,
@@ -87,19 +99,15 @@ from recipe.validate import (
     validate_with_oracle,
 )
 from recipe.yamlio import (
-    dump_yaml,
-    jsonl_line,
     load_yaml,
     open_atomic,
     plain,
-    write_atomic,
     write_yaml,
 )
 
 RUN_FILES = (*STAGE_DIRS, "params.yaml", "result_summary.yaml")  # what one run writes; OUT/cache is shared
 STAGING_DIR, PREVIOUS_DIR = ".staging", ".previous"  # under OUT: the run being written, the run being replaced
 TEST_CASES_IN_FLIGHT_PER_CALL = 4  # test cases started per LLM call allowed in flight (--max-concurrency)
-_LOSSY_AT_RUNTIME = re.compile(r"\W$")  # v2/v3 runtime parsers strip trailing non-word characters from values
 
 
 OutputFormat = Literal["instruction", "conversational"]
@@ -134,24 +142,6 @@ class PrepareConfig:
     show_progress: bool = True
     backoff_base_s: float = 1.0  # first retry wait; tests shorten it
     parameters: dict[str, Any] = field(default_factory=dict)  # the CLI options as given, for params.yaml
-
-
-@dataclass
-class TestCaseResult:
-    test_case: TestCase
-    annotation: TestAnnotation
-    verdicts: dict[int, list[Verdict]]  # turn -> every validated paraphrase
-    rows: list[Row]
-    rephrase: RephraseOutcome | None
-    messages: list[MessageToRephrase]
-    errors: list[str]
-    tracker_warnings: Counter
-    disagreements: dict[int, list[str]] = field(default_factory=dict)  # turn -> where the replay contradicts the test
-    inferences: dict[int, list[str]] = field(default_factory=dict)  # turn -> what was read from the test's bot turns
-    rows_left_out_disagreeing: int = 0
-    reused: bool = False  # taken from OUT/cache: its inputs did not change since the run that made it
-
-    __test__ = False
 
 
 @dataclass
@@ -356,133 +346,6 @@ def _failed_call_errors(annotation: TestAnnotation, verdicts: dict[int, list[Ver
     return found
 
 
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def _slug(text: str) -> str:
-    slug = re.sub(r"[^\w.-]+", "_", text, flags=re.UNICODE).strip("_")
-    return slug[:80] or "test_case"
-
-
-def _record_path(base: Path, test_case: TestCase) -> Path:
-    """One file per test case, under the test file's own path: nothing clobbers anything."""
-    file_part = Path(test_case.id.rsplit("::", 1)[0]).with_suffix("")
-    safe_parts = [part for part in file_part.parts if part not in ("/", "..", ".")]
-    digest = hashlib.sha1(test_case.id.encode()).hexdigest()[:6]
-    return base.joinpath(*safe_parts) / f"{_slug(test_case.name)}-{digest}.yaml"
-
-
-def annotated_conversation(result: TestCaseResult, syntax: Syntax, with_rephrasings: bool) -> dict[str, Any]:
-    """The `conversations:` record of one test case, as Rasa Pro's tool writes it."""
-    steps: list[dict[str, Any]] = []
-    turns = iter(result.annotation.turns)
-    for step in result.test_case.steps:
-        if isinstance(step, UserStep):
-            turn = next(turns)
-            entry: dict[str, Any] = {"user": step.text}
-            if turn.commands is not None:
-                entry["llm_commands"] = [format_command(c, syntax) for c in turn.commands]
-                entry["commands_source"] = turn.source
-            else:
-                entry["skipped_reason"] = turn.reason
-            if with_rephrasings:
-                verdicts = result.verdicts.get(turn.number, [])
-                passing = [v.text for v in verdicts if v.passed]
-                failing = [v.text for v in verdicts if not v.passed]
-                if passing:
-                    entry["passing_rephrasings"] = passing
-                if failing:
-                    entry["failing_rephrasings"] = failing
-                    entry["failing_reasons"] = [v.reason for v in verdicts if not v.passed]
-            steps.append(entry)
-        elif isinstance(step, BotStep):
-            steps.append({"utter": step.utter} if step.utter else {"bot": step.text})
-    return {"conversations": [{"original_test_case": result.test_case.id, "steps": steps}]}
-
-
-def test_case_records(result: TestCaseResult, syntax: Syntax) -> tuple[str, str]:
-    """The YAML texts of a test case's command annotation and rephrasings records."""
-    return (
-        dump_yaml(annotated_conversation(result, syntax, False)),
-        dump_yaml(annotated_conversation(result, syntax, True)),
-    )
-
-
-def write_test_case_records(out: Path, test_case: TestCase, records: tuple[str, str]) -> None:
-    for stage, text in zip(STAGE_DIRS[:2], records, strict=True):
-        write_atomic(_record_path(out / stage, test_case), text)
-
-
-def ft_data_row(row: Row, syntax: Syntax) -> dict[str, Any]:
-    return {
-        "prompt": row.prompt,
-        "output": format_commands(row.commands, syntax),
-        "original_test_name": row.test_id,
-        "original_user_utterance": row.original_text,
-        "rephrased_user_utterance": row.rephrased_text,
-        "turn": row.turn,
-        "variant": row.variant,
-    }
-
-
-def _tests_root(files: list[TestFile]) -> Path:
-    parents = [str(Path(f.path).resolve().parent) for f in files]
-    return Path(os.path.commonpath(parents)) if parents else Path(".")
-
-
-def _in_syntax(raw_case: dict[str, Any], case: TestCase, syntax: Syntax) -> dict[str, Any]:
-    """A raw test case whose `commands:` are rewritten in `syntax`: Rasa Pro reads only its generator's dialect."""
-    user_steps = iter(case.user_steps)
-    steps = []
-    for raw_step in raw_case.get("steps", []):
-        raw_step = dict(raw_step)
-        if "user" in raw_step:
-            parsed = next(user_steps)
-            if parsed.commands is not None:
-                raw_step["commands"] = [format_command(c, syntax) for c in parsed.commands]
-        steps.append(raw_step)
-    return {**raw_case, "steps": steps}
-
-
-def write_split_suites(out: Path, files: list[TestFile], split: Split, syntax: Syntax) -> dict[str, int]:
-    """The split test suites, written like the inputs: each file keeps its tests' fixtures, all metadata and stubs;
-    commands are written in the run's syntax (the inputs may mix dialects, Rasa Pro reads one)."""
-    root = _tests_root(files)
-    sides = {"train": set(split.train), "validation": set(split.validation)}
-    written = {"train": 0, "validation": 0}
-    for side, chosen in sides.items():
-        side_root = out / STAGE_DIRS[3] / "e2e_tests" / side
-        for test_file in files:
-            cases = [case for case in test_file.test_cases if case.id in chosen]
-            if not cases:
-                continue
-            names = {case.name for case in cases}
-            raw = dict(test_file.raw)
-            raw_cases = raw.get("test_cases") or []
-            # By position, not by name: Rasa runs every test case of a repeated name, and so do the split suites.
-            raw["test_cases"] = [_in_syntax(raw_cases[case.index], case, syntax) for case in cases]
-            if isinstance(raw.get("stub_custom_actions"), dict):  # a `<test case>::<action>` stub goes with its test
-                raw["stub_custom_actions"] = {
-                    key: stub
-                    for key, stub in raw["stub_custom_actions"].items()
-                    if "::" not in key or key.split("::", 1)[0] in names
-                }
-            used = {str(f) for case in raw["test_cases"] for f in case.get("fixtures") or []}
-            if "fixtures" in raw:
-                raw["fixtures"] = [entry for entry in raw["fixtures"] if next(iter(entry)) in used]
-                if not raw["fixtures"]:
-                    del raw["fixtures"]
-            relative = Path(test_file.path).resolve().relative_to(root)
-            write_atomic(side_root / relative, dump_yaml(raw))
-            written[side] += len(cases)
-        # conftest files carry shared fixtures: the split suites need them to run.
-        for conftest in sorted(root.rglob("conftest.y*ml")):
-            target = side_root / conftest.relative_to(root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(conftest, target)
-    return written
-
-
 def _file_hashes(paths: list[str]) -> dict[str, str]:
     return {
         path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in sorted(set(paths)) if Path(path).is_file()
@@ -599,150 +462,6 @@ class TestCaseReuse:
     def put(self, key: str, result: TestCaseResult, records: tuple[str, str]) -> None:
         with open_atomic(self._path(key), binary=True) as handle:
             pickle.dump((result, records), handle, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-# ---------------------------------------------------------------------------------------------- rows on disk
-
-
-@dataclass(frozen=True)
-class SpooledRow:
-    """One row on its way to disk: its `llm_ft_data.jsonl` record and what the summary counts about it."""
-
-    record: dict[str, Any]  # ft_data_row()
-    kinds: tuple[str, ...] = ()  # the kind of each of its commands
-    lossy: tuple[str, ...] = ()  # its values the runtime would alter
-
-
-def spooled_row(row: Row, syntax: Syntax) -> SpooledRow:
-    lossy = tuple(
-        f"{row.test_id} turn {row.turn}: {c.slot}={c.value!r}"
-        for c in row.commands
-        if isinstance(c, SetSlot) and c.value and syntax is not Syntax.V1 and _LOSSY_AT_RUNTIME.search(c.value)
-    )
-    return SpooledRow(ft_data_row(row, syntax), tuple(c.kind for c in row.commands), lossy)
-
-
-class RowSpool:
-    """Each test case's rows go to disk the moment it is done and come back in input order: a run holds the rows of
-    the test cases in flight, not all of them (peak memory does not grow with the number of rows)."""
-
-    def __init__(self, path: Path):
-        self._file = path.open("w+b")
-        self._blocks: dict[int, tuple[int, int]] = {}  # test case position -> (offset, size)
-
-    def add(self, position: int, rows: list[SpooledRow]) -> None:
-        data = b"".join(json.dumps([r.record, r.kinds, r.lossy], ensure_ascii=False).encode() + b"\n" for r in rows)
-        offset = self._file.seek(0, os.SEEK_END)
-        self._file.write(data)
-        self._blocks[position] = (offset, len(data))
-
-    def rows(self) -> Iterator[SpooledRow]:
-        for position in sorted(self._blocks):
-            offset, size = self._blocks[position]
-            self._file.seek(offset)
-            for line in self._file.read(size).split(b"\n")[:-1]:
-                record, kinds, lossy = json.loads(line)
-                yield SpooledRow(record, tuple(kinds), tuple(lossy))
-
-    def close(self) -> None:
-        self._file.close()
-
-
-@dataclass
-class SplitRows:
-    """What `write_rows_and_split` wrote and counted."""
-
-    split: Split
-    before_dedup: int
-    kept: int
-    train_rows: int
-    val_rows: int
-    leaked: int  # validation rows dropped because their prompt is also a train prompt
-    rows_per_test: Counter  # kept rows per test case id, in input order
-    per_command: Counter  # commands of the kept rows, by kind
-    lossy: list[str]
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-
-def split_record(record: dict[str, Any], output_format: str) -> dict[str, Any]:
-    """A train/val line from an `llm_ft_data.jsonl` record."""
-    if output_format == "conversational":
-        return {
-            "messages": [
-                {"role": "user", "content": record["prompt"]},
-                {"role": "assistant", "content": record["output"]},
-            ]
-        }
-    return {"prompt": record["prompt"], "completion": record["output"]}
-
-
-def write_rows_and_split(
-    rows: Iterable[SpooledRow],
-    features_of: Mapping[str, set[str]],
-    work: Path,
-    output_format: str,
-    train_frac: float,
-    seed: int,
-) -> SplitRows:
-    """Deduplicate `rows` (input order; the first of every (prompt, completion) pair is kept) into
-    llm_ft_data.jsonl, split the test cases that have rows, and write train.jsonl and val.jsonl; a validation row
-    whose prompt is a train prompt is dropped. Streams: only a digest per row stays in memory."""
-    ft_path = work / STAGE_DIRS[2] / FT_DATA_FILE
-    seen: set[bytes] = set()
-    kept: list[tuple[str, bytes]] = []  # (test case id, prompt digest) of every kept row, in file order
-    per_command: Counter = Counter()
-    lossy: set[str] = set()
-    before = 0
-    with open_atomic(ft_path) as ft:
-        for row in rows:
-            before += 1
-            key = _digest(f"{row.record['prompt']}\0{row.record['output']}")
-            if key in seen:
-                continue
-            seen.add(key)
-            ft.write(jsonl_line(row.record))
-            kept.append((row.record["original_test_name"], _digest(row.record["prompt"])))
-            per_command.update(row.kinds)
-            lossy.update(row.lossy)
-    del seen
-    rows_per_test = Counter(test_id for test_id, _ in kept)  # counted once: a scan per test case is quadratic
-    missing = [test_id for test_id in rows_per_test if test_id not in features_of]
-    if missing:
-        raise ConfigError(
-            f"--merge: test case {missing[0]} has rows but no annotation record in any shard; expected "
-            "complete output folders"
-        )
-    split = split_test_cases({test_id: features_of[test_id] for test_id in rows_per_test}, train_frac, seed)
-    train_ids = set(split.train)
-    splits_dir = work / SPLITS_DIR
-    train_prompts: set[bytes] = set()
-    counts = {"train": 0, "val": 0, "leaked": 0}
-    for side in ("train", "val"):
-        with open_atomic(splits_dir / f"{side}.jsonl") as out, ft_path.open(encoding="utf-8", newline="") as ft:
-            for (test_id, prompt_key), line in zip(kept, ft, strict=True):
-                if (test_id in train_ids) != (side == "train"):
-                    continue
-                if side == "train":
-                    train_prompts.add(prompt_key)
-                elif prompt_key in train_prompts:
-                    counts["leaked"] += 1
-                    continue
-                out.write(jsonl_line(split_record(json.loads(line), output_format)))
-                counts[side] += 1
-    return SplitRows(
-        split,
-        before,
-        len(kept),
-        counts["train"],
-        counts["val"],
-        counts["leaked"],
-        rows_per_test,
-        per_command,
-        sorted(lossy),
-    )
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -1007,7 +726,8 @@ def prepare_data(project: Project, config: PrepareConfig) -> PrepareResult:
         logging.getLogger("recipe").warning(
             "--abstention-rows: no turn has empty commands (`commands: []`), so no `cannot handle` row was made"
         )
-    summary = _summary(results, rows, suites, usage, config)
+    check = config.validation if config.oracle_llm and not config.offline else LEXICAL
+    summary = run_summary(results, rows, suites, usage, config.num_rephrases, check)
     if project.action_server is not None:
         summary["recipe"]["action_server"] = project.action_server.usage_summary()
     write_yaml(work / "result_summary.yaml", summary)
@@ -1135,157 +855,3 @@ def merge_prepared(
     write_yaml(work / "result_summary.yaml", summary)
     _swap_in(work, out)
     return PrepareResult(out=out, summary=summary, train_rows=rows.train_rows, val_rows=rows.val_rows)
-
-
-def _summary(
-    results: list[TestCaseResult], rows: SplitRows, suites: dict[str, int], usage: dict[str, Any], config: PrepareConfig
-) -> dict[str, Any]:
-    split, rows_per_test = rows.split, rows.rows_per_test
-    train_ids, validation_ids = set(split.train), set(split.validation)
-    verdicts = [v for r in results for vs in r.verdicts.values() for v in vs]
-    annotated = [r for r in results if any(t.commands for t in r.annotation.turns)]
-    skipped = [
-        {"test": r.test_case.id, "turn": t.number, "reason": t.reason}
-        for r in results
-        for t in r.annotation.turns
-        if t.commands is None
-    ]
-    # Turns the command generator never answers: they change the dialogue state but yield no rows.
-    not_generator = [
-        {"test": r.test_case.id, "turn": t.number, "reason": t.reason, "source": t.source}
-        for r in results
-        for t in r.annotation.turns
-        if t.source in ("payload", "nlu")
-    ]
-    warnings: Counter[str] = Counter()
-    for result in results:
-        warnings.update(result.tracker_warnings)
-    requested = sum(r.rephrase.requested if r.rephrase else len(r.messages) * config.num_rephrases for r in results)
-    received = sum(len(vs) for r in results for vs in r.verdicts.values())
-    per_test = {
-        r.test_case.id: {
-            "annotated_turns": sum(1 for t in r.annotation.turns if t.commands),
-            "skipped_turns": sum(1 for t in r.annotation.turns if t.commands is None),
-            "payload_turns": sum(1 for t in r.annotation.turns if t.source == "payload"),
-            "nlu_turns": sum(1 for t in r.annotation.turns if t.source == "nlu"),
-            "rephrasings_passing": sum(v.passed for vs in r.verdicts.values() for v in vs),
-            "rephrasings_failing": sum(not v.passed for vs in r.verdicts.values() for v in vs),
-            "rows": rows_per_test[r.test_case.id],
-            "split": "train"
-            if r.test_case.id in train_ids
-            else ("validation" if r.test_case.id in validation_ids else "none (no rows)"),
-            **({"state_disagreements": dict(r.disagreements)} if r.disagreements else {}),
-            **({"state_inferences": dict(r.inferences)} if r.inferences else {}),
-            **({"errors": r.errors} if r.errors else {}),
-        }
-        for r in results
-    }
-    return {
-        "num_input_e2e_tests": len(results),
-        "num_annotated_conversations": len(annotated),
-        "num_user_messages_across_conversations": sum(len(r.test_case.user_steps) for r in annotated),
-        "num_user_messages_to_rephrase_across_conversations": sum(len(r.messages) for r in results),
-        "num_passing_rephrased_user_messages": sum(v.passed for v in verdicts),
-        "num_failing_rephrased_user_messages": sum(not v.passed for v in verdicts),
-        "num_ft_data_points": rows.kept,
-        "num_train_data_points": rows.train_rows,
-        "num_val_data_points": rows.val_rows,
-        "recipe": {
-            # Test cases whose result came from OUT/cache: nothing they depend on changed since it was made.
-            "test_cases_reused": sum(r.reused for r in results),
-            # Turns after which the replayed state contradicts the test's own bot turns or assertions.
-            "state_disagreements": sum(len(r.disagreements) for r in results),
-            "rows_left_out_disagreeing": sum(r.rows_left_out_disagreeing for r in results),
-            "state_inferences": sum(len(what) for r in results for what in r.inferences.values()),
-            "rephrasings": {
-                "requested": requested,
-                "received": received,
-                "passing": sum(v.passed for v in verdicts),
-                "failing": sum(not v.passed for v in verdicts),
-                "check": config.validation if config.oracle_llm and not config.offline else LEXICAL,
-            },
-            "rows": {
-                "before_dedup": rows.before_dedup,
-                "duplicates_dropped": rows.before_dedup - rows.kept,
-                "validation_rows_dropped_as_in_train": rows.leaked,
-                "per_command_type": dict(sorted(rows.per_command.items())),
-            },
-            "split": {
-                "train_test_cases": len(split.train),
-                "validation_test_cases": len(split.validation),
-                "covering_test_cases": split.cover,
-                "validation_lacks": split.validation_lacks,
-                "train_suites_test_cases": suites["train"],
-                "validation_suites_test_cases": suites["validation"],
-            },
-            "skipped_turns": skipped,
-            "turns_without_rows": {
-                "payload": sum(1 for t in not_generator if t["source"] == "payload"),
-                "nlu": sum(1 for t in not_generator if t["source"] == "nlu"),
-            },
-            "nlu_turns": [{k: v for k, v in t.items() if k != "source"} for t in not_generator if t["source"] == "nlu"],
-            "values_the_runtime_would_alter": rows.lossy,
-            "tracker_warnings": dict(warnings.most_common()),
-            "errors": [f"{r.test_case.id}: {e}" for r in results for e in r.errors],
-            # Every call that failed after its retries, per role (each makes the run exit 1), and roles that stopped
-            # being called; empty or cut answers are retried and counted in llm_usage, never kept.
-            "failed_llm_calls": {role: u.get("failures", 0) for role, u in usage.items()},
-            "llm_roles_down": {role: u["down"] for role, u in usage.items() if u.get("down")},
-            "llm_usage": usage,
-            "estimated_cost_usd": round(sum(u.get("estimated_cost_usd", 0) or 0 for u in usage.values()), 4),
-            "per_test_case": per_test,
-        },
-    }
-
-
-def failure_lines(summary: dict[str, Any]) -> list[str]:
-    """What failed, per role, for stderr: empty when every LLM call succeeded."""
-    extra = summary["recipe"]
-    lines = []
-    for role, failed in extra.get("failed_llm_calls", {}).items():
-        usage = extra["llm_usage"].get(role, {})
-        if not failed:
-            continue
-        incomplete = []
-        if usage.get("truncated"):
-            incomplete.append(
-                f"{usage['truncated']} answer(s) cut at the token limit: raise max_completion_tokens "
-                f"in the {role}'s LLM config"
-            )
-        if usage.get("empty_answers"):
-            incomplete.append(f"{usage['empty_answers']} empty answer(s)")
-        down = extra.get("llm_roles_down", {}).get(role)
-        lines.append(
-            f"{role}: {failed} LLM call(s) failed after retries"
-            + (f" ({usage.get('not_sent', 0)} not sent: the {role} is down: {down})" if down else "")
-            + (f"; {'; '.join(incomplete)}" if incomplete else "")
-        )
-    return lines
-
-
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """A short human summary for the terminal."""
-    extra = summary["recipe"]
-    return [
-        f"test cases: {summary['num_input_e2e_tests']} ({summary['num_annotated_conversations']} annotated"
-        + (
-            f"; {extra['test_cases_reused']} unchanged since the last run, taken from the cache"
-            if extra.get("test_cases_reused")
-            else ""
-        )
-        + ")",
-        f"rephrasings: {extra['rephrasings']['passing']} passing, {extra['rephrasings']['failing']} failing "
-        f"({extra['rephrasings']['check']} check)",
-        f"rows: {summary['num_ft_data_points']} ({extra['rows']['duplicates_dropped']} duplicates dropped)",
-        f"split: {summary['num_train_data_points']} train rows / {summary['num_val_data_points']} val rows "
-        f"({extra['split']['train_test_cases']} / {extra['split']['validation_test_cases']} test cases)"
-        + (
-            "; no validation rows: finetune will train without validation" if not summary["num_val_data_points"] else ""
-        ),
-        f"state disagreements with the tests' own bot turns: {extra['state_disagreements']} "
-        f"({extra['rows_left_out_disagreeing']} rows left out; --keep-disagreeing keeps them); "
-        f"inferred from bot turns: {extra['state_inferences']}",
-        f"skipped turns: {len(extra['skipped_turns'])}; payload turns: {extra['turns_without_rows']['payload']}; "
-        f"NLU turns: {extra['turns_without_rows']['nlu']}; LLM errors: {len(extra['errors'])}; "
-        f"estimated cost: ${extra['estimated_cost_usd']}",
-    ]

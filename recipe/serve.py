@@ -22,15 +22,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from recipe.artifacts import MERGED_DIR, read_training_info
 from recipe.backends import LocalModelBackend
 from recipe.commands import Syntax
 from recipe.errors import ConfigError
 from recipe.grammar import CommandGrammar, build_grammar, grammar_from_regex
+from recipe.llm import is_loopback, key_from_named_variable
 from recipe.project import Project
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks `--max-lora-rank` accepts
 
 
@@ -491,7 +491,7 @@ def running_in_background(app: "FastAPI", host: str = "127.0.0.1", port: int = 0
 
 
 def check_exposure(host: str, api_key: str | None) -> None:
-    if host not in LOOPBACK_HOSTS and api_key is None:
+    if not is_loopback(host) and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
 
 
@@ -569,3 +569,82 @@ def _model_len(longest_training_row: int | None, max_tokens: int) -> int:
 
 def format_command_line(command: list[str]) -> str:
     return shlex.join(command)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+Variant = Literal["auto", "merged", "adapter"]
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `recipe serve` needs; the single source of its defaults (the CLI's are checked against these)."""
+
+    model: str  # a recipe finetune folder, adapter folder, model folder or hub id
+    base_model: str | None = None  # an adapter's base; default: its adapter_config.json
+    variant: Variant = "auto"
+    name: str | None = None  # the model name clients ask for; default: the folder's name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str | None = None
+    dtype: Dtype = "auto"
+    threads: int | None = None
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    project: Path | None = None  # the assistant, for constrained decoding
+    constrained: bool = False
+    command_syntax: str | None = None
+    vllm_adapter: bool = False  # --print-vllm-command: serve the base with the adapter even when merged
+    max_lora_rank: int | None = None
+    max_model_len: int | None = None
+
+    @property
+    def served_name(self) -> str:
+        return self.name or Path(self.model).resolve().name
+
+
+def vllm_command(config: ServeConfig) -> list[str]:
+    """The `vllm serve` command line that serves `config`'s model at scale."""
+    return vllm_serve_command(
+        Path(config.model),
+        served_name=config.served_name,
+        merged=False if config.vllm_adapter else None,
+        base_model=config.base_model,
+        max_lora_rank=config.max_lora_rank,
+        max_model_len=config.max_model_len,
+        max_tokens=config.limits.default_max_tokens,
+        host=config.host,
+        port=config.port,
+    )
+
+
+def build_server(config: ServeConfig) -> ModelServer:
+    """Load the model (and the assistant, for the grammar) and check the key: a server ready for `create_app`."""
+    if config.constrained and config.project is None:
+        raise ConfigError("--constrained needs --project DIR (the grammar comes from the assistant's flows and domain)")
+    api_key = key_from_named_variable(config.api_key_env) if config.api_key_env else None
+    backend = LocalModelBackend(
+        config.model,
+        base_model=config.base_model,
+        variant=config.variant,
+        dtype=config.dtype,
+        threads=config.threads,
+        name=config.served_name,
+    )
+    project = syntax = None
+    if config.project is not None:
+        from recipe.project import load_project
+        from recipe.prompt import choose_syntax
+
+        project = load_project(config.project)
+        syntax = choose_syntax(project, config.command_syntax or (backend.training_info or {}).get("command_syntax"))
+    check_exposure(config.host, api_key)
+    return ModelServer(
+        backend,
+        config.served_name,
+        config.limits,
+        project,
+        syntax,
+        always_constrain=config.constrained,
+        api_key=api_key,
+    )

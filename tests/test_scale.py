@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from recipe.cli import main
@@ -57,7 +58,7 @@ def test_a_failed_call_does_not_fail_the_requests_waiting_for_it(tmp_path: Path)
 
     async def scenario(server: ScriptedOpenAIServer) -> None:
         client = _client(server, tmp_path)
-        client.max_retries = 0
+        client.retry = replace(client.retry, max_retries=0)
         try:
             first, second = await asyncio.gather(client.chat(messages), client.chat(messages), return_exceptions=True)
         finally:
@@ -219,7 +220,7 @@ def test_the_offline_path_never_imports_the_openai_sdk(tmp_path: Path) -> None:
 
 
 def test_rows_come_back_from_the_spool_in_input_order_whatever_order_test_cases_finish(tmp_path: Path) -> None:
-    from recipe.prepare import RowSpool, SpooledRow
+    from recipe.records import RowSpool, SpooledRow
 
     spool = RowSpool(tmp_path / "rows")
     try:

@@ -160,7 +160,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from recipe.llm_roles import choose_role_llms
-    from recipe.prepare import PrepareConfig, check_output_folder, failure_lines, prepare_data, summary_lines
+    from recipe.prepare import PrepareConfig, check_output_folder, prepare_data
+    from recipe.prepare_summary import failure_lines, summary_lines
     from recipe.prompt import (
         bundled_template,
         choose_syntax,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recipe.cli._common import setup_logging
-from recipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recipe.serve import ServeConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,52 +113,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    from recipe.serve import ServeConfig, ServeLimits
+
+    return ServeConfig(
+        model=args.model,
+        base_model=args.base_model,
+        variant=args.variant,
+        name=args.name,
+        host=args.host,
+        port=args.port,
+        api_key_env=args.api_key_env,
+        dtype=args.dtype,
+        threads=args.threads,
+        limits=ServeLimits(
+            max_request_bytes=args.max_request_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens=args.max_tokens_limit,
+            default_max_tokens=args.default_max_tokens,
+            max_pending=args.max_pending,
+        ),
+        project=args.project,
+        constrained=args.constrained,
+        command_syntax=args.command_syntax,
+        vllm_adapter=args.vllm_adapter,
+        max_lora_rank=args.max_lora_rank,
+        max_model_len=args.max_model_len,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging()
-    name = args.name or Path(args.model).resolve().name
+    config = config_from_args(args)
     if args.print_vllm_command:
-        from recipe.serve import format_command_line, vllm_serve_command
+        from recipe.serve import format_command_line, vllm_command
 
-        command = vllm_serve_command(
-            Path(args.model),
-            served_name=name,
-            merged=False if args.vllm_adapter else None,
-            base_model=args.base_model,
-            max_lora_rank=args.max_lora_rank,
-            max_model_len=args.max_model_len,
-            max_tokens=args.default_max_tokens,
-            host=args.host,
-            port=args.port,
-        )
-        print(format_command_line(command))
+        print(format_command_line(vllm_command(config)))
         return 0
-    from recipe.llm import key_from_named_variable
-    from recipe.serve import ModelServer, ServeLimits, check_exposure, create_app, serve_forever
+    from recipe.serve import build_server, create_app, serve_forever
 
-    api_key = key_from_named_variable(args.api_key_env) if args.api_key_env else None
-    limits = ServeLimits(
-        max_request_bytes=args.max_request_bytes,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens_limit,
-        default_max_tokens=args.default_max_tokens,
-        max_pending=args.max_pending,
+    server = build_server(config)
+    print(
+        f"serving {config.served_name} ({server.backend.source.describe()}) at http://{config.host}:{config.port}/v1 "
+        "(Ctrl-C stops)"
     )
-    if args.constrained and args.project is None:
-        raise ConfigError("--constrained needs --project DIR (the grammar comes from the assistant's flows and domain)")
-    from recipe.backends import LocalModelBackend
-
-    backend = LocalModelBackend(
-        args.model, base_model=args.base_model, variant=args.variant, dtype=args.dtype, threads=args.threads, name=name
-    )
-    project = syntax = None
-    if args.project is not None:
-        from recipe.project import load_project
-        from recipe.prompt import choose_syntax
-
-        project = load_project(args.project)
-        syntax = choose_syntax(project, args.command_syntax or (backend.training_info or {}).get("command_syntax"))
-    check_exposure(args.host, api_key)
-    server = ModelServer(backend, name, limits, project, syntax, always_constrain=args.constrained, api_key=api_key)
-    print(f"serving {name} ({backend.source.describe()}) at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
-    serve_forever(create_app(server), args.host, args.port)
+    serve_forever(create_app(server), config.host, config.port)
     return 0
