@@ -58,7 +58,7 @@ from recipe.commands import Command, SetSlot, Syntax
 from recipe.conversation import mocked_datetime, replay_test_case
 from recipe.errors import ConfigError
 from recipe.llm import LLMCallFailed, LLMClient, LLMConfig
-from recipe.prepare_summary import run_summary
+from recipe.prepare_summary import run_summary, split_section
 from recipe.project import Project
 from recipe.prompt import (
     COMMAND_PROMPT_VARIABLES,
@@ -824,14 +824,7 @@ def merge_prepared(
                 "duplicates_dropped": rows.before_dedup - rows.kept,
                 "validation_rows_dropped_as_in_train": rows.leaked,
             },
-            "split": {
-                "train_test_cases": len(split.train),
-                "validation_test_cases": len(split.validation),
-                "covering_test_cases": split.cover,
-                "validation_lacks": split.validation_lacks,
-                "train_suites_test_cases": suites["train"],
-                "validation_suites_test_cases": suites["validation"],
-            },
+            "split": split_section(rows, suites),
             "errors": [e for s in shard_summaries for e in (s.get("recipe") or {}).get("errors", [])],
             "estimated_cost_usd": round(
                 sum((s.get("recipe") or {}).get("estimated_cost_usd", 0) or 0 for s in shard_summaries), 4

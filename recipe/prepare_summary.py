@@ -9,6 +9,19 @@ from typing import Any
 from recipe.records import SplitRows, TestCaseResult
 
 
+def split_section(rows: SplitRows, suites: dict[str, int]) -> dict[str, Any]:
+    """The summary's `recipe.split`: test cases per side, the covering ones, what validation lacks, the suites."""
+    split = rows.split
+    return {
+        "train_test_cases": len(split.train),
+        "validation_test_cases": len(split.validation),
+        "covering_test_cases": split.cover,
+        "validation_lacks": split.validation_lacks,
+        "train_suites_test_cases": suites["train"],
+        "validation_suites_test_cases": suites["validation"],
+    }
+
+
 def run_summary(
     results: list[TestCaseResult],
     rows: SplitRows,
@@ -89,14 +102,7 @@ def run_summary(
                 "validation_rows_dropped_as_in_train": rows.leaked,
                 "per_command_type": dict(sorted(rows.per_command.items())),
             },
-            "split": {
-                "train_test_cases": len(split.train),
-                "validation_test_cases": len(split.validation),
-                "covering_test_cases": split.cover,
-                "validation_lacks": split.validation_lacks,
-                "train_suites_test_cases": suites["train"],
-                "validation_suites_test_cases": suites["validation"],
-            },
+            "split": split_section(rows, suites),
             "skipped_turns": skipped,
             "turns_without_rows": {
                 "payload": sum(1 for t in not_generator if t["source"] == "payload"),
