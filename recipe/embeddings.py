@@ -241,22 +241,19 @@ class EmbeddingsClient:
     def _fetch(self, batch: list[str]) -> list[list[float]]:
         import openai  # imported on first use: the offline path never needs it
 
-        retries_left = self.retry.max_retries
-        attempts = 0
+        retry_number = 0
         while True:
-            attempts += 1
             self.usage.api_calls += 1
             try:
                 return self._send_once(batch)
             except (openai.OpenAIError, _Malformed) as error:
                 retryable = isinstance(error, _Malformed) or self.retry.retryable(error)
-                if not retryable or retries_left == 0:
-                    raise self._config_error(error, attempts) from None
-                retry_number = self.retry.max_retries - retries_left
+                if not retryable or retry_number == self.retry.max_retries:
+                    raise self._config_error(error, attempts=retry_number + 1) from None
                 delay = self.retry.delay(error, retry_number=retry_number, jitter=self._jitter)
                 log.info("embeddings call failed (%s); retry in %.2fs", _describe(error), delay)
-                retries_left -= 1
                 self.usage.retries += 1
+                retry_number += 1
                 time.sleep(delay)
 
     def _send_once(self, batch: list[str]) -> list[list[float]]:

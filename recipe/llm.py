@@ -286,8 +286,8 @@ def price_per_million_tokens(config: LLMConfig) -> tuple[float, float] | None:
 class RetryPolicy:
     """Which failed calls to an OpenAI-compatible endpoint are asked again, how often, and how long to wait first.
 
-    Shared by `LLMClient` and `recipe.backends.OpenAIBackend`, which differ in the numbers only (see
-    `recipe.backends.ENDPOINT_RETRY`). Retried: timeouts and dropped connections, HTTP 408, 409, 429 and every 5xx,
+    Shared by `LLMClient`, `recipe.embeddings.EmbeddingsClient` and `recipe.backends.OpenAIBackend`, which differ in
+    the numbers only (the backend's are `recipe.backends.ENDPOINT_RETRY`). Retried: timeouts and dropped connections, HTTP 408, 409, 429 and every 5xx,
     broken bodies; never a 400, 401, 403 or 404 (asking again gets the same answer). The wait before retry n
     (0-based) is `min(backoff_cap_s, backoff_base_s * 2**n)` plus up to `backoff_base_s` of jitter, unless the server
     says how long (`Retry-After`, `retry-after-ms`; capped at `max_retry_after_s`).
