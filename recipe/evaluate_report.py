@@ -65,7 +65,8 @@ def write_report(
     return [out / REPORT_MD, *written, *rasa_files]
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A share as the report and the console show it: 46.7%, or a dash when there is none."""
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
@@ -84,18 +85,18 @@ def _summary_rows(results: Sequence[ModelResult]) -> list[list[str]]:
         return [name, *(cell(r.metrics) for r in results)]
 
     return [
-        row("turn accuracy", lambda m: f"{_percent(m['turn_accuracy'])} ({m['correct_turns']}/{m['turns']})"),
+        row("turn accuracy", lambda m: f"{percent(m['turn_accuracy'])} ({m['correct_turns']}/{m['turns']})"),
         row(
             "test case accuracy",
-            lambda m: f"{_percent(m['test_case_accuracy'])} ({m['correct_test_cases']}/{m['test_cases']})",
+            lambda m: f"{percent(m['test_case_accuracy'])} ({m['correct_test_cases']}/{m['test_cases']})",
         ),
         row("user utterance accuracy, as `rasa test du`", lambda m: _rasa_accuracy(m, "user_utterances")),
         row("test case accuracy, as `rasa test du`", lambda m: _rasa_accuracy(m, "test_cases")),
-        row("empty answers", lambda m: f"{_percent(m['empty_rate'])} ({m['empty_turns']})"),
-        row("unparseable answers", lambda m: f"{_percent(m['unparseable_rate'])} ({m['unparseable_turns']})"),
+        row("empty answers", lambda m: f"{percent(m['empty_rate'])} ({m['empty_turns']})"),
+        row("unparseable answers", lambda m: f"{percent(m['unparseable_rate'])} ({m['unparseable_turns']})"),
         row(
             "invalid commands",
-            lambda m: f"{_percent(m['invalid_command_rate'])} ({m['invalid_commands']}/{m['emitted_commands']})",
+            lambda m: f"{percent(m['invalid_command_rate'])} ({m['invalid_commands']}/{m['emitted_commands']})",
         ),
         row("hallucinated flows", lambda m: str(m["hallucinated_flows"])),
         row("truncated answers", lambda m: str(m["truncated_turns"])),
@@ -113,7 +114,7 @@ def _rasa_accuracy(metrics: dict[str, Any], which: str) -> str:
         if which == "user_utterances"
         else (rasa["number_of_passed_tests"], rasa["number_of_failed_tests"])
     )
-    return f"{_percent(rasa['accuracy'][which])} ({passed}/{passed + failed})"
+    return f"{percent(rasa['accuracy'][which])} ({passed}/{passed + failed})"
 
 
 def _rasa_section(results: Sequence[ModelResult]) -> str:
@@ -232,7 +233,7 @@ def _command_name(kind: str, results: Sequence[ModelResult]) -> str:
 
 
 def _flow_cell(entry: dict[str, Any] | None) -> str:
-    return "—" if entry is None else f"{_percent(entry['accuracy'])} ({entry['correct']}/{entry['turns']})"
+    return "—" if entry is None else f"{percent(entry['accuracy'])} ({entry['correct']}/{entry['turns']})"
 
 
 def _worst_turn_markdown(turn: dict[str, Any]) -> str:

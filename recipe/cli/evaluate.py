@@ -186,7 +186,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
 
 def run(args: argparse.Namespace) -> int:
     from recipe.evaluate import evaluate
-    from recipe.evaluate_report import write_report
+    from recipe.evaluate_report import percent, write_report
 
     setup_logging()
     config = config_from_args(args)
@@ -204,15 +204,15 @@ def run(args: argparse.Namespace) -> int:
             steps = rasa["number_of_passed_user_utterances"] + rasa["number_of_failed_user_utterances"]
             tests = rasa["number_of_passed_tests"] + rasa["number_of_failed_tests"]
             print(
-                f"{result.label} (as rasa test du): user utterances {_pct(rasa['accuracy']['user_utterances'])} "
+                f"{result.label} (as rasa test du): user utterances {percent(rasa['accuracy']['user_utterances'])} "
                 f"({rasa['number_of_passed_user_utterances']}/{steps}), test cases "
-                f"{_pct(rasa['accuracy']['test_cases'])} ({rasa['number_of_passed_tests']}/{tests})"
+                f"{percent(rasa['accuracy']['test_cases'])} ({rasa['number_of_passed_tests']}/{tests})"
             )
         print(
-            f"{result.label}: turn accuracy {_pct(metrics['turn_accuracy'])} ({metrics['correct_turns']}/"
-            f"{metrics['turns']}), test cases {_pct(metrics['test_case_accuracy'])}, empty "
-            f"{_pct(metrics['empty_rate'])}, unparseable {_pct(metrics['unparseable_rate'])}, invalid commands "
-            f"{_pct(metrics['invalid_command_rate'])}, p50 {metrics['latency']['p50_s'] or 0:.3f} s"
+            f"{result.label}: turn accuracy {percent(metrics['turn_accuracy'])} ({metrics['correct_turns']}/"
+            f"{metrics['turns']}), test cases {percent(metrics['test_case_accuracy'])}, empty "
+            f"{percent(metrics['empty_rate'])}, unparseable {percent(metrics['unparseable_rate'])}, invalid commands "
+            f"{percent(metrics['invalid_command_rate'])}, p50 {metrics['latency']['p50_s'] or 0:.3f} s"
         )
     if evaluation.left_out.message():
         print(evaluation.left_out.message())
@@ -223,7 +223,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"below --fail-under {config.fail_under:.0%}: {', '.join(failing)}", file=sys.stderr)
             return EXIT_BELOW_THRESHOLD
     return 0
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
