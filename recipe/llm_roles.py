@@ -1,4 +1,5 @@
-"""prepare-data's LLM roles (rephraser, teacher, oracle): their default models, and how their YAML configs are read.
+"""prepare-data's LLM roles (rephraser, teacher, oracle): their default models, how their YAML configs are read, and
+which LLM plays each role in a run (`choose_role_llms`).
 
 A role config holds an LLM at top level or under `llm:`, inline or as a `model_group` of the project's endpoints.yml;
 keys it leaves out come from the role's default. The rephraser's config may also name its `prompt_template`.
