@@ -18,6 +18,7 @@ from recipe.finetune.config import (
     BACKENDS,
     LR_SCHEDULERS,
     PROMPT_FORMATS,
+    TEMPLATE_ANSWER_TEXTS,
     FinetuneConfig,
 )
 
@@ -120,7 +121,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--template-answer-text",
-        choices=("prompt", "train", "error"),
+        choices=TEMPLATE_ANSWER_TEXTS,
         help="text the chat template writes into every answer (a Qwen3-style empty <think> block): "
         "prompt: give it in the prompt, train only the commands; train: train it too; error: "
         f"stop (default: {DEFAULTS.template_answer_text})",
